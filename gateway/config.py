@@ -1,0 +1,365 @@
+"""The one typed configuration object (SPEC §8), built and validated once from TOML.
+
+Unknown keys and bad values are refused at start with the key named. Relative paths are
+relative to the configuration file. ``--config``, else ``$MSSANTE_CONFIG``, else
+``./gateway.toml``.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from policy.addresses import InvalidIdentity, normalize_domain
+
+DEFAULT_CONFIG_NAME = "gateway.toml"
+
+
+class ConfigError(Exception):
+    """A configuration that cannot be used; the message names the key."""
+
+
+@dataclass(frozen=True)
+class Listen:
+    """``"host:port"``; an empty string turns the listener off."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    cert: Path
+    key: Path
+    client_ca: Path
+
+
+@dataclass(frozen=True)
+class DomainsConfig:
+    patient: str = "patient.mssante.fr"
+    service: str = "mssante.example"
+
+
+@dataclass(frozen=True)
+class NotifierConfig:
+    relay: Listen | None = None
+    sender: str = ""  # [notifier] from
+    dkim_selector: str = "mssante"
+    dkim_key: Path | None = None
+    service_name: str = "Messagerie sécurisée de santé"
+    login_url: str = "https://localhost/"
+
+
+@dataclass(frozen=True)
+class OutboundConfig:
+    default_relay: Listen | None = None
+    routes: Mapping[str, Listen] = field(default_factory=dict)
+    cert: Path | None = None  # our operator client certificate for relaying
+    key: Path | None = None
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    #: RFC 5321 §4.5.3.1.6: 1000 octets per text line including CRLF.
+    smtp_line_length: int = 1000
+    #: Total DATA bytes buffered across all SMTP sessions before 452 (memory budget).
+    data_in_flight: int = 256 * 1024 * 1024
+    #: Failed logins per account / per IP in ``login_window`` seconds before throttling.
+    login_failures: int = 5
+    login_window: int = 300
+    #: Concurrent connections per client IP, per listener.
+    connections_per_ip: int = 50
+    #: Idle seconds before a session is closed (IMAP IDLE renews it; RFC 3501 §5.4).
+    idle_timeout: int = 1800
+
+
+@dataclass(frozen=True)
+class Config:
+    path: Path
+    storage_url: str
+    hostname: str
+    smtp: Listen | None
+    submission: Listen | None
+    submissions: Listen | None
+    imap: Listen | None
+    imaps: Listen | None
+    tls: TlsConfig
+    domains: DomainsConfig
+    notifier: NotifierConfig
+    outbound: OutboundConfig
+    limits: LimitsConfig
+    templates_dir: Path | None
+
+    @property
+    def base_dir(self) -> Path:
+        return self.path.parent
+
+    @property
+    def system_sender(self) -> str:
+        return self.notifier.sender or f"ne-pas-repondre@{self.domains.service}"
+
+
+def config_path(explicit: str | None) -> Path:
+    if explicit:
+        return Path(explicit)
+    env = os.environ.get("MSSANTE_CONFIG")
+    if env:
+        return Path(env)
+    return Path(DEFAULT_CONFIG_NAME)
+
+
+class _Section:
+    """Reads one TOML table, remembering which keys were consumed to refuse the rest."""
+
+    def __init__(self, name: str, data: Any, base: Path) -> None:
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"[{name}] must be a table")
+        self.name = name
+        self.data: dict[str, Any] = data
+        self.base = base
+        self.used: set[str] = set()
+
+    def key(self, key: str) -> str:
+        return f"{self.name}.{key}" if self.name else key
+
+    def _get(self, key: str, kind: type, default: Any) -> Any:
+        self.used.add(key)
+        if key not in self.data:
+            return default
+        value = self.data[key]
+        if kind is int and isinstance(value, bool):
+            raise ConfigError(f"{self.key(key)}: expected an integer")
+        if not isinstance(value, kind):
+            raise ConfigError(f"{self.key(key)}: expected {kind.__name__}, got {value!r}")
+        return value
+
+    def text(self, key: str, default: str = "") -> str:
+        return str(self._get(key, str, default))
+
+    def integer(self, key: str, default: int, minimum: int = 1) -> int:
+        value = int(self._get(key, int, default))
+        if value < minimum:
+            raise ConfigError(f"{self.key(key)}: must be at least {minimum}")
+        return value
+
+    def path(self, key: str, default: str = "") -> Path | None:
+        value = self.text(key, default)
+        if not value:
+            return None
+        p = Path(value)
+        return p if p.is_absolute() else self.base / p
+
+    def listen(self, key: str, default: str = "") -> Listen | None:
+        return parse_listen(self.text(key, default), self.key(key))
+
+    def table(self, key: str) -> dict[str, Any]:
+        self.used.add(key)
+        value = self.data.get(key, {})
+        if not isinstance(value, dict):
+            raise ConfigError(f"{self.key(key)} must be a table")
+        return value
+
+    def finish(self) -> None:
+        unknown = sorted(set(self.data) - self.used)
+        if unknown:
+            raise ConfigError(f"unknown key {self.key(unknown[0])}")
+
+
+def parse_listen(value: str, key: str) -> Listen | None:
+    if not value:
+        return None
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"{key}: expected \"host:port\", got {value!r}")
+    return Listen(host.strip("[]"), int(port))
+
+
+_LISTENERS = ("smtp", "submission", "submissions", "imap", "imaps")
+_SECTIONS = {"server", "storage", "tls", "domains", "notifier", "outbound", "limits",
+             "templates", *_LISTENERS}
+
+
+def load_config(path: Path) -> Config:
+    """Read and validate ``path``; raise ConfigError naming the offending key."""
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(
+            f"configuration file {path} not found (run 'mssante-gateway init' or pass --config)"
+        ) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read {path}: {exc.__class__.__name__}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+    return build_config(raw, path.resolve())
+
+
+def build_config(raw: Mapping[str, Any], path: Path) -> Config:
+    base = path.parent
+    for name in raw:
+        if name not in _SECTIONS:
+            raise ConfigError(f"unknown section [{name}]")
+
+    server = _Section("server", raw.get("server"), base)
+    hostname = server.text("hostname", "localhost")
+    server.finish()
+
+    storage = _Section("storage", raw.get("storage"), base)
+    url = storage.text("url", "")
+    if not url:
+        raise ConfigError("storage.url: required")
+    url = _resolve_sqlite_path(url, base)
+    storage.finish()
+
+    listeners: dict[str, Listen | None] = {}
+    for name in _LISTENERS:
+        section = _Section(name, raw.get(name), base)
+        listeners[name] = section.listen("listen")
+        section.finish()
+
+    tls = _Section("tls", raw.get("tls"), base)
+    cert, key, ca = tls.path("cert"), tls.path("key"), tls.path("client_ca")
+    tls.finish()
+    if cert is None or key is None or ca is None:
+        raise ConfigError("tls.cert, tls.key and tls.client_ca are required (TLS is mandatory)")
+
+    domains = _Section("domains", raw.get("domains"), base)
+    try:
+        patient_domain = normalize_domain(domains.text("patient", DomainsConfig.patient))
+        service_domain = normalize_domain(domains.text("service", DomainsConfig.service))
+    except InvalidIdentity as exc:
+        raise ConfigError(f"[domains]: {exc}") from None
+    domains.finish()
+
+    notifier = _Section("notifier", raw.get("notifier"), base)
+    notifier_cfg = NotifierConfig(
+        relay=notifier.listen("relay"),
+        sender=notifier.text("from", ""),
+        dkim_selector=notifier.text("dkim_selector", NotifierConfig.dkim_selector),
+        dkim_key=notifier.path("dkim_key"),
+        service_name=notifier.text("service_name", NotifierConfig.service_name),
+        login_url=notifier.text("login_url", NotifierConfig.login_url),
+    )
+    notifier.finish()
+
+    outbound = _Section("outbound", raw.get("outbound"), base)
+    routes: dict[str, Listen] = {}
+    for domain, target in outbound.table("routes").items():
+        if not isinstance(target, str):
+            raise ConfigError(f"outbound.routes.{domain}: expected \"host:port\"")
+        listen = parse_listen(target, f"outbound.routes.{domain}")
+        if listen is not None:
+            routes[domain.lower()] = listen
+    outbound_cfg = OutboundConfig(
+        default_relay=outbound.listen("default_relay"),
+        routes=routes,
+        cert=outbound.path("cert"),
+        key=outbound.path("key"),
+    )
+    outbound.finish()
+
+    limits = _Section("limits", raw.get("limits"), base)
+    d = LimitsConfig()
+    limits_cfg = LimitsConfig(
+        smtp_line_length=limits.integer("smtp_line_length", d.smtp_line_length, minimum=1000),
+        data_in_flight=limits.integer("data_in_flight", d.data_in_flight, minimum=1024 * 1024),
+        login_failures=limits.integer("login_failures", d.login_failures),
+        login_window=limits.integer("login_window", d.login_window),
+        connections_per_ip=limits.integer("connections_per_ip", d.connections_per_ip),
+        idle_timeout=limits.integer("idle_timeout", d.idle_timeout, minimum=60),
+    )
+    limits.finish()
+
+    templates = _Section("templates", raw.get("templates"), base)
+    templates_dir = templates.path("dir")
+    templates.finish()
+
+    return Config(
+        path=path,
+        storage_url=url,
+        hostname=hostname,
+        smtp=listeners["smtp"],
+        submission=listeners["submission"],
+        submissions=listeners["submissions"],
+        imap=listeners["imap"],
+        imaps=listeners["imaps"],
+        tls=TlsConfig(cert=cert, key=key, client_ca=ca),
+        domains=DomainsConfig(patient=patient_domain, service=service_domain),
+        notifier=notifier_cfg,
+        outbound=outbound_cfg,
+        limits=limits_cfg,
+        templates_dir=templates_dir,
+    )
+
+
+def _resolve_sqlite_path(url: str, base: Path) -> str:
+    """``sqlite:///relative.db`` is relative to the config file's directory."""
+    prefix = "sqlite:///"
+    if url.startswith(prefix):
+        rest = url[len(prefix):]
+        if rest and not rest.startswith("/") and rest != ":memory:":
+            return prefix + str(base / rest)
+    return url
+
+
+def render_default_config(*, domain: str, hostname: str) -> str:
+    """The TOML written by ``mssante-gateway init`` (dev ports of SPEC §4.1 and §5)."""
+    return f"""\
+# mssante-gateway configuration (see README.md, "Configuration reference").
+# Relative paths are relative to this file.
+
+[server]
+hostname = "{hostname}"
+
+[storage]
+# sqlite:///PATH (one file, no server) or postgresql://USER@HOST/DB[?schema=NAME]
+url = "sqlite:///gateway.db"
+
+[smtp]
+listen = "127.0.0.1:2525"        # intake from professionals and operators (STARTTLS)
+
+[submission]
+listen = "127.0.0.1:5870"        # patients and professionals with a password (STARTTLS)
+
+[submissions]
+listen = "127.0.0.1:4650"        # implicit TLS
+
+[imap]
+listen = "127.0.0.1:1143"        # STARTTLS
+
+[imaps]
+listen = "127.0.0.1:9930"        # implicit TLS
+
+[tls]
+cert = "certs/server.pem"
+key = "certs/server.key"
+client_ca = "certs/ca.pem"       # trust CA for client certificates and relays
+
+[domains]
+patient = "patient.mssante.fr"
+service = "{domain}"
+
+[notifier]
+relay = ""                       # "host:port" of the relay for notification e-mails
+from = "ne-pas-repondre@{domain}"
+dkim_selector = "mssante"
+dkim_key = "certs/dkim.key"
+login_url = "https://{domain}/"
+
+[outbound]
+default_relay = ""               # "host:port" for professionals' domains without a route
+cert = "certs/server.pem"        # our client certificate presented to relays
+key = "certs/server.key"
+
+[outbound.routes]
+# "medecin.mssante.fr" = "mx.medecin.mssante.fr:25"
+"""

@@ -1,0 +1,143 @@
+"""Engine creation and schema migration for the store (SPEC §5).
+
+``sqlite:///PATH`` and ``postgresql://USER@HOST/DB`` pick their asyncio drivers (aiosqlite,
+asyncpg). SQLite runs in WAL mode with ``synchronous=FULL`` so a commit is durable. A
+``?schema=NAME`` query parameter on a PostgreSQL URL keeps the tables in that schema.
+Migrations are applied under a lock (PostgreSQL advisory lock; SQLite ``BEGIN IMMEDIATE``),
+so several processes may start at once on one database.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config as AlembicConfig
+from sqlalchemy import event, text
+from sqlalchemy.engine import Connection, make_url
+from sqlalchemy.engine.url import URL
+from sqlalchemy.exc import ArgumentError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+
+MIGRATIONS_DIR = Path(__file__).parent / "migrations"
+_MIGRATION_LOCK_KEY = 0x6D7373  # "mss": PostgreSQL advisory lock taken while migrating
+_SCHEMA_RE = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+#: How long a SQLite writer waits for another process's write transaction (ms).
+SQLITE_BUSY_TIMEOUT_MS = 30_000
+
+
+class StorageError(Exception):
+    """The storage URL is unusable or the database cannot be reached."""
+
+
+def async_url(url: str) -> tuple[URL, dict[str, Any], str | None]:
+    """Map a user URL onto an asyncio driver URL, its connect args and the PG schema."""
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise StorageError(f"storage.url: not a database URL: {url!r}") from None
+    backend = parsed.get_backend_name()
+    connect_args: dict[str, Any] = {}
+    schema: str | None = None
+    if backend == "sqlite":
+        if parsed.database in (None, "", ":memory:"):
+            raise StorageError("storage.url: SQLite needs a file path (sqlite:///PATH)")
+        parsed = parsed.set(drivername="sqlite+aiosqlite")
+    elif backend in ("postgresql", "postgres"):
+        query = dict(parsed.query)
+        raw_schema = query.pop("schema", None)
+        if isinstance(raw_schema, tuple):
+            raw_schema = raw_schema[0]
+        if raw_schema:
+            if not _SCHEMA_RE.match(raw_schema):
+                raise StorageError(f"storage.url: invalid schema name {raw_schema!r}")
+            schema = raw_schema
+            connect_args["server_settings"] = {"search_path": schema}
+        parsed = parsed.set(drivername="postgresql+asyncpg", query=query)
+    else:
+        raise StorageError(
+            f"storage.url: unsupported database {backend!r} (use sqlite:/// or postgresql://)"
+        )
+    return parsed, connect_args, schema
+
+
+def is_sqlite(engine: AsyncEngine) -> bool:
+    return engine.dialect.name == "sqlite"
+
+
+def create_engine(url: str, *, pool_size: int = 10) -> AsyncEngine:
+    """An AsyncEngine for ``url`` with the durability settings of SPEC §5."""
+    parsed, connect_args, _schema = async_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        db_path = Path(parsed.database or "")
+        if not db_path.parent.exists():
+            raise StorageError(f"storage.url: directory {db_path.parent} does not exist")
+        engine = create_async_engine(parsed, connect_args=connect_args)
+        _configure_sqlite(engine)
+        return engine
+    return create_async_engine(
+        parsed, connect_args=connect_args, pool_size=pool_size, max_overflow=pool_size,
+        pool_pre_ping=True,
+    )
+
+
+def _configure_sqlite(engine: AsyncEngine) -> None:
+    """Take transaction control from pysqlite: ``BEGIN IMMEDIATE`` for writers."""
+
+    @event.listens_for(engine.sync_engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
+        cursor.execute("PRAGMA journal_mode = WAL")
+        cursor.execute("PRAGMA synchronous = FULL")
+        cursor.execute("PRAGMA foreign_keys = ON")
+        cursor.close()
+
+    @event.listens_for(engine.sync_engine, "begin")
+    def _on_begin(conn: Connection) -> None:
+        if conn.get_execution_options().get("sqlite_write"):
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+        else:
+            conn.exec_driver_sql("BEGIN")
+
+
+@asynccontextmanager
+async def write_transaction(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
+    """A transaction that will write: SQLite takes its write lock up front (no upgrade
+    deadlocks between processes); it commits on success and rolls back on error."""
+    async with engine.connect() as conn:
+        if is_sqlite(engine):
+            conn = await conn.execution_options(sqlite_write=True)
+        async with conn.begin():
+            yield conn
+
+
+async def migrate(url: str) -> None:
+    """Bring the schema to the latest revision, safely when several processes start."""
+    engine = create_engine(url, pool_size=1)
+    _parsed, _args, schema = async_url(url)
+    try:
+        async with write_transaction(engine) as conn:
+            if not is_sqlite(engine):
+                await conn.execute(
+                    text("SELECT pg_advisory_xact_lock(:k)"), {"k": _MIGRATION_LOCK_KEY}
+                )
+                if schema:
+                    await conn.execute(text(f'CREATE SCHEMA IF NOT EXISTS "{schema}"'))
+            await conn.run_sync(_upgrade)
+    except OSError as exc:
+        raise StorageError(f"cannot reach the database: {exc.strerror or exc}") from None
+    finally:
+        await engine.dispose()
+
+
+def _upgrade(connection: Connection) -> None:
+    cfg = AlembicConfig()
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    cfg.attributes["connection"] = connection
+    command.upgrade(cfg, "head")

@@ -1,0 +1,193 @@
+"""Database tables (SQLAlchemy Core). Alembic migrations in ``imap_store/migrations`` create them.
+
+UIDs, UIDVALIDITY, MODSEQ, flags and keywords live here and are allocated atomically in the
+database (RFC 3501 §2.3.1.1, RFC 7162 §3), so several ``serve`` processes can share one
+PostgreSQL database.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+)
+
+metadata = MetaData(
+    naming_convention={
+        "ix": "ix_%(column_0_label)s",
+        "uq": "uq_%(table_name)s_%(column_0_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+# Bits of message.flags (system flags, RFC 3501 §2.3.2); keywords are a separate column.
+FLAG_SEEN = 1
+FLAG_ANSWERED = 2
+FLAG_FLAGGED = 4
+FLAG_DELETED = 8
+FLAG_DRAFT = 16
+
+trusted_domain = Table(
+    "trusted_domain",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("name", String(253), nullable=False, unique=True),
+    Column("source", String(40), nullable=False, default="admin"),
+    Column("added_at", DateTime(timezone=True), nullable=False),
+)
+
+professional = Table(
+    "professional",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("address", String(254), nullable=False, unique=True),
+    Column("name", String(200), nullable=False),
+    Column("rpps", String(11), nullable=True),
+    Column("state", String(12), nullable=False, default="active"),
+    Column("password_hash", String(200), nullable=True),
+    Column("cert_fingerprint", String(64), nullable=True),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+)
+
+patient = Table(
+    "patient",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("ins", String(15), nullable=False, unique=True),
+    Column("name", String(200), nullable=False),
+    Column("notify_email", String(254), nullable=False),
+    Column("state", String(12), nullable=False, default="open"),
+    Column("password_hash", String(200), nullable=True),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+)
+
+# One row per (patient, professional) who wrote to them (R2); ended by R5 or an admin.
+exchange = Table(
+    "exchange",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("patient_id", Integer, ForeignKey("patient.id", ondelete="CASCADE"), nullable=False),
+    Column("professional_address", String(254), nullable=False),
+    Column("professional_name", String(200), nullable=False, default=""),
+    Column("state", String(12), nullable=False, default="open"),
+    Column("since", DateTime(timezone=True), nullable=False),
+    UniqueConstraint("patient_id", "professional_address", name="uq_exchange_patient_pro"),
+)
+
+# R4: a Reply-To address named in a professional's message, reachable within that exchange.
+exchange_alias = Table(
+    "exchange_alias",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("exchange_id", Integer, ForeignKey("exchange.id", ondelete="CASCADE"), nullable=False),
+    Column("address", String(254), nullable=False),
+    Column("name", String(200), nullable=False, default=""),
+    Column("since", DateTime(timezone=True), nullable=False),
+    UniqueConstraint("exchange_id", "address", name="uq_exchange_alias_exchange_address"),
+)
+Index("ix_exchange_alias_address", exchange_alias.c.address)
+
+mailbox = Table(
+    "mailbox",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("patient_id", Integer, ForeignKey("patient.id", ondelete="CASCADE"), nullable=False),
+    Column("name", String(255), nullable=False),
+    Column("special_use", String(20), nullable=True),
+    Column("uidvalidity", BigInteger, nullable=False),
+    Column("uidnext", BigInteger, nullable=False, default=1),
+    Column("highestmodseq", BigInteger, nullable=False, default=1),
+    Column("subscribed", Integer, nullable=False, default=1),
+    UniqueConstraint("patient_id", "name", name="uq_mailbox_patient_name"),
+)
+
+blob = Table(
+    "blob",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("sha256", String(64), nullable=False),
+    Column("size", BigInteger, nullable=False),
+    Column("data", LargeBinary, nullable=False),
+)
+Index("ix_blob_sha256", blob.c.sha256)
+
+message = Table(
+    "message",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("mailbox_id", Integer, ForeignKey("mailbox.id", ondelete="CASCADE"), nullable=False),
+    Column("uid", BigInteger, nullable=False),
+    Column("modseq", BigInteger, nullable=False),
+    Column("flags", Integer, nullable=False, default=0),
+    Column("keywords", Text, nullable=False, default=""),
+    Column("internal_date", DateTime(timezone=True), nullable=False),
+    Column("size", BigInteger, nullable=False),
+    Column("blob_id", Integer, ForeignKey("blob.id"), nullable=False),
+    # Derived once at delivery (ARCHITECTURE "compute once"): rules, SEARCH, threads.
+    Column("message_id", String(998), nullable=True),
+    Column("in_reply_to", String(998), nullable=True),
+    Column("references", Text, nullable=True),
+    Column("subject", Text, nullable=True),
+    Column("from_addr", String(254), nullable=True),
+    Column("sent_date", DateTime(timezone=True), nullable=True),
+    Column("thread_id", String(998), nullable=True),
+    Column("meta", Text, nullable=True),  # JSON: envelope, bodystructure, search headers
+    UniqueConstraint("mailbox_id", "uid", name="uq_message_mailbox_uid"),
+)
+Index("ix_message_mailbox_modseq", message.c.mailbox_id, message.c.modseq)
+Index("ix_message_message_id", message.c.message_id)
+
+# Expunged UIDs with the MODSEQ of their removal, so other sessions learn of EXPUNGEs.
+expunged = Table(
+    "expunged",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("mailbox_id", Integer, ForeignKey("mailbox.id", ondelete="CASCADE"), nullable=False),
+    Column("uid", BigInteger, nullable=False),
+    Column("modseq", BigInteger, nullable=False),
+)
+Index("ix_expunged_mailbox_modseq", expunged.c.mailbox_id, expunged.c.modseq)
+
+# The one durable outbound queue (SPEC §6.1, §6.2): relayed patient mail and notifications.
+outbound = Table(
+    "outbound",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("kind", String(20), nullable=False),  # relay | notification
+    Column("patient_id", Integer, ForeignKey("patient.id", ondelete="SET NULL"), nullable=True),
+    Column("sender", String(254), nullable=False),
+    Column("recipient", String(254), nullable=False),
+    Column("blob_id", Integer, ForeignKey("blob.id"), nullable=True),
+    Column("state", String(12), nullable=False, default="queued"),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("next_attempt_at", DateTime(timezone=True), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("last_error", Text, nullable=True),
+    Column("lease_until", DateTime(timezone=True), nullable=True),
+)
+Index("ix_outbound_state_next", outbound.c.state, outbound.c.next_attempt_at)
+
+# Append-only, hash-chained (SPEC §9).
+audit = Table(
+    "audit",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("at", DateTime(timezone=True), nullable=False),
+    Column("actor", String(300), nullable=False),
+    Column("action", String(60), nullable=False),
+    Column("subject", String(300), nullable=False, default=""),
+    Column("detail", Text, nullable=False, default="{}"),
+    Column("prev_hash", String(64), nullable=False),
+    Column("hash", String(64), nullable=False),
+)

@@ -1,0 +1,657 @@
+"""The store: directory (trusted domains, professionals, patients, exchanges), mailboxes and
+messages, the audit chain. SQLAlchemy Core over an AsyncEngine (SPEC §5): no blocking
+database call on the event loop.
+
+Every query that touches mailbox data is scoped by the owner patient's id.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+from sqlalchemy import Integer, and_, delete, func, insert, select, text, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from imap_store import schema as t
+from imap_store.db import create_engine, is_sqlite, write_transaction
+from policy.audit import GENESIS_HASH, AuditRecord, canonical_detail, chain_hash, first_broken
+from policy.rules import ContactFacts, MailboxState, PatientFacts, ProfessionalFacts
+
+_AUDIT_LOCK_KEY = 0x617564  # "aud": serialises appends to the audit chain on PostgreSQL
+
+#: Special-use mailboxes every patient has (RFC 6154), created with the patient.
+DEFAULT_MAILBOXES: tuple[tuple[str, str | None], ...] = (
+    ("INBOX", None),
+    ("Drafts", "\\Drafts"),
+    ("Sent", "\\Sent"),
+    ("Trash", "\\Trash"),
+)
+
+
+class NotFound(LookupError):
+    """The thing asked for does not exist."""
+
+
+class Conflict(ValueError):
+    """The thing to create exists already, or the change is not allowed."""
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def as_utc(value: datetime) -> datetime:
+    """SQLite gives naive datetimes back: they were written in UTC."""
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+@dataclass(frozen=True)
+class Professional:
+    id: int
+    address: str
+    name: str
+    rpps: str | None
+    state: str
+    has_password: bool
+    cert_fingerprint: str | None
+    created_at: datetime
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "address": self.address, "name": self.name, "rpps": self.rpps,
+            "state": self.state, "has_password": self.has_password,
+            "cert_fingerprint": self.cert_fingerprint,
+            "created_at": self.created_at.isoformat(),
+        }
+
+
+@dataclass(frozen=True)
+class Patient:
+    id: int
+    ins: str
+    name: str
+    notify_email: str
+    state: str
+    has_password: bool
+    created_at: datetime
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "ins": self.ins, "name": self.name, "notify_email": self.notify_email,
+            "state": self.state, "has_password": self.has_password,
+            "created_at": self.created_at.isoformat(),
+        }
+
+
+@dataclass(frozen=True)
+class Contact:
+    """One entry of ``exchange list``: a professional who wrote, or a Reply-To address."""
+
+    address: str
+    name: str
+    state: str
+    since: datetime
+    via: str | None  # for a Reply-To address: the professional whose message named it
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"address": self.address, "name": self.name, "state": self.state,
+                "since": self.since.isoformat(), "via": self.via}
+
+
+@dataclass(frozen=True)
+class MailboxCounts:
+    name: str
+    messages: int
+    unseen: int
+
+
+@dataclass(frozen=True)
+class StoredMessage:
+    mailbox_id: int
+    uid: int
+    modseq: int
+
+
+@dataclass(frozen=True)
+class MessageFields:
+    """Header fields derived once at delivery (ARCHITECTURE: compute once)."""
+
+    message_id: str | None = None
+    in_reply_to: str | None = None
+    references: str | None = None
+    subject: str | None = None
+    from_addr: str | None = None
+    sent_date: datetime | None = None
+    meta: str | None = None  # JSON
+
+
+class BlobStore(Protocol):
+    """Immutable message bodies (SPEC §5: in the database by default)."""
+
+    async def put(self, conn: AsyncConnection, data: bytes) -> int: ...
+
+    async def get(self, conn: AsyncConnection, blob_id: int) -> bytes: ...
+
+
+class DatabaseBlobStore:
+    """Bodies in the ``blob`` table, one row per stored body."""
+
+    async def put(self, conn: AsyncConnection, data: bytes) -> int:
+        digest = hashlib.sha256(data).hexdigest()
+        result = await conn.execute(
+            insert(t.blob).values(sha256=digest, size=len(data), data=data).returning(t.blob.c.id)
+        )
+        return int(result.scalar_one())
+
+    async def get(self, conn: AsyncConnection, blob_id: int) -> bytes:
+        result = await conn.execute(select(t.blob.c.data).where(t.blob.c.id == blob_id))
+        data = result.scalar_one_or_none()
+        if data is None:
+            raise NotFound(f"blob {blob_id}")
+        return bytes(data)
+
+
+def new_uidvalidity() -> int:
+    """RFC 3501 §2.3.1.1: a non-zero 32-bit value, different for a re-created mailbox."""
+    return (int(utcnow().timestamp()) & 0x7FFFFFFF) ^ secrets.randbits(16) or 1
+
+
+class Store:
+    def __init__(self, engine: AsyncEngine, blobs: BlobStore | None = None) -> None:
+        self.engine = engine
+        self.blobs: BlobStore = blobs or DatabaseBlobStore()
+
+    @classmethod
+    def from_url(cls, url: str) -> Store:
+        return cls(create_engine(url))
+
+    async def close(self) -> None:
+        await self.engine.dispose()
+
+    def write(self) -> Any:
+        """``async with store.write() as conn``: one durable write transaction."""
+        return write_transaction(self.engine)
+
+    def read(self) -> Any:
+        return self.engine.begin()
+
+    # --- audit ---------------------------------------------------------------------------
+
+    async def audit(
+        self, conn: AsyncConnection, actor: str, action: str, subject: str = "",
+        detail: dict[str, Any] | None = None,
+    ) -> None:
+        """Append one row to the hash chain, inside the caller's write transaction."""
+        if not is_sqlite(self.engine):
+            await conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _AUDIT_LOCK_KEY})
+        result = await conn.execute(
+            select(t.audit.c.hash).order_by(t.audit.c.id.desc()).limit(1)
+        )
+        prev = result.scalar_one_or_none() or GENESIS_HASH
+        at = utcnow()
+        detail_json = canonical_detail(detail)
+        digest = chain_hash(prev, at, actor, action, subject, detail_json)
+        await conn.execute(
+            insert(t.audit).values(
+                at=at, actor=actor, action=action, subject=subject, detail=detail_json,
+                prev_hash=prev, hash=digest,
+            )
+        )
+
+    async def audit_records(self, limit: int | None = None) -> list[AuditRecord]:
+        query = select(t.audit).order_by(t.audit.c.id.desc() if limit else t.audit.c.id)
+        if limit:
+            query = query.limit(limit)
+        async with self.read() as conn:
+            rows = (await conn.execute(query)).all()
+        records = [
+            AuditRecord(r.id, as_utc(r.at), r.actor, r.action, r.subject, r.detail,
+                        r.prev_hash, r.hash)
+            for r in rows
+        ]
+        return list(reversed(records)) if limit else records
+
+    async def audit_verify(self) -> tuple[int, tuple[int, str] | None]:
+        records = await self.audit_records()
+        return len(records), first_broken(records)
+
+    # --- trusted domains -----------------------------------------------------------------
+
+    async def trusted_domains(self, conn: AsyncConnection | None = None) -> list[str]:
+        query = select(t.trusted_domain.c.name).order_by(t.trusted_domain.c.name)
+        if conn is not None:
+            return list((await conn.execute(query)).scalars())
+        async with self.read() as c:
+            return list((await c.execute(query)).scalars())
+
+    async def is_trusted_domain(self, conn: AsyncConnection, domain: str) -> bool:
+        result = await conn.execute(
+            select(t.trusted_domain.c.id).where(t.trusted_domain.c.name == domain.lower())
+        )
+        return result.first() is not None
+
+    async def add_domains(self, actor: str, names: Iterable[str], source: str) -> list[str]:
+        """Add domains; return those that were new."""
+        added: list[str] = []
+        async with self.write() as conn:
+            existing = set(await self.trusted_domains(conn))
+            for name in names:
+                if name in existing or name in added:
+                    continue
+                await conn.execute(
+                    insert(t.trusted_domain).values(name=name, source=source, added_at=utcnow())
+                )
+                added.append(name)
+            await self.audit(conn, actor, "domain.add", ",".join(added), {"source": source})
+        return added
+
+    async def remove_domain(self, actor: str, name: str) -> None:
+        async with self.write() as conn:
+            result = await conn.execute(
+                delete(t.trusted_domain).where(t.trusted_domain.c.name == name)
+            )
+            if result.rowcount == 0:
+                raise NotFound(f"domain {name} is not a trusted domain")
+            await self.audit(conn, actor, "domain.remove", name)
+
+    # --- professionals -------------------------------------------------------------------
+
+    @staticmethod
+    def _professional(row: Any) -> Professional:
+        return Professional(
+            id=row.id, address=row.address, name=row.name, rpps=row.rpps, state=row.state,
+            has_password=row.password_hash is not None, cert_fingerprint=row.cert_fingerprint,
+            created_at=as_utc(row.created_at),
+        )
+
+    async def add_professional(
+        self, actor: str, address: str, name: str, rpps: str | None, password_hash: str | None,
+    ) -> Professional:
+        async with self.write() as conn:
+            domain = address.rpartition("@")[2]
+            if not await self.is_trusted_domain(conn, domain):
+                raise Conflict(f"{domain} is not a trusted domain (add it with 'domain add')")
+            try:
+                await conn.execute(
+                    insert(t.professional).values(
+                        address=address, name=name, rpps=rpps, state="active",
+                        password_hash=password_hash, created_at=utcnow(),
+                    )
+                )
+            except IntegrityError:
+                raise Conflict(f"professional {address} already exists") from None
+            await self.audit(conn, actor, "professional.add", address, {"rpps": rpps})
+            return await self._get_professional(conn, address)
+
+    async def _get_professional(self, conn: AsyncConnection, address: str) -> Professional:
+        row = (
+            await conn.execute(select(t.professional).where(t.professional.c.address == address))
+        ).first()
+        if row is None:
+            raise NotFound(f"professional {address} not found")
+        return self._professional(row)
+
+    async def get_professional(self, address: str) -> Professional:
+        async with self.read() as conn:
+            return await self._get_professional(conn, address)
+
+    async def list_professionals(self) -> list[Professional]:
+        async with self.read() as conn:
+            rows = await conn.execute(select(t.professional).order_by(t.professional.c.address))
+            return [self._professional(r) for r in rows]
+
+    async def set_professional_state(self, actor: str, address: str, state: str) -> Professional:
+        async with self.write() as conn:
+            result = await conn.execute(
+                update(t.professional).where(t.professional.c.address == address)
+                .values(state=state)
+            )
+            if result.rowcount == 0:
+                raise NotFound(f"professional {address} not found")
+            await self.audit(conn, actor, f"professional.{state}", address)
+            return await self._get_professional(conn, address)
+
+    async def professional_password_hash(self, address: str) -> tuple[int, str | None] | None:
+        async with self.read() as conn:
+            row = (await conn.execute(
+                select(t.professional.c.id, t.professional.c.password_hash)
+                .where(t.professional.c.address == address)
+            )).first()
+        return None if row is None else (row.id, row.password_hash)
+
+    async def professional_facts(self, conn: AsyncConnection, address: str) -> ProfessionalFacts:
+        domain = address.rpartition("@")[2]
+        row = (await conn.execute(
+            select(t.professional.c.state, t.professional.c.name)
+            .where(t.professional.c.address == address)
+        )).first()
+        return ProfessionalFacts(
+            address=address,
+            in_directory=row is not None,
+            active=row is not None and row.state == "active",
+            trusted_domain=await self.is_trusted_domain(conn, domain),
+            name=row.name if row is not None else "",
+        )
+
+    # --- patients ------------------------------------------------------------------------
+
+    @staticmethod
+    def _patient(row: Any) -> Patient:
+        return Patient(
+            id=row.id, ins=row.ins, name=row.name, notify_email=row.notify_email,
+            state=row.state, has_password=row.password_hash is not None,
+            created_at=as_utc(row.created_at),
+        )
+
+    async def add_patient(
+        self, actor: str, ins: str, name: str, notify_email: str, password_hash: str | None,
+        welcome: bytes,
+    ) -> Patient:
+        """Create the patient, its four special-use mailboxes and the welcome message."""
+        async with self.write() as conn:
+            try:
+                result = await conn.execute(
+                    insert(t.patient).values(
+                        ins=ins, name=name, notify_email=notify_email, state="open",
+                        password_hash=password_hash, created_at=utcnow(),
+                    ).returning(t.patient.c.id)
+                )
+            except IntegrityError:
+                raise Conflict(f"patient {ins} already exists") from None
+            patient_id = int(result.scalar_one())
+            boxes = await self.create_default_mailboxes(conn, patient_id)
+            await self.append(conn, boxes["INBOX"], welcome, MessageFields(
+                subject="welcome"))
+            await self.audit(conn, actor, "patient.add", ins)
+            return await self._get_patient(conn, ins)
+
+    async def create_default_mailboxes(
+        self, conn: AsyncConnection, patient_id: int
+    ) -> dict[str, int]:
+        ids: dict[str, int] = {}
+        for name, use in DEFAULT_MAILBOXES:
+            result = await conn.execute(
+                insert(t.mailbox).values(
+                    patient_id=patient_id, name=name, special_use=use,
+                    uidvalidity=new_uidvalidity(), uidnext=1, highestmodseq=1, subscribed=1,
+                ).returning(t.mailbox.c.id)
+            )
+            ids[name] = int(result.scalar_one())
+        return ids
+
+    async def _get_patient(self, conn: AsyncConnection, ins: str) -> Patient:
+        row = (await conn.execute(select(t.patient).where(t.patient.c.ins == ins))).first()
+        if row is None:
+            raise NotFound(f"patient {ins} not found")
+        return self._patient(row)
+
+    async def get_patient(self, ins: str) -> Patient:
+        async with self.read() as conn:
+            return await self._get_patient(conn, ins)
+
+    async def list_patients(self) -> list[Patient]:
+        async with self.read() as conn:
+            rows = await conn.execute(select(t.patient).order_by(t.patient.c.ins))
+            return [self._patient(r) for r in rows]
+
+    async def set_patient_state(self, actor: str, ins: str, state: str) -> Patient:
+        async with self.write() as conn:
+            result = await conn.execute(
+                update(t.patient).where(t.patient.c.ins == ins).values(state=state)
+            )
+            if result.rowcount == 0:
+                raise NotFound(f"patient {ins} not found")
+            await self.audit(conn, actor, f"patient.{'close' if state == 'closed' else 'reopen'}",
+                             ins)
+            return await self._get_patient(conn, ins)
+
+    async def set_patient_password(self, actor: str, ins: str, password_hash: str) -> None:
+        async with self.write() as conn:
+            result = await conn.execute(
+                update(t.patient).where(t.patient.c.ins == ins)
+                .values(password_hash=password_hash)
+            )
+            if result.rowcount == 0:
+                raise NotFound(f"patient {ins} not found")
+            await self.audit(conn, actor, "patient.set-password", ins)
+
+    async def patient_password_hash(self, ins: str) -> tuple[int, str, str | None] | None:
+        async with self.read() as conn:
+            row = (await conn.execute(
+                select(t.patient.c.id, t.patient.c.state, t.patient.c.password_hash)
+                .where(t.patient.c.ins == ins)
+            )).first()
+        return None if row is None else (row.id, row.state, row.password_hash)
+
+    async def patient_facts(self, conn: AsyncConnection, ins: str) -> tuple[PatientFacts, int]:
+        """Facts about a recipient INS and its id (0 when unknown)."""
+        row = (await conn.execute(
+            select(t.patient.c.id, t.patient.c.state).where(t.patient.c.ins == ins)
+        )).first()
+        if row is None:
+            return PatientFacts(ins=ins, exists=False), 0
+        return PatientFacts(ins=ins, exists=True, state=MailboxState(row.state)), int(row.id)
+
+    async def mailbox_counts(self, patient_id: int) -> list[MailboxCounts]:
+        """Per-mailbox message and unseen counts (counts only, never content)."""
+        seen = t.message.c.flags.op("&")(t.FLAG_SEEN)
+        query = (
+            select(
+                t.mailbox.c.name,
+                func.count(t.message.c.id),
+                func.coalesce(func.sum(func.cast(seen == 0, Integer)), 0),
+            )
+            .select_from(t.mailbox.outerjoin(t.message, t.message.c.mailbox_id == t.mailbox.c.id))
+            .where(t.mailbox.c.patient_id == patient_id)
+            .group_by(t.mailbox.c.id, t.mailbox.c.name)
+            .order_by(t.mailbox.c.id)
+        )
+        async with self.read() as conn:
+            rows = (await conn.execute(query)).all()
+        return [MailboxCounts(r[0], int(r[1]), int(r[2])) for r in rows]
+
+    async def mailbox_id(self, conn: AsyncConnection, patient_id: int, name: str) -> int:
+        result = await conn.execute(
+            select(t.mailbox.c.id).where(
+                and_(t.mailbox.c.patient_id == patient_id, t.mailbox.c.name == name)
+            )
+        )
+        value = result.scalar_one_or_none()
+        if value is None:
+            raise NotFound(f"mailbox {name} not found")
+        return int(value)
+
+    # --- messages ------------------------------------------------------------------------
+
+    async def append(
+        self, conn: AsyncConnection, mailbox_id: int, raw: bytes, fields: MessageFields,
+        *, flags: int = 0, keywords: str = "", internal_date: datetime | None = None,
+        blob_id: int | None = None,
+    ) -> StoredMessage:
+        """Store one message in a mailbox; the UID and MODSEQ are allocated atomically in the
+        database (the mailbox row is locked by the UPDATE until commit)."""
+        result = await conn.execute(
+            update(t.mailbox)
+            .where(t.mailbox.c.id == mailbox_id)
+            .values(uidnext=t.mailbox.c.uidnext + 1, highestmodseq=t.mailbox.c.highestmodseq + 1)
+            .returning(t.mailbox.c.uidnext, t.mailbox.c.highestmodseq)
+        )
+        row = result.one()
+        uid, modseq = int(row[0]) - 1, int(row[1])
+        if blob_id is None:
+            blob_id = await self.blobs.put(conn, raw)
+        await conn.execute(
+            insert(t.message).values(
+                mailbox_id=mailbox_id, uid=uid, modseq=modseq, flags=flags, keywords=keywords,
+                internal_date=internal_date or utcnow(), size=len(raw), blob_id=blob_id,
+                message_id=fields.message_id, in_reply_to=fields.in_reply_to,
+                references=fields.references, subject=fields.subject,
+                from_addr=fields.from_addr, sent_date=fields.sent_date,
+                thread_id=fields.message_id, meta=fields.meta,
+            )
+        )
+        return StoredMessage(mailbox_id, uid, modseq)
+
+    # --- exchanges -----------------------------------------------------------------------
+
+    async def open_exchange(
+        self, conn: AsyncConnection, patient_id: int, professional_address: str,
+        professional_name: str, reply_to: Sequence[tuple[str, str]] = (),
+    ) -> int:
+        """R2: a delivered professional message opens (or re-opens) the exchange; R4: its
+        Reply-To addresses become reachable within it."""
+        now = utcnow()
+        row = (await conn.execute(
+            select(t.exchange.c.id, t.exchange.c.state).where(and_(
+                t.exchange.c.patient_id == patient_id,
+                t.exchange.c.professional_address == professional_address,
+            ))
+        )).first()
+        if row is None:
+            exchange_id = int((await conn.execute(
+                insert(t.exchange).values(
+                    patient_id=patient_id, professional_address=professional_address,
+                    professional_name=professional_name, state="open", since=now,
+                ).returning(t.exchange.c.id)
+            )).scalar_one())
+        else:
+            exchange_id = int(row.id)
+            values: dict[str, Any] = {"professional_name": professional_name}
+            if row.state != "open":
+                values.update(state="open", since=now)
+            await conn.execute(
+                update(t.exchange).where(t.exchange.c.id == exchange_id).values(**values)
+            )
+        for address, name in reply_to:
+            if address == professional_address:
+                continue
+            exists = (await conn.execute(
+                select(t.exchange_alias.c.id).where(and_(
+                    t.exchange_alias.c.exchange_id == exchange_id,
+                    t.exchange_alias.c.address == address,
+                ))
+            )).first()
+            if exists is None:
+                await conn.execute(insert(t.exchange_alias).values(
+                    exchange_id=exchange_id, address=address, name=name, since=now))
+        return exchange_id
+
+    async def end_exchanges(
+        self, conn: AsyncConnection, patient_id: int, professional_address: str
+    ) -> bool:
+        """R5: end the exchange of this professional with the patient; False if none open."""
+        result = await conn.execute(
+            update(t.exchange).where(and_(
+                t.exchange.c.patient_id == patient_id,
+                t.exchange.c.professional_address == professional_address,
+                t.exchange.c.state == "open",
+            )).values(state="ended", since=utcnow())
+        )
+        return bool(result.rowcount)
+
+    async def set_exchange_state(
+        self, actor: str, ins: str, professional_address: str, state: str
+    ) -> Contact:
+        """Admin end/reopen (SPEC §7)."""
+        async with self.write() as conn:
+            patient = await self._get_patient(conn, ins)
+            result = await conn.execute(
+                update(t.exchange).where(and_(
+                    t.exchange.c.patient_id == patient.id,
+                    t.exchange.c.professional_address == professional_address,
+                )).values(state=state, since=utcnow())
+            )
+            if result.rowcount == 0:
+                raise NotFound(
+                    f"no exchange between patient {ins} and {professional_address}"
+                )
+            await self.audit(conn, actor, f"exchange.{'end' if state == 'ended' else 'reopen'}",
+                             ins, {"professional": professional_address})
+            contacts = await self._contacts(conn, patient.id)
+        return next(c for c in contacts if c.address == professional_address and c.via is None)
+
+    async def _contacts(self, conn: AsyncConnection, patient_id: int) -> list[Contact]:
+        rows = (await conn.execute(
+            select(t.exchange).where(t.exchange.c.patient_id == patient_id)
+        )).all()
+        contacts = [
+            Contact(r.professional_address, r.professional_name, r.state, as_utc(r.since), None)
+            for r in rows
+        ]
+        aliases = (await conn.execute(
+            select(t.exchange_alias, t.exchange.c.state, t.exchange.c.professional_address,
+                   t.exchange.c.since.label("exchange_since"))
+            .join(t.exchange, t.exchange.c.id == t.exchange_alias.c.exchange_id)
+            .where(t.exchange.c.patient_id == patient_id)
+        )).all()
+        direct = {c.address for c in contacts}
+        for a in aliases:
+            if a.address in direct:
+                continue
+            since = as_utc(a.since) if a.state == "open" else as_utc(a.exchange_since)
+            contacts.append(Contact(a.address, a.name, a.state, since, a.professional_address))
+        contacts.sort(key=lambda c: ((c.name or c.address).casefold(), c.address))
+        return contacts
+
+    async def list_contacts(self, ins: str) -> list[Contact]:
+        async with self.read() as conn:
+            patient = await self._get_patient(conn, ins)
+            return await self._contacts(conn, patient.id)
+
+    async def contact_facts(
+        self, conn: AsyncConnection, patient_id: int, address: str
+    ) -> ContactFacts:
+        """R3/R4/R9 facts for a patient writing to ``address``: the most favourable of the
+        direct exchange and any exchange whose Reply-To named this address."""
+        candidates: list[tuple[str, str]] = []  # (exchange state, owner professional)
+        direct = (await conn.execute(
+            select(t.exchange.c.state, t.exchange.c.professional_address).where(and_(
+                t.exchange.c.patient_id == patient_id,
+                t.exchange.c.professional_address == address,
+            ))
+        )).all()
+        candidates.extend((r[0], r[1]) for r in direct)
+        via = (await conn.execute(
+            select(t.exchange.c.state, t.exchange.c.professional_address)
+            .join(t.exchange_alias, t.exchange.c.id == t.exchange_alias.c.exchange_id)
+            .where(and_(t.exchange.c.patient_id == patient_id,
+                        t.exchange_alias.c.address == address))
+        )).all()
+        candidates.extend((r[0], r[1]) for r in via)
+        if not candidates:
+            return ContactFacts(address=address, known=False)
+        states = await self._professional_states(
+            conn, {address, *(owner for _state, owner in candidates)}
+        )
+        recipient_active = states.get(address, "active") == "active"
+        best: ContactFacts | None = None
+        for state, owner in candidates:
+            facts = ContactFacts(
+                address=address, known=True, exchange_open=state == "open",
+                owner_active=states.get(owner, "active") == "active",
+                recipient_active=recipient_active,
+            )
+            if best is None or (facts.exchange_open and facts.owner_active):
+                best = facts
+        assert best is not None
+        return best
+
+    async def _professional_states(
+        self, conn: AsyncConnection, addresses: Iterable[str]
+    ) -> dict[str, str]:
+        rows = await conn.execute(
+            select(t.professional.c.address, t.professional.c.state)
+            .where(t.professional.c.address.in_(list(addresses)))
+        )
+        return {r[0]: r[1] for r in rows}
+
+
+def dumps_meta(meta: dict[str, Any]) -> str:
+    return json.dumps(meta, separators=(",", ":"), ensure_ascii=False, default=str)

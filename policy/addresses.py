@@ -1,0 +1,124 @@
+"""Identities of the trust space: INS (patient), RPPS (professional), addresses (SPEC §2).
+
+An INS is 15 characters: a 13-character NIR then a 2-digit key, key = 97 - (NIR mod 97),
+where the NIR is read as a number after replacing ``2A`` by ``19`` and ``2B`` by ``18`` at
+positions 6-7 (Corsican departments).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+INS_LENGTH = 15
+RPPS_LENGTH = 11
+_CORSICA = {"2A": "19", "2B": "18"}
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
+_ADDR_RE = re.compile(rf"^[^@\s<>()\[\],;:\"]+@{_LABEL}(?:\.{_LABEL})+$")
+_DOMAIN_RE = re.compile(r"^[a-z0-9](?:[a-z0-9-]*[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]*[a-z0-9])?)+$")
+
+
+class InvalidIdentity(ValueError):
+    """An address, INS, RPPS or domain that does not have the required shape.
+
+    ``reason`` is a short ASCII phrase fit for an SMTP reply (no user input in it).
+    """
+
+    def __init__(self, message: str, reason: str = "invalid") -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def ins_key(nir: str) -> int:
+    """Return the 2-digit key of a 13-character NIR (Corsica-aware)."""
+    number = nir[:5] + _CORSICA.get(nir[5:7].upper(), nir[5:7]) + nir[7:]
+    return 97 - (int(number) % 97)
+
+
+def validate_ins(value: str) -> str:
+    """Return the INS normalised (uppercase), or raise InvalidIdentity naming what is wrong."""
+    ins = value.strip().upper()
+    if len(ins) != INS_LENGTH:
+        raise InvalidIdentity(
+            f"invalid INS {value!r}: {len(ins)} characters, an INS has {INS_LENGTH}",
+            "an INS has 15 characters",
+        )
+    if ins[0] not in "12":
+        raise InvalidIdentity(
+            f"invalid INS {value!r}: the first character must be 1 or 2",
+            "an INS starts with 1 or 2",
+        )
+    nir, key = ins[:13], ins[13:]
+    department = nir[5:7]
+    if department not in _CORSICA and not department.isdigit():
+        raise InvalidIdentity(
+            f"invalid INS {value!r}: positions 6-7 must be digits, 2A or 2B",
+            "bad department in the INS",
+        )
+    rest = nir[:5] + nir[7:]
+    if not rest.isascii() or not rest.isdigit() or not key.isascii() or not key.isdigit():
+        raise InvalidIdentity(
+            f"invalid INS {value!r}: only digits are allowed (and 2A/2B)",
+            "an INS has only digits",
+        )
+    expected = ins_key(nir)
+    if int(key) != expected:
+        raise InvalidIdentity(
+            f"invalid INS {value!r}: the key {key} does not match the NIR "
+            f"(expected {expected:02d})",
+            "the INS key does not match",
+        )
+    return ins
+
+
+def validate_rpps(value: str) -> str:
+    rpps = value.strip()
+    if len(rpps) != RPPS_LENGTH or not rpps.isascii() or not rpps.isdigit():
+        raise InvalidIdentity(f"invalid RPPS {value!r}: an RPPS is {RPPS_LENGTH} digits")
+    return rpps
+
+
+def normalize_address(value: str) -> str:
+    """Lowercase an e-mail address and check its shape (no display name, no brackets)."""
+    address = value.strip().lower()
+    if not _ADDR_RE.match(address) or len(address) > 254:
+        raise InvalidIdentity(f"invalid address {value!r}")
+    return address
+
+
+def normalize_domain(value: str) -> str:
+    domain = value.strip().lower().rstrip(".")
+    if not _DOMAIN_RE.match(domain) or len(domain) > 253:
+        raise InvalidIdentity(f"invalid domain {value!r}")
+    return domain
+
+
+def domain_of(address: str) -> str:
+    return address.rpartition("@")[2].lower()
+
+
+@dataclass(frozen=True)
+class PatientAddress:
+    """``<INS>@<patient domain>``."""
+
+    ins: str
+    domain: str
+
+    @property
+    def address(self) -> str:
+        return f"{self.ins}@{self.domain}"
+
+
+def patient_address(ins: str, patient_domain: str) -> str:
+    return f"{ins.upper()}@{patient_domain}"
+
+
+def parse_patient_login(login: str, patient_domain: str) -> str:
+    """A patient logs in with the full address or the bare INS; return the INS or raise."""
+    value = login.strip()
+    if "@" in value:
+        local, _, domain = value.rpartition("@")
+        if domain.lower() != patient_domain:
+            raise InvalidIdentity(f"not a patient address of {patient_domain}")
+        value = local
+    return validate_ins(value)

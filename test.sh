@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Sets up a virtual environment and runs the whole test suite (SQLite and PostgreSQL).
+# PostgreSQL: $MSSANTE_TEST_PG (default postgresql://postgres@127.0.0.1/test); without it the
+# PostgreSQL half is skipped locally and fails under CI=true.
+set -euo pipefail
+cd "$(dirname "$0")"
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+.venv/bin/python -m pip install --quiet --upgrade pip >/dev/null
+.venv/bin/python -m pip install --quiet -e '.[test]'
+exec .venv/bin/python -m pytest "$@"
