@@ -326,6 +326,14 @@ class Store:
             )).first()
         return None if row is None else (row.id, row.password_hash)
 
+    async def professional_by_address(self, conn: AsyncConnection, address: str) -> Any:
+        """The directory row (id, name, state, cert_fingerprint) or None."""
+        return (await conn.execute(
+            select(t.professional.c.id, t.professional.c.name, t.professional.c.state,
+                   t.professional.c.cert_fingerprint)
+            .where(t.professional.c.address == address)
+        )).first()
+
     async def professional_facts(self, conn: AsyncConnection, address: str) -> ProfessionalFacts:
         domain = address.rpartition("@")[2]
         row = (await conn.execute(
@@ -438,6 +446,10 @@ class Store:
         if row is None:
             return PatientFacts(ins=ins, exists=False), 0
         return PatientFacts(ins=ins, exists=True, state=MailboxState(row.state)), int(row.id)
+
+    async def patient_name(self, conn: AsyncConnection, patient_id: int) -> str:
+        result = await conn.execute(select(t.patient.c.name).where(t.patient.c.id == patient_id))
+        return str(result.scalar_one())
 
     async def mailbox_counts(self, patient_id: int) -> list[MailboxCounts]:
         """Per-mailbox message and unseen counts (counts only, never content)."""

@@ -67,6 +67,8 @@ class Identity:
     role: Role
     address: str | None = None  # professional or patient address
     domains: frozenset[str] = frozenset()  # operator: the dNSName SANs of its certificate
+    account_id: int = 0  # patient or professional row id, when known
+    name: str = ""  # display name from the directory
 
     def describe(self) -> str:
         if self.role is Role.OPERATOR:

@@ -85,3 +85,64 @@ def sample() -> object:
         return matches[0].read_bytes()
 
     return load
+
+
+INAYA = "289057512345621"
+MARTINE = "262112A04501213"
+CHRISTELLE = "christelle.thomas@medecin.mssante.fr"
+MARIE = "marie.chanteau@medecin.mssante.fr"
+DUPOND = "paul.dupond@ch-exemple.mssante.fr"
+LABO = "resultats@labo-biopcr-orly.mssante.fr"
+PRO_PASSWORD = "mot de passe pro"
+PATIENT_PASSWORD = "mot de passe patient"
+
+
+def cli_in_process(config: Path, *args: str, stdin: str = "",
+                   prog: str = "mssante-policy") -> None:
+    """Run a CLI command in this process (much faster than a subprocess); must succeed."""
+    import io
+    import sys
+
+    from gateway.cli import main as gateway_main
+    from policy.cli import main as policy_main
+
+    main = policy_main if prog == "mssante-policy" else gateway_main
+    saved = sys.stdin
+    sys.stdin = io.StringIO(stdin)
+    try:
+        assert main(["--config", str(config), *args]) == 0, args
+    finally:
+        sys.stdin = saved
+
+
+@pytest.fixture
+def gateway(gw_dir: Path) -> Iterator[object]:
+    """A running gateway with the sample people: professionals (Christelle with a password
+    and a certificate, Marie, Dupond, the lab), patients Inaya and Martine, and an operator
+    certificate for medecin.mssante.fr."""
+    from tests.gateway_proc import Gateway
+
+    gw = Gateway(gw_dir)
+    gw.assign_ports()
+    cfg = gw.config
+    run_cli = cli_in_process
+    run_cli(cfg, "domain", "import", str(SAMPLES / "whitelist.xml"))
+    run_cli(cfg, "professional", "add", CHRISTELLE, "--name", "Christelle Thomas",
+            "--password-stdin", stdin=PRO_PASSWORD + "\n")
+    for address, name in ((MARIE, "Dr Marie Chanteau"), (DUPOND, "Docteur Dupond"),
+                          (LABO, "Labo BioPCR Orly")):
+        run_cli(cfg, "professional", "add", address, "--name", name)
+    run_cli(cfg, "patient", "add", INAYA, "--name", "Inaya Michel", "--notify-email",
+            "inaya@example.org", "--password-stdin", stdin=PATIENT_PASSWORD + "\n")
+    run_cli(cfg, "patient", "add", MARTINE, "--name", "Martine Leguellec", "--notify-email",
+            "martine@example.org", "--password-stdin", stdin=PATIENT_PASSWORD + "\n")
+    for address in (CHRISTELLE, MARIE, DUPOND, LABO):
+        run_cli(cfg, "certs", "professional", address, "--out", str(gw_dir / "clients" / address),
+                prog="mssante-gateway")
+    run_cli(cfg, "certs", "operator", "medecin.mssante.fr", "--out",
+            str(gw_dir / "clients" / "operator"), prog="mssante-gateway")
+    gw.start()
+    try:
+        yield gw
+    finally:
+        gw.kill()

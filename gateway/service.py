@@ -1,0 +1,82 @@
+"""``mssante-gateway serve``: start every listener and worker, drain on SIGTERM (SPEC §9).
+
+Lifecycle: migrate, open the store and the group writer, start listeners; on SIGTERM or
+SIGINT stop accepting, let transactions in flight finish (grace period), flush the writer,
+close the database, exit 0. Every task is referenced and awaited (ARCHITECTURE practice 9).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+
+from gateway.config import Config
+from gateway.tls import server_context
+from imap_store.db import migrate
+from imap_store.notices import Templates
+from imap_store.store import Store
+from imap_store.writer import GroupWriter
+from policy.authn import Authenticator
+from policy.throttle import LoginThrottle
+from smtp_in.server import DataBudget, IntakeContext, drain_sessions, start_listener
+
+log = logging.getLogger(__name__)
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    """Structured one-line logs on stderr; aiosmtpd's own logger (which would log envelope
+    addresses, i.e. INS) is kept to warnings."""
+    logging.basicConfig(
+        level=level, stream=sys.stderr,
+        format="ts=%(asctime)s level=%(levelname)s logger=%(name)s msg=%(message)s",
+    )
+    logging.getLogger("mail.log").setLevel(logging.WARNING)
+
+
+async def serve(config: Config) -> int:
+    setup_logging()
+    await migrate(config.storage_url)
+    store = Store.from_url(config.storage_url)
+    writer = GroupWriter(store)
+    writer.start()
+    tls = server_context(config.tls.cert, config.tls.key, config.tls.client_ca)
+    throttle = LoginThrottle(config.limits.login_failures, config.limits.login_window)
+    ctx = IntakeContext(
+        config=config, store=store, writer=writer,
+        authenticator=Authenticator(store, throttle, config.domains.patient),
+        templates=Templates(config.templates_dir), tls=tls,
+        budget=DataBudget(config.limits.data_in_flight),
+    )
+    ctx.authenticator.audit = ctx.audit_later
+    servers: list[asyncio.Server] = []
+    try:
+        for name, listen, implicit in (("smtp", config.smtp, False),
+                                       ("submission", config.submission, False),
+                                       ("submissions", config.submissions, True)):
+            if listen is not None:
+                servers.append(await start_listener(ctx, name, listen, implicit))
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        listening = " ".join(
+            f"{n}={lst}" for n, lst in (("smtp", config.smtp), ("submission", config.submission),
+                                        ("submissions", config.submissions)) if lst is not None)
+        log.info("ready %s", listening)
+        print(f"mssante-gateway ready: {listening}", file=sys.stderr, flush=True)
+        await stop.wait()
+        log.info("stopping: no new connections, draining transactions in flight")
+        for server in servers:
+            server.close()
+        await drain_sessions(ctx)
+        for server in servers:
+            await server.wait_closed()
+    finally:
+        for server in servers:
+            server.close()
+        await writer.close()
+        await store.close()
+    log.info("stopped")
+    return 0

@@ -1,0 +1,1340 @@
+"""Sans-IO IMAP4rev1 command parser (RFC 3501 §2.2, §4, §9; LITERAL+ RFC 7888).
+
+:class:`CommandParser` turns the bytes a client sends into events; it never touches a socket and
+never blocks. The asyncio edge drives it like this::
+
+    parser.feed(data)                       # whatever the transport delivered
+    while (event := parser.next_event()) is not None:
+        match event:
+            case NeedContinuation():        # synchronising literal {n}: invite it
+                write(b"+ Ready for literal\\r\\n")   # or parser.reject_literal() + tagged NO
+            case LiteralTooLarge():         # refused before reading any of it
+                write(tagged NO [TOOBIG] / BAD)       # non-sync literal: parser drains it
+            case LineTooLong():             # drained up to its CRLF, never buffered
+                write(tagged or untagged BAD)         # the edge may also disconnect
+            case RawLine():                 # only after expect_line(): AUTHENTICATE / IDLE
+                ...
+            case InvalidCommand():          # BAD (or NO [BADCHARSET]); parser already resynced
+                ...
+            case _:                         # a command from imap_store.imap.commands
+                ...
+
+Framing is done on lines first (a line ending in ``{n}`` or ``{n+}`` announces a literal of
+exactly ``n`` octets, RFC 3501 §4.3, RFC 7888 §3), then the assembled command is parsed with the
+RFC 3501 §9 grammar. Parse failures never raise: they become :class:`InvalidCommand` and the
+parser resumes at the next command. Lines must end with CRLF (RFC 3501 §2.2); a bare LF or CR is
+just an invalid character inside the line.
+
+Limits (all refused *before* buffering, so a client cannot make the server hold more than about
+``max_literal + max_command`` bytes per connection):
+
+* ``max_line``: one line of a command, CRLF excluded (default :data:`DEFAULT_MAX_LINE`);
+* ``max_literal``: the message literal of APPEND (default :data:`DEFAULT_MAX_LITERAL`);
+* ``max_command``: any other command, all its lines and literals together
+  (default :data:`DEFAULT_MAX_COMMAND`); a literal that would exceed it is refused with
+  :class:`LiteralTooLarge` too. No command but APPEND needs large literals.
+
+The limits are public attributes: the session may lower ``max_literal`` before authentication.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import enum
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import date, datetime, timedelta, timezone
+from typing import TypeVar
+
+from imap_store.imap.commands import (
+    FETCH_MACROS,
+    FETCH_NAMES,
+    MAX_NUMBER,
+    SEARCH_CHARSETS,
+    SYSTEM_FLAGS,
+    Append,
+    Authenticate,
+    Capability,
+    Check,
+    Close,
+    Command,
+    Copy,
+    Create,
+    DateRelation,
+    Delete,
+    Enable,
+    Expunge,
+    Fetch,
+    FetchAttr,
+    Id,
+    Idle,
+    InvalidCommand,
+    List,
+    Login,
+    Logout,
+    Lsub,
+    Move,
+    Namespace,
+    Noop,
+    Rename,
+    Search,
+    SearchAll,
+    SearchAnd,
+    SearchBody,
+    SearchFlag,
+    SearchHeader,
+    SearchInternalDate,
+    SearchKey,
+    SearchLarger,
+    SearchNot,
+    SearchOr,
+    SearchSentDate,
+    SearchSequence,
+    SearchSmaller,
+    SearchText,
+    SearchUid,
+    Section,
+    SectionText,
+    Select,
+    SequenceSet,
+    StartTls,
+    Status,
+    Store,
+    StoreMode,
+    Subscribe,
+    Unselect,
+    Unsubscribe,
+    decode_mailbox_name,
+)
+
+__all__ = [
+    "DEFAULT_MAX_COMMAND",
+    "DEFAULT_MAX_LINE",
+    "DEFAULT_MAX_LITERAL",
+    "MAX_SEARCH_DEPTH",
+    "CommandParser",
+    "Event",
+    "LineTooLong",
+    "LiteralTooLarge",
+    "NeedContinuation",
+    "RawLine",
+]
+
+#: Longest accepted line, CRLF excluded. RFC 7162 §4 asks servers to accept command lines of at
+#: least 8192 octets (RFC 2683 §3.2.1.5 said 8000); longer ones are drained and refused.
+DEFAULT_MAX_LINE = 8192
+
+#: Largest APPEND message literal. RFC 3501 sets no limit; RFC 7889 (APPENDLIMIT) lets the server
+#: advertise one: the edge should advertise this value. 25 MiB matches the gateway's inbound
+#: message limit (policy rule R7, RFC 1870 SIZE 26214400).
+DEFAULT_MAX_LITERAL = 25 * 1024 * 1024
+
+#: Largest total size (lines and literals) of any command other than APPEND. RFC 7888 §4 lets a
+#: server refuse over-large literals; only APPEND carries big data, logins and search strings
+#: are small.
+DEFAULT_MAX_COMMAND = 64 * 1024
+
+#: Deepest nesting of SEARCH keys (parentheses, NOT, OR) before the command is refused as BAD:
+#: bounds recursion on hostile input (RFC 3501 §6.4.4 sets no limit).
+MAX_SEARCH_DEPTH = 64
+
+
+_T = TypeVar("_T")
+
+# --------------------------------------------------------------------------- events
+
+
+@dataclass(frozen=True, slots=True)
+class NeedContinuation:
+    """The client announced a synchronising literal ``{size}`` (RFC 3501 §4.3, §7.5).
+
+    The edge sends a continuation request (``+ Ready``) and keeps feeding: the next ``size``
+    bytes are read verbatim. To refuse it instead (e.g. APPEND before login), the edge calls
+    :meth:`CommandParser.reject_literal` and sends a tagged NO/BAD; the client will not send it.
+    ``command`` is the upper-cased command name (``"APPEND"``, ``"UID SEARCH"`` ...).
+    """
+
+    tag: str
+    size: int
+    command: str
+
+
+@dataclass(frozen=True, slots=True)
+class LiteralTooLarge:
+    """A literal over the configured limit was refused before any byte of it was read.
+
+    Synchronising (``{n}``): the client waits for ``+`` and will not send it; the command is
+    dropped. Non-synchronising (``{n+}``, RFC 7888 §4): the parser silently discards the next
+    ``n`` bytes and the rest of that command. Either way the edge answers with a tagged
+    ``NO [TOOBIG]`` (APPEND, RFC 7889 §4) or ``BAD`` and may close the connection.
+    """
+
+    tag: str | None
+    size: int
+    synchronizing: bool
+
+
+@dataclass(frozen=True, slots=True)
+class LineTooLong:
+    """A line exceeded ``max_line``: reported as soon as detected, then drained up to its CRLF
+    (and past any non-synchronising literal it announces) without buffering. The whole command
+    is dropped; ``tag`` is ``None`` if it could not be read (e.g. a raw line)."""
+
+    tag: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class RawLine:
+    """One line, CRLF removed, read after :meth:`CommandParser.expect_line` (an AUTHENTICATE
+    response, RFC 3501 §6.2.2, or IDLE's ``DONE``, RFC 2177 §3). Hidden from ``repr``: it may
+    carry credentials."""
+
+    line: bytes = field(repr=False)
+
+
+Event = Command | InvalidCommand | NeedContinuation | LiteralTooLarge | LineTooLong | RawLine
+
+
+# --------------------------------------------------------------------------- character classes
+
+
+def _byte_set(chars: bytes) -> frozenset[int]:
+    return frozenset(chars)
+
+
+_PRINTABLE = frozenset(range(0x21, 0x7F))
+#: RFC 3501 §9 ATOM-CHAR: CHAR except atom-specials "(" ")" "{" SP CTL "%" "*" DQUOTE "\" "]".
+_ATOM_CHARS = _PRINTABLE - _byte_set(b'(){%*"\\]')
+#: ASTRING-CHAR = ATOM-CHAR / resp-specials.
+_ASTRING_CHARS = _ATOM_CHARS | _byte_set(b"]")
+#: tag = 1*<any ASTRING-CHAR except "+">.
+_TAG_CHARS = _ASTRING_CHARS - _byte_set(b"+")
+#: list-char = ATOM-CHAR / list-wildcards / resp-specials.
+_LIST_CHARS = _ATOM_CHARS | _byte_set(b"%*]")
+_SEQ_CHARS = _byte_set(b"0123456789:,*")
+_DIGITS = _byte_set(b"0123456789")
+_FETCH_NAME_CHARS = _byte_set(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789.")
+_STORE_ITEM_CHARS = _byte_set(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz.+-")
+_SECTION_TEXT_CHARS = _byte_set(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz.")
+#: RFC 5322 §3.6.8 field-name: printable US-ASCII except ":".
+_FIELD_NAME_CHARS = _PRINTABLE - _byte_set(b":")
+
+_SP, _LPAREN, _RPAREN, _DQUOTE, _BACKSLASH = 0x20, 0x28, 0x29, 0x22, 0x5C
+_LBRACE, _LBRACKET, _RBRACKET, _LT, _DOT = 0x7B, 0x5B, 0x5D, 0x3C, 0x2E
+
+_MONTHS = {
+    name: index + 1
+    for index, name in enumerate(
+        ("JAN", "FEB", "MAR", "APR", "MAY", "JUN", "JUL", "AUG", "SEP", "OCT", "NOV", "DEC")
+    )
+}
+_CANONICAL_FLAGS = {flag.upper(): flag for flag in SYSTEM_FLAGS}
+#: RFC 6154 §2 special-use attributes, canonical case.
+_SPECIAL_USE = {
+    attr.upper(): attr
+    for attr in ("\\All", "\\Archive", "\\Drafts", "\\Flagged", "\\Junk", "\\Sent", "\\Trash")
+}
+_STATUS_ITEMS = frozenset({"MESSAGES", "RECENT", "UIDNEXT", "UIDVALIDITY", "UNSEEN", "APPENDLIMIT"})
+
+#: Literal announcement at the end of a line: "{" digits ["+"] "}" (RFC 3501 §9, RFC 7888 §8).
+_MARKER = re.compile(rb"\{([0-9]+)(\+?)\}")
+#: A possibly incomplete literal announcement, while draining a line chunk by chunk.
+_PARTIAL_MARKER = re.compile(rb"\{([0-9]*)(\+?)(\}?)")
+#: Marker digits beyond this are treated as "infinitely large" (avoids huge int conversions).
+_MAX_MARKER_DIGITS = 20
+_HUGE_LITERAL: int = 10**_MAX_MARKER_DIGITS
+_DATE_TIME = re.compile(
+    rb" ?([0-9]{1,2})-([A-Za-z]{3})-([0-9]{4})"
+    rb" ([0-9]{2}):([0-9]{2}):([0-9]{2}) ([+-])([0-9]{2})([0-9]{2})"
+)
+_DATE = re.compile(rb"([0-9]{1,2})-([A-Za-z]{3})-([0-9]{4})")
+
+
+def _marker_size(digits: bytes) -> int:
+    significant = digits.lstrip(b"0")
+    if len(significant) > _MAX_MARKER_DIGITS:
+        return _HUGE_LITERAL
+    return int(significant.decode("ascii")) if significant else 0
+
+
+def _literal_marker(line: bytes) -> tuple[int, bool] | None:
+    """``(size, synchronizing)`` if ``line`` ends with a literal announcement."""
+    start = line.rfind(b"{")
+    if start < 0:
+        return None
+    match = _MARKER.fullmatch(line, start)
+    if match is None:
+        return None
+    return _marker_size(match[1]), not match[2]
+
+
+def _split_first_line(line: bytes) -> tuple[str | None, str | None]:
+    """The tag and upper-cased command name (``"UID FETCH"``) of a command's first line."""
+    space = line.find(b" ")
+    raw_tag = line if space < 0 else line[:space]
+    if not raw_tag or any(b not in _TAG_CHARS for b in raw_tag):
+        return None, None
+    tag = raw_tag.decode("ascii")
+    if space < 0:
+        return tag, None
+    words = line[space + 1 :].split(b" ", 2)
+    name = words[0].upper()
+    if not name:
+        return tag, None
+    if name == b"UID" and len(words) > 1:
+        name += b" " + words[1].upper()
+    return tag, name.decode("ascii", "replace")
+
+
+# --------------------------------------------------------------------------- grammar
+
+
+class _SyntaxError(Exception):
+    """Internal: a grammar error; ``text`` becomes the BAD response text."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__(text)
+        self.text = text
+
+
+class _Reader:
+    """Cursor over one assembled command: its lines joined without CRLF, plus the literals,
+    keyed by the offset just after their ``{n}`` announcement (RFC 3501 §4.3)."""
+
+    def __init__(self, text: bytes, literals: dict[int, bytes]) -> None:
+        self.text = text
+        self.pos = 0
+        self.literals = literals
+
+    # -- primitives
+
+    def peek(self) -> int:
+        return self.text[self.pos] if self.pos < len(self.text) else -1
+
+    def at_end(self) -> bool:
+        return self.pos >= len(self.text)
+
+    def expect(self, byte: int, text: str) -> None:
+        if self.peek() != byte:
+            raise _SyntaxError(text)
+        self.pos += 1
+
+    def sp(self) -> None:
+        if self.at_end():
+            raise _SyntaxError("Missing argument")
+        self.expect(_SP, "Expected a space")
+
+    def run(self, allowed: frozenset[int]) -> bytes:
+        start = self.pos
+        text = self.text
+        while self.pos < len(text) and text[self.pos] in allowed:
+            self.pos += 1
+        return text[start : self.pos]
+
+    def atom(self, what: str = "Expected an atom") -> bytes:
+        value = self.run(_ATOM_CHARS)
+        if not value:
+            raise _SyntaxError("Missing argument" if self.at_end() else what)
+        return value
+
+    def word(self, allowed: frozenset[int], what: str) -> str:
+        """A non-empty run of ``allowed`` bytes, upper-cased."""
+        value = self.run(allowed)
+        if not value:
+            raise _SyntaxError("Missing argument" if self.at_end() else what)
+        return value.decode("ascii").upper()
+
+    def number(self, nonzero: bool = False) -> int:
+        """RFC 3501 §9 ``number`` / ``nz-number``: unsigned 32-bit."""
+        digits = self.run(_DIGITS)
+        if not digits:
+            raise _SyntaxError("Expected a number")
+        if len(digits) > 10 or int(digits) > MAX_NUMBER:
+            raise _SyntaxError("Number out of range")
+        value = int(digits)
+        if nonzero and (value == 0 or digits[0] == 0x30):
+            raise _SyntaxError("Expected a non-zero number")
+        return value
+
+    def quoted(self) -> bytes:
+        """``quoted`` with ``\\"`` and ``\\\\`` escapes. 8-bit bytes are tolerated (clients send
+        UTF-8 there, RFC 6855 §3); NUL, CR and LF are not (RFC 3501 §9 TEXT-CHAR)."""
+        start = self.pos
+        self.expect(_DQUOTE, "Expected a quoted string")
+        out = bytearray()
+        text = self.text
+        while True:
+            if self.pos >= len(text):
+                raise _SyntaxError("Unterminated quoted string")
+            byte = text[self.pos]
+            self.pos += 1
+            if byte == _DQUOTE:
+                break
+            if byte == _BACKSLASH:
+                escaped = self.peek()
+                if escaped not in (_DQUOTE, _BACKSLASH):
+                    raise _SyntaxError("Invalid escape in quoted string")
+                out.append(escaped)
+                self.pos += 1
+            elif byte in (0x00, 0x0A, 0x0D):
+                raise _SyntaxError("Invalid character in quoted string")
+            else:
+                out.append(byte)
+        # A quoted string cannot continue across a literal (it would swallow the announcement).
+        if any(start < offset <= self.pos for offset in self.literals):
+            raise _SyntaxError("Unterminated quoted string")
+        return bytes(out)
+
+    def literal(self) -> bytes:
+        """``literal`` / non-synchronising literal: the octets read by the framing layer."""
+        match = _MARKER.match(self.text, self.pos)
+        if match is None:
+            raise _SyntaxError("Invalid literal")
+        self.pos = match.end()
+        value = self.literals.get(self.pos)
+        if value is None:
+            raise _SyntaxError("Literal must end the line")
+        return value
+
+    def string(self) -> bytes:
+        """RFC 3501 §9 ``string = quoted / literal``."""
+        first = self.peek()
+        if first == _DQUOTE:
+            return self.quoted()
+        if first == _LBRACE:
+            return self.literal()
+        raise _SyntaxError("Missing argument" if first < 0 else "Expected a string")
+
+    def astring(self) -> bytes:
+        """RFC 3501 §9 ``astring = 1*ASTRING-CHAR / string``."""
+        if self.peek() in (_DQUOTE, _LBRACE):
+            return self.string()
+        value = self.run(_ASTRING_CHARS)
+        if not value:
+            raise _SyntaxError("Missing argument" if self.at_end() else "Expected a string")
+        return value
+
+    def nil_ahead(self) -> bool:
+        """Whether the next token is the atom ``NIL`` (consumed if so)."""
+        end = self.pos + 3
+        if self.text[self.pos : end].upper() == b"NIL" and (
+            end >= len(self.text) or self.text[end] not in _ATOM_CHARS
+        ):
+            self.pos = end
+            return True
+        return False
+
+    def nstring(self) -> bytes | None:
+        """RFC 3501 §9 ``nstring = string / nil``."""
+        return None if self.nil_ahead() else self.string()
+
+    def keyword_ahead(self, keyword: bytes) -> bool:
+        """Whether the next atom is ``keyword`` (case-insensitive); consumed if so."""
+        end = self.pos + len(keyword)
+        if self.text[self.pos : end].upper() == keyword and (
+            end >= len(self.text) or self.text[end] not in _ATOM_CHARS
+        ):
+            self.pos = end
+            return True
+        return False
+
+    def paren_list(self, item: Callable[[], _T], allow_empty: bool = True) -> list[_T]:
+        """``"(" [item *(SP item)] ")"``."""
+        self.expect(_LPAREN, "Expected a parenthesised list")
+        items: list[_T] = []
+        if self.peek() == _RPAREN:
+            if not allow_empty:
+                raise _SyntaxError("Empty list")
+        else:
+            items.append(item())
+            while self.peek() == _SP:
+                self.pos += 1
+                items.append(item())
+        self.expect(_RPAREN, "Expected ')'")
+        return items
+
+    # -- IMAP data types
+
+    def mailbox(self) -> str:
+        """RFC 3501 §9 ``mailbox``: modified UTF-7 decoded, ``INBOX`` case-normalised (§5.1)."""
+        name = _decode_name(self.astring())
+        return "INBOX" if name.upper() == "INBOX" else name
+
+    def list_mailbox(self) -> str:
+        """RFC 3501 §9 ``list-mailbox`` (wildcards ``%`` and ``*`` allowed unquoted)."""
+        if self.peek() in (_DQUOTE, _LBRACE):
+            return _decode_name(self.string())
+        raw = self.run(_LIST_CHARS)
+        if not raw:
+            raise _SyntaxError("Missing argument" if self.at_end() else "Invalid mailbox pattern")
+        return _decode_name(raw)
+
+    def sequence_set(self) -> SequenceSet:
+        raw = self.run(_SEQ_CHARS)
+        if not raw:
+            raise _SyntaxError("Missing argument" if self.at_end() else "Invalid sequence set")
+        try:
+            return SequenceSet.parse(raw.decode("ascii"))
+        except ValueError:
+            raise _SyntaxError("Invalid sequence set") from None
+
+    def flag(self) -> str:
+        """RFC 3501 §9 ``flag``: ``\\`` atom (system flags canonicalised) or a keyword atom."""
+        if self.peek() == _BACKSLASH:
+            self.pos += 1
+            name = "\\" + self.atom("Invalid flag").decode("ascii")
+            return _CANONICAL_FLAGS.get(name.upper(), name)
+        return self.atom("Invalid flag").decode("ascii")
+
+    def flag_list(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(self.paren_list(self.flag)))
+
+
+def _decode_name(raw: bytes) -> str:
+    try:
+        name = decode_mailbox_name(raw)
+    except ValueError:
+        raise _SyntaxError("Invalid mailbox name") from None
+    if any(ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0 for c in name):
+        raise _SyntaxError("Invalid mailbox name")
+    return name
+
+
+# -- command handlers: each reads the arguments after the command name (no trailing check)
+
+
+_NoArgumentCommand = (
+    Capability | Noop | Logout | StartTls | Check | Close | Unselect | Idle | Namespace
+)
+
+
+def _no_arguments(cls: type[_NoArgumentCommand]) -> Callable[[_Reader, str, bool], Command]:
+    def handler(reader: _Reader, tag: str, uid: bool) -> Command:
+        return cls(tag)
+
+    return handler
+
+
+def _authenticate(reader: _Reader, tag: str, uid: bool) -> Command:
+    reader.sp()
+    mechanism = reader.atom("Invalid mechanism").decode("ascii").upper()
+    initial: bytes | None = None
+    if not reader.at_end():
+        reader.sp()
+        raw = reader.atom("Invalid initial response")
+        if raw == b"=":  # RFC 4959 §3: "=" is an empty initial response
+            initial = b""
+        else:
+            if len(raw) % 4:
+                raise _SyntaxError("Invalid BASE64")
+            try:
+                initial = base64.b64decode(raw, validate=True)
+            except binascii.Error:
+                raise _SyntaxError("Invalid BASE64") from None
+    return Authenticate(tag, mechanism, initial)
+
+
+def _login(reader: _Reader, tag: str, uid: bool) -> Command:
+    reader.sp()
+    raw_user = reader.astring()
+    reader.sp()
+    password = reader.astring()
+    try:
+        user = raw_user.decode("utf-8")
+    except UnicodeDecodeError:
+        raise _SyntaxError("Invalid user name") from None
+    return Login(tag, user, password)
+
+
+def _select(readonly: bool) -> Callable[[_Reader, str, bool], Command]:
+    def handler(reader: _Reader, tag: str, uid: bool) -> Command:
+        reader.sp()
+        return Select(tag, reader.mailbox(), readonly)
+
+    return handler
+
+
+def _special_use_attr(reader: _Reader) -> str:
+    reader.expect(_BACKSLASH, "Invalid special-use attribute")
+    name = "\\" + reader.atom("Invalid special-use attribute").decode("ascii")
+    return _SPECIAL_USE.get(name.upper(), name)
+
+
+def _create(reader: _Reader, tag: str, uid: bool) -> Command:
+    reader.sp()
+    mailbox = reader.mailbox()
+    special_use: list[str] = []
+    if not reader.at_end():
+        reader.sp()
+
+        def create_param() -> None:
+            # RFC 6154 §3: create-param = "USE" SP "(" [use-attr *(SP use-attr)] ")"
+            if not reader.keyword_ahead(b"USE"):
+                raise _SyntaxError("Unsupported CREATE parameter")
+            reader.sp()
+            special_use.extend(reader.paren_list(lambda: _special_use_attr(reader)))
+
+        reader.paren_list(create_param, allow_empty=False)
+    return Create(tag, mailbox, tuple(dict.fromkeys(special_use)))
+
+
+def _one_mailbox(
+    cls: type[Delete | Subscribe | Unsubscribe],
+) -> Callable[[_Reader, str, bool], Command]:
+    def handler(reader: _Reader, tag: str, uid: bool) -> Command:
+        reader.sp()
+        return cls(tag, reader.mailbox())
+
+    return handler
+
+
+def _rename(reader: _Reader, tag: str, uid: bool) -> Command:
+    reader.sp()
+    old = reader.mailbox()
+    reader.sp()
+    return Rename(tag, old, reader.mailbox())
+
+
+def _option(reader: _Reader) -> str:
+    return reader.atom("Invalid LIST option").decode("ascii").upper()
+
+
+def _list(reader: _Reader, tag: str, uid: bool) -> Command:
+    # RFC 5258 §3: LIST [SP list-select-opts] SP mailbox SP mbox-or-pat [SP list-return-opts]
+    reader.sp()
+    selection: list[str] = []
+    if reader.peek() == _LPAREN:
+        selection = reader.paren_list(lambda: _option(reader))
+        reader.sp()
+    reference = _decode_name(reader.astring())
+    reader.sp()
+    if reader.peek() == _LPAREN:
+        patterns = reader.paren_list(reader.list_mailbox, allow_empty=False)
+    else:
+        patterns = [reader.list_mailbox()]
+    returns: list[str] = []
+    if not reader.at_end():
+        reader.sp()
+        if not reader.keyword_ahead(b"RETURN"):
+            raise _SyntaxError("Unexpected extra arguments")
+        reader.sp()
+        returns = reader.paren_list(lambda: _option(reader))
+    return List(
+        tag,
+        reference,
+        tuple(patterns),
+        tuple(dict.fromkeys(selection)),
+        tuple(dict.fromkeys(returns)),
+    )
+
+
+def _lsub(reader: _Reader, tag: str, uid: bool) -> Command:
+    reader.sp()
+    reference = _decode_name(reader.astring())
+    reader.sp()
+    return Lsub(tag, reference, reader.list_mailbox())
+
+
+def _status_item(reader: _Reader) -> str:
+    item = reader.atom("Invalid STATUS item").decode("ascii").upper()
+    if item not in _STATUS_ITEMS:
+        raise _SyntaxError("Unknown STATUS item")
+    return item
+
+
+def _status(reader: _Reader, tag: str, uid: bool) -> Command:
+    reader.sp()
+    mailbox = reader.mailbox()
+    reader.sp()
+    items = reader.paren_list(lambda: _status_item(reader), allow_empty=False)
+    return Status(tag, mailbox, tuple(dict.fromkeys(items)))
+
+
+def _date_time(raw: bytes) -> datetime:
+    """RFC 3501 §9 ``date-time``: ``dd-Mon-yyyy hh:mm:ss +zzzz`` (day may be space-padded)."""
+    match = _DATE_TIME.fullmatch(raw)
+    if match is None:
+        raise _SyntaxError("Invalid date-time")
+    day, month_name, year, hour, minute, second, sign, zone_h, zone_m = match.groups()
+    month = _MONTHS.get(month_name.decode("ascii").upper())
+    if month is None or int(zone_m) > 59:
+        raise _SyntaxError("Invalid date-time")
+    offset = timedelta(hours=int(zone_h), minutes=int(zone_m))
+    try:
+        return datetime(
+            int(year),
+            month,
+            int(day),
+            int(hour),
+            int(minute),
+            int(second),
+            tzinfo=timezone(-offset if sign == b"-" else offset),
+        )
+    except ValueError:
+        raise _SyntaxError("Invalid date-time") from None
+
+
+def _append(reader: _Reader, tag: str, uid: bool) -> Command:
+    # RFC 3501 §6.3.11: APPEND SP mailbox [SP flag-list] [SP date-time] SP literal
+    reader.sp()
+    mailbox = reader.mailbox()
+    reader.sp()
+    flags: tuple[str, ...] = ()
+    when: datetime | None = None
+    if reader.peek() == _LPAREN:
+        flags = reader.flag_list()
+        reader.sp()
+    if reader.peek() == _DQUOTE:
+        when = _date_time(reader.quoted())
+        reader.sp()
+    if reader.peek() != _LBRACE:
+        raise _SyntaxError("Expected a literal message")
+    return Append(tag, mailbox, flags, when, reader.literal())
+
+
+def _expunge(reader: _Reader, tag: str, uid: bool) -> Command:
+    if not uid:
+        return Expunge(tag)
+    reader.sp()  # RFC 4315 §2.1: UID EXPUNGE sequence-set
+    return Expunge(tag, reader.sequence_set())
+
+
+def _section(reader: _Reader) -> Section:
+    """RFC 3501 §9 ``section``, the opening bracket already consumed."""
+    part: list[int] = []
+    need_text = False
+    while reader.peek() in _DIGITS:
+        part.append(reader.number(nonzero=True))
+        need_text = False
+        if reader.peek() != _DOT:
+            break
+        reader.pos += 1
+        need_text = True
+    text: SectionText | None = None
+    fields: list[str] = []
+    if need_text or (reader.peek() != _RBRACKET and not part):
+        text = _SECTION_TEXTS.get(reader.word(_SECTION_TEXT_CHARS, "Invalid section"))
+        if text is None or (text == "MIME" and not part):
+            raise _SyntaxError("Invalid section")
+        if text in ("HEADER.FIELDS", "HEADER.FIELDS.NOT"):
+            reader.sp()
+            fields = reader.paren_list(lambda: _field_name(reader), allow_empty=False)
+    reader.expect(_RBRACKET, "Invalid section")
+    return Section(tuple(part), text, tuple(fields))
+
+
+_SECTION_TEXTS: dict[str, SectionText] = {
+    "HEADER": "HEADER",
+    "HEADER.FIELDS": "HEADER.FIELDS",
+    "HEADER.FIELDS.NOT": "HEADER.FIELDS.NOT",
+    "TEXT": "TEXT",
+    "MIME": "MIME",
+}
+
+
+def _field_name(reader: _Reader) -> str:
+    raw = reader.astring()
+    if not raw or any(b not in _FIELD_NAME_CHARS for b in raw):
+        raise _SyntaxError("Invalid header field name")
+    return raw.decode("ascii")
+
+
+def _fetch_attr(reader: _Reader, top_level: bool) -> tuple[FetchAttr, ...]:
+    name = reader.word(_FETCH_NAME_CHARS, "Invalid FETCH item")
+    if top_level and name in FETCH_MACROS:
+        return FETCH_MACROS[name]
+    if name in ("BODY", "BODY.PEEK") and reader.peek() == _LBRACKET:
+        reader.pos += 1
+        section = _section(reader)
+        partial: tuple[int, int] | None = None
+        if reader.peek() == _LT:
+            reader.pos += 1
+            origin = reader.number()
+            reader.expect(_DOT, "Invalid partial range")
+            length = reader.number(nonzero=True)
+            reader.expect(0x3E, "Invalid partial range")
+            partial = (origin, length)
+        return (FetchAttr("BODY", section, partial, peek=name == "BODY.PEEK"),)
+    if name not in FETCH_NAMES:
+        raise _SyntaxError("Unknown FETCH item")
+    return (FetchAttr(name),)
+
+
+def _fetch(reader: _Reader, tag: str, uid: bool) -> Command:
+    reader.sp()
+    seq_set = reader.sequence_set()
+    reader.sp()
+    attrs: list[FetchAttr] = []
+    if reader.peek() == _LPAREN:
+        for group in reader.paren_list(lambda: _fetch_attr(reader, False), allow_empty=False):
+            attrs.extend(group)
+    else:
+        attrs.extend(_fetch_attr(reader, True))
+    return Fetch(tag, seq_set, tuple(dict.fromkeys(attrs)), uid)
+
+
+def _store(reader: _Reader, tag: str, uid: bool) -> Command:
+    # RFC 3501 §9: store-att-flags = (["+" / "-"] "FLAGS" [".SILENT"]) SP
+    #                                (flag-list / (flag *(SP flag)))
+    reader.sp()
+    seq_set = reader.sequence_set()
+    reader.sp()
+    item = reader.word(_STORE_ITEM_CHARS, "Invalid STORE item")
+    silent = item.endswith(".SILENT")
+    base = item.removesuffix(".SILENT")
+    try:
+        mode = StoreMode(base)
+    except ValueError:
+        raise _SyntaxError("Invalid STORE item") from None
+    reader.sp()
+    if reader.peek() == _LPAREN:
+        flags = reader.flag_list()
+    else:
+        found = [reader.flag()]
+        while reader.peek() == _SP:
+            reader.pos += 1
+            found.append(reader.flag())
+        flags = tuple(dict.fromkeys(found))
+    return Store(tag, seq_set, mode, silent, flags, uid)
+
+
+def _copy_or_move(cls: type[Copy | Move]) -> Callable[[_Reader, str, bool], Command]:
+    def handler(reader: _Reader, tag: str, uid: bool) -> Command:
+        reader.sp()
+        seq_set = reader.sequence_set()
+        reader.sp()
+        return cls(tag, seq_set, reader.mailbox(), uid)
+
+    return handler
+
+
+def _enable(reader: _Reader, tag: str, uid: bool) -> Command:
+    capabilities = []
+    reader.sp()
+    capabilities.append(reader.atom("Invalid capability").decode("ascii").upper())
+    while not reader.at_end():
+        reader.sp()
+        capabilities.append(reader.atom("Invalid capability").decode("ascii").upper())
+    return Enable(tag, tuple(dict.fromkeys(capabilities)))
+
+
+#: RFC 2971 §3.3 limits on ID parameters.
+_ID_MAX_PAIRS, _ID_MAX_FIELD, _ID_MAX_VALUE = 30, 30, 1024
+
+
+def _id(reader: _Reader, tag: str, uid: bool) -> Command:
+    reader.sp()
+    if reader.nil_ahead():
+        return Id(tag, None)
+    params: dict[str, str | None] = {}
+
+    def pair() -> None:
+        key = reader.string()
+        reader.sp()
+        value = reader.nstring()
+        if len(key) > _ID_MAX_FIELD or (value is not None and len(value) > _ID_MAX_VALUE):
+            raise _SyntaxError("ID parameter too long")
+        params[key.decode("utf-8", "replace")] = (
+            None if value is None else value.decode("utf-8", "replace")
+        )
+
+    pairs = reader.paren_list(pair)
+    if len(pairs) > _ID_MAX_PAIRS:
+        raise _SyntaxError("Too many ID parameters")
+    return Id(tag, params)
+
+
+# -- SEARCH
+
+
+class _SearchParser:
+    """RFC 3501 §6.4.4 search keys; strings decoded with the command's charset."""
+
+    def __init__(self, reader: _Reader, charset: str | None) -> None:
+        self.reader = reader
+        self.codec = "ascii" if charset == "US-ASCII" else "utf-8"
+
+    def string(self) -> str:
+        try:
+            return self.reader.astring().decode(self.codec)
+        except UnicodeDecodeError:
+            raise _SyntaxError("Invalid characters for charset") from None
+
+    def date(self) -> date:
+        raw = self.reader.quoted() if self.reader.peek() == _DQUOTE else self.reader.atom()
+        match = _DATE.fullmatch(raw)
+        month = None if match is None else _MONTHS.get(match[2].decode("ascii").upper())
+        if match is None or month is None:
+            raise _SyntaxError("Invalid date")
+        try:
+            return date(int(match[3]), month, int(match[1]))
+        except ValueError:
+            raise _SyntaxError("Invalid date") from None
+
+    def keys(self) -> SearchKey:
+        """``search-key *(SP search-key)`` up to the end of the command."""
+        keys = [self.key(0)]
+        while not self.reader.at_end():
+            self.reader.sp()
+            keys.append(self.key(0))
+        return keys[0] if len(keys) == 1 else SearchAnd(tuple(keys))
+
+    def key(self, depth: int) -> SearchKey:
+        if depth > MAX_SEARCH_DEPTH:
+            raise _SyntaxError("Search too deeply nested")
+        reader = self.reader
+        first = reader.peek()
+        if first == _LPAREN:
+            keys = reader.paren_list(lambda: self.key(depth + 1), allow_empty=False)
+            return keys[0] if len(keys) == 1 else SearchAnd(tuple(keys))
+        if first in _SEQ_CHARS:
+            return SearchSequence(reader.sequence_set())
+        name = reader.atom("Invalid search key").decode("ascii").upper()
+        simple = _SIMPLE_SEARCH_KEYS.get(name)
+        if simple is not None:
+            return simple
+        if name in _FLAG_SEARCH_KEYS:
+            return SearchFlag(*_FLAG_SEARCH_KEYS[name])
+        reader.sp()
+        if name in ("BCC", "CC", "FROM", "SUBJECT", "TO"):
+            return SearchHeader(name, self.string())
+        if name == "HEADER":
+            field_name = _field_name(reader).upper()
+            reader.sp()
+            return SearchHeader(field_name, self.string())
+        if name == "BODY":
+            return SearchBody(self.string())
+        if name == "TEXT":
+            return SearchText(self.string())
+        if name in ("KEYWORD", "UNKEYWORD"):
+            keyword = reader.atom("Invalid keyword").decode("ascii")
+            return SearchFlag(keyword, name == "KEYWORD")
+        if name in ("BEFORE", "ON", "SINCE"):
+            return SearchInternalDate(DateRelation(name), self.date())
+        if name in ("SENTBEFORE", "SENTON", "SENTSINCE"):
+            return SearchSentDate(DateRelation(name.removeprefix("SENT")), self.date())
+        if name == "LARGER":
+            return SearchLarger(reader.number())
+        if name == "SMALLER":
+            return SearchSmaller(reader.number())
+        if name == "UID":
+            return SearchUid(reader.sequence_set())
+        if name == "NOT":
+            return SearchNot(self.key(depth + 1))
+        if name == "OR":
+            left = self.key(depth + 1)
+            reader.sp()
+            return SearchOr(left, self.key(depth + 1))
+        raise _SyntaxError("Unknown search key")
+
+
+_SIMPLE_SEARCH_KEYS: dict[str, SearchKey] = {
+    "ALL": SearchAll(),
+    "NEW": SearchAnd((SearchFlag("\\Recent", True), SearchFlag("\\Seen", False))),
+    "OLD": SearchFlag("\\Recent", False),
+}
+_FLAG_SEARCH_KEYS: dict[str, tuple[str, bool]] = {
+    **{flag.upper()[1:]: (flag, True) for flag in SYSTEM_FLAGS},
+    **{"UN" + flag.upper()[1:]: (flag, False) for flag in SYSTEM_FLAGS if flag != "\\Recent"},
+}
+
+
+def _search(reader: _Reader, tag: str, uid: bool) -> Command | InvalidCommand:
+    reader.sp()
+    charset: str | None = None
+    if reader.keyword_ahead(b"CHARSET"):
+        reader.sp()
+        charset = reader.astring().decode("ascii", "replace").upper()
+        if charset not in SEARCH_CHARSETS:
+            return InvalidCommand(
+                tag,
+                "Unsupported charset",
+                status="NO",
+                code="BADCHARSET (" + " ".join(SEARCH_CHARSETS) + ")",
+            )
+        reader.sp()
+    criteria = _SearchParser(reader, charset).keys()
+    return Search(tag, charset, criteria, uid)
+
+
+_Handler = Callable[[_Reader, str, bool], Command | InvalidCommand]
+
+_HANDLERS: dict[str, _Handler] = {
+    "CAPABILITY": _no_arguments(Capability),
+    "NOOP": _no_arguments(Noop),
+    "LOGOUT": _no_arguments(Logout),
+    "STARTTLS": _no_arguments(StartTls),
+    "AUTHENTICATE": _authenticate,
+    "LOGIN": _login,
+    "SELECT": _select(readonly=False),
+    "EXAMINE": _select(readonly=True),
+    "CREATE": _create,
+    "DELETE": _one_mailbox(Delete),
+    "RENAME": _rename,
+    "SUBSCRIBE": _one_mailbox(Subscribe),
+    "UNSUBSCRIBE": _one_mailbox(Unsubscribe),
+    "LIST": _list,
+    "LSUB": _lsub,
+    "STATUS": _status,
+    "APPEND": _append,
+    "CHECK": _no_arguments(Check),
+    "CLOSE": _no_arguments(Close),
+    "UNSELECT": _no_arguments(Unselect),
+    "EXPUNGE": _expunge,
+    "SEARCH": _search,
+    "FETCH": _fetch,
+    "STORE": _store,
+    "COPY": _copy_or_move(Copy),
+    "MOVE": _copy_or_move(Move),
+    "IDLE": _no_arguments(Idle),
+    "NAMESPACE": _no_arguments(Namespace),
+    "ENABLE": _enable,
+    "ID": _id,
+}
+
+#: Commands accepted after the ``UID`` prefix (RFC 3501 §6.4.8, RFC 4315 §2.1, RFC 6851 §3).
+_UID_COMMANDS = frozenset({"FETCH", "STORE", "COPY", "MOVE", "SEARCH", "EXPUNGE"})
+_KNOWN_NAMES = frozenset(_HANDLERS) | {"UID " + name for name in _UID_COMMANDS}
+
+
+def parse_command(tag: str, text: bytes, literals: dict[int, bytes]) -> Command | InvalidCommand:
+    """Parse one assembled command (RFC 3501 §9 ``command``); never raises.
+
+    ``text`` is the command's lines joined without their CRLF, starting with the tag; ``literals``
+    maps the offset just after each ``{n}`` announcement in ``text`` to the literal's octets.
+    """
+    reader = _Reader(text, literals)
+    reader.pos = len(tag)
+    try:
+        reader.sp()
+        name = reader.atom("Invalid command name").decode("ascii").upper()
+        uid = name == "UID"
+        if uid:
+            reader.sp()
+            name = reader.atom("Invalid command name").decode("ascii").upper()
+            if name not in _UID_COMMANDS:
+                return InvalidCommand(tag, "Unknown UID command")
+        handler = _HANDLERS.get(name)
+        if handler is None:
+            return InvalidCommand(tag, "Unknown command")
+        command = handler(reader, tag, uid)
+        if isinstance(command, InvalidCommand):
+            return command
+        if not reader.at_end():
+            raise _SyntaxError("Unexpected extra arguments")
+        return command
+    except _SyntaxError as exc:
+        return InvalidCommand(tag, exc.text)
+    except (ValueError, RecursionError):  # defensive: never let a parse error escape
+        return InvalidCommand(tag, "Invalid command syntax")
+
+
+# --------------------------------------------------------------------------- framing
+
+
+class _State(enum.Enum):
+    LINE = enum.auto()  # reading a command line, a continuation line or a raw line
+    LITERAL = enum.auto()  # reading the octets of an accepted literal
+    DRAIN_LINE = enum.auto()  # discarding the rest of a refused line / command
+    DRAIN_LITERAL = enum.auto()  # discarding a refused non-synchronising literal
+
+
+#: Compact ``bytearray`` buffers once this many consumed bytes precede the read position.
+_COMPACT_THRESHOLD = 64 * 1024
+
+
+class CommandParser:
+    """Incremental, sans-IO parser of the client side of an IMAP4rev1 connection.
+
+    Feed it bytes with :meth:`feed`; call :meth:`next_event` until it returns ``None`` (more bytes
+    needed). Events are the command dataclasses of :mod:`imap_store.imap.commands`,
+    :class:`~imap_store.imap.commands.InvalidCommand`, :class:`NeedContinuation`,
+    :class:`LiteralTooLarge`, :class:`LineTooLong` and :class:`RawLine`. Nothing is parsed ahead of
+    the event returned, so the edge may change the parser's mode (:meth:`expect_line`) or limits
+    between two events.
+    """
+
+    def __init__(
+        self,
+        max_line: int = DEFAULT_MAX_LINE,
+        max_literal: int = DEFAULT_MAX_LITERAL,
+        max_command: int = DEFAULT_MAX_COMMAND,
+    ) -> None:
+        if max_line < 1 or max_literal < 0 or max_command < 1:
+            raise ValueError("invalid parser limits")
+        self.max_line = max_line
+        self.max_literal = max_literal
+        self.max_command = max_command
+        self._buf = bytearray()
+        self._pos = 0  # read position in _buf
+        self._scan = 0  # CRLF search resumes at _pos + _scan
+        self._state = _State.LINE
+        self._raw = False
+        self._awaiting_literal = False
+        # The command being assembled.
+        self._lines: list[bytes] = []
+        self._literals: dict[int, bytes] = {}
+        self._text_len = 0
+        self._size = 0
+        self._tag: str | None = None
+        self._name = ""
+        # Literal being read / data being drained.
+        self._literal = bytearray()
+        self._remaining = 0
+        self._drain_marker: bytes | None = None
+
+    # -- public API
+
+    def feed(self, data: bytes) -> None:
+        """Append bytes received from the client (any split, even one byte at a time)."""
+        self._buf += data
+
+    def expect_line(self) -> None:
+        """Read the next line verbatim as a :class:`RawLine` (once): a SASL response after
+        ``+`` (RFC 3501 §6.2.2) or ``DONE`` ending IDLE (RFC 2177 §3).
+
+        Only valid between commands, i.e. right after the AUTHENTICATE/IDLE event (or a previous
+        RawLine). An over-long raw line is reported as ``LineTooLong(None)``.
+        """
+        if self._lines or self._state is not _State.LINE:
+            raise RuntimeError("expect_line() called in the middle of a command")
+        self._raw = True
+
+    def reject_literal(self) -> None:
+        """Refuse the synchronising literal just announced by :class:`NeedContinuation`.
+
+        The edge sends a tagged NO/BAD instead of ``+``; the client then does not send the
+        literal (RFC 3501 §7.5), so the parser drops the command and waits for a new one.
+        """
+        if not self._awaiting_literal or self._literal:
+            raise RuntimeError("reject_literal() without a pending NeedContinuation")
+        self._reset_command()
+        self._state = _State.LINE
+
+    @property
+    def buffered_bytes(self) -> int:
+        """Bytes received but not yet consumed. Must be 0 when STARTTLS is accepted: data
+        pipelined after STARTTLS in clear text must be discarded (RFC 3501 §6.2.1, §11.1)."""
+        return len(self._buf) - self._pos
+
+    def next_event(self) -> Event | None:
+        """The next event, or ``None`` when more bytes must be fed. Never raises on bad input."""
+        while True:
+            state = self._state
+            if state is _State.LINE:
+                outcome = self._step_line()
+            elif state is _State.LITERAL:
+                outcome = self._step_literal()
+            elif state is _State.DRAIN_LITERAL:
+                outcome = self._step_drain_literal()
+            else:
+                outcome = self._step_drain_line()
+            if outcome is not _PROGRESS:
+                return outcome
+
+    # -- buffer helpers
+
+    def _consume(self, count: int) -> None:
+        self._pos += count
+        self._scan = 0
+        if self._pos == len(self._buf):
+            self._buf.clear()
+            self._pos = 0
+        elif self._pos >= _COMPACT_THRESHOLD and self._pos * 2 >= len(self._buf):
+            del self._buf[: self._pos]
+            self._pos = 0
+
+    def _take(self, count: int) -> bytes:
+        data = bytes(self._buf[self._pos : self._pos + count])
+        self._consume(count)
+        return data
+
+    def _reset_command(self) -> None:
+        self._lines = []
+        self._literals = {}
+        self._text_len = 0
+        self._size = 0
+        self._tag = None
+        self._name = ""
+        self._literal = bytearray()
+        self._remaining = 0
+        self._awaiting_literal = False
+
+    # -- states
+
+    def _step_line(self) -> Event | _Progress | None:
+        buf = self._buf
+        end = buf.find(b"\r\n", self._pos + self._scan)
+        if end < 0:
+            available = len(buf) - self._pos
+            if available <= self.max_line + 1:  # a final CR may still be half of the CRLF
+                self._scan = max(available - 1, 0)
+                return None
+            return self._line_overflow()
+        if end - self._pos > self.max_line:
+            return self._line_overflow()
+        line = self._take(end - self._pos)
+        self._consume(2)
+
+        if self._raw:
+            self._raw = False
+            return RawLine(line)
+
+        if not self._lines:  # first line of a command
+            if not line:
+                return _PROGRESS  # tolerate empty lines between commands
+            tag, name = _split_first_line(line)
+            rejection: InvalidCommand | None = None
+            if tag is None:
+                rejection = InvalidCommand(None, "Invalid tag")
+            elif name is None:
+                rejection = InvalidCommand(tag, "Missing command")
+            elif name not in _KNOWN_NAMES:
+                rejection = InvalidCommand(
+                    tag, "Unknown UID command" if name.startswith("UID ") else "Unknown command"
+                )
+            if rejection is not None:
+                return self._refuse(rejection, _literal_marker(line))
+            assert tag is not None and name is not None
+            self._tag, self._name = tag, name
+
+        self._lines.append(line)
+        self._text_len += len(line)
+        self._size += len(line)
+        marker = _literal_marker(line)
+        if marker is None:
+            return self._finish_command()
+        size, synchronizing = marker
+        if self._name == "APPEND":
+            too_large = size > self.max_literal or self._size + size > (
+                self.max_literal + self.max_command
+            )
+        else:
+            too_large = self._size + size > self.max_command
+        if too_large:
+            return self._refuse(LiteralTooLarge(self._tag, size, synchronizing), marker)
+        self._remaining = size
+        self._literal = bytearray()
+        self._state = _State.LITERAL
+        if synchronizing:
+            assert self._tag is not None
+            self._awaiting_literal = True
+            return NeedContinuation(self._tag, size, self._name)
+        return _PROGRESS
+
+    def _finish_command(self) -> Event:
+        tag = self._tag
+        assert tag is not None
+        text = b"".join(self._lines)
+        literals = self._literals
+        self._reset_command()
+        return parse_command(tag, text, literals)
+
+    def _refuse(self, event: Event, marker: tuple[int, bool] | None) -> Event:
+        """Drop the current command; if its last line announced a non-synchronising literal,
+        that literal and the rest of the command are drained (RFC 7888 §4) so that none of it
+        is ever interpreted as a command."""
+        self._reset_command()
+        if marker is not None and not marker[1]:
+            self._remaining = marker[0]
+            self._state = _State.DRAIN_LITERAL
+        else:
+            self._state = _State.LINE
+        return event
+
+    def _line_overflow(self) -> Event:
+        if self._raw:
+            tag = None
+            self._raw = False
+        elif self._lines:
+            tag = self._tag
+        else:
+            window = bytes(self._buf[self._pos : self._pos + self.max_line])
+            tag = _split_first_line(window)[0] if b" " in window else None
+        self._reset_command()
+        self._drain_marker = None
+        self._state = _State.DRAIN_LINE
+        return LineTooLong(tag)
+
+    def _step_literal(self) -> Event | _Progress | None:
+        available = len(self._buf) - self._pos
+        if self._remaining and not available:
+            return None
+        count = min(self._remaining, available)
+        with memoryview(self._buf) as view:
+            self._literal += view[self._pos : self._pos + count]
+        self._consume(count)
+        self._remaining -= count
+        if self._remaining:
+            return None
+        self._awaiting_literal = False
+        self._literals[self._text_len] = bytes(self._literal)
+        self._size += len(self._literal)
+        self._literal = bytearray()
+        self._state = _State.LINE
+        return _PROGRESS
+
+    def _step_drain_literal(self) -> _Progress | None:
+        available = len(self._buf) - self._pos
+        if self._remaining and not available:
+            return None
+        count = min(self._remaining, available)
+        self._consume(count)
+        self._remaining -= count
+        if self._remaining:
+            return None
+        self._drain_marker = None
+        self._state = _State.DRAIN_LINE
+        return _PROGRESS
+
+    def _step_drain_line(self) -> _Progress | None:
+        buf = self._buf
+        end = buf.find(b"\r\n", self._pos)
+        if end < 0:
+            count = len(buf) - self._pos
+            if count and buf[-1] == 0x0D:
+                count -= 1  # keep a trailing CR: it may start the CRLF
+            self._track_marker(self._pos, self._pos + count)
+            self._consume(count)
+            return None
+        self._track_marker(self._pos, end)
+        self._consume(end + 2 - self._pos)
+        marker = None if self._drain_marker is None else _literal_marker(self._drain_marker)
+        self._drain_marker = None
+        if marker is not None and not marker[1]:
+            self._remaining = marker[0]
+            self._state = _State.DRAIN_LITERAL  # the refused command goes on after a literal
+        else:
+            self._state = _State.LINE
+        return _PROGRESS
+
+    def _track_marker(self, start: int, end: int) -> None:
+        """Remember, in bounded space, whether the line being drained ends with ``{n+}``."""
+        if start == end:
+            return
+        brace = self._buf.rfind(b"{", start, end)
+        if brace >= 0:
+            candidate = bytes(self._buf[brace:end])
+        elif self._drain_marker is not None:
+            candidate = self._drain_marker + self._buf[start:end]
+        else:
+            return
+        match = _PARTIAL_MARKER.fullmatch(candidate)
+        if match is None:
+            self._drain_marker = None
+            return
+        digits = match[1].lstrip(b"0") or match[1][:1]
+        if len(digits) > _MAX_MARKER_DIGITS:
+            digits = b"9" * (_MAX_MARKER_DIGITS + 1)
+        self._drain_marker = b"{" + digits + match[2] + match[3]
+
+
+class _Progress(enum.Enum):
+    """Internal: a state step made progress without producing an event."""
+
+    PROGRESS = enum.auto()
+
+
+_PROGRESS = _Progress.PROGRESS

@@ -1,0 +1,110 @@
+"""Sans-IO reader of the SMTP DATA stream (RFC 5321 §4.1.1.4, §4.5.2).
+
+Fed raw bytes as they arrive, it finds the end-of-data ``CRLF.CRLF``, removes dot-stuffing
+and checks, without ever buffering more than the limit:
+
+- line length (RFC 5321 §4.5.3.1.6: 1000 octets with CRLF; one more for a stuffed dot),
+- bare LF or bare CR (SMTP smuggling, RFC 5321 §2.3.8): the message is refused whole,
+- the size limit (R7) and a memory budget shared by every session.
+
+Once something is wrong, the rest is *drained*: read and thrown away until the end-of-data,
+so the reply comes at the right time and memory stays flat.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from collections.abc import Callable
+
+#: RFC 5321 §4.5.3.1.6: 998 octets of text, CRLF, plus one for a transparent dot.
+MAX_LINE = 999
+_END = b"\r\n.\r\n"
+_LONG_LINE = re.compile(rb"[^\r\n]{%d}" % (MAX_LINE + 1))
+_BARE = re.compile(rb"(?<!\r)\n|\r(?=[^\n])")
+
+
+class DataState(enum.Enum):
+    OK = "ok"
+    TOO_BIG = "too big"
+    LINE_TOO_LONG = "line too long"
+    BARE_NEWLINE = "bare newline"
+    NO_MEMORY = "no memory"
+
+
+class DataReader:
+    """Accumulates one DATA section. ``reserve(n)`` asks a shared budget for ``n`` more
+    bytes and returns False when the budget is exhausted."""
+
+    def __init__(self, max_size: int, reserve: Callable[[int], bool] | None = None,
+                 max_line: int = MAX_LINE) -> None:
+        self.max_size = max_size
+        self._reserve = reserve
+        self.max_line = max_line
+        self._long = (_LONG_LINE if max_line == MAX_LINE
+                      else re.compile(rb"[^\r\n]{%d}" % (max_line + 1)))
+        self.state = DataState.OK
+        self.buf = bytearray(b"\r\n")  # a virtual CRLF so ".\r\n" at the start matches _END
+        self.size = 0  # bytes of message seen (stuffed), including drained ones
+        self.reserved = 0
+        self._scan = 2  # where the next line/bare-newline scan starts
+        self.done = False
+        self.rest = b""  # bytes after the end-of-data (pipelined commands)
+
+    def feed(self, data: bytes) -> bool:
+        """Take more bytes; True once the end-of-data was seen (see ``rest``)."""
+        if self.done:
+            self.rest += data
+            return True
+        start = max(len(self.buf) - 4, 0)
+        self.buf += data
+        end = self.buf.find(_END, start)
+        if end >= 0:
+            self.rest = bytes(self.buf[end + 5:])
+            del self.buf[end + 2:]
+            self.done = True
+        self.size += len(data) if not self.done else 0
+        if self.state is DataState.OK:
+            self._check()
+        if self.done:
+            self.size = self.size + (len(self.buf) - 2 if self.state is DataState.OK else 0)
+            return True
+        if self.state is not DataState.OK:
+            # Drain: keep only what can still be part of the terminator.
+            del self.buf[:-4]
+            self._scan = len(self.buf)
+        return False
+
+    def _check(self) -> None:
+        buf = self.buf
+        if self._long.search(buf, self._scan):
+            self.state = DataState.LINE_TOO_LONG
+            return
+        if _BARE.search(buf, max(self._scan - 1, 2)):
+            self.state = DataState.BARE_NEWLINE
+            return
+        body = len(buf) - 2
+        if body > self.max_size:
+            self.state = DataState.TOO_BIG
+            return
+        if self._reserve is not None and body > self.reserved:
+            want = max(body - self.reserved, 64 * 1024)
+            if not self._reserve(want):
+                self.state = DataState.NO_MEMORY
+                return
+            self.reserved += want
+        last_nl = buf.rfind(b"\n")
+        if last_nl >= self._scan:
+            self._scan = last_nl + 1
+
+    def message(self) -> bytes:
+        """The message with dot-stuffing removed (call once, when done and OK)."""
+        body = self.buf
+        del body[:2]
+        if body.startswith(b".."):
+            del body[0]
+        if b"\r\n.." in body:
+            body = bytearray(body.replace(b"\r\n..", b"\r\n."))
+        data = bytes(body)
+        self.buf = bytearray()
+        return data

@@ -1,0 +1,458 @@
+"""SMTP listeners on aiosmtpd (SPEC §4): TLS, who is sending, the rules at MAIL/RCPT/DATA,
+the hand-off to the store through group commit.
+
+aiosmtpd parses commands; this subclass replaces what the gateway needs to own: DATA (a
+sans-IO reader that drains instead of buffering), AUTH (async, argon2 in a thread, throttled),
+the EHLO keywords, enhanced codes on every reply, per-IP connection limits, and errors that
+never put exception text on the wire.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import collections
+import logging
+import secrets
+import ssl
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, Session
+
+from gateway.config import Config, Listen
+from gateway.tls import peer_identity
+from imap_store.notices import Templates
+from imap_store.store import Store
+from imap_store.writer import GroupWriter
+from policy.authn import Authenticator
+from policy.engine import judge_patient_recipient, judge_professional_recipient
+from policy.rules import (
+    MAX_INBOUND_SIZE,
+    Decision,
+    Identity,
+    Role,
+    decide_mail_from,
+    decide_size,
+)
+from smtp_in import replies
+from smtp_in.data import DataReader, DataState
+from smtp_in.delivery import Delivery, parse_incoming
+
+log = logging.getLogger(__name__)
+
+#: RFC 5321 §4.5.3.1.8 asks servers to take at least 100 recipients; we take many more.
+MAX_RECIPIENTS = 1000
+#: RFC 5321 §4.5.3.2.7: a server should wait at least 5 minutes for the next command.
+COMMAND_TIMEOUT = 300
+#: Grace period for transactions in flight when the service stops (SIGTERM).
+DRAIN_SECONDS = 30.0
+
+
+class DataBudget:
+    """Bytes of DATA held in memory by all sessions of the process (SPEC §9)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self.peak = 0
+
+    def reserve(self, n: int) -> bool:
+        if self.used + n > self.limit:
+            return False
+        self.used += n
+        self.peak = max(self.peak, self.used)
+        return True
+
+    def release(self, n: int) -> None:
+        self.used = max(0, self.used - n)
+
+
+@dataclass
+class IntakeContext:
+    """What every SMTP session of one ``serve`` process shares."""
+
+    config: Config
+    store: Store
+    writer: GroupWriter
+    authenticator: Authenticator
+    templates: Templates
+    tls: ssl.SSLContext
+    budget: DataBudget
+    sessions: set[GatewaySMTP] = field(default_factory=set)
+    per_ip: collections.Counter[str] = field(default_factory=collections.Counter)
+    stopping: bool = False
+
+    def audit_later(self, actor: str, action: str, subject: str,
+                    detail: dict[str, object]) -> None:
+        async def job(conn: Any) -> None:
+            await self.store.audit(conn, actor, action, subject, detail)
+
+        self.writer.submit_nowait(job)
+
+
+class GatewaySMTP(SMTP):
+    # Our DataReader enforces the 1000-octet line limit; the stream buffer may hold more so
+    # that DATA is read in large chunks (memory stays bounded by this per connection).
+    line_length_limit = 64 * 1024
+
+    def __init__(self, ctx: IntakeContext, listener: str, implicit_tls: bool) -> None:
+        self.ctx = ctx
+        self.listener = listener
+        self.implicit_tls = implicit_tls
+        self.conn_id = secrets.token_hex(4)
+        self.identity: Identity | None = None
+        self.busy = False  # inside a DATA transaction
+        self.accepted: list[tuple[str, int, str]] = []  # (address, patient id, INS)
+        self._greeted = False
+        self._in_ehlo = False
+        self._peer_ip = ""
+        super().__init__(
+            Handler(),
+            data_size_limit=None,  # SIZE is ours (R7), advertised in handle_EHLO
+            enable_SMTPUTF8=True,
+            hostname=ctx.config.hostname,
+            ident="mssante-gateway ESMTP",
+            tls_context=None if implicit_tls else ctx.tls,
+            require_starttls=not implicit_tls,
+            timeout=COMMAND_TIMEOUT,
+            auth_require_tls=not implicit_tls,
+            loop=asyncio.get_running_loop(),
+        )
+        self.command_size_limits = collections.defaultdict(lambda: self.command_size_limit)
+
+    # --- connection ------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        first = self.transport is None
+        if first:
+            peer = transport.get_extra_info("peername")
+            self._peer_ip = str(peer[0]) if peer else "?"
+            self.ctx.per_ip[self._peer_ip] += 1
+            self.ctx.sessions.add(self)
+            if self.ctx.stopping or (
+                self.ctx.per_ip[self._peer_ip] > self.ctx.config.limits.connections_per_ip
+            ):
+                reply = replies.SHUTTING_DOWN if self.ctx.stopping else \
+                    replies.TOO_MANY_CONNECTIONS
+                transport.write(f"{reply}\r\n".encode())  # type: ignore[attr-defined]
+                transport.close()
+                self._refused_early = True
+                return
+        self._refused_early = False
+        super().connection_made(transport)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        if self in self.ctx.sessions:
+            self.ctx.sessions.discard(self)
+            self.ctx.per_ip[self._peer_ip] -= 1
+            if self.ctx.per_ip[self._peer_ip] <= 0:
+                del self.ctx.per_ip[self._peer_ip]
+        if getattr(self, "_refused_early", False):
+            return
+        super().connection_lost(error)
+
+    def eof_received(self) -> bool | None:
+        if getattr(self, "_refused_early", False):
+            return False
+        result: bool | None = super().eof_received()
+        return result
+
+    @property
+    def tls_active(self) -> bool:
+        return self.implicit_tls or self._tls_protocol is not None
+
+    async def push(self, status: Any) -> None:
+        if isinstance(status, str):
+            if not self._greeted:
+                self._greeted = True
+            elif not self._in_ehlo:
+                status = replies.with_enhanced(status)
+        await super().push(status)
+
+    async def smtp_EHLO(self, hostname: str) -> None:
+        self._in_ehlo = True
+        try:
+            await super().smtp_EHLO(hostname)
+        finally:
+            self._in_ehlo = False
+
+    async def smtp_HELO(self, hostname: str) -> None:
+        self._in_ehlo = True
+        try:
+            await super().smtp_HELO(hostname)
+        finally:
+            self._in_ehlo = False
+
+    # --- who is sending (SPEC §4.2) ----------------------------------------------------------
+
+    async def auth_PLAIN(self, _server: Any, args: list[str]) -> AuthResult:
+        """RFC 4616 SASL PLAIN: ``authzid NUL authcid NUL passwd``."""
+        if len(args) == 1:
+            response = await self.challenge_auth("")
+            if response is MISSING:
+                return AuthResult(success=False, handled=True)
+        else:
+            try:
+                response = base64.b64decode(args[1], validate=True)
+            except (binascii.Error, ValueError):
+                return AuthResult(success=False, handled=False,
+                                  message=str(replies.AUTH_BAD_BASE64))
+        parts = bytes(response).split(b"\x00")
+        if len(parts) != 3:
+            return AuthResult(success=False, handled=False, message=str(replies.AUTH_BAD_PLAIN))
+        return await self._login(parts[1], parts[2])
+
+    async def auth_LOGIN(self, _server: Any, args: list[str]) -> AuthResult:
+        if len(args) == 1:
+            user = await self.challenge_auth("Username:")
+            if user is MISSING:
+                return AuthResult(success=False, handled=True)
+        else:
+            try:
+                user = base64.b64decode(args[1], validate=True)
+            except (binascii.Error, ValueError):
+                return AuthResult(success=False, handled=False,
+                                  message=str(replies.AUTH_BAD_BASE64))
+        password = await self.challenge_auth("Password:")
+        if password is MISSING:
+            return AuthResult(success=False, handled=True)
+        return await self._login(bytes(user), bytes(password))
+
+    async def _login(self, user: bytes, password: bytes) -> AuthResult:
+        try:
+            username = user.decode("utf-8")
+            secret = password.decode("utf-8")
+        except UnicodeDecodeError:
+            return AuthResult(success=False, handled=False, message=str(replies.AUTH_FAILED))
+        result = await self.ctx.authenticator.login(username, secret, self._peer_ip, "smtp")
+        if result.throttled:
+            return AuthResult(success=False, handled=False, message=str(replies.AUTH_THROTTLED))
+        if result.identity is None:
+            return AuthResult(success=False, handled=False, message=str(replies.AUTH_FAILED))
+        self.identity = result.identity
+        log.info("conn=%s authenticated %s by password", self.conn_id, result.identity.role.value)
+        return AuthResult(success=True, auth_data=result.identity, message=str(replies.AUTH_OK))
+
+    async def certificate_identity(self) -> Identity | None:
+        """The professional (rfc822Name) or operator (dNSName) named by a client certificate
+        that chained to ``[tls] client_ca`` during the handshake."""
+        if not self.tls_active or self.transport is None:
+            return None
+        ssl_object = self.transport.get_extra_info("ssl_object")
+        if ssl_object is None:
+            return None
+        peer = peer_identity(ssl_object)
+        if peer is None:
+            return None
+        async with self.ctx.store.read() as conn:
+            for email in peer.emails:
+                row = await self.ctx.store.professional_by_address(conn, email)
+                if row is None:
+                    continue
+                if row.cert_fingerprint and row.cert_fingerprint != peer.fingerprint:
+                    continue
+                return Identity(Role.PROFESSIONAL, address=email, account_id=row.id,
+                                name=row.name)
+        if peer.dns_names:
+            return Identity(Role.OPERATOR, domains=frozenset(peer.dns_names))
+        return None
+
+    # --- DATA --------------------------------------------------------------------------------
+
+    async def smtp_DATA(self, arg: str | None) -> None:
+        if await self.check_helo_needed():
+            return
+        assert self.envelope is not None
+        if not self.envelope.rcpt_tos:
+            await self.push(str(replies.NO_VALID_RECIPIENTS))
+            return
+        if arg:
+            await self.push("501 5.5.4 Syntax: DATA")
+            return
+        self.busy = True
+        reader = DataReader(MAX_INBOUND_SIZE, reserve=self.ctx.budget.reserve)
+        try:
+            await self.push("354 End data with <CR><LF>.<CR><LF>")
+            while not reader.done:
+                chunk = await self._reader.read(256 * 1024)
+                if not chunk:  # the client vanished mid-DATA: nothing is stored
+                    log.info("conn=%s connection lost during DATA", self.conn_id)
+                    if self.transport is not None:
+                        self.transport.close()
+                    return
+                reader.feed(chunk)
+            if reader.rest:
+                # Pipelined commands after the end-of-data go back to the command reader.
+                self._reader._buffer[:0] = reader.rest  # type: ignore[attr-defined]
+            reply = await self._finish_data(reader)
+        finally:
+            self.ctx.budget.release(reader.reserved)
+            self.busy = False
+        self._set_post_data_state()  # type: ignore[no-untyped-call]
+        self.accepted = []
+        await self.push(reply)
+
+    async def _finish_data(self, reader: DataReader) -> str:
+        state = reader.state
+        if state is DataState.TOO_BIG:
+            return decide_size(reader.size).reply
+        if state is DataState.LINE_TOO_LONG:
+            return str(replies.LINE_TOO_LONG)
+        if state is DataState.BARE_NEWLINE:
+            return str(replies.BARE_NEWLINE)
+        if state is DataState.NO_MEMORY:
+            return str(replies.NO_MEMORY)
+        identity = self.identity
+        assert identity is not None and self.envelope is not None
+        mail_from = self.envelope.mail_from or ""
+        raw = reader.message()
+        if identity.role is Role.PATIENT:
+            return str(replies.PATIENT_DATA_NOT_YET)
+        message = parse_incoming(raw)
+        if message is None:
+            return str(replies.MALFORMED_HEADERS)
+        delivery = Delivery(self.ctx.store, self.ctx.config, self.ctx.templates)
+        decision = await delivery.check_headers(identity, mail_from, message)
+        if not decision.allowed:
+            self.ctx.audit_later(identity.describe(), "refuse", mail_from, decision.as_dict())
+            return decision.reply
+        received = self._received_header()
+        try:
+            await self.ctx.writer.submit(
+                delivery.job(identity, mail_from, list(self.accepted),
+                             received + raw, message)
+            )
+        except Exception:
+            log.exception("conn=%s delivery failed", self.conn_id)
+            return str(replies.INTERNAL_ERROR)
+        log.info("conn=%s stored a message for %d recipient(s)", self.conn_id,
+                 len(self.accepted))
+        return str(replies.QUEUED)
+
+    def _received_header(self) -> bytes:
+        """RFC 5321 §4.4 trace field naming TLS version, cipher and the identity."""
+        from email.utils import formatdate
+
+        from gateway.tls import describe_tls
+
+        assert self.session is not None and self.identity is not None
+        ssl_object = self.transport.get_extra_info("ssl_object") if self.transport else None
+        tls = describe_tls(ssl_object) if ssl_object is not None else "no TLS"
+        helo = (self.session.host_name or "unknown").encode("ascii", "replace").decode()
+        method = "ESMTPSA" if self.session.authenticated else "ESMTPS"
+        how = "password" if self.session.authenticated else "certificate"
+        who = self.identity.describe()
+        lines = [
+            f"Received: from {helo[:200]} ([{self._peer_ip}])",
+            f"\tby {self.ctx.config.hostname} (mssante-gateway) with {method} id {self.conn_id}",
+            f"\t({tls})",
+            f"\t(authenticated {who[:300]} by {how});",
+            f"\t{formatdate(usegmt=True)}",
+        ]
+        return ("\r\n".join(lines) + "\r\n").encode("utf-8", "replace")
+
+
+class Handler:
+    """aiosmtpd hooks: MAIL and RCPT decisions, EHLO keywords, exceptions."""
+
+    async def handle_EHLO(self, server: GatewaySMTP, session: Session, envelope: Envelope,
+                          hostname: str, responses: list[str]) -> list[str]:
+        session.host_name = hostname
+        lines = [responses[0], f"250-SIZE {MAX_INBOUND_SIZE}", "250-8BITMIME", "250-SMTPUTF8",
+                 "250-PIPELINING", "250-ENHANCEDSTATUSCODES"]
+        if not server.tls_active:
+            lines.append("250-STARTTLS")
+        else:
+            lines.append("250-AUTH PLAIN LOGIN")
+        lines.append("250 HELP")
+        return lines
+
+    async def handle_MAIL(self, server: GatewaySMTP, session: Session, envelope: Envelope,
+                          address: str, mail_options: list[str]) -> str:
+        ctx = server.ctx
+        if server.identity is None:
+            server.identity = await server.certificate_identity()
+        for option in mail_options:
+            key, _, value = option.partition("=")
+            if key == "SIZE" and value.isdigit():
+                decision = decide_size(int(value))
+                if not decision.allowed:
+                    return decision.reply
+        trusted = await ctx.store.trusted_domains()
+        decision = decide_mail_from(server.identity, address, trusted)
+        if not decision.allowed:
+            if server.identity is not None:
+                ctx.audit_later(server.identity.describe(), "refuse", address,
+                                decision.as_dict())
+            return decision.reply
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        server.accepted = []
+        return str(replies.SENDER_OK)
+
+    async def handle_RCPT(self, server: GatewaySMTP, session: Session, envelope: Envelope,
+                          address: str, rcpt_options: list[str]) -> str:
+        ctx = server.ctx
+        identity = server.identity
+        assert identity is not None
+        if len(envelope.rcpt_tos) >= MAX_RECIPIENTS:
+            return "452 4.5.3 too many recipients"
+        domain = ctx.config.domains.patient
+        recipient = address.strip()
+        async with ctx.store.read() as conn:
+            if identity.role is Role.PATIENT:
+                verdict = await judge_patient_recipient(
+                    ctx.store, conn, identity.account_id, recipient.lower(), domain)
+            else:
+                verdict = await judge_professional_recipient(
+                    ctx.store, conn, (envelope.mail_from or "").lower(), recipient, domain)
+        decision: Decision = verdict.decision
+        ctx.audit_later(identity.describe(), "rcpt", recipient, decision.as_dict())
+        if not decision.allowed:
+            return decision.reply
+        envelope.rcpt_tos.append(recipient)
+        server.accepted.append((recipient, verdict.patient_id, verdict.ins or ""))
+        return f"250 2.1.5 {decision.text}"
+
+    async def handle_RSET(self, server: GatewaySMTP, session: Session,
+                          envelope: Envelope) -> str:
+        server.accepted = []
+        return "250 2.0.0 reset"
+
+    async def handle_exception(self, error: Exception) -> str:
+        log.error("SMTP session error: %s", error.__class__.__name__, exc_info=error)
+        return str(replies.INTERNAL_ERROR)
+
+
+async def start_listener(ctx: IntakeContext, name: str, listen: Listen,
+                         implicit_tls: bool) -> asyncio.Server:
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(
+        lambda: GatewaySMTP(ctx, name, implicit_tls), listen.host, listen.port,
+        ssl=ctx.tls if implicit_tls else None, reuse_address=True,
+    )
+    log.info("%s listening on %s", name, listen)
+    return server
+
+
+async def drain_sessions(ctx: IntakeContext, grace: float = DRAIN_SECONDS) -> None:
+    """SIGTERM: let transactions in flight finish, then close every session with 421."""
+    ctx.stopping = True
+    deadline = asyncio.get_running_loop().time() + grace
+    # Polling keeps the sessions free of shutdown bookkeeping; 50 ms is plenty at shutdown.
+
+    def busy() -> bool:
+        return any(s.busy for s in ctx.sessions)
+
+    while busy() and asyncio.get_running_loop().time() < deadline:  # noqa: ASYNC110
+        await asyncio.sleep(0.05)
+    for session in list(ctx.sessions):
+        transport = session.transport
+        if transport is not None and not transport.is_closing():
+            try:
+                transport.write(f"{replies.SHUTTING_DOWN}\r\n".encode())  # type: ignore[attr-defined]
+            except (RuntimeError, OSError):
+                pass
+            transport.close()

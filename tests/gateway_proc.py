@@ -1,0 +1,104 @@
+"""Start the real ``mssante-gateway serve`` as a subprocess on free ports (test helper)."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+BIN = Path(sys.executable).parent
+LISTENERS = ("smtp", "submission", "submissions", "imap", "imaps")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def set_listen(config: Path, name: str, value: str) -> None:
+    text = config.read_text(encoding="utf-8")
+    text, n = re.subn(rf'(?m)^(\[{name}\]\nlisten = )"[^"]*"', rf'\1"{value}"', text)
+    assert n == 1, name
+    config.write_text(text, encoding="utf-8")
+
+
+def set_key(config: Path, section: str, key: str, value: str) -> None:
+    text = config.read_text(encoding="utf-8")
+    pattern = rf'(?ms)^(\[{re.escape(section)}\]\n(?:(?!\n\[).)*?^{key} = )"[^"]*"'
+    text, n = re.subn(pattern, rf'\1"{value}"', text)
+    assert n == 1, (section, key)
+    config.write_text(text, encoding="utf-8")
+
+
+def run_cli(config: Path, *args: str, stdin: str = "", prog: str = "mssante-policy",
+            check: bool = True) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "MSSANTE_CONFIG": str(config)}
+    result = subprocess.run([str(BIN / prog), *args], env=env, input=stdin, text=True,
+                            capture_output=True, timeout=120)
+    if check:
+        assert result.returncode == 0, (args, result.stdout, result.stderr)
+    return result
+
+
+@dataclass
+class Gateway:
+    directory: Path
+    ports: dict[str, int] = field(default_factory=dict)
+    proc: subprocess.Popen[bytes] | None = None
+    log_path: Path | None = None
+    _log_file: Any = None
+
+    @property
+    def config(self) -> Path:
+        return self.directory / "gateway.toml"
+
+    @property
+    def ca(self) -> Path:
+        return self.directory / "certs" / "ca.pem"
+
+    def assign_ports(self) -> None:
+        for name in LISTENERS:
+            self.ports[name] = free_port()
+            set_listen(self.config, name, f"127.0.0.1:{self.ports[name]}")
+
+    def start(self, timeout: float = 30.0) -> None:
+        assert self.proc is None
+        self.log_path = self.directory / f"serve-{int(time.time() * 1000)}.log"
+        self._log_file = log = self.log_path.open("wb")
+        env = {**os.environ, "MSSANTE_CONFIG": str(self.config), "PYTHONUNBUFFERED": "1"}
+        self.proc = subprocess.Popen([str(BIN / "mssante-gateway"), "serve"], env=env,
+                                     stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"serve exited {self.proc.returncode}: {self.log()}")
+            if b"mssante-gateway ready" in self.log_path.read_bytes():
+                return
+            time.sleep(0.05)
+        raise RuntimeError(f"serve did not start: {self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path else ""
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+        code = self.proc.wait(timeout=timeout)
+        self.proc = None
+        self._log_file.close()
+        return code
+
+    def kill(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait(timeout=30)
+            self.proc = None
+            self._log_file.close()

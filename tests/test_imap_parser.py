@@ -1,0 +1,1259 @@
+"""Tests of the sans-IO IMAP command parser (imap_store.imap.parser / commands).
+
+Every command test goes through :func:`events`, which feeds the bytes in one piece *and* one
+byte at a time (h11's habit) and checks that both runs produce the same events.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from datetime import UTC, date, datetime, timedelta, timezone
+
+import pytest
+
+from imap_store.imap.commands import (
+    Append,
+    Authenticate,
+    Capability,
+    Check,
+    Close,
+    Copy,
+    Create,
+    DateRelation,
+    Delete,
+    Enable,
+    Expunge,
+    Fetch,
+    FetchAttr,
+    Id,
+    Idle,
+    InvalidCommand,
+    List,
+    Login,
+    Logout,
+    Lsub,
+    Move,
+    Namespace,
+    Noop,
+    Rename,
+    Search,
+    SearchAll,
+    SearchAnd,
+    SearchBody,
+    SearchFlag,
+    SearchHeader,
+    SearchInternalDate,
+    SearchKey,
+    SearchLarger,
+    SearchNot,
+    SearchOr,
+    SearchSentDate,
+    SearchSequence,
+    SearchSmaller,
+    SearchText,
+    SearchUid,
+    Section,
+    Select,
+    SeqRange,
+    SequenceSet,
+    StartTls,
+    Status,
+    Store,
+    StoreMode,
+    Subscribe,
+    Unselect,
+    Unsubscribe,
+    decode_mailbox_name,
+    encode_mailbox_name,
+)
+from imap_store.imap.parser import (
+    DEFAULT_MAX_COMMAND,
+    DEFAULT_MAX_LINE,
+    DEFAULT_MAX_LITERAL,
+    MAX_SEARCH_DEPTH,
+    CommandParser,
+    Event,
+    LineTooLong,
+    LiteralTooLarge,
+    NeedContinuation,
+    RawLine,
+)
+
+React = Callable[[CommandParser, Event], None]
+
+
+def _drain(parser: CommandParser, out: list[Event], react: React | None) -> None:
+    while (event := parser.next_event()) is not None:
+        out.append(event)
+        if react is not None:
+            react(parser, event)
+
+
+def _run(
+    chunks: list[bytes], react: React | None, max_line: int, max_literal: int, max_command: int
+) -> list[Event]:
+    parser = CommandParser(max_line=max_line, max_literal=max_literal, max_command=max_command)
+    out: list[Event] = []
+    for chunk in chunks:
+        parser.feed(chunk)
+        _drain(parser, out, react)
+    return out
+
+
+def events(
+    data: bytes,
+    react: React | None = None,
+    *,
+    max_line: int = DEFAULT_MAX_LINE,
+    max_literal: int = DEFAULT_MAX_LITERAL,
+    max_command: int = DEFAULT_MAX_COMMAND,
+) -> list[Event]:
+    """All events for ``data``, checked identical when fed whole and byte by byte."""
+    limits = (max_line, max_literal, max_command)
+    whole = _run([data], react, *limits)
+    bytewise = _run([data[i : i + 1] for i in range(len(data))], react, *limits)
+    assert whole == bytewise
+    return whole
+
+
+def commands(data: bytes, **limits: int) -> list[Event]:
+    """Events of ``data`` without the NeedContinuation ones (the literal flow is implicit)."""
+    return [e for e in events(data, None, **limits) if not isinstance(e, NeedContinuation)]
+
+
+def one(data: bytes, **limits: int) -> Event:
+    result = commands(data, **limits)
+    assert len(result) == 1, result
+    return result[0]
+
+
+def bad(data: bytes, **limits: int) -> InvalidCommand:
+    event = one(data, **limits)
+    assert isinstance(event, InvalidCommand), event
+    assert event.status == "BAD"
+    return event
+
+
+def seq(text: str) -> SequenceSet:
+    return SequenceSet.parse(text)
+
+
+# --------------------------------------------------------------------------- simple commands
+
+
+@pytest.mark.parametrize(
+    ("line", "expected"),
+    [
+        (b"a1 CAPABILITY", Capability("a1")),
+        (b"a2 noop", Noop("a2")),
+        (b"A3 LoGoUt", Logout("A3")),
+        (b"t STARTTLS", StartTls("t")),
+        (b"t CHECK", Check("t")),
+        (b"t CLOSE", Close("t")),
+        (b"t UNSELECT", Unselect("t")),
+        (b"t IDLE", Idle("t")),
+        (b"t NAMESPACE", Namespace("t")),
+        (b"t EXPUNGE", Expunge("t")),
+        (b"t UID EXPUNGE 3:5,9", Expunge("t", seq("3:5,9"))),
+        (b"t SELECT inbox", Select("t", "INBOX")),
+        (b'u SELECT "InBoX"', Select("u", "INBOX")),
+        (b"t EXAMINE Archive", Select("t", "Archive", readonly=True)),
+        (b"t SELECT INBOX.Sent", Select("t", "INBOX.Sent")),
+        (b"t SELECT {5+}\r\ninbox", Select("t", "INBOX")),
+        (b"t CREATE Projets", Create("t", "Projets")),
+        (b"t CREATE Brouillons (USE (\\drafts))", Create("t", "Brouillons", ("\\Drafts",))),
+        (
+            b"t CREATE X (USE (\\Sent \\Trash \\XOther))",
+            Create("t", "X", ("\\Sent", "\\Trash", "\\XOther")),
+        ),
+        (b"t CREATE X (USE ())", Create("t", "X")),
+        (b"t DELETE &AOk-t&AOk-", Delete("t", "été")),
+        (b'r RENAME "Old box" New', Rename("r", "Old box", "New")),
+        (b"s SUBSCRIBE Sent", Subscribe("s", "Sent")),
+        (b"s UNSUBSCRIBE Sent", Unsubscribe("s", "Sent")),
+        (b's LIST "" *', List("s", "", ("*",))),
+        (b's LIST "" %', List("s", "", ("%",))),
+        (b's LIST "" ""', List("s", "", ("",))),
+        (b"s LIST ~/Mail/ Sent*]x", List("s", "~/Mail/", ("Sent*]x",))),
+        (
+            b's LIST (SUBSCRIBED recursivematch) "" ("INBOX" Sent*) RETURN (SPECIAL-USE children)',
+            List(
+                "s",
+                "",
+                ("INBOX", "Sent*"),
+                ("SUBSCRIBED", "RECURSIVEMATCH"),
+                ("SPECIAL-USE", "CHILDREN"),
+            ),
+        ),
+        (b's LIST () "" * RETURN ()', List("s", "", ("*",))),
+        (b's LIST "" inbox', List("s", "", ("inbox",))),
+        (b's LSUB "" *', Lsub("s", "", "*")),
+        (b"s LSUB INBOX. %", Lsub("s", "INBOX.", "%")),
+        (
+            b"s STATUS inbox (messages UIDNEXT uidvalidity UNSEEN RECENT APPENDLIMIT messages)",
+            Status(
+                "s",
+                "INBOX",
+                ("MESSAGES", "UIDNEXT", "UIDVALIDITY", "UNSEEN", "RECENT", "APPENDLIMIT"),
+            ),
+        ),
+        (b"e ENABLE UTF8=ACCEPT condstore", Enable("e", ("UTF8=ACCEPT", "CONDSTORE"))),
+        (b"i ID NIL", Id("i", None)),
+        (b"i ID ()", Id("i", {})),
+        (
+            b'i ID ("name" "Thunderbird" "version" "115.0" "os" NIL)',
+            Id("i", {"name": "Thunderbird", "version": "115.0", "os": None}),
+        ),
+        (b"c COPY 1:3 Archive", Copy("c", seq("1:3"), "Archive")),
+        (b"c UID COPY 10,12 Archive", Copy("c", seq("10,12"), "Archive", uid=True)),
+        (b"m MOVE 2 Trash", Move("m", seq("2"), "Trash")),
+        (b'm uid move 4:* "Corbeille"', Move("m", seq("4:*"), "Corbeille", uid=True)),
+        (b"l LOGIN patient secret", Login("l", "patient", b"secret")),
+        (
+            b'l LOGIN "dr.house@example.org" "p\\"w\\\\d"',
+            Login("l", "dr.house@example.org", b'p"w\\d'),
+        ),
+        (b"l LOGIN {3+}\r\nbob {4+}\r\np\r\n\x00", Login("l", "bob", b"p\r\n\x00")),
+        (b'l LOGIN "\xc3\xa9lise" x]y', Login("l", "élise", b"x]y")),
+        (b"a AUTHENTICATE plain", Authenticate("a", "PLAIN")),
+        (
+            b"a AUTHENTICATE PLAIN AGJvYgBzZWNyZXQ=",
+            Authenticate("a", "PLAIN", b"\x00bob\x00secret"),
+        ),
+        (b"a AUTHENTICATE EXTERNAL =", Authenticate("a", "EXTERNAL", b"")),
+        (b"tag]with.odd-chars! NOOP", Noop("tag]with.odd-chars!")),
+    ],
+)
+def test_simple_commands(line: bytes, expected: Event) -> None:
+    assert commands(line + b"\r\n") == [expected]
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        b"a NOOP extra",
+        b"a CAPABILITY ",
+        b"a SELECT",
+        b"a SELECT ",
+        b"a SELECT a b",
+        b"a SELECT (x)",
+        b'a SELECT "unterminated',
+        b'a SELECT "nul\x00inside"',
+        b'a SELECT "bad \\escape"',
+        b"a SELECT caf\xc3\xa9",
+        b'a SELECT "caf\xc3\xa9"',
+        b"a SELECT &AGE-",
+        b"a SELECT &AMk",
+        b'a SELECT "tab\tinside"',
+        b"a SELECT &AAk-",
+        b"a CREATE X (FOO (\\Drafts))",
+        b"a CREATE X (USE (Drafts))",
+        b"a CREATE X ()",
+        b"a RENAME onlyone",
+        b'a LIST ""',
+        b'a LIST "" * EXTRA (X)',
+        b'a LIST "" * RETURN (STATUS (MESSAGES))',
+        b'a LIST "" ()',
+        b'a LSUB "" * x',
+        b"a STATUS INBOX ()",
+        b"a STATUS INBOX (MESSAGES BOGUS)",
+        b"a STATUS INBOX MESSAGES",
+        b"a ENABLE",
+        b"a ID",
+        b'a ID ("name")',
+        b'a ID (name "x")',
+        b"a LOGIN onlyuser",
+        b'a LOGIN "\xff" x',
+        b"a AUTHENTICATE",
+        b"a AUTHENTICATE PLAIN abc",
+        b"a AUTHENTICATE PLAIN ab!=",
+        b"a AUTHENTICATE PLAIN AGJv YgBz",
+        b"a COPY 1:3",
+        b"a COPY x INBOX",
+        b"a MOVE 0 INBOX",
+        b"a UID EXPUNGE",
+        b"a EXPUNGE 1:3",
+        b"a  NOOP",
+    ],
+)
+def test_invalid_arguments(line: bytes) -> None:
+    event = bad(line + b"\r\n")
+    assert event.tag == "a"
+    assert event.text and "\n" not in event.text
+
+
+def test_id_limits() -> None:
+    pairs = b" ".join(b'"k%d" "v"' % i for i in range(31))
+    assert bad(b"i ID (" + pairs + b")\r\n").text == "Too many ID parameters"
+    assert bad(b'i ID ("' + b"k" * 31 + b'" "v")\r\n').text == "ID parameter too long"
+    assert isinstance(one(b'i ID ("k" "' + b"v" * 1024 + b'")\r\n'), Id)
+
+
+def test_unknown_commands() -> None:
+    assert commands(b'a XLIST "" *\r\nb GETQUOTAROOT INBOX\r\nc UID NOOP\r\nd UID\r\n') == [
+        InvalidCommand("a", "Unknown command"),
+        InvalidCommand("b", "Unknown command"),
+        InvalidCommand("c", "Unknown UID command"),
+        InvalidCommand("d", "Unknown command"),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("line", "tag"),
+    [
+        (b"* NOOP", None),
+        (b"+ NOOP", None),
+        (b"a+b NOOP", None),
+        (b"a%b NOOP", None),
+        (b"(a) NOOP", None),
+        (b'"a" NOOP', None),
+        (b"\xc3\xa9 NOOP", None),
+        (b"tab\tx NOOP", None),
+        (b"a\x00 NOOP", None),
+        (b" NOOP", None),
+        (b"lonelytag", "lonelytag"),
+        (b"a NOOP\rb NOOP", "a"),
+        (b"a NOOP\nb NOOP", "a"),
+    ],
+)
+def test_bad_tags_and_garbage(line: bytes, tag: str | None) -> None:
+    result = commands(line + b"\r\nok NOOP\r\n")
+    assert len(result) == 2
+    assert isinstance(result[0], InvalidCommand)
+    assert result[0].tag == tag
+    assert result[1] == Noop("ok")  # resynchronised on the next line
+
+
+def test_empty_lines_are_ignored() -> None:
+    assert commands(b"\r\n\r\na NOOP\r\n\r\n") == [Noop("a")]
+
+
+def test_bare_lf_does_not_end_a_line() -> None:
+    parser = CommandParser()
+    parser.feed(b"a NOOP\n")
+    assert parser.next_event() is None
+    parser.feed(b"\r\n")
+    event = parser.next_event()
+    assert isinstance(event, InvalidCommand) and event.tag == "a"
+
+
+def test_pipelined_commands_and_names() -> None:
+    result = commands(b"a NOOP\r\nb UID FETCH 1 UID\r\nc SELECT INBOX\r\nd EXAMINE INBOX\r\n")
+    assert [e.tag for e in result] == ["a", "b", "c", "d"]  # type: ignore[union-attr]
+    assert [e.name for e in result] == [  # type: ignore[union-attr]
+        "NOOP",
+        "UID FETCH",
+        "SELECT",
+        "EXAMINE",
+    ]
+    assert Expunge("x", seq("1")).name == "UID EXPUNGE" and Expunge("x").name == "EXPUNGE"
+    assert Expunge("x", seq("1")).uid and not Expunge("x").uid
+    assert Store("x", seq("1"), StoreMode.ADD, False, ()).name == "STORE"
+
+
+def test_secrets_are_not_in_repr() -> None:
+    login = one(b"a LOGIN bob hunter2\r\n")
+    assert "hunter2" not in repr(login)
+    auth = one(b"a AUTHENTICATE PLAIN AGJvYgBodW50ZXIy\r\n")
+    assert "hunter2" not in repr(auth) and "AGJv" not in repr(auth)
+    assert "hunter2" not in repr(RawLine(b"hunter2"))
+    append = one(b"a APPEND INBOX {7+}\r\nhunter2\r\n")
+    assert "hunter2" not in repr(append)
+
+
+# --------------------------------------------------------------------------- literals
+
+
+def test_synchronizing_literal_flow() -> None:
+    parser = CommandParser()
+    parser.feed(b"a LOGIN {3}\r\n")
+    assert parser.next_event() == NeedContinuation("a", 3, "LOGIN")
+    assert parser.next_event() is None
+    parser.feed(b"bo")
+    assert parser.next_event() is None
+    parser.feed(b"b {6}\r\n")
+    assert parser.next_event() == NeedContinuation("a", 6, "LOGIN")
+    parser.feed(b"se\r\n\x00t\r\n")
+    assert parser.next_event() == Login("a", "bob", b"se\r\n\x00t")
+    assert parser.next_event() is None
+    assert parser.buffered_bytes == 0
+
+
+def test_literal_flow_whole_and_bytewise() -> None:
+    data = b"a LOGIN {3}\r\nbob {2}\r\npw\r\nb NOOP\r\n"
+    assert events(data) == [
+        NeedContinuation("a", 3, "LOGIN"),
+        NeedContinuation("a", 2, "LOGIN"),
+        Login("a", "bob", b"pw"),
+        Noop("b"),
+    ]
+
+
+def test_non_synchronizing_literal_needs_no_continuation() -> None:
+    assert events(b"a LOGIN {3+}\r\nbob {2+}\r\npw\r\n") == [Login("a", "bob", b"pw")]
+
+
+def test_zero_length_literals() -> None:
+    assert events(b"a LOGIN {0}\r\n {0+}\r\n\r\n") == [
+        NeedContinuation("a", 0, "LOGIN"),
+        Login("a", "", b""),
+    ]
+
+
+def test_literal_looking_text_inside_a_literal_is_data() -> None:
+    assert commands(b"a LOGIN {9+}\r\nx {999}\r\n {1+}\r\nz\r\n") == [
+        Login("a", "x {999}\r\n", b"z")
+    ]
+
+
+def test_literal_must_end_its_line() -> None:
+    assert bad(b"a LOGIN {3}abc pw\r\n").text == "Literal must end the line"
+
+
+def test_quoted_string_cannot_swallow_a_literal() -> None:
+    assert bad(b'a LOGIN "x{3}\r\nabc" pw\r\n').text == "Unterminated quoted string"
+
+
+def test_uid_command_name_in_continuation() -> None:
+    assert events(b"s UID SEARCH SUBJECT {2}\r\nhi\r\n") == [
+        NeedContinuation("s", 2, "UID SEARCH"),
+        Search("s", None, SearchHeader("SUBJECT", "hi"), uid=True),
+    ]
+
+
+def test_reject_literal() -> None:
+    parser = CommandParser()
+    parser.feed(b"a APPEND INBOX {100}\r\nb NOOP\r\n")
+    assert parser.next_event() == NeedContinuation("a", 100, "APPEND")
+    parser.reject_literal()
+    assert parser.next_event() == Noop("b")
+    with pytest.raises(RuntimeError):
+        parser.reject_literal()
+
+
+@pytest.mark.parametrize("marker", [b"{11}", b"{0011}", b"{99999999999999999999999999}"])
+def test_sync_literal_too_large_refused_before_reading(marker: bytes) -> None:
+    parser = CommandParser(max_literal=10)
+    parser.feed(b"a APPEND INBOX " + marker + b"\r\n")
+    event = parser.next_event()
+    assert isinstance(event, LiteralTooLarge)
+    assert (event.tag, event.synchronizing) == ("a", True)
+    assert event.size > 10
+    assert parser.next_event() is None
+    # The client got no "+": it does not send the literal; the next bytes are a new command.
+    parser.feed(b"b NOOP\r\n")
+    assert parser.next_event() == Noop("b")
+
+
+def test_sync_literal_too_large_whole_and_bytewise() -> None:
+    assert events(b"a APPEND INBOX {11}\r\nb NOOP\r\n", max_literal=10) == [
+        LiteralTooLarge("a", 11, True),
+        Noop("b"),
+    ]
+
+
+def test_non_sync_literal_too_large_is_drained() -> None:
+    parser = CommandParser(max_literal=10)
+    parser.feed(b"a APPEND INBOX {38+}\r\n")
+    assert parser.next_event() == LiteralTooLarge("a", 38, False)
+    assert parser.buffered_bytes == 0
+    # The 38 bytes look like commands: none of them may be executed.
+    smuggled = b"x LOGOUT\r\ny DELETE INBOX\r\nz LOGOUT\r\n\r\n"
+    assert len(smuggled) == 38
+    for byte in smuggled:
+        parser.feed(bytes([byte]))
+        assert parser.next_event() is None
+        assert parser.buffered_bytes <= 1
+    parser.feed(b"\r\nb NOOP\r\n")
+    assert parser.next_event() == Noop("b")
+    assert parser.next_event() is None
+
+
+def test_non_sync_literal_too_large_whole_and_bytewise() -> None:
+    smuggled = b"x LOGOUT\r\ny DELETE INBOX\r\nz LOGOUT\r\n\r\n"
+    data = b"a APPEND INBOX {38+}\r\n" + smuggled + b"\r\nb NOOP\r\n"
+    assert events(data, max_literal=10) == [LiteralTooLarge("a", 38, False), Noop("b")]
+
+
+def test_drained_command_continues_after_further_literals() -> None:
+    # The refused command goes on with another non-synchronising literal: drained as well.
+    data = b"a LOGIN {30+}\r\n" + b"x" * 30 + b" {8+}\r\nx LOGOUT\r\nb NOOP\r\n"
+    assert events(data, max_command=20) == [LiteralTooLarge("a", 30, False), Noop("b")]
+
+
+def test_non_append_literals_are_bounded_by_max_command() -> None:
+    assert events(b"a LOGIN {21}\r\nb NOOP\r\n", max_command=20) == [
+        LiteralTooLarge("a", 21, True),
+        Noop("b"),
+    ]
+    # The total of all literals of a command counts.
+    assert events(b"a LOGIN {8+}\r\n12345678 {8}\r\nc NOOP\r\n", max_command=20) == [
+        LiteralTooLarge("a", 8, True),
+        Noop("c"),
+    ]
+    # APPEND's message literal may be as large as max_literal, whatever max_command says.
+    message = b"x" * 100
+    assert commands(
+        b"a APPEND INBOX {100+}\r\n" + message + b"\r\n", max_command=64, max_literal=100
+    ) == [Append("a", "INBOX", (), None, message)]
+    assert events(
+        b"a APPEND INBOX {101+}\r\n" + message + b"x\r\nb NOOP\r\n", max_command=64, max_literal=100
+    ) == [LiteralTooLarge("a", 101, False), Noop("b")]
+
+
+def test_unknown_command_with_literal_is_refused_without_reading_it() -> None:
+    assert events(b"a FROB {5}\r\nb NOOP\r\n") == [
+        InvalidCommand("a", "Unknown command"),
+        Noop("b"),
+    ]
+    assert events(b"a FROB {9+}\r\nc LOGOUT\r\n\r\nb NOOP\r\n") == [
+        InvalidCommand("a", "Unknown command"),
+        Noop("b"),
+    ]
+    assert events(b"+ LOGIN {9+}\r\nc LOGOUT\r\n\r\nb NOOP\r\n") == [
+        InvalidCommand(None, "Invalid tag"),
+        Noop("b"),
+    ]
+
+
+# --------------------------------------------------------------------------- long lines
+
+
+def test_over_long_line_is_drained_not_buffered() -> None:
+    parser = CommandParser(max_line=100)
+    parser.feed(b"a1 SEARCH SUBJECT ")
+    assert parser.next_event() is None
+    chunk = b"x" * 50
+    reported: list[Event] = []
+    for _ in range(2000):  # 100 kB line
+        parser.feed(chunk)
+        while (event := parser.next_event()) is not None:
+            reported.append(event)
+        assert parser.buffered_bytes <= 101 + len(chunk)
+    assert reported == [LineTooLong("a1")]
+    parser.feed(b"\r\nb NOOP\r\n")
+    assert parser.next_event() == Noop("b")
+
+
+def test_over_long_line_whole_and_bytewise() -> None:
+    data = b"a NOOP " + b"y" * 300 + b"\r\nb NOOP\r\n"
+    assert events(data, max_line=100) == [LineTooLong("a"), Noop("b")]
+
+
+def test_line_of_exactly_max_line_is_accepted() -> None:
+    line = b"a SELECT " + b"m" * 91
+    assert len(line) == 100
+    assert events(line + b"\r\n", max_line=100) == [Select("a", "m" * 91)]
+    assert events(line + b"m\r\n", max_line=100) == [LineTooLong("a")]
+
+
+def test_over_long_line_without_readable_tag() -> None:
+    assert events(b"z" * 300 + b"\r\nb NOOP\r\n", max_line=100) == [LineTooLong(None), Noop("b")]
+
+
+def test_over_long_continuation_line_keeps_the_tag() -> None:
+    data = b"a LOGIN {3+}\r\nbob " + b"p" * 200 + b"\r\nb NOOP\r\n"
+    assert events(data, max_line=100) == [LineTooLong("a"), Noop("b")]
+
+
+@pytest.mark.parametrize("marker", [b"{10+}", b"{" + b"0" * 40 + b"10+}"])
+def test_over_long_line_announcing_a_non_sync_literal(marker: bytes) -> None:
+    smuggled = b"x LOGOUT\r\n"
+    data = b"a LOGIN " + b"u" * 200 + b" " + marker + b"\r\n" + smuggled + b"\r\nb NOOP\r\n"
+    assert events(data, max_line=100) == [LineTooLong("a"), Noop("b")]
+
+
+def test_over_long_line_announcing_a_sync_literal_ends_the_command() -> None:
+    data = b"a LOGIN " + b"u" * 200 + b" {10}\r\nb NOOP\r\n"
+    assert events(data, max_line=100) == [LineTooLong("a"), Noop("b")]
+
+
+def test_brace_inside_drained_line_is_not_a_marker() -> None:
+    data = b"a LOGIN {5+} " + b"u" * 200 + b"\r\nb NOOP\r\n"
+    assert events(data, max_line=100) == [LineTooLong("a"), Noop("b")]
+
+
+# --------------------------------------------------------------------------- raw lines
+
+
+def _raw_after_idle_and_auth(parser: CommandParser, event: Event) -> None:
+    if isinstance(event, (Idle, Authenticate)):
+        parser.expect_line()
+    elif isinstance(event, RawLine) and event.line not in (b"DONE", b"*"):
+        parser.expect_line()  # SASL exchange goes on until the client sends "*" or DONE
+
+
+def test_idle_done() -> None:
+    data = b"a IDLE\r\nDONE\r\nb NOOP\r\n"
+    assert events(data, _raw_after_idle_and_auth) == [Idle("a"), RawLine(b"DONE"), Noop("b")]
+
+
+def test_authenticate_continuation_lines() -> None:
+    data = b"a AUTHENTICATE PLAIN\r\nAGJvYgBzZWNyZXQ=\r\n*\r\nb NOOP\r\n"
+    assert events(data, _raw_after_idle_and_auth) == [
+        Authenticate("a", "PLAIN"),
+        RawLine(b"AGJvYgBzZWNyZXQ="),
+        RawLine(b"*"),
+        Noop("b"),
+    ]
+
+
+def test_raw_line_is_verbatim() -> None:
+    data = b"a IDLE\r\n{5}\r\n"
+    assert events(data, _raw_after_idle_and_auth) == [Idle("a"), RawLine(b"{5}")]
+    data = b"a IDLE\r\n\r\n"
+    assert events(data, _raw_after_idle_and_auth) == [Idle("a"), RawLine(b"")]
+
+
+def test_raw_line_too_long() -> None:
+    data = b"a IDLE\r\n" + b"D" * 300 + b"\r\nb NOOP\r\n"
+    assert events(data, _raw_after_idle_and_auth, max_line=100) == [
+        Idle("a"),
+        LineTooLong(None),
+        Noop("b"),
+    ]
+
+
+def test_expect_line_only_between_commands() -> None:
+    parser = CommandParser()
+    parser.feed(b"a LOGIN {3}\r\n")
+    assert isinstance(parser.next_event(), NeedContinuation)
+    with pytest.raises(RuntimeError):
+        parser.expect_line()
+
+
+def test_starttls_pipelining_is_detectable() -> None:
+    parser = CommandParser()
+    parser.feed(b"a STARTTLS\r\nb LOGIN bob pw\r\n")
+    assert parser.next_event() == StartTls("a")
+    assert parser.buffered_bytes == len(b"b LOGIN bob pw\r\n")
+    parser = CommandParser()
+    parser.feed(b"a STARTTLS\r\n")
+    assert parser.next_event() == StartTls("a")
+    assert parser.buffered_bytes == 0
+
+
+def test_constructor_validates_limits() -> None:
+    with pytest.raises(ValueError):
+        CommandParser(max_line=0)
+    assert DEFAULT_MAX_LINE == 8192
+
+
+# --------------------------------------------------------------------------- mailbox names
+
+
+@pytest.mark.parametrize(
+    ("name", "encoded"),
+    [
+        ("INBOX", b"INBOX"),
+        ("é", b"&AOk-"),
+        ("É", b"&AMk-"),
+        ("&", b"&-"),
+        ("a&b", b"a&-b"),
+        ("&&", b"&-&-"),
+        ("Boîte à lettres", b"Bo&AO4-te &AOA- lettres"),
+        ("~peter/mail/台北/日本語", b"~peter/mail/&U,BTFw-/&ZeVnLIqe-"),
+        ("😀", b"&2D3eAA-"),
+        ("résumé & co", b"r&AOk-sum&AOk- &- co"),
+        ("", b""),
+    ],
+)
+def test_modified_utf7_round_trip(name: str, encoded: bytes) -> None:
+    assert encode_mailbox_name(name) == encoded
+    assert decode_mailbox_name(encoded) == name
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"&AMk",  # unterminated
+        b"&AGE-",  # encodes a printable "a"
+        b"&AMk-&AMk-",  # adjacent runs (canonical: &AMkAyQ-)
+        b"&AMl-",  # non-zero padding bits
+        b"&A-",  # truncated base64
+        b"&AM-",  # odd UTF-16 length
+        b"&2D0-",  # lone surrogate
+        b"&AM/-",  # "/" is not modified base64
+        b"caf\xc3\xa9",  # raw 8-bit
+        b"tab\there",
+    ],
+)
+def test_modified_utf7_rejects_invalid(raw: bytes) -> None:
+    with pytest.raises(ValueError):
+        decode_mailbox_name(raw)
+
+
+def test_mailbox_names_in_commands() -> None:
+    assert one(b"a SELECT &AMk-\r\n") == Select("a", "É")
+    assert one(b'a SELECT "&-"\r\n') == Select("a", "&")
+    assert one(b"a RENAME Inbox &AOk-t&AOk-\r\n") == Rename("a", "INBOX", "été")
+    assert one(b"a COPY 1 inbox\r\n") == Copy("a", seq("1"), "INBOX")
+    assert one(b"a SELECT INBOXES\r\n") == Select("a", "INBOXES")
+    assert bad(b"a SELECT &AMk-&AMk-\r\n").text == "Invalid mailbox name"
+    assert bad(b"a SELECT &AAA-\r\n").text == "Invalid mailbox name"  # control character
+
+
+# --------------------------------------------------------------------------- sequence sets
+
+
+@pytest.mark.parametrize(
+    ("text", "ranges", "rendered"),
+    [
+        ("1:*", (SeqRange(1, None),), "1:*"),
+        ("*:4", (SeqRange(4, None),), "4:*"),
+        ("*", (SeqRange(None, None),), "*"),
+        ("*:*", (SeqRange(None, None),), "*"),
+        ("5:2", (SeqRange(2, 5),), "2:5"),
+        ("2,4:7,9", (SeqRange(2, 2), SeqRange(4, 7), SeqRange(9, 9)), "2,4:7,9"),
+        ("4294967295", (SeqRange(4294967295, 4294967295),), "4294967295"),
+    ],
+)
+def test_sequence_set_parse(text: str, ranges: tuple[SeqRange, ...], rendered: str) -> None:
+    parsed = SequenceSet.parse(text)
+    assert parsed.ranges == ranges
+    assert str(parsed) == rendered
+
+
+@pytest.mark.parametrize(
+    "text", ["", "0", "1:", ":1", "1::2", "a", "01", "1,", ",1", "4294967296", "1:0", "-1"]
+)
+def test_sequence_set_invalid(text: str) -> None:
+    with pytest.raises(ValueError):
+        SequenceSet.parse(text)
+
+
+def test_sequence_set_resolve() -> None:
+    assert list(seq("1:*").resolve(5)) == [1, 2, 3, 4, 5]
+    assert list(seq("*:4").resolve(10)) == [4, 5, 6, 7, 8, 9, 10]
+    assert list(seq("*:4").resolve(2)) == [2]
+    assert list(seq("2,4:7,9").resolve(100)) == [2, 4, 5, 6, 7, 9]
+    assert list(seq("2,4:7,9").resolve(6)) == [2, 4, 5, 6]
+    assert list(seq("5:3,4:8,1").resolve(6)) == [1, 3, 4, 5, 6]
+    assert seq("3:5,6:8").resolve(10).intervals == ((3, 8),)
+    assert list(seq("*").resolve(0)) == []
+    assert not seq("1:*").resolve(0)
+    # RFC 3501 §6.4.8: "UID 100:*" always includes the highest UID.
+    assert list(seq("100:*").resolve(50)) == [50]
+    resolved = seq("1:4294967295").resolve(3)
+    assert len(resolved) == 3 and 3 in resolved and 4 not in resolved and 0 not in resolved
+    big = seq("2,4:7,9,20:*").resolve(4_000_000)
+    assert 2 in big and 3 not in big and 7 in big and 8 not in big and 3_999_999 in big
+    assert "x" not in big
+
+
+def test_sequence_set_helpers() -> None:
+    assert seq("2,4:7,9").contains(5, 10)
+    assert not seq("2,4:7,9").contains(8, 10)
+    assert seq("*").contains(10, 10) and not seq("*").contains(9, 10)
+    assert seq("3:*").contains(2, 2)  # 3:* with max 2 is 2:3
+    assert seq("2,4:7,9").highest_number == 9
+    assert seq("*").highest_number == 0
+    assert seq("1:*").has_star and not seq("1:5").has_star
+    assert str(SequenceSet.from_values([9, 1, 2, 3, 5, 6, 3])) == "1:3,5:6,9"
+    assert str(SequenceSet.from_values([42])) == "42"
+    with pytest.raises(ValueError):
+        SequenceSet.from_values([])
+
+
+# --------------------------------------------------------------------------- FETCH
+
+
+FLAGS, INTERNALDATE, SIZE, ENVELOPE = (
+    FetchAttr("FLAGS"),
+    FetchAttr("INTERNALDATE"),
+    FetchAttr("RFC822.SIZE"),
+    FetchAttr("ENVELOPE"),
+)
+
+
+@pytest.mark.parametrize(
+    ("items", "expected"),
+    [
+        (b"ALL", (FLAGS, INTERNALDATE, SIZE, ENVELOPE)),
+        (b"fast", (FLAGS, INTERNALDATE, SIZE)),
+        (b"FULL", (FLAGS, INTERNALDATE, SIZE, ENVELOPE, FetchAttr("BODY"))),
+        (b"FLAGS", (FLAGS,)),
+        (b"(UID FLAGS)", (FetchAttr("UID"), FLAGS)),
+        (b"(FLAGS FLAGS uid)", (FLAGS, FetchAttr("UID"))),
+        (
+            b"(RFC822 RFC822.HEADER RFC822.TEXT RFC822.SIZE BODYSTRUCTURE BODY)",
+            tuple(
+                FetchAttr(n)
+                for n in (
+                    "RFC822",
+                    "RFC822.HEADER",
+                    "RFC822.TEXT",
+                    "RFC822.SIZE",
+                    "BODYSTRUCTURE",
+                    "BODY",
+                )
+            ),
+        ),
+        (b"BODY[]", (FetchAttr("BODY", Section()),)),
+        (b"BODY.PEEK[]<0.1024>", (FetchAttr("BODY", Section(), (0, 1024), peek=True),)),
+        (b"body[1.2.3]", (FetchAttr("BODY", Section((1, 2, 3))),)),
+        (b"BODY[1.2.MIME]", (FetchAttr("BODY", Section((1, 2), "MIME")),)),
+        (b"BODY[2.HEADER]", (FetchAttr("BODY", Section((2,), "HEADER")),)),
+        (b"BODY[2.TEXT]", (FetchAttr("BODY", Section((2,), "TEXT")),)),
+        (b"BODY[HEADER]", (FetchAttr("BODY", Section((), "HEADER")),)),
+        (b"BODY[text]", (FetchAttr("BODY", Section((), "TEXT")),)),
+        (
+            b"BODY.PEEK[HEADER.FIELDS (FROM SUBJECT)]<0.100>",
+            (
+                FetchAttr(
+                    "BODY", Section((), "HEADER.FIELDS", ("FROM", "SUBJECT")), (0, 100), peek=True
+                ),
+            ),
+        ),
+        (
+            b'(BODY[header.fields.not (X-Priority "Received")] FLAGS)',
+            (
+                FetchAttr("BODY", Section((), "HEADER.FIELDS.NOT", ("X-Priority", "Received"))),
+                FLAGS,
+            ),
+        ),
+        (
+            b"BODY[1.HEADER.FIELDS ({7+}\r\nSubject)]",
+            (FetchAttr("BODY", Section((1,), "HEADER.FIELDS", ("Subject",))),),
+        ),
+    ],
+)
+def test_fetch_items(items: bytes, expected: tuple[FetchAttr, ...]) -> None:
+    assert one(b"f FETCH 1:* " + items + b"\r\n") == Fetch("f", seq("1:*"), expected)
+
+
+def test_uid_fetch() -> None:
+    assert one(b"f UID FETCH 4:2,7 (UID RFC822.SIZE)\r\n") == Fetch(
+        "f", seq("2:4,7"), (FetchAttr("UID"), SIZE), uid=True
+    )
+
+
+@pytest.mark.parametrize(
+    "items",
+    [
+        b"(ALL)",
+        b"(FLAGS ALL)",
+        b"BINARY[]",
+        b"BODY.PEEK",
+        b"BODY[MIME]",
+        b"BODY[0]",
+        b"BODY[1.]",
+        b"BODY[1.2.BOGUS]",
+        b"BODY[HEADER.FIELDS ()]",
+        b"BODY[HEADER.FIELDS]",
+        b"BODY[HEADER.FIELDS (FROM:)]",
+        b"BODY[]<0.0>",
+        b"BODY[]<5>",
+        b"BODY[]<1.2.3>",
+        b"BODY[",
+        b"FLAGS<0.5>",
+        b"()",
+        b"(FLAGS",
+        b"(FLAGS))",
+        b"((FLAGS)",
+        b"FLAGS UID",
+        b"RFC822.PEEK",
+    ],
+)
+def test_fetch_invalid(items: bytes) -> None:
+    bad(b"f FETCH 1 " + items + b"\r\n")
+
+
+def test_fetch_invalid_sequence() -> None:
+    assert bad(b"f FETCH 0 FLAGS\r\n").text == "Invalid sequence set"
+    assert bad(b"f FETCH 1:x FLAGS\r\n").tag == "f"
+    assert bad(b"f FETCH FLAGS\r\n").tag == "f"
+
+
+def test_fetch_attr_names() -> None:
+    attr = FetchAttr("BODY", Section((), "HEADER.FIELDS", ("FROM", "SUBJECT")), (0, 100), peek=True)
+    assert attr.response_name() == "BODY[HEADER.FIELDS (FROM SUBJECT)]<0>"
+    assert str(attr) == "BODY.PEEK[HEADER.FIELDS (FROM SUBJECT)]<0.100>"
+    assert not attr.sets_seen and attr.is_body_section
+    body = FetchAttr("BODY", Section((1, 2), "MIME"))
+    assert body.response_name() == "BODY[1.2.MIME]" and body.sets_seen
+    assert FetchAttr("BODY", Section()).response_name() == "BODY[]"
+    assert FetchAttr("BODY", Section((3,))).response_name() == "BODY[3]"
+    odd = FetchAttr("BODY", Section((), "HEADER.FIELDS.NOT", ('X"y', "A B")))
+    assert odd.response_name() == 'BODY[HEADER.FIELDS.NOT ("X\\"y" "A B")]'
+    assert FetchAttr("RFC822").sets_seen and FetchAttr("RFC822.TEXT").sets_seen
+    assert not FetchAttr("RFC822.HEADER").sets_seen and not FetchAttr("BODY").sets_seen
+    assert FetchAttr("RFC822.SIZE").response_name() == "RFC822.SIZE"
+    assert not FetchAttr("FLAGS").is_body_section
+
+
+# --------------------------------------------------------------------------- STORE
+
+
+@pytest.mark.parametrize(
+    ("args", "mode", "silent", "flags"),
+    [
+        (b"FLAGS (\\Seen)", StoreMode.REPLACE, False, ("\\Seen",)),
+        (b"+FLAGS \\deleted", StoreMode.ADD, False, ("\\Deleted",)),
+        (
+            b"-flags.silent (\\SEEN $Label1 \\Flagged)",
+            StoreMode.REMOVE,
+            True,
+            ("\\Seen", "$Label1", "\\Flagged"),
+        ),
+        (b"+FLAGS.SILENT \\Answered \\Draft", StoreMode.ADD, True, ("\\Answered", "\\Draft")),
+        (b"FLAGS ()", StoreMode.REPLACE, False, ()),
+        (b"FLAGS (\\Seen \\Seen)", StoreMode.REPLACE, False, ("\\Seen",)),
+        (b"+FLAGS (\\XCustom)", StoreMode.ADD, False, ("\\XCustom",)),
+    ],
+)
+def test_store(args: bytes, mode: StoreMode, silent: bool, flags: tuple[str, ...]) -> None:
+    assert one(b"s STORE 1:3 " + args + b"\r\n") == Store("s", seq("1:3"), mode, silent, flags)
+    assert one(b"s UID STORE 1:3 " + args + b"\r\n") == Store(
+        "s", seq("1:3"), mode, silent, flags, uid=True
+    )
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        b"FLAGZ (\\Seen)",
+        b"*FLAGS (\\Seen)",
+        b"FLAGS.LOUD (\\Seen)",
+        b"FLAGS",
+        b"FLAGS (\\*)",
+        b"FLAGS (\\Seen",
+        b"FLAGS \\Seen)",
+        b"FLAGS (\\)",
+        b"+FLAGS",
+        b"FLAGS (\\Seen) (\\Draft)",
+    ],
+)
+def test_store_invalid(args: bytes) -> None:
+    bad(b"s STORE 1 " + args + b"\r\n")
+
+
+# --------------------------------------------------------------------------- SEARCH
+
+
+def search_key(text: bytes) -> SearchKey:
+    event = one(b"s SEARCH " + text + b"\r\n")
+    assert isinstance(event, Search), event
+    return event.criteria
+
+
+D = date(2024, 2, 1)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (b"ALL", SearchAll()),
+        (b"ANSWERED", SearchFlag("\\Answered", True)),
+        (b"BCC bob", SearchHeader("BCC", "bob")),
+        (b"BEFORE 1-Feb-2024", SearchInternalDate(DateRelation.BEFORE, D)),
+        (b'BODY "rendez-vous"', SearchBody("rendez-vous")),
+        (b"CC {3+}\r\nann", SearchHeader("CC", "ann")),
+        (b"DELETED", SearchFlag("\\Deleted", True)),
+        (b"DRAFT", SearchFlag("\\Draft", True)),
+        (b"FLAGGED", SearchFlag("\\Flagged", True)),
+        (b"FROM dr.house@example.org", SearchHeader("FROM", "dr.house@example.org")),
+        (b"HEADER Message-ID <a@b>", SearchHeader("MESSAGE-ID", "<a@b>")),
+        (b'HEADER "X-Priority" ""', SearchHeader("X-PRIORITY", "")),
+        (b"KEYWORD $Forwarded", SearchFlag("$Forwarded", True)),
+        (b"LARGER 1024", SearchLarger(1024)),
+        (b"NEW", SearchAnd((SearchFlag("\\Recent", True), SearchFlag("\\Seen", False)))),
+        (b"NOT SEEN", SearchNot(SearchFlag("\\Seen", True))),
+        (b"OLD", SearchFlag("\\Recent", False)),
+        (b"ON 01-Feb-2024", SearchInternalDate(DateRelation.ON, D)),
+        (b"OR SEEN FLAGGED", SearchOr(SearchFlag("\\Seen", True), SearchFlag("\\Flagged", True))),
+        (b"RECENT", SearchFlag("\\Recent", True)),
+        (b"SEEN", SearchFlag("\\Seen", True)),
+        (b'SENTBEFORE "1-feb-2024"', SearchSentDate(DateRelation.BEFORE, D)),
+        (b"SENTON 1-FEB-2024", SearchSentDate(DateRelation.ON, D)),
+        (b"SENTSINCE 1-Feb-2024", SearchSentDate(DateRelation.SINCE, D)),
+        (b"SINCE 1-Feb-2024", SearchInternalDate(DateRelation.SINCE, D)),
+        (b"SMALLER 0", SearchSmaller(0)),
+        (b'SUBJECT "R\xc3\xa9sultats"', SearchHeader("SUBJECT", "Résultats")),
+        (b"TEXT ordonnance", SearchText("ordonnance")),
+        (b"TO patient", SearchHeader("TO", "patient")),
+        (b"UID 1:*", SearchUid(seq("1:*"))),
+        (b"UNANSWERED", SearchFlag("\\Answered", False)),
+        (b"UNDELETED", SearchFlag("\\Deleted", False)),
+        (b"UNDRAFT", SearchFlag("\\Draft", False)),
+        (b"UNFLAGGED", SearchFlag("\\Flagged", False)),
+        (b"UNKEYWORD $Junk", SearchFlag("$Junk", False)),
+        (b"UNSEEN", SearchFlag("\\Seen", False)),
+        (b"2,4:7,9", SearchSequence(seq("2,4:7,9"))),
+        (b"*", SearchSequence(seq("*"))),
+        (b"(SEEN)", SearchFlag("\\Seen", True)),
+        (
+            b"unseen deleted",
+            SearchAnd((SearchFlag("\\Seen", False), SearchFlag("\\Deleted", True))),
+        ),
+    ],
+)
+def test_search_keys(text: bytes, expected: SearchKey) -> None:
+    assert search_key(text) == expected
+
+
+def test_search_or_not_nesting() -> None:
+    text = b"OR (FROM alice TO bob) NOT OR SEEN (FLAGGED SINCE 5-Mar-2024) UID 3:*"
+    assert search_key(text) == SearchAnd(
+        (
+            SearchOr(
+                SearchAnd((SearchHeader("FROM", "alice"), SearchHeader("TO", "bob"))),
+                SearchNot(
+                    SearchOr(
+                        SearchFlag("\\Seen", True),
+                        SearchAnd(
+                            (
+                                SearchFlag("\\Flagged", True),
+                                SearchInternalDate(DateRelation.SINCE, date(2024, 3, 5)),
+                            )
+                        ),
+                    )
+                ),
+            ),
+            SearchUid(seq("3:*")),
+        )
+    )
+    assert search_key(b"NOT NOT (((ALL)))") == SearchNot(SearchNot(SearchAll()))
+    assert search_key(b"OR OR SEEN DRAFT OR 1 2") == SearchOr(
+        SearchOr(SearchFlag("\\Seen", True), SearchFlag("\\Draft", True)),
+        SearchOr(SearchSequence(seq("1")), SearchSequence(seq("2"))),
+    )
+
+
+def test_search_charset_utf8_with_literal() -> None:
+    data = b"s UID SEARCH CHARSET UTF-8 SUBJECT {9}\r\nR\xc3\xa9sultat FROM x\r\n"
+    assert events(data) == [
+        NeedContinuation("s", 9, "UID SEARCH"),
+        Search(
+            "s",
+            "UTF-8",
+            SearchAnd((SearchHeader("SUBJECT", "Résultat"), SearchHeader("FROM", "x"))),
+            uid=True,
+        ),
+    ]
+    assert one(b"s SEARCH charset utf-8 TEXT {3+}\r\n\xe6\x97\xa5\r\n") == Search(
+        "s", "UTF-8", SearchText("日")
+    )
+    assert one(b's SEARCH CHARSET "US-ASCII" ALL\r\n') == Search("s", "US-ASCII", SearchAll())
+
+
+def test_search_charset_errors() -> None:
+    event = one(b"s SEARCH CHARSET KOI8-R SUBJECT x\r\n")
+    assert event == InvalidCommand(
+        "s", "Unsupported charset", status="NO", code="BADCHARSET (UTF-8 US-ASCII)"
+    )
+    assert bad(b"s SEARCH CHARSET UTF-8 SUBJECT {1+}\r\n\xff\r\n").text == (
+        "Invalid characters for charset"
+    )
+    assert bad(b"s SEARCH CHARSET US-ASCII SUBJECT {2+}\r\n\xc3\xa9\r\n").tag == "s"
+    bad(b"s SEARCH CHARSET UTF-8\r\n")
+    bad(b"s SEARCH CHARSET\r\n")
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        b"",
+        b"FROM",
+        b"BOGUS",
+        b"(SEEN",
+        b"SEEN)",
+        b"((SEEN)",
+        b"()",
+        b"OR SEEN",
+        b"NOT",
+        b"SINCE 32-Jan-2024",
+        b"SINCE 1-Foo-2024",
+        b"SINCE 2024-01-01",
+        b"SINCE 29-Feb-2023",
+        b"LARGER x",
+        b"LARGER 4294967296",
+        b"UID",
+        b"UID x",
+        b"KEYWORD \\Seen",
+        b"HEADER From: x",
+        b"HEADER",
+        b"SEEN  DRAFT",
+        b"0",
+        b"1:x",
+        b"UNRECENT",
+    ],
+)
+def test_search_invalid(text: bytes) -> None:
+    bad(b"s SEARCH " + text + b"\r\n")
+
+
+def test_search_depth_limit() -> None:
+    ok = b"NOT " * MAX_SEARCH_DEPTH + b"ALL"
+    assert isinstance(search_key(ok), SearchNot)
+    too_deep = b"NOT " * (MAX_SEARCH_DEPTH + 1) + b"ALL"
+    assert bad(b"s SEARCH " + too_deep + b"\r\n").text == "Search too deeply nested"
+    parens = b"(" * 2000 + b"ALL" + b")" * 2000
+    assert bad(b"s SEARCH " + parens + b"\r\n").text == "Search too deeply nested"
+
+
+# --------------------------------------------------------------------------- APPEND
+
+
+def test_append_with_flags_date_and_binary_literal() -> None:
+    message = b"Subject: x\r\n\r\nNUL\x00 and bare CR\r here\nand LF\r\n"
+    data = (
+        b'a APPEND "Sent" (\\Seen \\draft $MDNSent) "05-Mar-2024 14:30:00 +0100" {'
+        + str(len(message)).encode()
+        + b"}\r\n"
+        + message
+        + b"\r\n"
+    )
+    expected = Append(
+        "a",
+        "Sent",
+        ("\\Seen", "\\Draft", "$MDNSent"),
+        datetime(2024, 3, 5, 14, 30, tzinfo=timezone(timedelta(hours=1))),
+        message,
+    )
+    assert events(data) == [NeedContinuation("a", len(message), "APPEND"), expected]
+    result = commands(data.replace(b"}\r\n", b"+}\r\n", 1))
+    assert result == [expected]
+    assert isinstance(result[0], Append) and result[0].message == message
+
+
+@pytest.mark.parametrize(
+    ("args", "flags", "when"),
+    [
+        (b"", (), None),
+        (b" ()", (), None),
+        (b" (\\Seen)", ("\\Seen",), None),
+        (
+            b' " 5-Mar-2024 00:00:59 -0530"',
+            (),
+            datetime(2024, 3, 5, 0, 0, 59, tzinfo=timezone(-timedelta(hours=5, minutes=30))),
+        ),
+        (
+            b' "5-mar-2024 23:59:59 +0000"',
+            (),
+            datetime(2024, 3, 5, 23, 59, 59, tzinfo=UTC),
+        ),
+    ],
+)
+def test_append_variants(args: bytes, flags: tuple[str, ...], when: datetime | None) -> None:
+    data = b"a APPEND inbox" + args + b" {2+}\r\nhi\r\n"
+    assert one(data) == Append("a", "INBOX", flags, when, b"hi")
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b'a APPEND INBOX "message as quoted"\r\n',
+        b"a APPEND INBOX\r\n",
+        b'a APPEND INBOX "32-Mar-2024 00:00:00 +0000" {1+}\r\nx\r\n',
+        b'a APPEND INBOX "05-Mar-2024 24:00:00 +0000" {1+}\r\nx\r\n',
+        b'a APPEND INBOX "05-Mar-2024 10:00:00 +0070" {1+}\r\nx\r\n',
+        b'a APPEND INBOX "05-Mar-2024 10:00:00" {1+}\r\nx\r\n',
+        b'a APPEND INBOX "05-Mar-2024 10:00:00 +0000" (\\Seen) {1+}\r\nx\r\n',
+        b"a APPEND INBOX {1+}\r\nx extra\r\n",
+        b"a APPEND INBOX (\\Seen {1+}\r\nx\r\n",
+    ],
+)
+def test_append_invalid(data: bytes) -> None:
+    bad(data)
+
+
+# --------------------------------------------------------------------------- robustness
+
+
+def test_random_garbage_never_raises() -> None:
+    rng = random.Random(3501)
+    pieces = [
+        b"a",
+        b"1",
+        b" ",
+        b"(",
+        b")",
+        b"[",
+        b"]",
+        b"<",
+        b">",
+        b"{",
+        b"}",
+        b"{3}",
+        b"{2+}",
+        b"\r\n",
+        b"\r",
+        b"\n",
+        b'"',
+        b"\\",
+        b"*",
+        b"%",
+        b"+",
+        b"\x00",
+        b"\xff",
+        b"UID",
+        b"FETCH",
+        b"SEARCH",
+        b"BODY[",
+        b"HEADER.FIELDS",
+        b"OR",
+        b"NOT",
+        b"APPEND",
+        b"LOGIN",
+        b"STORE",
+        b"FLAGS",
+        b"&",
+        b"-",
+        b"&AMk-",
+        b"1:*",
+        b"NIL",
+        b"CHARSET",
+        b"LIST",
+    ]
+    for _ in range(300):
+        data = b"".join(rng.choice(pieces) for _ in range(rng.randint(1, 40))) + b"\r\n"
+        parser = CommandParser(max_line=64, max_literal=16, max_command=32)
+        position = 0
+        while position < len(data):
+            step = rng.randint(1, 7)
+            parser.feed(data[position : position + step])
+            position += step
+            while (event := parser.next_event()) is not None:
+                if isinstance(event, InvalidCommand):
+                    assert event.status in ("BAD", "NO") and event.text
+        parser.feed(b"\r\n")
+        while parser.next_event() is not None:
+            pass
+
+
+def test_many_pipelined_commands_in_one_feed() -> None:
+    data = b"".join(b"t%d NOOP\r\n" % i for i in range(20000))
+    parser = CommandParser()
+    parser.feed(data)
+    count = 0
+    while (event := parser.next_event()) is not None:
+        assert isinstance(event, Noop)
+        count += 1
+    assert count == 20000 and parser.buffered_bytes == 0
+
+
+def test_large_literal_in_chunks() -> None:
+    message = bytes(range(256)) * 4096  # 1 MiB, every byte value
+    parser = CommandParser()
+    parser.feed(b"a APPEND INBOX {%d+}\r\n" % len(message))
+    assert parser.next_event() is None
+    for start in range(0, len(message), 65536):
+        parser.feed(message[start : start + 65536])
+        assert parser.next_event() is None
+    parser.feed(b"\r\n")
+    event = parser.next_event()
+    assert isinstance(event, Append) and event.message == message
+
+
+def test_reject_literal_only_before_its_first_byte() -> None:
+    parser = CommandParser()
+    parser.feed(b"a LOGIN {5}\r\n")
+    assert isinstance(parser.next_event(), NeedContinuation)
+    parser.feed(b"ab")
+    assert parser.next_event() is None
+    with pytest.raises(RuntimeError):
+        parser.reject_literal()
+    parser.feed(b"cde pw\r\n")
+    assert parser.next_event() == Login("a", "abcde", b"pw")

@@ -1,0 +1,374 @@
+"""SMTP intake end to end: the real server, real sockets, smtplib and swaks (SPEC §3, §4)."""
+
+from __future__ import annotations
+
+import base64
+import email
+import email.policy
+import re
+import shutil
+import signal
+import smtplib
+import socket
+import ssl
+import subprocess
+import time
+
+import pytest
+
+from tests.conftest import (
+    CHRISTELLE,
+    DUPOND,
+    INAYA,
+    LABO,
+    MARIE,
+    MARTINE,
+    PRO_PASSWORD,
+    SAMPLES,
+)
+from tests.gateway_proc import Gateway, run_cli
+from tests.helpers import body_after_received, mailbox, smtp, tls_context
+
+PATIENT = f"{INAYA}@patient.mssante.fr"
+
+
+def sample(name: str) -> bytes:
+    return next(SAMPLES.glob(f"{name}-*.eml")).read_bytes()
+
+
+def send(conn: smtplib.SMTP, sender: str, rcpts: list[str], data: bytes) -> dict[str, object]:
+    return conn.sendmail(sender, rcpts, data)  # type: ignore[return-value]
+
+
+def test_ehlo_keywords_and_tls_required(gateway: Gateway) -> None:
+    plain = smtplib.SMTP("127.0.0.1", gateway.ports["smtp"], timeout=30)
+    code, text = plain.ehlo("client.test")
+    keywords = text.decode().splitlines()[1:]
+    assert code == 250
+    for kw in ("SIZE 26214400", "8BITMIME", "SMTPUTF8", "PIPELINING", "ENHANCEDSTATUSCODES",
+               "STARTTLS"):
+        assert kw in keywords
+    assert not any(k.startswith("AUTH") for k in keywords)  # no AUTH before TLS
+    assert plain.mail(CHRISTELLE) == (530, b"5.7.0 Must issue a STARTTLS command first")
+    assert plain.docmd("AUTH PLAIN AGNocmlzdGVsbGUAeA==")[0] == 530
+    plain.starttls(context=tls_context(gateway))
+    code, text = plain.ehlo("client.test")
+    keywords = text.decode().splitlines()[1:]
+    assert "AUTH PLAIN LOGIN" in keywords and "STARTTLS" not in keywords
+    code, text = plain.mail(CHRISTELLE)  # TLS but nobody authenticated
+    assert (code, text[:5]) == (530, b"5.7.0")
+    plain.quit()
+
+
+@pytest.mark.parametrize(
+    ("client", "name", "recipient"),
+    [(CHRISTELLE, "01", INAYA), (DUPOND, "02", INAYA), (LABO, "03", INAYA),
+     (MARIE, "13", MARTINE)],
+)
+def test_professional_certificate_delivers_samples(
+    gateway: Gateway, client: str, name: str, recipient: str
+) -> None:
+    data = sample(name)
+    conn = smtp(gateway, client)
+    assert send(conn, client, [f"{recipient}@patient.mssante.fr"], data) == {}
+    conn.quit()
+    stored = mailbox(gateway.directory, recipient)
+    assert len(stored) == 2  # welcome + this one
+    assert body_after_received(stored[1]) == data  # byte-exact after our trace field
+    received = stored[1].split(b"\r\n\r\n")[0]
+    assert b"TLSv1.3" in received and b"cipher" in received
+    assert f"professional {client}".encode() in received and b"certificate" in received
+
+
+def test_delivery_opens_exchange_with_reply_to(gateway: Gateway) -> None:
+    conn = smtp(gateway, CHRISTELLE)
+    send(conn, CHRISTELLE, [PATIENT], sample("01"))
+    conn.quit()
+    out = run_cli(gateway.config, "exchange", "list", "--patient", INAYA, "--json").stdout
+    assert '"address": "christelle.thomas@medecin.mssante.fr"' in out
+    assert '"address": "marie.chanteau@medecin.mssante.fr"' in out  # R4 Reply-To
+    check = run_cli(gateway.config, "check", "--from", PATIENT, "--to", MARIE, check=False)
+    assert check.returncode == 0, check.stdout
+
+
+@pytest.mark.parametrize("listener", ["submission", "submissions"])
+@pytest.mark.parametrize("mechanism", ["PLAIN", "LOGIN"])
+def test_professional_password_delivers(gateway: Gateway, listener: str, mechanism: str) -> None:
+    conn = smtp(gateway, None, listener)
+    assert "AUTH PLAIN LOGIN" in conn.ehlo_resp.decode()  # type: ignore[union-attr]
+    conn.user, conn.password = CHRISTELLE, PRO_PASSWORD
+    code, _ = conn.auth(mechanism, getattr(conn, f"auth_{mechanism.lower()}"),
+                        initial_response_ok=mechanism == "PLAIN")
+    assert code == 235
+    assert send(conn, CHRISTELLE, [PATIENT], sample("01")) == {}
+    conn.quit()
+    received = mailbox(gateway.directory, INAYA)[1].split(b"\r\n\r\n")[0]
+    assert b"ESMTPSA" in received and b"by password" in received
+
+
+def auth_plain(conn: smtplib.SMTP, user: str, password: str) -> tuple[int, bytes]:
+    token = base64.b64encode(f"\0{user}\0{password}".encode()).decode()
+    return conn.docmd("AUTH", f"PLAIN {token}")
+
+
+def test_wrong_password_refused_then_throttled(gateway: Gateway) -> None:
+    conn = smtp(gateway, None, "submission")
+    for _ in range(5):
+        code, text = auth_plain(conn, CHRISTELLE, "wrong password")
+        assert (code, text[:5]) == (535, b"5.7.8")
+    code, text = auth_plain(conn, CHRISTELLE, PRO_PASSWORD)  # right password, throttled now
+    assert (code, text[:5]) == (454, b"4.7.0")
+    code, text = auth_plain(conn, "nobody@medecin.mssante.fr", "x" * 10)  # the IP is throttled
+    assert code == 454
+    conn.quit()
+    audit = run_cli(gateway.config, "audit", "--limit", "50").stdout
+    assert "login.failed" in audit and "login.throttled" in audit
+    assert "wrong password" not in gateway.log() and PRO_PASSWORD not in gateway.log()
+
+
+def test_operator_relays_for_its_domain(gateway: Gateway) -> None:
+    conn = smtp(gateway, "operator")
+    data = sample("13").replace(b"Marie Chanteau <marie", b"Marie Chanteau <marie")
+    assert send(conn, MARIE, [f"{MARTINE}@patient.mssante.fr"], data) == {}
+    # An address in a domain the operator does not serve: R10 at MAIL.
+    code, text = conn.mail(DUPOND)
+    assert (code, text[:5]) == (550, b"5.7.1") and b"R10" in text
+    conn.rset()
+    # Its domain, but not a directory entry: R1 at RCPT.
+    assert conn.mail("inconnu@medecin.mssante.fr")[0] == 250
+    code, text = conn.rcpt(PATIENT)
+    assert (code, text[:5]) == (550, b"5.7.1") and b"R1" in text
+    conn.quit()
+    received = mailbox(gateway.directory, MARTINE)[1].split(b"\r\n\r\n")[0]
+    assert b"operator medecin.mssante.fr" in received
+
+
+def test_refusals_answer_with_their_codes(gateway: Gateway) -> None:
+    cfg = gateway.config
+    conn = smtp(gateway, MARIE)
+    assert conn.mail(MARIE)[0] == 250
+    code, text = conn.rcpt("289456789012345@patient.mssante.fr")  # sample 14: wrong key
+    assert (code, text[:5]) == (553, b"5.1.3") and b"R8" in text and b"key" in text
+    code, text = conn.rcpt("279035121518989@patient.mssante.fr")  # valid INS, no mailbox
+    assert (code, text[:5]) == (550, b"5.1.1") and b"R8" in text
+    code, text = conn.rcpt("someone@gmail.com")  # no open relay
+    assert (code, text[:5]) == (550, b"5.7.1")
+    assert conn.rcpt(PATIENT)[0] == 250
+    conn.rset()
+    # R10: From: is not the envelope sender.
+    wrong_from = sample("13").replace(b"marie.chanteau@medecin", b"paul.dupond@ch-exemple")
+    with pytest.raises(smtplib.SMTPDataError) as info:
+        conn.sendmail(MARIE, [PATIENT], wrong_from)
+    assert info.value.smtp_code == 550 and info.value.smtp_error.startswith(b"5.7.1 R10")
+    # R10: envelope sender is not the certificate's identity.
+    code, text = conn.mail(CHRISTELLE)
+    assert (code, text[:9]) == (550, b"5.7.1 R10")
+    # R7: declared SIZE above 25 MiB.
+    code, text = conn.mail(MARIE, ["SIZE=26214401"])
+    assert (code, text[:9]) == (552, b"5.3.4 R7:")
+    conn.quit()
+    # R8: closed mailbox; R9: suspended professional.
+    run_cli(cfg, "patient", "close", MARTINE)
+    run_cli(cfg, "professional", "suspend", DUPOND)
+    conn = smtp(gateway, MARIE)
+    conn.mail(MARIE)
+    code, text = conn.rcpt(f"{MARTINE}@patient.mssante.fr")
+    assert (code, text[:9]) == (550, b"5.2.1 R8:")
+    conn.quit()
+    conn = smtp(gateway, DUPOND)
+    conn.mail(DUPOND)
+    code, text = conn.rcpt(PATIENT)
+    assert (code, text[:9]) == (550, b"5.7.1 R9:")
+    conn.quit()
+
+
+def test_end_of_exchange_by_header_and_subject(gateway: Gateway) -> None:
+    conn = smtp(gateway, CHRISTELLE)
+    send(conn, CHRISTELLE, [PATIENT], sample("01"))
+    send(conn, CHRISTELLE, [PATIENT], sample("04"))  # X-MSS-MES: FIN
+    conn.quit()
+    conn = smtp(gateway, DUPOND)
+    send(conn, DUPOND, [PATIENT], sample("02"))
+    send(conn, DUPOND, [PATIENT], sample("05"))  # [FIN] subject
+    conn.quit()
+    stored = mailbox(gateway.directory, INAYA)
+    # welcome, 01, 04, notice, 02, 05, notice
+    assert len(stored) == 7
+    notice = stored[3]
+    assert b"In-Reply-To: " in notice and b"Auto-Submitted: auto-generated" in notice
+    parsed = email.message_from_bytes(notice, policy=email.policy.default)
+    assert parsed["Subject"] == "Christelle Thomas a mis fin à vos échanges"
+    text_part = parsed.get_body(("plain",))
+    assert text_part is not None and "Christelle Thomas a mis fin" in text_part.get_content()
+    msg04_id = [ln for ln in sample("04").split(b"\r\n") if ln.lower().startswith(b"message-id:")]
+    assert msg04_id[0].split(b":", 1)[1].strip() in notice
+    contacts = run_cli(gateway.config, "exchange", "list", "--patient", INAYA, "--json").stdout
+    assert contacts.count('"state": "ended"') == 3  # Christelle, her Reply-To Marie, Dupond
+    refused = run_cli(gateway.config, "check", "--from", PATIENT, "--to", CHRISTELLE, check=False)
+    assert refused.returncode == 1 and "R3" in refused.stdout
+    # A later message re-opens (R2).
+    conn = smtp(gateway, CHRISTELLE)
+    send(conn, CHRISTELLE, [PATIENT], sample("01"))
+    conn.quit()
+    assert run_cli(gateway.config, "check", "--from", PATIENT, "--to", CHRISTELLE,
+                   check=False).returncode == 0
+
+
+def raw_session(gw: Gateway, client: str) -> ssl.SSLSocket:
+    ctx = tls_context(gw, client)
+    sock = socket.create_connection(("127.0.0.1", gw.ports["smtp"]), timeout=30)
+    f = sock.makefile("rb")
+    assert f.readline().startswith(b"220")
+    sock.sendall(b"EHLO raw.test\r\n")
+    while not f.readline().startswith(b"250 "):
+        pass
+    sock.sendall(b"STARTTLS\r\n")
+    assert f.readline().startswith(b"220")
+    f.close()
+    tls = ctx.wrap_socket(sock, server_hostname="127.0.0.1")
+    return tls
+
+
+def exchange(sock: ssl.SSLSocket, data: bytes) -> list[bytes]:
+    sock.sendall(data)
+    lines: list[bytes] = []
+    buf = b""
+    while True:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return lines
+        buf += chunk
+        while b"\r\n" in buf:
+            line, buf = buf.split(b"\r\n", 1)
+            lines.append(line)
+            if line[3:4] == b" ":
+                return lines
+
+
+def raw_mail(sock: ssl.SSLSocket, sender: str, rcpt: str) -> None:
+    assert exchange(sock, b"EHLO raw.test\r\n")[-1].startswith(b"250 ")
+    assert exchange(sock, f"MAIL FROM:<{sender}>\r\n".encode())[0].startswith(b"250")
+    assert exchange(sock, f"RCPT TO:<{rcpt}>\r\n".encode())[0].startswith(b"250")
+    assert exchange(sock, b"DATA\r\n")[0].startswith(b"354")
+
+
+def test_smuggling_bare_lf_refused(gateway: Gateway) -> None:
+    with raw_session(gateway, DUPOND) as sock:
+        raw_mail(sock, DUPOND, PATIENT)
+        reply = exchange(sock, sample("10") + b"\r\n.\r\n")
+        assert reply[0].startswith(b"554 5.6.0"), reply
+        # The smuggled commands were never run: the session is still in its own state.
+        assert exchange(sock, b"NOOP\r\n")[0].startswith(b"250")
+        assert exchange(sock, b"QUIT\r\n")[0].startswith(b"221")
+        assert len(mailbox(gateway.directory, INAYA)) == 1  # welcome only
+
+
+def test_bare_cr_refused(gateway: Gateway) -> None:
+    with raw_session(gateway, DUPOND) as sock:
+        raw_mail(sock, DUPOND, PATIENT)
+        data = f"From: {DUPOND}\r\nSubject: x\r\n\r\nhello\rworld\r\n.\r\n".encode()
+        assert exchange(sock, data)[0].startswith(b"554 5.6.0")
+
+
+def test_long_header_line_refused_and_server_answers(gateway: Gateway) -> None:
+    conn = smtp(gateway, DUPOND)
+    with pytest.raises(smtplib.SMTPDataError) as info:
+        conn.sendmail(DUPOND, [PATIENT], sample("12"))
+    assert info.value.smtp_code == 554 and b"998" in info.value.smtp_error
+    assert conn.noop()[0] == 250
+    assert send(conn, DUPOND, [PATIENT], sample("02")) == {}
+    conn.quit()
+
+
+def test_broken_mime_stored_cleanly(gateway: Gateway) -> None:
+    data = sample("11")
+    assert b"\x00" in data
+    conn = smtp(gateway, DUPOND)
+    assert send(conn, DUPOND, [PATIENT], data) == {}
+    conn.quit()
+    assert body_after_received(mailbox(gateway.directory, INAYA)[1]) == data
+
+
+def test_client_vanishing_mid_data_stores_nothing(gateway: Gateway) -> None:
+    with raw_session(gateway, DUPOND) as sock:
+        raw_mail(sock, DUPOND, PATIENT)
+        sock.sendall(b"From: " + DUPOND.encode() + b"\r\nSubject: half\r\n\r\n" + b"x" * 5000)
+        sock.close()
+        time.sleep(0.3)
+        conn = smtp(gateway, DUPOND)  # the server still answers
+        assert conn.noop()[0] == 250
+        conn.quit()
+        assert len(mailbox(gateway.directory, INAYA)) == 1
+
+
+def test_pipelined_commands_after_data(gateway: Gateway) -> None:
+    with raw_session(gateway, DUPOND) as sock:
+        raw_mail(sock, DUPOND, PATIENT)
+        data = f"From: {DUPOND}\r\nSubject: p\r\n\r\nbody\r\n.\r\nNOOP\r\n".encode()
+        sock.sendall(data)
+        with sock.makefile("rb") as f:
+            assert f.readline().startswith(b"250 2.0.0")
+            assert f.readline().startswith(b"250")  # the NOOP sent in the same packet
+
+
+def test_sigkill_after_250_loses_nothing(gateway: Gateway) -> None:
+    conn = smtp(gateway, DUPOND)
+    assert send(conn, DUPOND, [PATIENT], sample("02")) == {}
+    gateway.kill()  # SIGKILL right after the 250
+    conn.close()
+    gateway.start()
+    stored = mailbox(gateway.directory, INAYA)
+    assert len(stored) == 2 and body_after_received(stored[1]) == sample("02")
+
+
+def test_sigterm_exits_zero(gateway: Gateway) -> None:
+    conn = smtp(gateway, DUPOND)
+    conn.mail(DUPOND)
+    assert gateway.stop(signal.SIGTERM) == 0
+    code, text = conn.rcpt(PATIENT)  # the session was told the service is stopping
+    assert (code, text[:5]) == (421, b"4.3.2")
+    conn.close()
+    assert "stopped" in gateway.log()
+    assert "Traceback" not in gateway.log()
+
+
+@pytest.mark.skipif(shutil.which("swaks") is None, reason="swaks not installed (.ci/run "
+                    "installs it)")
+def test_swaks_delivers_with_certificate(gateway: Gateway) -> None:
+    folder = gateway.directory / "clients" / CHRISTELLE
+    result = subprocess.run(
+        ["swaks", "--server", f"127.0.0.1:{gateway.ports['smtp']}", "--tls",
+         "--tls-ca-path", str(gateway.ca), "--tls-cert", str(folder / "cert.pem"),
+         "--tls-key", str(folder / "key.pem"), "--from", CHRISTELLE, "--to", PATIENT,
+         "--data", "@" + str(SAMPLES / "01-secretary-appointment.eml")],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "<~  250 2.0.0 message stored" in result.stdout
+    assert len(mailbox(gateway.directory, INAYA)) == 2
+
+
+@pytest.mark.skipif(shutil.which("swaks") is None, reason="swaks not installed")
+def test_swaks_refusal_r8(gateway: Gateway) -> None:
+    folder = gateway.directory / "clients" / MARIE
+    result = subprocess.run(
+        ["swaks", "--server", f"127.0.0.1:{gateway.ports['smtp']}", "--tls",
+         "--tls-ca-path", str(gateway.ca), "--tls-cert", str(folder / "cert.pem"),
+         "--tls-key", str(folder / "key.pem"), "--from", MARIE,
+         "--to", "289456789012345@patient.mssante.fr",
+         "--data", "@" + str(SAMPLES / "14-to-invalid-ins-key.eml")],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode != 0
+    assert re.search(r"553 5\.1\.3 R8: invalid patient address", result.stdout), result.stdout
+
+
+def test_no_traceback_in_log(gateway: Gateway) -> None:
+    conn = smtp(gateway, DUPOND)
+    conn.docmd("MAIL FROM:<<<>>>")
+    conn.docmd("RCPT TO:<x>")
+    conn.docmd("BOGUS")
+    conn.quit()
+    assert "Traceback" not in gateway.log()
+
+
