@@ -375,8 +375,9 @@ class Store:
                 raise Conflict(f"patient {ins} already exists") from None
             patient_id = int(result.scalar_one())
             boxes = await self.create_default_mailboxes(conn, patient_id)
-            await self.append(conn, boxes["INBOX"], welcome, MessageFields(
-                subject="welcome"))
+            from imap_store.derive import derive
+
+            await self.append(conn, boxes["INBOX"], welcome, derive(welcome))
             await self.audit(conn, actor, "patient.add", ins)
             return await self._get_patient(conn, ins)
 

@@ -14,8 +14,9 @@ from email.policy import compat32
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from gateway.config import Config
+from imap_store.derive import derive
 from imap_store.notices import Templates
-from imap_store.store import MessageFields, Store
+from imap_store.store import Store
 from policy.addresses import domain_of
 from policy.rules import Decision, Identity, decide_from_header, is_end_of_exchange
 
@@ -34,12 +35,6 @@ class IncomingMessage:
     references: str | None
     date: datetime | None
 
-    def fields(self) -> MessageFields:
-        return MessageFields(
-            message_id=self.message_id, in_reply_to=self.in_reply_to,
-            references=self.references, subject=self.subject,
-            from_addr=self.from_addrs[0] if self.from_addrs else None, sent_date=self.date,
-        )
 
 
 def _decode(value: str | None) -> str:
@@ -114,7 +109,7 @@ class Delivery:
             trusted = set(await store.trusted_domains(conn))
             reply_to = [(a, n) for a, n in message.reply_to if domain_of(a) in trusted]
             blob_id = await store.blobs.put(conn, raw)
-            fields = message.fields()
+            fields = derive(raw)
             for address, patient_id, ins in recipients:
                 inbox = await store.mailbox_id(conn, patient_id, "INBOX")
                 stored = await store.append(conn, inbox, raw, fields, blob_id=blob_id)
@@ -142,7 +137,4 @@ class Delivery:
             patient_name=patient_name, professional_name=professional_name,
             service_name=service,
         )
-        await self.store.append(conn, inbox, raw, MessageFields(
-            subject=subject, in_reply_to=message.message_id, references=references,
-            from_addr=self.config.system_sender,
-        ))
+        await self.store.append(conn, inbox, raw, derive(raw))
