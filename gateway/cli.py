@@ -46,7 +46,41 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("subject", metavar=what)
         p.add_argument("--out", type=Path, required=True)
         p.add_argument("--force", action="store_true")
+    queue = sub.add_parser("queue", parents=[common], help="the outbound queue")
+    queue_sub = queue.add_subparsers(dest="action", required=True)
+    p = queue_sub.add_parser("list", parents=[common])
+    p.add_argument("--all", action="store_true", help="include sent, bounced and merged rows")
+    p = queue_sub.add_parser("retry", parents=[common], help="make queued items due now")
+    target = p.add_mutually_exclusive_group(required=True)
+    target.add_argument("id", nargs="?", type=int)
+    target.add_argument("--all", action="store_true")
+    queue_sub.add_parser("drop", parents=[common]).add_argument("id", type=int)
     return parser
+
+
+async def cmd_queue(args: argparse.Namespace) -> int:
+    from gateway.cliutil import open_store, table
+    from gateway.queue import drop_item, list_items, retry_items
+
+    config = load_config(config_path(args.config))
+    store = await open_store(config)
+    try:
+        if args.action == "list":
+            items = await list_items(store, include_done=args.all)
+            emit([i.as_dict() for i in items], args.json, lambda _: table(
+                [(i.id, i.kind, i.state, i.recipient, i.attempts,
+                  i.next_attempt_at.strftime("%Y-%m-%d %H:%M:%S"), (i.last_error or "")[:60])
+                 for i in items],
+                ("ID", "KIND", "STATE", "RECIPIENT", "TRIES", "NEXT (UTC)", "LAST ERROR")))
+        elif args.action == "retry":
+            count = await retry_items(store, None if args.all else args.id)
+            emit({"retried": count}, args.json, lambda _: f"{count} item(s) due now")
+        else:
+            item = await drop_item(store, args.id)
+            emit(item.as_dict(), args.json, lambda _: f"dropped queue item {item.id}")
+    finally:
+        await store.close()
+    return EXIT_OK
 
 
 async def cmd_init(args: argparse.Namespace) -> int:
@@ -109,7 +143,7 @@ async def cmd_serve(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handlers = {"init": cmd_init, "certs": cmd_certs, "serve": cmd_serve}
+    handlers = {"init": cmd_init, "certs": cmd_certs, "serve": cmd_serve, "queue": cmd_queue}
     return run(PROG, lambda: handlers[args.command](args))
 
 

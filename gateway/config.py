@@ -63,6 +63,11 @@ class OutboundConfig:
     routes: Mapping[str, Listen] = field(default_factory=dict)
     cert: Path | None = None  # our operator client certificate for relaying
     key: Path | None = None
+    #: Seconds to wait before each new try after a temporary failure; the last one repeats
+    #: until ``max_age``. Jitter of +/-10 % is added.
+    retry_schedule: tuple[int, ...] = (60, 300, 900, 1800, 3600, 7200, 14400)
+    #: Seconds after which an undelivered message bounces (5 days, RFC 5321 §4.5.4.1).
+    max_age: int = 5 * 24 * 3600
 
 
 @dataclass(frozen=True)
@@ -259,11 +264,19 @@ def build_config(raw: Mapping[str, Any], path: Path) -> Config:
         listen = parse_listen(target, f"outbound.routes.{domain}")
         if listen is not None:
             routes[domain.lower()] = listen
+    outbound.used.add("retry_schedule")
+    schedule = outbound.data.get("retry_schedule", list(OutboundConfig.retry_schedule))
+    if (not isinstance(schedule, list) or not schedule
+            or not all(isinstance(x, int) and not isinstance(x, bool) and x > 0
+                       for x in schedule)):
+        raise ConfigError("outbound.retry_schedule: expected a non-empty list of seconds > 0")
     outbound_cfg = OutboundConfig(
         default_relay=outbound.listen("default_relay"),
         routes=routes,
         cert=outbound.path("cert"),
         key=outbound.path("key"),
+        retry_schedule=tuple(schedule),
+        max_age=outbound.integer("max_age", OutboundConfig.max_age),
     )
     outbound.finish()
 
@@ -359,6 +372,8 @@ login_url = "https://{domain}/"
 default_relay = ""               # "host:port" for professionals' domains without a route
 cert = "certs/server.pem"        # our client certificate presented to relays
 key = "certs/server.key"
+retry_schedule = [60, 300, 900, 1800, 3600, 7200, 14400]   # seconds between tries
+max_age = 432000                 # bounce after 5 days
 
 [outbound.routes]
 # "medecin.mssante.fr" = "mx.medecin.mssante.fr:25"

@@ -13,6 +13,7 @@ import signal
 import sys
 
 from gateway.config import Config
+from gateway.queue import QueueWorker
 from gateway.tls import server_context
 from imap_store.db import migrate
 from imap_store.notices import Templates
@@ -50,6 +51,9 @@ async def serve(config: Config) -> int:
         budget=DataBudget(config.limits.data_in_flight),
     )
     ctx.authenticator.audit = ctx.audit_later
+    queue = QueueWorker(config, store, ctx.templates)
+    ctx.queue_wakeup = queue.poke
+    queue.start()
     servers: list[asyncio.Server] = []
     try:
         for name, listen, implicit in (("smtp", config.smtp, False),
@@ -76,6 +80,7 @@ async def serve(config: Config) -> int:
     finally:
         for server in servers:
             server.close()
+        await queue.stop()
         await writer.close()
         await store.close()
     log.info("stopped")

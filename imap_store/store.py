@@ -448,6 +448,11 @@ class Store:
             return PatientFacts(ins=ins, exists=False), 0
         return PatientFacts(ins=ins, exists=True, state=MailboxState(row.state)), int(row.id)
 
+    async def patient_notify_email(self, conn: AsyncConnection, patient_id: int) -> str:
+        result = await conn.execute(
+            select(t.patient.c.notify_email).where(t.patient.c.id == patient_id))
+        return str(result.scalar_one())
+
     async def patient_name(self, conn: AsyncConnection, patient_id: int) -> str:
         result = await conn.execute(select(t.patient.c.name).where(t.patient.c.id == patient_id))
         return str(result.scalar_one())

@@ -11,14 +11,24 @@ from datetime import datetime
 from email.parser import BytesHeaderParser
 from email.policy import compat32
 
+from sqlalchemy import and_, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from gateway.config import Config
-from imap_store.derive import derive
+from gateway.queue import enqueue_notification, enqueue_relay
+from imap_store import schema as t
+from imap_store.derive import derive, fields_from_info
+from imap_store.mime import MessageInfo
 from imap_store.notices import Templates
 from imap_store.store import Store
 from policy.addresses import domain_of
-from policy.rules import Decision, Identity, decide_from_header, is_end_of_exchange
+from policy.rules import (
+    Decision,
+    Identity,
+    decide_from_header,
+    decide_patient_message,
+    is_end_of_exchange,
+)
 
 
 @dataclass(frozen=True)
@@ -120,8 +130,53 @@ class Delivery:
                 await store.audit(conn, identity.describe(), "deliver", ins,
                                   {"from": sender, "uid": stored.uid, "size": len(raw),
                                    "end_of_exchange": ends})
+                notify_email = await store.patient_notify_email(conn, patient_id)
+                await enqueue_notification(conn, patient_id, self.config.system_sender,
+                                           notify_email)
 
         return run
+
+    async def check_patient_message(self, identity: Identity, mail_from: str,
+                                    message: IncomingMessage,
+                                    info: MessageInfo) -> Decision:
+        """R10 (From: is the patient) and R6 (subject of a new conversation, attachments)."""
+        decision = decide_from_header(mail_from, message.from_addrs)
+        if not decision.allowed:
+            return decision
+        starts = True
+        if info.in_reply_to:
+            async with self.store.read() as conn:
+                starts = not await self._in_mailbox(conn, identity.account_id, info.in_reply_to)
+        return decide_patient_message(info.subject, starts, info.attachments_total_size)
+
+    async def _in_mailbox(self, conn: AsyncConnection, patient_id: int, message_id: str) -> bool:
+        row = (await conn.execute(
+            select(t.message.c.id)
+            .join(t.mailbox, t.mailbox.c.id == t.message.c.mailbox_id)
+            .where(and_(t.mailbox.c.patient_id == patient_id,
+                        t.message.c.message_id == message_id[:998]))
+            .limit(1)
+        )).first()
+        return row is not None
+
+    def patient_job(self, identity: Identity, mail_from: str, recipients: list[str],
+                    raw: bytes, info: MessageInfo) -> Callable[[AsyncConnection], Awaitable[None]]:
+        """Copy in Sent and one queued relay per recipient, in one transaction (SPEC §6.1)."""
+        patient_id = identity.account_id
+
+        async def run(conn: AsyncConnection) -> None:
+            store = self.store
+            blob_id = await store.blobs.put(conn, raw)
+            sent = await store.mailbox_id(conn, patient_id, "Sent")
+            stored = await store.append(conn, sent, raw, fields_from_info(info),
+                                        flags=t.FLAG_SEEN, blob_id=blob_id)
+            for recipient in recipients:
+                await enqueue_relay(conn, patient_id, mail_from, recipient, blob_id)
+            await store.audit(conn, identity.describe(), "submit", ",".join(recipients),
+                              {"uid": stored.uid, "size": len(raw)})
+
+        return run
+
 
     async def _end_notice(self, conn: AsyncConnection, patient_id: int, inbox: int,
                           address: str, professional_name: str,

@@ -19,6 +19,7 @@ class Reply:
 
 SENDER_OK = Reply(250, "2.1.0", "sender accepted")
 QUEUED = Reply(250, "2.0.0", "message stored")
+QUEUED_OUT = Reply(250, "2.0.0", "message queued for delivery, copy in Sent")
 AUTH_OK = Reply(235, "2.7.0", "authentication succeeded")
 AUTH_FAILED = Reply(535, "5.7.8", "authentication failed")
 AUTH_THROTTLED = Reply(454, "4.7.0", "too many failed logins, try again later")
@@ -35,7 +36,6 @@ INTERNAL_ERROR = Reply(451, "4.3.0", "internal error, try again later")
 SHUTTING_DOWN = Reply(421, "4.3.2", "service shutting down, try again later")
 TOO_MANY_CONNECTIONS = Reply(421, "4.7.0", "too many connections from your address")
 NO_VALID_RECIPIENTS = Reply(554, "5.5.1", "no valid recipients")
-PATIENT_DATA_NOT_YET = Reply(451, "4.3.0", "messages from patients are not accepted yet")
 MALFORMED_HEADERS = Reply(554, "5.6.0", "message refused: headers cannot be parsed")
 NOT_PROFESSIONAL = Reply(550, "5.7.1", "only professionals and operators may send here")
 

@@ -16,6 +16,7 @@ import collections
 import logging
 import secrets
 import ssl
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +24,7 @@ from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, Session
 
 from gateway.config import Config, Listen
 from gateway.tls import peer_identity
+from imap_store.mime import parse_message
 from imap_store.notices import Templates
 from imap_store.store import Store
 from imap_store.writer import GroupWriter
@@ -38,7 +40,7 @@ from policy.rules import (
 )
 from smtp_in import replies
 from smtp_in.data import DataReader, DataState
-from smtp_in.delivery import Delivery, parse_incoming
+from smtp_in.delivery import Delivery, IncomingMessage, parse_incoming
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +85,11 @@ class IntakeContext:
     sessions: set[GatewaySMTP] = field(default_factory=set)
     per_ip: collections.Counter[str] = field(default_factory=collections.Counter)
     stopping: bool = False
+    queue_wakeup: Callable[[], None] | None = None
+
+    def poke_queue(self) -> None:
+        if self.queue_wakeup is not None:
+            self.queue_wakeup()
 
     def audit_later(self, actor: str, action: str, subject: str,
                     detail: dict[str, object]) -> None:
@@ -308,12 +315,12 @@ class GatewaySMTP(SMTP):
         assert identity is not None and self.envelope is not None
         mail_from = self.envelope.mail_from or ""
         raw = reader.message()
-        if identity.role is Role.PATIENT:
-            return str(replies.PATIENT_DATA_NOT_YET)
         message = parse_incoming(raw)
         if message is None:
             return str(replies.MALFORMED_HEADERS)
         delivery = Delivery(self.ctx.store, self.ctx.config, self.ctx.templates)
+        if identity.role is Role.PATIENT:
+            return await self._finish_patient(delivery, identity, mail_from, raw, message)
         decision = await delivery.check_headers(identity, mail_from, message)
         if not decision.allowed:
             self.ctx.audit_later(identity.describe(), "refuse", mail_from, decision.as_dict())
@@ -329,7 +336,31 @@ class GatewaySMTP(SMTP):
             return str(replies.INTERNAL_ERROR)
         log.info("conn=%s stored a message for %d recipient(s)", self.conn_id,
                  len(self.accepted))
+        self.ctx.poke_queue()
         return str(replies.QUEUED)
+
+    async def _finish_patient(self, delivery: Delivery, identity: Identity, mail_from: str,
+                              raw: bytes, message: IncomingMessage) -> str:
+        """A patient's message (R6, R10): copy in Sent, relays queued, one transaction."""
+        received = self._received_header()
+        stored = received + raw
+        info = await asyncio.to_thread(parse_message, stored) if len(stored) > 1 << 20 \
+            else parse_message(stored)
+        decision = await delivery.check_patient_message(identity, mail_from, message, info)
+        if not decision.allowed:
+            self.ctx.audit_later(identity.describe(), "refuse", mail_from, decision.as_dict())
+            return decision.reply
+        recipients = [address for address, _pid, _ins in self.accepted]
+        try:
+            await self.ctx.writer.submit(
+                delivery.patient_job(identity, mail_from, recipients, stored, info))
+        except Exception:
+            log.exception("conn=%s submission failed", self.conn_id)
+            return str(replies.INTERNAL_ERROR)
+        log.info("conn=%s queued a patient message for %d recipient(s)", self.conn_id,
+                 len(recipients))
+        self.ctx.poke_queue()
+        return str(replies.QUEUED_OUT)
 
     def _received_header(self) -> bytes:
         """RFC 5321 §4.4 trace field naming TLS version, cipher and the identity."""

@@ -115,11 +115,10 @@ def cli_in_process(config: Path, *args: str, stdin: str = "",
         sys.stdin = saved
 
 
-@pytest.fixture
-def gateway(gw_dir: Path) -> Iterator[object]:
-    """A running gateway with the sample people: professionals (Christelle with a password
-    and a certificate, Marie, Dupond, the lab), patients Inaya and Martine, and an operator
-    certificate for medecin.mssante.fr."""
+def prepare_gateway(gw_dir: Path) -> object:
+    """Populate a gateway directory with the sample people (not started yet): professionals
+    (Christelle with a password and all with certificates), patients Inaya and Martine, and
+    an operator certificate for medecin.mssante.fr."""
     from tests.gateway_proc import Gateway
 
     gw = Gateway(gw_dir)
@@ -141,8 +140,15 @@ def gateway(gw_dir: Path) -> Iterator[object]:
                 prog="mssante-gateway")
     run_cli(cfg, "certs", "operator", "medecin.mssante.fr", "--out",
             str(gw_dir / "clients" / "operator"), prog="mssante-gateway")
-    gw.start()
+    return gw
+
+
+@pytest.fixture
+def gateway(gw_dir: Path) -> Iterator[object]:
+    """A running gateway with the sample people (see ``prepare_gateway``)."""
+    gw = prepare_gateway(gw_dir)
+    gw.start()  # type: ignore[attr-defined]
     try:
         yield gw
     finally:
-        gw.kill()
+        gw.kill()  # type: ignore[attr-defined]
