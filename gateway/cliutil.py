@@ -16,10 +16,12 @@ from typing import Any, NoReturn
 from sqlalchemy.exc import SQLAlchemyError
 
 from gateway.config import Config, ConfigError, config_path, load_config
+from gateway.tls import TlsConfigError
 from imap_store.db import StorageError, migrate
 from imap_store.store import Conflict, NotFound, Store
 from policy.addresses import InvalidIdentity
 from policy.passwords import WeakPassword
+from smtp_in.server import ListenError
 
 EXIT_OK = 0
 EXIT_REFUSED = 1
@@ -104,6 +106,10 @@ def run(prog: str, main: Callable[[], Coroutine[Any, Any, int]]) -> int:
         fail(prog, f"configuration: {exc}", EXIT_USAGE)
     except StorageError as exc:
         fail(prog, f"storage: {exc}", EXIT_REFUSED)
+    except ListenError as exc:
+        fail(prog, str(exc), EXIT_REFUSED)
+    except TlsConfigError as exc:
+        fail(prog, f"tls: {exc}", EXIT_USAGE)
     except (SQLAlchemyError, OSError) as exc:
         fail(prog, f"storage: database unavailable or failing ({exc.__class__.__name__})",
              EXIT_REFUSED)

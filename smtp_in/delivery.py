@@ -130,9 +130,10 @@ class Delivery:
                 await store.audit(conn, identity.describe(), "deliver", ins,
                                   {"from": sender, "uid": stored.uid, "size": len(raw),
                                    "end_of_exchange": ends})
-                notify_email = await store.patient_notify_email(conn, patient_id)
-                await enqueue_notification(conn, patient_id, self.config.system_sender,
-                                           notify_email)
+                if self.config.notifier.relay is not None:
+                    notify_email = await store.patient_notify_email(conn, patient_id)
+                    await enqueue_notification(conn, patient_id, self.config.system_sender,
+                                               notify_email)
 
         return run
 

@@ -52,6 +52,10 @@ COMMAND_TIMEOUT = 300
 DRAIN_SECONDS = 30.0
 
 
+class ListenError(Exception):
+    """A listener could not be opened (port in use, no permission, bad address)."""
+
+
 class DataBudget:
     """Bytes of DATA held in memory by all sessions of the process (SPEC §9)."""
 
@@ -460,10 +464,14 @@ class Handler:
 async def start_listener(ctx: IntakeContext, name: str, listen: Listen,
                          implicit_tls: bool) -> asyncio.Server:
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(
-        lambda: GatewaySMTP(ctx, name, implicit_tls), listen.host, listen.port,
-        ssl=ctx.tls if implicit_tls else None, reuse_address=True,
-    )
+    try:
+        server = await loop.create_server(
+            lambda: GatewaySMTP(ctx, name, implicit_tls), listen.host, listen.port,
+            ssl=ctx.tls if implicit_tls else None, reuse_address=True,
+        )
+    except OSError as exc:
+        raise ListenError(f"[{name}] listen = \"{listen}\": cannot listen "
+                          f"({exc.strerror or exc})") from None
     log.info("%s listening on %s", name, listen)
     return server
 
