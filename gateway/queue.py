@@ -414,34 +414,40 @@ class QueueWorker:
                          row.notify_email, data, require_tls=False)
 
     def render_notification(self, patient_name: str, notify_email: str) -> bytes:
-        """The notification e-mail: multipart/alternative, French, DKIM-signed, and nothing
-        about the message itself (no sender, subject, content or attachment)."""
-        cfg = self.config
-        service = cfg.notifier.service_name
-        ctx = {"patient_name": patient_name, "service_name": service,
-               "login_url": cfg.notifier.login_url,
-               "subject": f"Nouveau message dans votre messagerie {service}"}
-        msg = EmailMessage()
-        msg["From"] = formataddr((service, cfg.system_sender))
-        msg["To"] = notify_email
-        msg["Subject"] = ctx["subject"]
-        msg["Date"] = format_datetime(datetime.now(UTC))
-        msg["Message-ID"] = make_msgid(domain=cfg.domains.service)
-        msg["Auto-Submitted"] = "auto-generated"
-        msg.set_content(self.templates.render("notification.txt.j2", **ctx), subtype="plain",
-                        charset="utf-8", cte="quoted-printable")
-        msg.add_alternative(self.templates.render("notification.html.j2", **ctx),
-                            subtype="html", charset="utf-8", cte="quoted-printable")
-        data = msg.as_bytes(policy=msg.policy.clone(linesep="\r\n"))
-        if self._dkim_key is not None:
-            signature = dkim.sign(
-                data, cfg.notifier.dkim_selector.encode(), domain_of(cfg.system_sender).encode(),
-                self._dkim_key,
-                include_headers=[b"from", b"to", b"subject", b"date", b"message-id",
-                                 b"mime-version", b"content-type", b"auto-submitted"],
-            )
-            data = signature + data
-        return data
+        return render_notification(self.config, self.templates, self._dkim_key, patient_name,
+                                   notify_email)
+
+
+def render_notification(config: Config, templates: Templates, dkim_key: bytes | None,
+                        patient_name: str, notify_email: str) -> bytes:
+    """The notification e-mail: multipart/alternative, French, DKIM-signed, and nothing
+    about the message itself (no sender, subject, content or attachment)."""
+    cfg = config
+    service = cfg.notifier.service_name
+    ctx = {"patient_name": patient_name, "service_name": service,
+           "login_url": cfg.notifier.login_url,
+           "subject": f"Nouveau message dans votre messagerie {service}"}
+    msg = EmailMessage()
+    msg["From"] = formataddr((service, cfg.system_sender))
+    msg["To"] = notify_email
+    msg["Subject"] = ctx["subject"]
+    msg["Date"] = format_datetime(datetime.now(UTC))
+    msg["Message-ID"] = make_msgid(domain=cfg.domains.service)
+    msg["Auto-Submitted"] = "auto-generated"
+    msg.set_content(templates.render("notification.txt.j2", **ctx), subtype="plain",
+                    charset="utf-8", cte="quoted-printable")
+    msg.add_alternative(templates.render("notification.html.j2", **ctx),
+                        subtype="html", charset="utf-8", cte="quoted-printable")
+    data = msg.as_bytes(policy=msg.policy.clone(linesep="\r\n"))
+    if dkim_key is not None:
+        signature = dkim.sign(
+            data, cfg.notifier.dkim_selector.encode(), domain_of(cfg.system_sender).encode(),
+            dkim_key,
+            include_headers=[b"from", b"to", b"subject", b"date", b"message-id",
+                             b"mime-version", b"content-type", b"auto-submitted"],
+        )
+        data = signature + data
+    return data
 
 
 def _tls_name(host: str, recipient: str) -> str:
