@@ -16,6 +16,7 @@ from gateway.config import Config
 from gateway.queue import QueueWorker
 from gateway.tls import server_context
 from imap_store.db import migrate
+from imap_store.imap.server import ImapService
 from imap_store.notices import Templates
 from imap_store.store import Store
 from imap_store.writer import GroupWriter
@@ -54,6 +55,7 @@ async def serve(config: Config) -> int:
     queue = QueueWorker(config, store, ctx.templates)
     ctx.queue_wakeup = queue.poke
     queue.start()
+    imap = ImapService(config, store, writer, ctx.authenticator, tls, ctx.audit_later)
     servers: list[asyncio.Server] = []
     try:
         for name, listen, implicit in (("smtp", config.smtp, False),
@@ -61,13 +63,16 @@ async def serve(config: Config) -> int:
                                        ("submissions", config.submissions, True)):
             if listen is not None:
                 servers.append(await start_listener(ctx, name, listen, implicit))
+        servers.extend(await imap.start())
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         listening = " ".join(
             f"{n}={lst}" for n, lst in (("smtp", config.smtp), ("submission", config.submission),
-                                        ("submissions", config.submissions)) if lst is not None)
+                                        ("submissions", config.submissions),
+                                        ("imap", config.imap), ("imaps", config.imaps))
+            if lst is not None)
         log.info("ready %s", listening)
         print(f"mssante-gateway ready: {listening}", file=sys.stderr, flush=True)
         await stop.wait()
@@ -75,12 +80,14 @@ async def serve(config: Config) -> int:
         for server in servers:
             server.close()
         await drain_sessions(ctx)
+        await imap.drain()
         for server in servers:
             await server.wait_closed()
     finally:
         for server in servers:
             server.close()
         await queue.stop()
+        await imap.close()
         await writer.close()
         await store.close()
     log.info("stopped")

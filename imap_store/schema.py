@@ -109,6 +109,8 @@ mailbox = Table(
     Column("uidnext", BigInteger, nullable=False, default=1),
     Column("highestmodseq", BigInteger, nullable=False, default=1),
     Column("subscribed", Integer, nullable=False, default=1),
+    # Highest UID already announced as \Recent to one session (RFC 3501 §2.3.2; migration 0002).
+    Column("recent_uid", BigInteger, nullable=False, default=0, server_default="0"),
     UniqueConstraint("patient_id", "name", name="uq_mailbox_patient_name"),
 )
 

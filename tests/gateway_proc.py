@@ -65,8 +65,18 @@ class Gateway:
         return self.directory / "certs" / "ca.pem"
 
     def assign_ports(self) -> None:
+        # Keep every probe socket open until all ports are chosen, so no two are the same.
+        probes = []
+        try:
+            for name in LISTENERS:
+                s = socket.socket()
+                s.bind(("127.0.0.1", 0))
+                probes.append(s)
+                self.ports[name] = int(s.getsockname()[1])
+        finally:
+            for s in probes:
+                s.close()
         for name in LISTENERS:
-            self.ports[name] = free_port()
             set_listen(self.config, name, f"127.0.0.1:{self.ports[name]}")
 
     def start(self, timeout: float = 30.0) -> None:

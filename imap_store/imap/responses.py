@@ -1,0 +1,120 @@
+"""Server responses of the IMAP edge and session, as named objects and small renderers
+(RFC 3501 §7, §9). Shared by the server and the tests, never scattered as string literals.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from imap_store import schema as t
+from imap_store.imap.commands import encode_mailbox_name
+
+#: RFC 7889 APPENDLIMIT: the largest message APPEND takes, equal to the SMTP SIZE of rule R7.
+APPEND_LIMIT = 26_214_400
+
+#: Flags every mailbox supports (RFC 3501 §2.3.2); ``\\*`` in PERMANENTFLAGS: keywords too.
+SYSTEM_FLAGS_TEXT = b"\\Answered \\Flagged \\Deleted \\Seen \\Draft"
+
+_FLAG_NAMES = (
+    (t.FLAG_SEEN, b"\\Seen"),
+    (t.FLAG_ANSWERED, b"\\Answered"),
+    (t.FLAG_FLAGGED, b"\\Flagged"),
+    (t.FLAG_DELETED, b"\\Deleted"),
+    (t.FLAG_DRAFT, b"\\Draft"),
+)
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """A completion result (RFC 3501 §7.1): ``<tag> <status> [<code>] <text>``."""
+
+    status: str
+    text: str
+    code: str | None = None
+
+    def tagged(self, tag: str | None) -> bytes:
+        code = f"[{self.code}] " if self.code else ""
+        return f"{tag or '*'} {self.status} {code}{self.text}\r\n".encode()
+
+    def untagged(self) -> bytes:
+        return self.tagged(None)
+
+
+# Greetings and goodbyes
+GREETING = Reply("OK", "mssante-gateway IMAP4rev1 ready")
+BYE_LOGOUT = Reply("BYE", "Logging out")
+BYE_TIMEOUT = Reply("BYE", "Autologout: idle for too long")
+BYE_TOO_MANY_BAD = Reply("BYE", "Too many invalid commands")
+BYE_TOO_MANY_CONNECTIONS = Reply("BYE", "Too many connections from your address", "UNAVAILABLE")
+BYE_SHUTTING_DOWN = Reply("BYE", "Server shutting down", "UNAVAILABLE")
+BYE_SERVERBUG = Reply("BYE", "Internal error, please reconnect", "SERVERBUG")
+
+# Refusals
+BAD_STATE_SELECTED = Reply("BAD", "No mailbox selected")
+BAD_STATE_AUTH = Reply("BAD", "Log in first")
+BAD_STATE_NOT_AUTH = Reply("BAD", "Already logged in")
+BAD_SEQUENCE = Reply("BAD", "Invalid message sequence number")
+BAD_LINE_TOO_LONG = Reply("BAD", "Line too long")
+BAD_EXPECTED_DONE = Reply("BAD", "Expected DONE")
+BAD_STARTTLS = Reply("BAD", "TLS is already active")
+BAD_STARTTLS_PIPELINED = Reply("BAD", "Nothing may follow STARTTLS before the handshake")
+BAD_AUTH_CANCELLED = Reply("BAD", "Authentication cancelled")
+BAD_AUTH_SYNTAX = Reply("BAD", "Invalid SASL PLAIN response")
+NO_TOOBIG = Reply("NO", "Literal too large", "TOOBIG")
+NO_LOGIN_DISABLED = Reply("NO", "Use STARTTLS before logging in", "PRIVACYREQUIRED")
+NO_AUTH_FAILED = Reply("NO", "Invalid credentials", "AUTHENTICATIONFAILED")
+NO_AUTH_THROTTLED = Reply("NO", "Too many failed logins, try again later", "UNAVAILABLE")
+NO_MECHANISM = Reply("NO", "Unsupported authentication mechanism", "CANNOT")
+NO_READ_ONLY = Reply("NO", "Mailbox is read-only", "READ-ONLY")
+NO_EMPTY_MESSAGE = Reply("NO", "Empty message", "CANNOT")
+NO_NONEXISTENT = Reply("NO", "No such mailbox", "NONEXISTENT")
+NO_PATTERN_TOO_LONG = Reply("NO", "Pattern too long", "LIMIT")
+
+
+def quote(text: str) -> bytes:
+    """A mailbox name as an IMAP quoted string (modified UTF-7, RFC 3501 §5.1.3)."""
+    encoded = encode_mailbox_name(text)
+    return b'"' + encoded.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
+
+
+def quoted_text(text: str) -> bytes:
+    """Plain ASCII text of our own as a quoted string (ID values)."""
+    data = text.encode("ascii", "replace")
+    return b'"' + data.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
+
+
+def literal(data: bytes) -> bytes:
+    return b"{%d}\r\n" % len(data) + data
+
+
+def render_flags(bits: int, keywords: str, recent: bool = False) -> bytes:
+    """``(\\Seen ... keyword)`` of a message (RFC 3501 §2.3.2, §7.4.2 FLAGS)."""
+    names = [name for bit, name in _FLAG_NAMES if bits & bit]
+    if recent:
+        names.append(b"\\Recent")
+    if keywords:
+        names.extend(k.encode("ascii", "replace") for k in keywords.split())
+    return b"(" + b" ".join(names) + b")"
+
+
+def render_date(value: datetime) -> bytes:
+    """INTERNALDATE ``"dd-Mon-yyyy hh:mm:ss +0000"`` in UTC (RFC 3501 §9 date-time)."""
+    value = value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    return (
+        f'"{value.day:2d}-{_MONTHS[value.month - 1]}-{value.year:04d} '
+        f'{value.hour:02d}:{value.minute:02d}:{value.second:02d} +0000"'
+    ).encode("ascii")
+
+
+def capabilities(*, tls: bool, starttls: bool, authenticated: bool) -> bytes:
+    """CAPABILITY list for the connection's state (RFC 3501 §6.1.1, §6.2.1, §6.2.3)."""
+    caps = ["IMAP4rev1", "LITERAL+", "ID", "ENABLE", "IDLE", "NAMESPACE", "UNSELECT"]
+    if not tls:
+        caps += ["STARTTLS", "LOGINDISABLED"] if starttls else ["LOGINDISABLED"]
+    elif not authenticated:
+        caps += ["AUTH=PLAIN", "SASL-IR"]
+    if authenticated:
+        caps += ["UIDPLUS", "MOVE", "SPECIAL-USE", "CHILDREN", f"APPENDLIMIT={APPEND_LIMIT}"]
+    return " ".join(caps).encode("ascii")

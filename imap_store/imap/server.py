@@ -1,0 +1,361 @@
+"""The asyncio edge of the IMAP server (SPEC §5, RFC 3501): listeners with STARTTLS (``imap``)
+or implicit TLS (``imaps``), the read loop feeding the sans-IO parser and session, literal
+continuations, IDLE, timeouts, per-IP connection and bad-command limits, and the per-process
+change watcher that tells sessions a selected mailbox moved.
+
+Unexpected errors end the connection with ``* BYE [SERVERBUG]``; the exception is logged with
+the connection id, never written to the client. Logs carry no credentials and no health data
+(no mailbox names, subjects or addresses).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import asyncio.sslproto
+import collections
+import logging
+import secrets
+import ssl
+from collections.abc import Callable
+from typing import Any
+
+from gateway.config import Config, Listen
+from imap_store.imap import responses as r
+from imap_store.imap.commands import StartTls
+from imap_store.imap.parser import CommandParser
+from imap_store.imap.session import Action, Session
+from imap_store.mailstore import SqlMailStores
+from imap_store.store import Store
+from imap_store.writer import GroupWriter
+from policy.authn import Authenticator, LoginResult
+
+log = logging.getLogger(__name__)
+
+#: How often the selected mailboxes of this process are polled for changes (one query for
+#: all of them): other sessions' changes show within a second (SPEC §5).
+POLL_INTERVAL = 0.5
+#: Seconds a client may stay silent before logging in (RFC 3501 §5.4 only constrains the
+#: authenticated autologout timer, ``[limits] idle_timeout``, at least 30 minutes).
+PREAUTH_TIMEOUT = 60.0
+#: Seconds for a TLS handshake.
+HANDSHAKE_TIMEOUT = 30.0
+#: Bytes read from the socket at once.
+READ_CHUNK = 64 * 1024
+#: Pending output above which the writer waits for the client to read.
+WRITE_HIGH_WATER = 256 * 1024
+#: Grace period for commands in flight when the service stops (SIGTERM).
+DRAIN_SECONDS = 30.0
+#: Per-connection TLS read buffer of asyncio (``SSLProtocol.max_size``, 256 KiB by default,
+#: allocated and zero-filled for every connection). Idle IMAP connections must stay small
+#: (target < 100 KB each): 32 KiB still holds two full TLS records (RFC 8446 §5.1).
+TLS_READ_BUFFER = 32 * 1024
+
+AuditFn = Callable[[str, str, str, dict[str, object]], None]
+
+
+class ChangeWatcher:
+    """Per-process registry of selected mailboxes: polls their ``highestmodseq`` (one query
+    for all of them every :data:`POLL_INTERVAL`) and wakes the sessions of a mailbox that
+    moved. Changes made in this process are announced at once with :meth:`touched`."""
+
+    def __init__(self, stores: SqlMailStores, interval: float = POLL_INTERVAL) -> None:
+        self._stores = stores
+        self._interval = interval
+        self._listeners: dict[int, set[Callable[[], None]]] = {}
+        self._latest: dict[int, int] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="imap-change-watcher")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+
+    def watch(self, mailbox_id: int, modseq: int, listener: Callable[[], None]) -> None:
+        self._listeners.setdefault(mailbox_id, set()).add(listener)
+        self._latest[mailbox_id] = max(self._latest.get(mailbox_id, 0), modseq)
+
+    def unwatch(self, mailbox_id: int, listener: Callable[[], None]) -> None:
+        listeners = self._listeners.get(mailbox_id)
+        if listeners is None:
+            return
+        listeners.discard(listener)
+        if not listeners:
+            del self._listeners[mailbox_id]
+            self._latest.pop(mailbox_id, None)
+
+    def latest(self, mailbox_id: int) -> int:
+        return self._latest.get(mailbox_id, 0)
+
+    def touched(self, mailbox_id: int, modseq: int) -> None:
+        if mailbox_id in self._listeners and modseq > self._latest.get(mailbox_id, 0):
+            self._latest[mailbox_id] = modseq
+            self._notify(mailbox_id)
+
+    def _notify(self, mailbox_id: int) -> None:
+        for listener in list(self._listeners.get(mailbox_id, ())):
+            listener()
+
+    async def poll(self) -> None:
+        if not self._listeners:
+            return
+        values = await self._stores.highestmodseqs(list(self._listeners))
+        for mailbox_id, modseq in values.items():
+            if mailbox_id in self._listeners and modseq > self._latest.get(mailbox_id, 0):
+                self._latest[mailbox_id] = modseq
+                self._notify(mailbox_id)
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self._interval)
+            try:
+                await self.poll()
+            except Exception:
+                log.exception("change watcher poll failed")
+
+
+class _Output:
+    """Where a session writes: the stream, with back-pressure and a write timeout."""
+
+    __slots__ = ("timeout", "writer")
+
+    def __init__(self, writer: asyncio.StreamWriter, timeout: float) -> None:
+        self.writer = writer
+        self.timeout = timeout
+
+    async def write(self, data: bytes) -> None:
+        if self.writer.is_closing():
+            raise ConnectionResetError("connection closed")
+        self.writer.write(data)
+        transport = self.writer.transport
+        if transport.get_write_buffer_size() > WRITE_HIGH_WATER:
+            async with asyncio.timeout(self.timeout):
+                await self.writer.drain()
+
+
+class ImapService:
+    """Both IMAP listeners of one ``serve`` process and everything their sessions share."""
+
+    def __init__(self, config: Config, store: Store, writer: GroupWriter,
+                 authenticator: Authenticator, tls: ssl.SSLContext, audit: AuditFn) -> None:
+        self.config = config
+        self.tls = tls
+        self.authenticator = authenticator
+        self.audit = audit
+        self.stores = SqlMailStores(store, writer.submit)
+        self.watcher = ChangeWatcher(self.stores)
+        self.servers: list[asyncio.Server] = []
+        self.connections: dict[asyncio.StreamWriter, _Connection] = {}
+        self.per_ip: collections.Counter[tuple[str, str]] = collections.Counter()
+        self.stopping = False
+
+    async def start(self) -> list[asyncio.Server]:
+        """Start the configured listeners (``[imap]`` STARTTLS, ``[imaps]`` implicit TLS)."""
+        # Process-wide asyncio setting (the SMTP listeners benefit too): see TLS_READ_BUFFER.
+        asyncio.sslproto.SSLProtocol.max_size = TLS_READ_BUFFER
+        self.watcher.start()
+        for name, listen, implicit in (("imap", self.config.imap, False),
+                                       ("imaps", self.config.imaps, True)):
+            if listen is not None:
+                self.servers.append(await self.start_listener(name, listen, implicit))
+        return list(self.servers)
+
+    async def start_listener(self, name: str, listen: Listen, implicit: bool) -> asyncio.Server:
+        async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await self._serve(name, implicit, reader, writer)
+
+        server = await asyncio.start_server(
+            handler, listen.host, listen.port, ssl=self.tls if implicit else None,
+            ssl_handshake_timeout=HANDSHAKE_TIMEOUT if implicit else None, reuse_address=True,
+            limit=READ_CHUNK,
+        )
+        log.info("%s listening on %s", name, listen)
+        return server
+
+    async def _serve(self, listener: str, implicit: bool, reader: asyncio.StreamReader,
+                     writer: asyncio.StreamWriter) -> None:
+        peer = writer.get_extra_info("peername")
+        ip = str(peer[0]) if peer else "?"
+        key = (listener, ip)
+        self.per_ip[key] += 1
+        conn_id = secrets.token_hex(4)
+        try:
+            if self.stopping or self.per_ip[key] > self.config.limits.connections_per_ip:
+                reply = r.BYE_SHUTTING_DOWN if self.stopping else r.BYE_TOO_MANY_CONNECTIONS
+                writer.write(reply.untagged())
+                log.info("conn=%s refused (%s)", conn_id,
+                         "stopping" if self.stopping else "connections per IP")
+                return
+            connection = _Connection(self, conn_id, ip, implicit, reader, writer)
+            self.connections[writer] = connection
+            log.info("conn=%s %s connection", conn_id, listener)
+            try:
+                await connection.run()
+            except (ConnectionError, TimeoutError, ssl.SSLError, asyncio.IncompleteReadError):
+                log.info("conn=%s connection lost", conn_id)
+            except Exception:
+                log.exception("conn=%s unexpected error", conn_id)
+                try:
+                    writer.write(r.BYE_SERVERBUG.untagged())
+                except (RuntimeError, OSError):
+                    pass
+            finally:
+                connection.session.close_quietly()
+                self.connections.pop(writer, None)
+        finally:
+            self.per_ip[key] -= 1
+            if self.per_ip[key] <= 0:
+                del self.per_ip[key]
+            await _close(writer)
+            log.info("conn=%s closed", conn_id)
+
+    async def drain(self, grace: float = DRAIN_SECONDS) -> None:
+        """SIGTERM: stop accepting, let commands in flight finish, then say BYE to all."""
+        self.stopping = True
+        for server in self.servers:
+            server.close()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        while any(c.busy for c in self.connections.values()) and loop.time() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
+        for writer in list(self.connections):
+            if not writer.is_closing():
+                try:
+                    writer.write(r.BYE_SHUTTING_DOWN.untagged())
+                except (RuntimeError, OSError):
+                    pass
+                writer.close()
+        while self.connections and loop.time() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
+
+    async def close(self) -> None:
+        for server in self.servers:
+            server.close()
+        await self.watcher.close()
+
+
+async def _close(writer: asyncio.StreamWriter) -> None:
+    try:
+        writer.close()
+        async with asyncio.timeout(5):
+            await writer.wait_closed()
+    except (OSError, TimeoutError, ssl.SSLError, RuntimeError):
+        pass
+
+
+class _Connection:
+    """One client: the read loop between the socket, the parser and the session."""
+
+    def __init__(self, service: ImapService, conn_id: str, ip: str, implicit: bool,
+                 reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.service = service
+        self.conn_id = conn_id
+        self.ip = ip
+        self.reader = reader
+        self.writer = writer
+        self.busy = False
+        self.idle_timeout = float(service.config.limits.idle_timeout)
+        self.parser = CommandParser(max_literal=0)
+        self.session = Session(
+            _Output(writer, self.idle_timeout), tls=implicit, starttls_available=not implicit,
+            login=self._login, mail_factory=service.stores.for_patient,
+            watcher=service.watcher, audit=service.audit, conn_id=conn_id,
+        )
+
+    async def _login(self, user: str, password: str) -> LoginResult:
+        return await self.service.authenticator.login(
+            user, password, self.ip, "imap", patients_only=True)
+
+    async def run(self) -> None:
+        session, parser = self.session, self.parser
+        await session.greet()
+        while True:
+            parser.max_literal = r.APPEND_LIMIT if session.authenticated else 0
+            event = parser.next_event()
+            if event is None:
+                data = await self._read()
+                if not data:
+                    return
+                parser.feed(data)
+                continue
+            if isinstance(event, StartTls) and (parser.buffered_bytes or self._unread()):
+                # RFC 3501 §6.2.1, §11.1: nothing pipelined after STARTTLS may run inside TLS.
+                await session.out.write(r.BAD_STARTTLS_PIPELINED.tagged(event.tag))
+                return
+            self.busy = True
+            try:
+                action = await session.handle(event)
+            finally:
+                self.busy = False
+            if action is Action.CLOSE:
+                return
+            if action is Action.EXPECT_LINE:
+                parser.expect_line()
+            elif action is Action.REJECT_LITERAL:
+                parser.reject_literal()
+            elif action is Action.STARTTLS:
+                await self.writer.start_tls(self.service.tls,
+                                            ssl_handshake_timeout=HANDSHAKE_TIMEOUT)
+                session.tls_started()
+                log.info("conn=%s TLS started", self.conn_id)
+
+    def _unread(self) -> int:
+        buffered = getattr(self.reader, "_buffer", b"")
+        return len(buffered)
+
+    async def _read(self) -> bytes:
+        session = self.session
+        timeout = self.idle_timeout if session.authenticated else PREAUTH_TIMEOUT
+        if not session.idling:
+            try:
+                async with asyncio.timeout(timeout):
+                    return await self.reader.read(READ_CHUNK)
+            except TimeoutError:
+                await session.out.write(r.BYE_TIMEOUT.untagged())
+                return b""
+        return await self._read_idling(timeout_s=timeout)
+
+    async def _read_idling(self, *, timeout_s: float) -> bytes:
+        """IDLE (RFC 2177): wait for DONE while reporting changes; IDLE renews the timer."""
+        session = self.session
+        wake = asyncio.Event()
+        session.wake = wake.set
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        read_task: asyncio.Task[bytes] = asyncio.create_task(self.reader.read(READ_CHUNK))
+        wake_task: asyncio.Task[Any] | None = None
+        try:
+            while True:
+                wake_task = asyncio.create_task(wake.wait())
+                done, _pending = await asyncio.wait(
+                    {read_task, wake_task}, timeout=max(0.0, deadline - loop.time()),
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+                if read_task in done:
+                    return read_task.result()
+                if wake_task in done:
+                    wake.clear()
+                    self.busy = True
+                    try:
+                        await session.idle_update()
+                    finally:
+                        self.busy = False
+                    continue
+                await session.out.write(r.BYE_TIMEOUT.untagged())
+                return b""
+        finally:
+            session.wake = None
+            for task in (read_task, wake_task):
+                if task is not None and not task.done():
+                    task.cancel()
+                    try:
+                        await task
+                    except asyncio.CancelledError:
+                        pass
