@@ -32,7 +32,8 @@ from typing import Any
 
 import aiosmtplib
 import dkim
-from sqlalchemy import and_, delete, insert, or_, select, update
+from sqlalchemy import and_, delete, or_, select, update
+from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from gateway.config import Config, Listen
@@ -40,6 +41,7 @@ from gateway.tls import client_context
 from imap_store import schema as t
 from imap_store.derive import derive
 from imap_store.notices import Templates
+from imap_store.ops import Stmt
 from imap_store.store import NotFound, Store, as_utc, utcnow
 from policy.addresses import domain_of, patient_address
 
@@ -95,33 +97,33 @@ def _item(row: Any) -> QueueItem:
 # --- enqueueing (inside the caller's transaction) ----------------------------------------
 
 
-async def enqueue_relay(conn: AsyncConnection, patient_id: int, sender: str, recipient: str,
-                        blob_id: int) -> int:
-    now = utcnow()
-    result = await conn.execute(insert(t.outbound).values(
-        kind=RELAY, patient_id=patient_id, sender=sender, recipient=recipient,
-        blob_id=blob_id, state="queued", attempts=0, next_attempt_at=now, created_at=now,
-    ).returning(t.outbound.c.id))
-    return int(result.scalar_one())
+_WAITING_NOTIFICATION = Stmt(
+    "SELECT id FROM outbound WHERE kind = 'notification' AND patient_id = :patient_id "
+    "AND state = 'queued' AND attempts = 0 LIMIT 1")
+_INSERT_OUTBOUND = Stmt(
+    "INSERT INTO outbound (kind, patient_id, sender, recipient, blob_id, state, attempts, "
+    "next_attempt_at, created_at) VALUES (:kind, :patient_id, :sender, :recipient, :blob_id, "
+    "'queued', 0, :now, :now) RETURNING id", datetimes=("now",))
 
 
-async def enqueue_notification(conn: AsyncConnection, patient_id: int, sender: str,
-                               notify_email: str) -> int | None:
+def enqueue_relay(conn: Connection, patient_id: int, sender: str, recipient: str,
+                  blob_id: int) -> int:
+    row = _INSERT_OUTBOUND.first(conn, {
+        "kind": RELAY, "patient_id": patient_id, "sender": sender, "recipient": recipient,
+        "blob_id": blob_id, "now": utcnow()})
+    return int(row[0])
+
+
+def enqueue_notification(conn: Connection, patient_id: int, sender: str,
+                         notify_email: str) -> int | None:
     """Queue a notification unless one for this patient is still waiting (merged)."""
-    waiting = (await conn.execute(
-        select(t.outbound.c.id).where(and_(
-            t.outbound.c.kind == NOTIFICATION, t.outbound.c.patient_id == patient_id,
-            t.outbound.c.state == "queued", t.outbound.c.attempts == 0,
-        )).limit(1)
-    )).first()
+    waiting = _WAITING_NOTIFICATION.first(conn, {"patient_id": patient_id})
     if waiting is not None:
         return None
-    now = utcnow()
-    result = await conn.execute(insert(t.outbound).values(
-        kind=NOTIFICATION, patient_id=patient_id, sender=sender, recipient=notify_email,
-        blob_id=None, state="queued", attempts=0, next_attempt_at=now, created_at=now,
-    ).returning(t.outbound.c.id))
-    return int(result.scalar_one())
+    row = _INSERT_OUTBOUND.first(conn, {
+        "kind": NOTIFICATION, "patient_id": patient_id, "sender": sender,
+        "recipient": notify_email, "blob_id": None, "now": utcnow()})
+    return int(row[0])
 
 
 # --- admin (mssante-gateway queue) ---------------------------------------------------------

@@ -7,24 +7,30 @@ Every query that touches mailbox data is scoped by the owner patient's id.
 
 from __future__ import annotations
 
-import hashlib
+import asyncio
 import json
 import secrets
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
-from typing import Any, Protocol
+from datetime import datetime
+from typing import Any, Protocol, TypeVar
 
-from sqlalchemy import Integer, and_, delete, func, insert, select, text, update
+from sqlalchemy import Integer, and_, delete, func, insert, select, update
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from imap_store import ops
 from imap_store import schema as t
-from imap_store.db import create_engine, is_sqlite, write_transaction
-from policy.audit import GENESIS_HASH, AuditRecord, canonical_detail, chain_hash, first_broken
-from policy.rules import ContactFacts, MailboxState, PatientFacts, ProfessionalFacts
+from imap_store.db import create_engine, create_sync_sqlite_engine, write_transaction
+from imap_store.fields import MessageFields as MessageFields
+from imap_store.fields import StoredMessage as StoredMessage
+from imap_store.fields import as_utc as as_utc
+from imap_store.fields import utcnow as utcnow
+from policy.audit import AuditRecord, first_broken
+from policy.rules import ContactFacts, PatientFacts, ProfessionalFacts
 
-_AUDIT_LOCK_KEY = 0x617564  # "aud": serialises appends to the audit chain on PostgreSQL
+T = TypeVar("T")
 
 #: Special-use mailboxes every patient has (RFC 6154), created with the patient.
 DEFAULT_MAILBOXES: tuple[tuple[str, str | None], ...] = (
@@ -41,15 +47,6 @@ class NotFound(LookupError):
 
 class Conflict(ValueError):
     """The thing to create exists already, or the change is not allowed."""
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
-
-
-def as_utc(value: datetime) -> datetime:
-    """SQLite gives naive datetimes back: they were written in UTC."""
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
 @dataclass(frozen=True)
@@ -112,26 +109,6 @@ class MailboxCounts:
     unseen: int
 
 
-@dataclass(frozen=True)
-class StoredMessage:
-    mailbox_id: int
-    uid: int
-    modseq: int
-
-
-@dataclass(frozen=True)
-class MessageFields:
-    """Header fields derived once at delivery (ARCHITECTURE: compute once)."""
-
-    message_id: str | None = None
-    in_reply_to: str | None = None
-    references: str | None = None
-    subject: str | None = None
-    from_addr: str | None = None
-    sent_date: datetime | None = None
-    meta: str | None = None  # JSON
-
-
 class BlobStore(Protocol):
     """Immutable message bodies (SPEC §5: in the database by default)."""
 
@@ -144,11 +121,7 @@ class DatabaseBlobStore:
     """Bodies in the ``blob`` table, one row per stored body."""
 
     async def put(self, conn: AsyncConnection, data: bytes) -> int:
-        digest = hashlib.sha256(data).hexdigest()
-        result = await conn.execute(
-            insert(t.blob).values(sha256=digest, size=len(data), data=data).returning(t.blob.c.id)
-        )
-        return int(result.scalar_one())
+        return await conn.run_sync(ops.blob_put, data)
 
     async def get(self, conn: AsyncConnection, blob_id: int) -> bytes:
         result = await conn.execute(select(t.blob.c.data).where(t.blob.c.id == blob_id))
@@ -164,16 +137,37 @@ def new_uidvalidity() -> int:
 
 
 class Store:
-    def __init__(self, engine: AsyncEngine, blobs: BlobStore | None = None) -> None:
+    def __init__(self, engine: AsyncEngine, blobs: BlobStore | None = None,
+                 sync_engine: Engine | None = None) -> None:
         self.engine = engine
         self.blobs: BlobStore = blobs or DatabaseBlobStore()
+        #: SQLite only: the same file through pysqlite, used from worker threads.
+        self.sync_engine = sync_engine
 
     @classmethod
     def from_url(cls, url: str) -> Store:
-        return cls(create_engine(url))
+        return cls(create_engine(url), sync_engine=create_sync_sqlite_engine(url))
 
     async def close(self) -> None:
         await self.engine.dispose()
+        if self.sync_engine is not None:
+            self.sync_engine.dispose()
+
+    async def run_read(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run a synchronous read ``fn(conn, *args)`` in one transaction: in a worker thread
+        on SQLite (one hop for all its statements), through run_sync on PostgreSQL."""
+        if self.sync_engine is not None:
+            value: T = await asyncio.to_thread(self._read_in_thread, fn, *args)
+            return value
+        async with self.engine.connect() as conn:
+            result: T = await conn.run_sync(fn, *args)
+            await conn.rollback()
+            return result
+
+    def _read_in_thread(self, fn: Callable[..., T], *args: Any) -> T:
+        assert self.sync_engine is not None
+        with self.sync_engine.connect() as conn, conn.begin():
+            return fn(conn, *args)
 
     def write(self) -> Any:
         """``async with store.write() as conn``: one durable write transaction."""
@@ -189,21 +183,7 @@ class Store:
         detail: dict[str, Any] | None = None,
     ) -> None:
         """Append one row to the hash chain, inside the caller's write transaction."""
-        if not is_sqlite(self.engine):
-            await conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _AUDIT_LOCK_KEY})
-        result = await conn.execute(
-            select(t.audit.c.hash).order_by(t.audit.c.id.desc()).limit(1)
-        )
-        prev = result.scalar_one_or_none() or GENESIS_HASH
-        at = utcnow()
-        detail_json = canonical_detail(detail)
-        digest = chain_hash(prev, at, actor, action, subject, detail_json)
-        await conn.execute(
-            insert(t.audit).values(
-                at=at, actor=actor, action=action, subject=subject, detail=detail_json,
-                prev_hash=prev, hash=digest,
-            )
-        )
+        await conn.run_sync(ops.audit, actor, action, subject, detail)
 
     async def audit_records(self, limit: int | None = None) -> list[AuditRecord]:
         query = select(t.audit).order_by(t.audit.c.id.desc() if limit else t.audit.c.id)
@@ -225,17 +205,14 @@ class Store:
     # --- trusted domains -----------------------------------------------------------------
 
     async def trusted_domains(self, conn: AsyncConnection | None = None) -> list[str]:
-        query = select(t.trusted_domain.c.name).order_by(t.trusted_domain.c.name)
         if conn is not None:
-            return list((await conn.execute(query)).scalars())
+            return await conn.run_sync(ops.trusted_domains)
         async with self.read() as c:
-            return list((await c.execute(query)).scalars())
+            names: list[str] = await c.run_sync(ops.trusted_domains)
+            return names
 
     async def is_trusted_domain(self, conn: AsyncConnection, domain: str) -> bool:
-        result = await conn.execute(
-            select(t.trusted_domain.c.id).where(t.trusted_domain.c.name == domain.lower())
-        )
-        return result.first() is not None
+        return await conn.run_sync(ops.is_trusted_domain, domain)
 
     async def add_domains(self, actor: str, names: Iterable[str], source: str) -> list[str]:
         """Add domains; return those that were new."""
@@ -328,25 +305,10 @@ class Store:
 
     async def professional_by_address(self, conn: AsyncConnection, address: str) -> Any:
         """The directory row (id, name, state, cert_fingerprint) or None."""
-        return (await conn.execute(
-            select(t.professional.c.id, t.professional.c.name, t.professional.c.state,
-                   t.professional.c.cert_fingerprint)
-            .where(t.professional.c.address == address)
-        )).first()
+        return await conn.run_sync(ops.professional_by_address, address)
 
     async def professional_facts(self, conn: AsyncConnection, address: str) -> ProfessionalFacts:
-        domain = address.rpartition("@")[2]
-        row = (await conn.execute(
-            select(t.professional.c.state, t.professional.c.name)
-            .where(t.professional.c.address == address)
-        )).first()
-        return ProfessionalFacts(
-            address=address,
-            in_directory=row is not None,
-            active=row is not None and row.state == "active",
-            trusted_domain=await self.is_trusted_domain(conn, domain),
-            name=row.name if row is not None else "",
-        )
+        return await conn.run_sync(ops.professional_facts, address)
 
     # --- patients ------------------------------------------------------------------------
 
@@ -441,21 +403,13 @@ class Store:
 
     async def patient_facts(self, conn: AsyncConnection, ins: str) -> tuple[PatientFacts, int]:
         """Facts about a recipient INS and its id (0 when unknown)."""
-        row = (await conn.execute(
-            select(t.patient.c.id, t.patient.c.state).where(t.patient.c.ins == ins)
-        )).first()
-        if row is None:
-            return PatientFacts(ins=ins, exists=False), 0
-        return PatientFacts(ins=ins, exists=True, state=MailboxState(row.state)), int(row.id)
+        return await conn.run_sync(ops.patient_facts, ins)
 
     async def patient_notify_email(self, conn: AsyncConnection, patient_id: int) -> str:
-        result = await conn.execute(
-            select(t.patient.c.notify_email).where(t.patient.c.id == patient_id))
-        return str(result.scalar_one())
+        return await conn.run_sync(ops.patient_notify_email, patient_id)
 
     async def patient_name(self, conn: AsyncConnection, patient_id: int) -> str:
-        result = await conn.execute(select(t.patient.c.name).where(t.patient.c.id == patient_id))
-        return str(result.scalar_one())
+        return await conn.run_sync(ops.patient_name, patient_id)
 
     async def mailbox_counts(self, patient_id: int) -> list[MailboxCounts]:
         """Per-mailbox message and unseen counts (counts only, never content)."""
@@ -476,15 +430,10 @@ class Store:
         return [MailboxCounts(r[0], int(r[1]), int(r[2])) for r in rows]
 
     async def mailbox_id(self, conn: AsyncConnection, patient_id: int, name: str) -> int:
-        result = await conn.execute(
-            select(t.mailbox.c.id).where(
-                and_(t.mailbox.c.patient_id == patient_id, t.mailbox.c.name == name)
-            )
-        )
-        value = result.scalar_one_or_none()
-        if value is None:
-            raise NotFound(f"mailbox {name} not found")
-        return int(value)
+        try:
+            return await conn.run_sync(ops.mailbox_id, patient_id, name)
+        except ops.MissingMailbox as exc:
+            raise NotFound(str(exc)) from None
 
     # --- messages ------------------------------------------------------------------------
 
@@ -495,27 +444,14 @@ class Store:
     ) -> StoredMessage:
         """Store one message in a mailbox; the UID and MODSEQ are allocated atomically in the
         database (the mailbox row is locked by the UPDATE until commit)."""
-        result = await conn.execute(
-            update(t.mailbox)
-            .where(t.mailbox.c.id == mailbox_id)
-            .values(uidnext=t.mailbox.c.uidnext + 1, highestmodseq=t.mailbox.c.highestmodseq + 1)
-            .returning(t.mailbox.c.uidnext, t.mailbox.c.highestmodseq)
-        )
-        row = result.one()
-        uid, modseq = int(row[0]) - 1, int(row[1])
         if blob_id is None:
             blob_id = await self.blobs.put(conn, raw)
-        await conn.execute(
-            insert(t.message).values(
-                mailbox_id=mailbox_id, uid=uid, modseq=modseq, flags=flags, keywords=keywords,
-                internal_date=internal_date or utcnow(), size=len(raw), blob_id=blob_id,
-                message_id=fields.message_id, in_reply_to=fields.in_reply_to,
-                references=fields.references, subject=fields.subject,
-                from_addr=fields.from_addr, sent_date=fields.sent_date,
-                thread_id=fields.message_id, meta=fields.meta,
-            )
-        )
-        return StoredMessage(mailbox_id, uid, modseq)
+
+        def run(c: Connection) -> StoredMessage:
+            return ops.append(c, mailbox_id, raw, fields, blob_id=blob_id, flags=flags,
+                              keywords=keywords, internal_date=internal_date)
+
+        return await conn.run_sync(run)
 
     # --- exchanges -----------------------------------------------------------------------
 
@@ -523,56 +459,15 @@ class Store:
         self, conn: AsyncConnection, patient_id: int, professional_address: str,
         professional_name: str, reply_to: Sequence[tuple[str, str]] = (),
     ) -> int:
-        """R2: a delivered professional message opens (or re-opens) the exchange; R4: its
-        Reply-To addresses become reachable within it."""
-        now = utcnow()
-        row = (await conn.execute(
-            select(t.exchange.c.id, t.exchange.c.state).where(and_(
-                t.exchange.c.patient_id == patient_id,
-                t.exchange.c.professional_address == professional_address,
-            ))
-        )).first()
-        if row is None:
-            exchange_id = int((await conn.execute(
-                insert(t.exchange).values(
-                    patient_id=patient_id, professional_address=professional_address,
-                    professional_name=professional_name, state="open", since=now,
-                ).returning(t.exchange.c.id)
-            )).scalar_one())
-        else:
-            exchange_id = int(row.id)
-            values: dict[str, Any] = {"professional_name": professional_name}
-            if row.state != "open":
-                values.update(state="open", since=now)
-            await conn.execute(
-                update(t.exchange).where(t.exchange.c.id == exchange_id).values(**values)
-            )
-        for address, name in reply_to:
-            if address == professional_address:
-                continue
-            exists = (await conn.execute(
-                select(t.exchange_alias.c.id).where(and_(
-                    t.exchange_alias.c.exchange_id == exchange_id,
-                    t.exchange_alias.c.address == address,
-                ))
-            )).first()
-            if exists is None:
-                await conn.execute(insert(t.exchange_alias).values(
-                    exchange_id=exchange_id, address=address, name=name, since=now))
-        return exchange_id
+        """R2 opens (or re-opens) the exchange; R4 Reply-To addresses join it."""
+        return await conn.run_sync(ops.open_exchange, patient_id, professional_address,
+                                   professional_name, reply_to)
 
     async def end_exchanges(
         self, conn: AsyncConnection, patient_id: int, professional_address: str
     ) -> bool:
         """R5: end the exchange of this professional with the patient; False if none open."""
-        result = await conn.execute(
-            update(t.exchange).where(and_(
-                t.exchange.c.patient_id == patient_id,
-                t.exchange.c.professional_address == professional_address,
-                t.exchange.c.state == "open",
-            )).values(state="ended", since=utcnow())
-        )
-        return bool(result.rowcount)
+        return await conn.run_sync(ops.end_exchanges, patient_id, professional_address)
 
     async def set_exchange_state(
         self, actor: str, ins: str, professional_address: str, state: str
@@ -626,49 +521,13 @@ class Store:
     async def contact_facts(
         self, conn: AsyncConnection, patient_id: int, address: str
     ) -> ContactFacts:
-        """R3/R4/R9 facts for a patient writing to ``address``: the most favourable of the
-        direct exchange and any exchange whose Reply-To named this address."""
-        candidates: list[tuple[str, str]] = []  # (exchange state, owner professional)
-        direct = (await conn.execute(
-            select(t.exchange.c.state, t.exchange.c.professional_address).where(and_(
-                t.exchange.c.patient_id == patient_id,
-                t.exchange.c.professional_address == address,
-            ))
-        )).all()
-        candidates.extend((r[0], r[1]) for r in direct)
-        via = (await conn.execute(
-            select(t.exchange.c.state, t.exchange.c.professional_address)
-            .join(t.exchange_alias, t.exchange.c.id == t.exchange_alias.c.exchange_id)
-            .where(and_(t.exchange.c.patient_id == patient_id,
-                        t.exchange_alias.c.address == address))
-        )).all()
-        candidates.extend((r[0], r[1]) for r in via)
-        if not candidates:
-            return ContactFacts(address=address, known=False)
-        states = await self._professional_states(
-            conn, {address, *(owner for _state, owner in candidates)}
-        )
-        recipient_active = states.get(address, "active") == "active"
-        best: ContactFacts | None = None
-        for state, owner in candidates:
-            facts = ContactFacts(
-                address=address, known=True, exchange_open=state == "open",
-                owner_active=states.get(owner, "active") == "active",
-                recipient_active=recipient_active,
-            )
-            if best is None or (facts.exchange_open and facts.owner_active):
-                best = facts
-        assert best is not None
-        return best
+        """R3/R4/R9 facts for a patient writing to ``address``."""
+        return await conn.run_sync(ops.contact_facts, patient_id, address)
 
     async def _professional_states(
         self, conn: AsyncConnection, addresses: Iterable[str]
     ) -> dict[str, str]:
-        rows = await conn.execute(
-            select(t.professional.c.address, t.professional.c.state)
-            .where(t.professional.c.address.in_(list(addresses)))
-        )
-        return {r[0]: r[1] for r in rows}
+        return await conn.run_sync(ops.professional_states, list(addresses))
 
 
 def dumps_meta(meta: dict[str, Any]) -> str:

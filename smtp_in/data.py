@@ -14,14 +14,11 @@ so the reply comes at the right time and memory stays flat.
 from __future__ import annotations
 
 import enum
-import re
 from collections.abc import Callable
 
 #: RFC 5321 §4.5.3.1.6: 998 octets of text, CRLF, plus one for a transparent dot.
 MAX_LINE = 999
 _END = b"\r\n.\r\n"
-_LONG_LINE = re.compile(rb"[^\r\n]{%d}" % (MAX_LINE + 1))
-_BARE = re.compile(rb"(?<!\r)\n|\r(?=[^\n])")
 
 
 class DataState(enum.Enum):
@@ -37,16 +34,14 @@ class DataReader:
     bytes and returns False when the budget is exhausted."""
 
     def __init__(self, max_size: int, reserve: Callable[[int], bool] | None = None,
-                 max_line: int = MAX_LINE) -> None:
+                 max_line: int = MAX_LINE, reserved: int = 0) -> None:
         self.max_size = max_size
         self._reserve = reserve
         self.max_line = max_line
-        self._long = (_LONG_LINE if max_line == MAX_LINE
-                      else re.compile(rb"[^\r\n]{%d}" % (max_line + 1)))
         self.state = DataState.OK
         self.buf = bytearray(b"\r\n")  # a virtual CRLF so ".\r\n" at the start matches _END
         self.size = 0  # bytes of message seen (stuffed), including drained ones
-        self.reserved = 0
+        self.reserved = reserved  # budget already held (e.g. the declared SIZE)
         self._scan = 2  # where the next line/bare-newline scan starts
         self.done = False
         self.rest = b""  # bytes after the end-of-data (pipelined commands)
@@ -76,11 +71,20 @@ class DataReader:
         return False
 
     def _check(self) -> None:
+        """Checks the bytes from the start of the last incomplete line (``_scan``) on, with
+        C-speed scans: each byte is looked at a bounded number of times overall."""
         buf = self.buf
-        if self._long.search(buf, self._scan):
+        scan = self._scan
+        # A line is what lies between two LFs; with its CR it may be max_line + 1 long.
+        if len(buf) - scan > self.max_line + 1 and max(
+                map(len, bytes(buf[scan:]).split(b"\n"))) > self.max_line + 1:
             self.state = DataState.LINE_TOO_LONG
             return
-        if _BARE.search(buf, max(self._scan - 1, 2)):
+        # Every LF must follow a CR and every CR precede an LF (a CR at the very end may
+        # still get its LF in the next chunk).
+        crlf = buf.count(b"\r\n", scan)
+        if buf.count(b"\n", scan) != crlf or \
+                buf.count(b"\r", scan) != crlf + (1 if buf.endswith(b"\r") else 0):
             self.state = DataState.BARE_NEWLINE
             return
         body = len(buf) - 2
@@ -97,14 +101,14 @@ class DataReader:
         if last_nl >= self._scan:
             self._scan = last_nl + 1
 
-    def message(self) -> bytes:
-        """The message with dot-stuffing removed (call once, when done and OK)."""
+    def message(self, prefix: bytes = b"") -> bytes:
+        """``prefix`` then the message with dot-stuffing removed, built with one copy of the
+        data (call once, when done and OK)."""
         body = self.buf
-        del body[:2]
-        if body.startswith(b".."):
-            del body[0]
-        if b"\r\n.." in body:
-            body = bytearray(body.replace(b"\r\n..", b"\r\n."))
-        data = bytes(body)
         self.buf = bytearray()
-        return data
+        # RFC 5321 §4.5.2: the first character of a line that starts with a period is
+        # deleted (the virtual CRLF makes the first line count too).
+        if b"\r\n." in body:
+            body = bytearray(body.replace(b"\r\n.", b"\r\n"))
+        body[:2] = prefix  # replaces the virtual CRLF
+        return bytes(body)

@@ -36,7 +36,6 @@ INTERNAL_ERROR = Reply(451, "4.3.0", "internal error, try again later")
 SHUTTING_DOWN = Reply(421, "4.3.2", "service shutting down, try again later")
 TOO_MANY_CONNECTIONS = Reply(421, "4.7.0", "too many connections from your address")
 NO_VALID_RECIPIENTS = Reply(554, "5.5.1", "no valid recipients")
-MALFORMED_HEADERS = Reply(554, "5.6.0", "message refused: headers cannot be parsed")
 NOT_PROFESSIONAL = Reply(550, "5.7.1", "only professionals and operators may send here")
 
 #: Default enhanced codes added to replies that aiosmtpd writes without one (RFC 3463).

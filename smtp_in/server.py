@@ -16,20 +16,24 @@ import collections
 import logging
 import secrets
 import ssl
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from email.utils import formatdate
 from typing import Any
 
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, Session
 
 from gateway.config import Config, Listen
-from gateway.tls import peer_identity
-from imap_store.mime import parse_message
+from gateway.tls import describe_tls, peer_identity
+from imap_store import ops
+from imap_store.derive import fields_from_info
+from imap_store.mime import MessageInfo, parse_message
 from imap_store.notices import Templates
 from imap_store.store import Store
 from imap_store.writer import GroupWriter
 from policy.authn import Authenticator
-from policy.engine import judge_patient_recipient, judge_professional_recipient
+from policy.engine import judge_patient_recipient_sync, judge_professional_recipient_sync
 from policy.rules import (
     MAX_INBOUND_SIZE,
     Decision,
@@ -40,7 +44,7 @@ from policy.rules import (
 )
 from smtp_in import replies
 from smtp_in.data import DataReader, DataState
-from smtp_in.delivery import Delivery, IncomingMessage, parse_incoming
+from smtp_in.delivery import Delivery, IncomingMessage, incoming_from_info
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +54,20 @@ MAX_RECIPIENTS = 1000
 COMMAND_TIMEOUT = 300
 #: Grace period for transactions in flight when the service stops (SIGTERM).
 DRAIN_SECONDS = 30.0
+#: How long MAIL may use a cached copy of the trusted-domain list (R10 for operators).
+TRUSTED_CACHE_SECONDS = 2.0
+
+
+_date_cache: tuple[int, str] = (0, "")
+
+
+def _now_rfc5322() -> str:
+    """The current time as an RFC 5322 date, formatted once per second."""
+    global _date_cache
+    now = int(time.time())
+    if _date_cache[0] != now:
+        _date_cache = (now, formatdate(now, usegmt=True))
+    return _date_cache[1]
 
 
 class ListenError(Exception):
@@ -90,6 +108,7 @@ class IntakeContext:
     per_ip: collections.Counter[str] = field(default_factory=collections.Counter)
     stopping: bool = False
     queue_wakeup: Callable[[], None] | None = None
+    _trusted: tuple[float, frozenset[str]] | None = None
 
     def poke_queue(self) -> None:
         if self.queue_wakeup is not None:
@@ -97,10 +116,17 @@ class IntakeContext:
 
     def audit_later(self, actor: str, action: str, subject: str,
                     detail: dict[str, object]) -> None:
-        async def job(conn: Any) -> None:
-            await self.store.audit(conn, actor, action, subject, detail)
+        """Audit row written with the next group commit (nobody waits for it)."""
+        self.writer.submit_sync_nowait(
+            lambda conn: ops.audit(conn, actor, action, subject, dict(detail)))
 
-        self.writer.submit_nowait(job)
+    async def trusted_domains(self) -> frozenset[str]:
+        """The whitelist, re-read at most every ``TRUSTED_CACHE_SECONDS``."""
+        now = time.monotonic()
+        if self._trusted is None or now - self._trusted[0] > TRUSTED_CACHE_SECONDS:
+            names = await self.store.run_read(ops.trusted_domains)
+            self._trusted = (now, frozenset(names))
+        return self._trusted[1]
 
 
 class GatewaySMTP(SMTP):
@@ -119,6 +145,7 @@ class GatewaySMTP(SMTP):
         self._greeted = False
         self._in_ehlo = False
         self._peer_ip = ""
+        self._reserved = 0  # DATA budget held for the declared SIZE (RFC 1870)
         super().__init__(
             Handler(),
             data_size_limit=None,  # SIZE is ours (R7), advertised in handle_EHLO
@@ -155,6 +182,7 @@ class GatewaySMTP(SMTP):
         super().connection_made(transport)
 
     def connection_lost(self, error: Exception | None) -> None:
+        self.release_reservation()
         if self in self.ctx.sessions:
             self.ctx.sessions.discard(self)
             self.ctx.per_ip[self._peer_ip] -= 1
@@ -169,6 +197,20 @@ class GatewaySMTP(SMTP):
             return False
         result: bool | None = super().eof_received()
         return result
+
+    def reserve(self, size: int) -> bool:
+        """Hold ``size`` bytes of the DATA budget for the declared SIZE of this transaction."""
+        if not self.ctx.budget.reserve(size):
+            return False
+        self._reserved = size
+        return True
+
+    def take_reservation(self) -> int:
+        size, self._reserved = self._reserved, 0
+        return size
+
+    def release_reservation(self) -> None:
+        self.ctx.budget.release(self.take_reservation())
 
     @property
     def tls_active(self) -> bool:
@@ -283,7 +325,8 @@ class GatewaySMTP(SMTP):
             await self.push("501 5.5.4 Syntax: DATA")
             return
         self.busy = True
-        reader = DataReader(MAX_INBOUND_SIZE, reserve=self.ctx.budget.reserve)
+        reader = DataReader(MAX_INBOUND_SIZE, reserve=self.ctx.budget.reserve,
+                            reserved=self.take_reservation())
         try:
             await self.push("354 End data with <CR><LF>.<CR><LF>")
             while not reader.done:
@@ -318,22 +361,23 @@ class GatewaySMTP(SMTP):
         identity = self.identity
         assert identity is not None and self.envelope is not None
         mail_from = self.envelope.mail_from or ""
-        raw = reader.message()
-        message = parse_incoming(raw)
-        if message is None:
-            return str(replies.MALFORMED_HEADERS)
+        # The stored bytes: our trace field, then the message byte-exact; built once.
+        stored = reader.message(prefix=self._received_header())
+        info = await asyncio.to_thread(parse_message, stored) if len(stored) > 1 << 20 \
+            else parse_message(stored)
+        message = incoming_from_info(info)
         delivery = Delivery(self.ctx.store, self.ctx.config, self.ctx.templates)
         if identity.role is Role.PATIENT:
-            return await self._finish_patient(delivery, identity, mail_from, raw, message)
+            return await self._finish_patient(delivery, identity, mail_from, stored, message,
+                                              info)
         decision = await delivery.check_headers(identity, mail_from, message)
         if not decision.allowed:
             self.ctx.audit_later(identity.describe(), "refuse", mail_from, decision.as_dict())
             return decision.reply
-        received = self._received_header()
         try:
-            await self.ctx.writer.submit(
-                delivery.job(identity, mail_from, list(self.accepted),
-                             received + raw, message)
+            await self.ctx.writer.submit_sync(
+                delivery.job(identity, mail_from, list(self.accepted), stored, message,
+                             fields_from_info(info))
             )
         except Exception:
             log.exception("conn=%s delivery failed", self.conn_id)
@@ -344,19 +388,15 @@ class GatewaySMTP(SMTP):
         return str(replies.QUEUED)
 
     async def _finish_patient(self, delivery: Delivery, identity: Identity, mail_from: str,
-                              raw: bytes, message: IncomingMessage) -> str:
+                              stored: bytes, message: IncomingMessage, info: MessageInfo) -> str:
         """A patient's message (R6, R10): copy in Sent, relays queued, one transaction."""
-        received = self._received_header()
-        stored = received + raw
-        info = await asyncio.to_thread(parse_message, stored) if len(stored) > 1 << 20 \
-            else parse_message(stored)
         decision = await delivery.check_patient_message(identity, mail_from, message, info)
         if not decision.allowed:
             self.ctx.audit_later(identity.describe(), "refuse", mail_from, decision.as_dict())
             return decision.reply
         recipients = [address for address, _pid, _ins in self.accepted]
         try:
-            await self.ctx.writer.submit(
+            await self.ctx.writer.submit_sync(
                 delivery.patient_job(identity, mail_from, recipients, stored, info))
         except Exception:
             log.exception("conn=%s submission failed", self.conn_id)
@@ -368,10 +408,6 @@ class GatewaySMTP(SMTP):
 
     def _received_header(self) -> bytes:
         """RFC 5321 §4.4 trace field naming TLS version, cipher and the identity."""
-        from email.utils import formatdate
-
-        from gateway.tls import describe_tls
-
         assert self.session is not None and self.identity is not None
         ssl_object = self.transport.get_extra_info("ssl_object") if self.transport else None
         tls = describe_tls(ssl_object) if ssl_object is not None else "no TLS"
@@ -384,7 +420,7 @@ class GatewaySMTP(SMTP):
             f"\tby {self.ctx.config.hostname} (mssante-gateway) with {method} id {self.conn_id}",
             f"\t({tls})",
             f"\t(authenticated {who[:300]} by {how});",
-            f"\t{formatdate(usegmt=True)}",
+            f"\t{_now_rfc5322()}",
         ]
         return ("\r\n".join(lines) + "\r\n").encode("utf-8", "replace")
 
@@ -409,19 +445,24 @@ class Handler:
         ctx = server.ctx
         if server.identity is None:
             server.identity = await server.certificate_identity()
+        server.release_reservation()
+        declared = 0
         for option in mail_options:
             key, _, value = option.partition("=")
             if key == "SIZE" and value.isdigit():
-                decision = decide_size(int(value))
+                declared = int(value)
+                decision = decide_size(declared)
                 if not decision.allowed:
                     return decision.reply
-        trusted = await ctx.store.trusted_domains()
-        decision = decide_mail_from(server.identity, address, trusted)
+        decision = decide_mail_from(server.identity, address, await ctx.trusted_domains())
         if not decision.allowed:
             if server.identity is not None:
                 ctx.audit_later(server.identity.describe(), "refuse", address,
                                 decision.as_dict())
             return decision.reply
+        if declared and not server.reserve(declared):
+            # RFC 1870 §6.2: refuse a declared size we cannot hold now, before the data.
+            return str(replies.NO_MEMORY)
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
         server.accepted = []
@@ -436,13 +477,13 @@ class Handler:
             return "452 4.5.3 too many recipients"
         domain = ctx.config.domains.patient
         recipient = address.strip()
-        async with ctx.store.read() as conn:
-            if identity.role is Role.PATIENT:
-                verdict = await judge_patient_recipient(
-                    ctx.store, conn, identity.account_id, recipient.lower(), domain)
-            else:
-                verdict = await judge_professional_recipient(
-                    ctx.store, conn, (envelope.mail_from or "").lower(), recipient, domain)
+        if identity.role is Role.PATIENT:
+            verdict = await ctx.store.run_read(
+                judge_patient_recipient_sync, identity.account_id, recipient.lower(), domain)
+        else:
+            verdict = await ctx.store.run_read(
+                judge_professional_recipient_sync, (envelope.mail_from or "").lower(),
+                recipient, domain)
         decision: Decision = verdict.decision
         ctx.audit_later(identity.describe(), "rcpt", recipient, decision.as_dict())
         if not decision.allowed:
@@ -454,6 +495,7 @@ class Handler:
     async def handle_RSET(self, server: GatewaySMTP, session: Session,
                           envelope: Envelope) -> str:
         server.accepted = []
+        server.release_reservation()
         return "250 2.0.0 reset"
 
     async def handle_exception(self, error: Exception) -> str:

@@ -1,0 +1,349 @@
+"""SMTP intake throughput and latency, against a bare aiosmtpd sink in the same run (SPEC §10).
+
+    .venv/bin/python bench/smtp_intake.py [--sessions 20] [--messages-per-session 40]
+        [--size 4096] [--db sqlite|postgresql] [--no-pipelining] [--profile out.svg]
+
+Creates a throw-away gateway (``mssante-gateway init``, a trusted domain, professionals with
+client certificates from the dev CA, patients), starts ``mssante-gateway serve`` and runs
+``--sessions`` concurrent sessions from this process (asyncio, one process, so the load
+generator never shares the servers' event loop): STARTTLS with a professional's client
+certificate, then ``--messages-per-session`` messages of ``--size`` bytes over the one
+connection, MAIL/RCPT/DATA pipelined. Latency is per message: MAIL sent .. reply to the end
+of DATA (the ``250`` the gateway gives only once the message is durably committed).
+Then the same load against ``bench/smtp_sink.py`` (stock aiosmtpd, same TLS settings, stores
+nothing). Every accepted message is checked to be in the store.
+
+Last line: ``ratio=<gateway/sink> gateway=<n>/s sink=<n>/s p50=<ms>ms p99=<ms>ms``
+(latencies of the gateway). Targets (issue): ratio >= 0.5 at 20 sessions, p99 < 250 ms.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from benchlib import (
+    BIN,
+    GatewayDir,
+    SmtpClient,
+    client_context,
+    count_stored,
+    cpu_seconds,
+    drop_pg_schema,
+    free_port,
+    make_gateway_dir,
+    percentile,
+    start_gateway,
+    start_sink,
+    summarize_trace,
+    text_message,
+    tree_state,
+)
+
+TARGET_RATIO = 0.5
+TARGET_P99_MS = 250.0
+
+
+@dataclass
+class LoadResult:
+    name: str
+    sessions: int
+    accepted: int = 0
+    refused: collections.Counter[str] = field(default_factory=collections.Counter)
+    latencies: list[float] = field(default_factory=list)  # seconds, accepted messages only
+    wall: float = 0.0
+    warmup_accepted: int = 0
+    rounds: int = 1
+    window: tuple[float, float] = (0.0, 0.0)  # time.monotonic() at start and end
+    server_cpu: float = 0.0  # CPU seconds of the server process during ``wall``
+    server_sys: float = 0.0  # of which in the kernel
+    client_cpu: float = 0.0  # CPU seconds of this (load generator) process during ``wall``
+
+    def merge(self, other: LoadResult) -> LoadResult:
+        self.accepted += other.accepted
+        self.refused += other.refused
+        self.latencies += other.latencies
+        self.wall += other.wall
+        self.warmup_accepted += other.warmup_accepted
+        self.rounds += other.rounds
+        self.server_cpu += other.server_cpu
+        self.server_sys += other.server_sys
+        self.client_cpu += other.client_cpu
+        return self
+
+    @property
+    def rate(self) -> float:
+        return self.accepted / self.wall if self.wall else 0.0
+
+    def p(self, q: float) -> float:
+        return percentile(self.latencies, q) * 1000
+
+    def describe(self) -> str:
+        refused = sum(self.refused.values())
+        extra = f" refused={dict(self.refused)}" if refused else ""
+        if self.rounds > 1:
+            extra += f" rounds={self.rounds}"
+        return (f"{self.name}: sessions={self.sessions} accepted={self.accepted}"
+                f" wall={self.wall:.2f}s rate={self.rate:.1f}/s p50={self.p(50):.1f}ms"
+                f" p90={self.p(90):.1f}ms p99={self.p(99):.1f}ms max={self.p(100):.1f}ms"
+                f" server_cpu={100 * self.server_cpu / self.wall:.0f}%"
+                f" (sys {100 * self.server_sys / self.wall:.0f}%,"
+                f" {1000 * self.server_cpu / max(self.accepted, 1):.2f}ms/msg)"
+                f" client_cpu={100 * self.client_cpu / self.wall:.0f}%{extra}")
+
+
+async def run_load(name: str, port: int, pid: int, gw: GatewayDir, sessions: int,
+                   per_session: int, size: int, pipelining: bool,
+                   warmup: int = 1) -> LoadResult:
+    """``sessions`` connections, all set up (TLS, EHLO) and warmed up before the clock
+    starts; then each sends its messages back to back."""
+    result = LoadResult(name, sessions)
+    ca = gw.certs / "ca.pem"
+    go = asyncio.Event()
+    ready = 0
+    all_ready = asyncio.Event()
+
+    async def session(i: int) -> None:
+        nonlocal ready
+        pro = gw.professionals[i % len(gw.professionals)]
+        ctx = client_context(ca, pro.cert, pro.key)
+        messages = []
+        for k in range(warmup + per_session):
+            rcpt = gw.patient_address(i * 7 + k)
+            messages.append((rcpt, text_message(pro.address, rcpt, size, i * 100_000 + k)))
+        client = await SmtpClient.connect("127.0.0.1", port, ctx)
+        try:
+            for rcpt, data in messages[:warmup]:
+                code, text = await client.send(pro.address, [rcpt], data, pipelining)
+                if code == 250:
+                    result.warmup_accepted += 1
+                else:
+                    result.refused[text[:40].decode(errors="replace").strip()] += 1
+            ready += 1
+            if ready == sessions:
+                all_ready.set()
+            await go.wait()
+            for rcpt, data in messages[warmup:]:
+                t0 = time.perf_counter()
+                code, text = await client.send(pro.address, [rcpt], data, pipelining)
+                elapsed = time.perf_counter() - t0
+                if code == 250:
+                    result.accepted += 1
+                    result.latencies.append(elapsed)
+                else:
+                    result.refused[text[:40].decode(errors="replace").strip()] += 1
+        finally:
+            await client.quit()
+
+    tasks = [asyncio.create_task(session(i)) for i in range(sessions)]
+    waiter = asyncio.create_task(all_ready.wait())
+    done, _ = await asyncio.wait([waiter, *tasks], return_when=asyncio.FIRST_COMPLETED)
+    if waiter not in done:  # a session failed before the start
+        waiter.cancel()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for task in done:
+            task.result()
+        raise RuntimeError("a session ended before the start")
+    cpu0, mine0 = cpu_seconds(pid), time.process_time()
+    t0, m0 = time.perf_counter(), time.monotonic()
+    go.set()
+    await asyncio.gather(*tasks)
+    result.wall = time.perf_counter() - t0
+    result.window = (m0, time.monotonic())
+    user, system = cpu_seconds(pid)
+    result.server_cpu = user + system - sum(cpu0)
+    result.server_sys = system - cpu0[1]
+    result.client_cpu = time.process_time() - mine0
+    return result
+
+
+def start_profiler(pid: int, out: Path, extra: str = "") -> subprocess.Popen[bytes]:
+    fmt = {".svg": "flamegraph", ".json": "speedscope"}.get(out.suffix, "raw")
+    return subprocess.Popen([str(BIN / "py-spy"), "record", "-p", str(pid), "-o", str(out),
+                             "--format", fmt, "--rate", "200", "--nonblocking",
+                             *shlex.split(extra)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def stop_profiler(proc: subprocess.Popen[bytes]) -> None:
+    proc.send_signal(2)  # SIGINT: py-spy (or perf) writes its output and exits
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def ab_compare(args: argparse.Namespace) -> int:
+    """Serve as is (A) and with ``args.ab`` what-ifs (B), alternated (ABBA...) on one gateway
+    directory, so that a busy machine weighs on both alike."""
+    base = Path(tempfile.mkdtemp(prefix="bench-smtp-intake-ab-"))
+    gw: GatewayDir | None = None
+    runs: dict[str, list[LoadResult]] = {"A": [], "B": []}
+    try:
+        gw = make_gateway_dir(base, args.db, min(args.professionals, args.sessions),
+                              args.patients)
+        print(f"tree: {tree_state()}", flush=True)
+        print(f"A/B: A = serve as is, B = serve with what-if {args.ab}; {args.rounds} rounds, "
+              f"{args.db}", flush=True)
+        for r in range(args.rounds):
+            for variant in ("AB" if r % 2 == 0 else "BA"):
+                server = start_gateway(gw, None, args.ab if variant == "B" else "")
+                try:
+                    result = asyncio.run(run_load(
+                        variant, gw.smtp_port, server.pid, gw, args.sessions,
+                        args.messages_per_session, args.size, args.pipelining))
+                finally:
+                    server.stop()
+                runs[variant].append(result)
+                print(result.describe(), flush=True)
+
+        def med(values: list[float]) -> float:
+            return percentile(values, 50)
+
+        summary = {}
+        for variant, results in runs.items():
+            summary[variant] = (
+                med([x.rate for x in results]), med([x.p(99) for x in results]),
+                med([1000 * x.server_cpu / max(x.accepted, 1) for x in results]))
+            print(f"{variant}: median rate={summary[variant][0]:.1f}/s "
+                  f"p99={summary[variant][1]:.0f}ms cpu={summary[variant][2]:.2f}ms/msg",
+                  flush=True)
+        (ra, pa, ca), (rb, pb, cb) = summary["A"], summary["B"]
+        print(f"ab: {args.ab} rate {ra:.0f}->{rb:.0f}/s ({100 * (rb / ra - 1):+.0f}%) "
+              f"p99 {pa:.0f}->{pb:.0f}ms cpu {ca:.2f}->{cb:.2f}ms/msg", flush=True)
+        return 0
+    finally:
+        if gw is not None and gw.pg_schema:
+            drop_pg_schema(gw.pg_schema)
+        if not args.keep:
+            shutil.rmtree(base, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sessions", type=int, default=20)
+    parser.add_argument("--messages-per-session", type=int, default=40)
+    parser.add_argument("--size", type=int, default=4096, help="bytes per message")
+    parser.add_argument("--db", choices=("sqlite", "postgresql"), default="sqlite")
+    parser.add_argument("--professionals", type=int, default=20)
+    parser.add_argument("--patients", type=int, default=10)
+    parser.add_argument("--no-pipelining", dest="pipelining", action="store_false")
+    parser.add_argument("--no-sink", dest="sink", action="store_false",
+                        help="skip the reference run (no ratio)")
+    parser.add_argument("--profile", type=Path,
+                        help="py-spy record the serve process during the gateway run "
+                             "(.svg flame graph, .json speedscope, else raw collapsed stacks)")
+    parser.add_argument("--perf", type=Path,
+                        help="perf record the serve process during the gateway run (needs "
+                             "perf; read with perf report -i FILE --sort dso)")
+    parser.add_argument("--py-spy-args", default="",
+                        help="more py-spy record options, as one argument: "
+                             '--py-spy-args="--gil --threads"')
+    parser.add_argument("--trace", action="store_true",
+                        help="run serve under bench/serve_traced.py and print its counters "
+                             "(SQL per message, group-commit batch sizes)")
+    parser.add_argument("--whatif", default="",
+                        help="candidate fixes applied to serve in its process only, e.g. "
+                             "dataline,pool,domains (see bench/serve_traced.py)")
+    parser.add_argument("--ab", metavar="WHATIF",
+                        help="A/B mode: alternate serve as is and serve with WHATIF for "
+                             "--rounds rounds on one gateway directory; print medians "
+                             "(robust to a busy machine; no sink)")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    args = parser.parse_args(argv)
+    if args.ab:
+        return ab_compare(args)
+
+    base = Path(tempfile.mkdtemp(prefix="bench-smtp-intake-"))
+    gw: GatewayDir | None = None
+    try:
+        t_setup = time.perf_counter()
+        gw = make_gateway_dir(base, args.db, min(args.professionals, args.sessions),
+                              args.patients)
+        trace = base / "trace.json" if args.trace else None
+        server = start_gateway(gw, trace, args.whatif)
+        print(f"tree: {tree_state()}", flush=True)
+        print(f"setup: {args.db} {gw.storage_url.split('?')[0]} professionals="
+              f"{len(gw.professionals)} patients={len(gw.patients)} serve pid={server.pid} "
+              f"({time.perf_counter() - t_setup:.1f}s)", flush=True)
+        profiler = (start_profiler(server.pid, args.profile, args.py_spy_args)
+                    if args.profile else None)
+        perf = (subprocess.Popen(["perf", "record", "-F", "499", "-p", str(server.pid),
+                                  "-o", str(args.perf)],
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                if args.perf else None)
+        try:
+            gateway = asyncio.run(run_load("gateway", gw.smtp_port, server.pid, gw, args.sessions,
+                                           args.messages_per_session, args.size,
+                                           args.pipelining))
+        finally:
+            for tool in (profiler, perf):
+                if tool is not None:
+                    stop_profiler(tool)
+            code = server.stop()
+        print(gateway.describe(), flush=True)
+        if code != 0:
+            print(f"warning: serve exited {code} after SIGTERM", flush=True)
+        if "error" in server.log().lower():
+            print("warning: errors in serve.log:\n" + "\n".join(
+                line for line in server.log().splitlines() if "error" in line.lower())[:2000])
+        stored, _sizes = asyncio.run(count_stored(gw.storage_url))
+        expected = gateway.accepted + gateway.warmup_accepted
+        print(f"stored: {stored}/{expected} accepted messages found in the store"
+              + ("" if stored == expected else "  MISMATCH"), flush=True)
+        if args.profile:
+            print(f"profile: {args.profile}", flush=True)
+        if trace is not None:
+            print(summarize_trace(trace, expected, gateway.window), flush=True)
+
+        sink: LoadResult | None = None
+        if args.sink:
+            sink_port = free_port()
+            sink_proc = start_sink(gw, sink_port)
+            try:
+                # The sink is ~50x faster: repeat the same load until it has run long enough
+                # to be measured (>= 2 s of sending), and pool the rounds.
+                while sink is None or (sink.wall < 2.0 and sink.rounds < 50):
+                    one = asyncio.run(run_load("sink", sink_port, sink_proc.pid, gw, args.sessions,
+                                               args.messages_per_session, args.size,
+                                               args.pipelining))
+                    sink = one if sink is None else sink.merge(one)
+            finally:
+                sink_proc.stop()
+            print(sink.describe(), flush=True)
+
+        ok_ratio = sink is not None and gateway.rate >= TARGET_RATIO * sink.rate
+        ok_p99 = gateway.p(99) < TARGET_P99_MS
+        print(f"targets: ratio>={TARGET_RATIO} {'met' if ok_ratio else 'MISSED'}; "
+              f"p99<{TARGET_P99_MS:.0f}ms {'met' if ok_p99 else 'MISSED'}", flush=True)
+        ratio = gateway.rate / sink.rate if sink is not None and sink.rate else float("nan")
+        sink_rate = sink.rate if sink is not None else float("nan")
+        print(f"ratio={ratio:.2f} gateway={gateway.rate:.0f}/s sink={sink_rate:.0f}/s "
+              f"p50={gateway.p(50):.1f}ms p99={gateway.p(99):.1f}ms", flush=True)
+        return 0 if stored == expected and not gateway.refused else 1
+    finally:
+        if gw is not None and gw.pg_schema:
+            drop_pg_schema(gw.pg_schema)
+        if args.keep:
+            print(f"kept {base}", file=sys.stderr)
+        else:
+            shutil.rmtree(base, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

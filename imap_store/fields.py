@@ -1,0 +1,35 @@
+"""Small value types shared by the store and its synchronous operations."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def as_utc(value: datetime) -> datetime:
+    """SQLite gives naive datetimes back: they were written in UTC."""
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+@dataclass(frozen=True)
+class StoredMessage:
+    mailbox_id: int
+    uid: int
+    modseq: int
+
+
+@dataclass(frozen=True)
+class MessageFields:
+    """Header fields derived once at delivery (ARCHITECTURE: compute once)."""
+
+    message_id: str | None = None
+    in_reply_to: str | None = None
+    references: str | None = None
+    subject: str | None = None
+    from_addr: str | None = None
+    sent_date: datetime | None = None
+    meta: str | None = None  # JSON
