@@ -384,7 +384,8 @@ class GatewaySMTP(SMTP):
             return str(replies.INTERNAL_ERROR)
         log.info("conn=%s stored a message for %d recipient(s)", self.conn_id,
                  len(self.accepted))
-        self.ctx.poke_queue()
+        if self.ctx.config.notifier.relay is not None:  # notifications were queued
+            self.ctx.poke_queue()
         return str(replies.QUEUED)
 
     async def _finish_patient(self, delivery: Delivery, identity: Identity, mail_from: str,
