@@ -16,7 +16,11 @@ without advertising CONDSTORE). Bodies are read only when a body is asked for.
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
+import re
 from array import array
+from bisect import bisect_left
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -24,21 +28,29 @@ from typing import Any, Protocol, TypeVar
 
 from sqlalchemy import (
     ColumnElement,
+    Integer,
     bindparam,
+    case,
+    cast,
     delete,
+    exists,
     false,
     func,
     insert,
+    literal_column,
     or_,
     select,
     update,
 )
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from imap_store import schema as t
 from imap_store.derive import derive
-from imap_store.store import MessageFields, Store, new_uidvalidity
+from imap_store.store import DatabaseBlobStore, MessageFields, Store, new_uidvalidity
 
+log = logging.getLogger(__name__)
 T = TypeVar("T")
 Job = Callable[[AsyncConnection], Awaitable[T]]
 
@@ -53,6 +65,17 @@ MAX_KEYWORDS = 50
 MAX_KEYWORD_LENGTH = 100
 #: UIDs per ``IN (...)`` list: below the parameter limits of SQLite and PostgreSQL.
 _CHUNK = 500
+#: Header field names read from ``meta`` by SQL (others: the JSON is parsed in Python).
+_FIELD_NAME = re.compile(r"[A-Za-z0-9_.-]{1,100}")
+#: SEARCH header keys answered from ``blob_search`` (case-folded values; see search_values).
+SEARCH_COLUMNS: dict[str, ColumnElement[Any]] = {
+    "from": t.blob_search.c.from_text, "to": t.blob_search.c.to_text,
+    "cc": t.blob_search.c.cc_text, "bcc": t.blob_search.c.bcc_text,
+    "subject": t.blob_search.c.subject_text,
+}
+#: Messages that have keywords: the condition of the partial index ``ix_message_mailbox_keywords``
+#: (a literal, so that SQLite's planner recognises it).
+_HAS_KEYWORDS = t.message.c.keywords != literal_column("''")
 #: A UID set with more ranges than this is read as one ``BETWEEN`` and filtered in Python.
 _MAX_RANGES = 20
 #: Messages parsed in a worker thread above this size (keeps the event loop responsive).
@@ -216,7 +239,20 @@ class MailStore(Protocol):
 
     async def all_rows(self, mailbox_id: int, columns: Iterable[str]) -> list[Any]: ...
 
+    async def flag_rows(
+        self, mailbox_id: int, ranges: Sequence[tuple[int, int]]
+    ) -> tuple[list[Any], dict[int, str]]: ...
+
+    async def search_rows(
+        self, mailbox_id: int, where: ColumnElement[bool] | None, columns: Iterable[str],
+        headers: Iterable[str] = (), *, indexed: bool = False,
+    ) -> list[Any] | None: ...
+
     async def body(self, mailbox_id: int, uid: int) -> bytes | None: ...
+
+    async def bodies(
+        self, mailbox_id: int, uids: Sequence[int], *, header_only: bool = False
+    ) -> dict[int, bytes]: ...
 
     async def store_flags(
         self, mailbox_id: int, uids: Sequence[int], mode: str, bits: int,
@@ -224,7 +260,7 @@ class MailStore(Protocol):
     ) -> tuple[int, list[FlagState]]: ...
 
     async def expunge(
-        self, mailbox_id: int, only: Callable[[int], bool] | None = None
+        self, mailbox_id: int, ranges: Sequence[tuple[int, int]] | None = None
     ) -> tuple[int, list[int]]: ...
 
     async def append(
@@ -252,6 +288,24 @@ class MailStore(Protocol):
 
 def split_keywords(text: str) -> list[str]:
     return text.split() if text else []
+
+
+def search_values(meta: str | dict[str, Any] | None) -> dict[str, str | None] | None:
+    """The ``blob_search`` columns of a message from its ``meta`` (JSON text or dict): each
+    SEARCH header field decoded and case-folded (``str.casefold``, as SEARCH compares), None
+    when the message has no such field. None when ``meta`` has no search headers."""
+    try:
+        value = json.loads(meta or "") if not isinstance(meta, dict) else meta
+        headers = value["search_headers"]
+    except (ValueError, TypeError, KeyError):
+        return None
+    if not isinstance(headers, dict):
+        return None
+    out: dict[str, str | None] = {}
+    for field, column in SEARCH_COLUMNS.items():
+        text = headers.get(field)
+        out[column.name] = text.casefold() if isinstance(text, str) else None
+    return out
 
 
 def uid_ranges(uids: Sequence[int]) -> list[tuple[int, int]]:
@@ -363,14 +417,40 @@ class PatientMailStore:
 
     @staticmethod
     def _uid_filter(uids: Sequence[int]) -> tuple[list[ColumnElement[bool]], bool]:
-        """Conditions selecting sorted ``uids``: ranges, or one range filtered afterwards
-        (``True`` in the second item means "filter the rows in Python")."""
+        """Conditions selecting sorted ``uids``: ranges, an ``IN`` list, or one range filtered
+        afterwards (``True`` in the second item means "filter the rows in Python")."""
         ranges = uid_ranges(uids)
         if not ranges:
             return [false()], False
         if len(ranges) <= _MAX_RANGES:
             return [or_(*(t.message.c.uid.between(lo, hi) for lo, hi in ranges))], False
+        if len(uids) <= _CHUNK:
+            return [t.message.c.uid.in_(list(uids))], False
         return [t.message.c.uid.between(ranges[0][0], ranges[-1][1])], True
+
+    @property
+    def _sqlite(self) -> bool:
+        return self._store.engine.dialect.name == "sqlite"
+
+    def _meta_text(self, *path: str) -> ColumnElement[Any]:
+        """A string inside the ``meta`` JSON, extracted by the database (no JSON reaches
+        Python). An invalid ``meta`` makes the statement fail: callers fall back to Python."""
+        if self._sqlite:
+            json_path = "$" + "".join(f'."{part}"' for part in path)
+            return func.json_extract(t.message.c.meta, json_path)
+        value: Any = cast(t.message.c.meta, postgresql.JSON)
+        for part in path[:-1]:
+            value = value[part]
+        result: ColumnElement[Any] = value[path[-1]].astext
+        return result
+
+    def _header_size(self) -> ColumnElement[Any]:
+        """``MessageInfo.header_size`` of the stored ``meta`` (NULL when unknown)."""
+        if self._sqlite:
+            return func.json_extract(t.message.c.meta, "$.header_size")
+        # the first keys of MessageInfo.to_dict(), anchored: no JSON parsing, never an error
+        text = func.substring(t.message.c.meta, r'^\{"size":\d+,"header_size":(\d+)[,}]')
+        return cast(text, Integer)
 
     async def _lookup(self, conn: AsyncConnection, name: str) -> MailboxInfo | None:
         row = (await conn.execute(
@@ -412,22 +492,24 @@ class PatientMailStore:
             info = await self._lookup(conn, name)
             if info is None:
                 return None
+            in_box = t.message.c.mailbox_id == info.id  # info came from a scoped lookup
+            # Three index-only reads (ix_message_mailbox_uid_flags, the partial keywords
+            # index): the UIDs, the first unseen one, the keywords in use; no row is read.
             result = await conn.execute(
-                select(t.message.c.uid, t.message.c.flags)
-                .where(t.message.c.mailbox_id == info.id)  # info came from a scoped lookup
-                .order_by(t.message.c.uid)
+                select(t.message.c.uid).where(in_box).order_by(t.message.c.uid)
             )
-            uids: array[int] = array("L")
+            uids: array[int] = array("L", result.scalars())
+            first = (await conn.execute(
+                _flags_hint(select(func.min(t.message.c.uid))
+                            .where(in_box, t.message.c.flags.op("&")(t.FLAG_SEEN) == 0))
+            )).scalar()
             first_unseen = 0
-            seen = t.FLAG_SEEN
-            for uid, flags in result:
-                uids.append(uid)
-                if not first_unseen and not flags & seen:
-                    first_unseen = len(uids)
+            if first is not None:
+                index = bisect_left(uids, first)
+                if index < len(uids) and uids[index] == first:
+                    first_unseen = index + 1
             keywords = await conn.execute(
-                select(t.message.c.keywords)
-                .where(t.message.c.mailbox_id == info.id, t.message.c.keywords != "")
-                .distinct()
+                select(t.message.c.keywords).where(in_box, _HAS_KEYWORDS).distinct()
             )
             names: set[str] = set()
             for (text,) in keywords:
@@ -537,7 +619,10 @@ class PatientMailStore:
             if any(child.startswith(name + DELIMITER) for child in children):
                 raise Cannot("Delete the mailboxes inside it first")
             await conn.execute(delete(t.expunged).where(t.expunged.c.mailbox_id == info.id))
-            await conn.execute(delete(t.message).where(self._in_mailbox(info.id)))
+            gone = await conn.execute(
+                delete(t.message).where(self._in_mailbox(info.id)).returning(t.message.c.blob_id)
+            )
+            await self._delete_orphan_blobs(conn, {int(b) for b in gone.scalars()})
             await conn.execute(
                 delete(t.mailbox).where(t.mailbox.c.id == info.id, self._owned())
             )
@@ -634,6 +719,177 @@ class PatientMailStore:
             )
             return list(rows.all())
 
+    async def flag_rows(
+        self, mailbox_id: int, ranges: Sequence[tuple[int, int]]
+    ) -> tuple[list[Any], dict[int, str]]:
+        """FETCH FLAGS, the most frequent FETCH: ``(uid, flags)`` rows with a UID in the sorted
+        inclusive ``ranges`` (or between the first and the last when there are many: callers
+        filter), by UID, and ``{uid: keywords}`` of those that have keywords; from the indexes
+        alone."""
+        if not ranges:
+            return [], {}
+        if len(ranges) <= _MAX_RANGES:
+            condition = or_(*(t.message.c.uid.between(lo, hi) for lo, hi in ranges))
+        else:
+            condition = t.message.c.uid.between(ranges[0][0], ranges[-1][1])
+        in_box = self._in_mailbox(mailbox_id)
+        async with self._store.read() as conn:
+            rows = (await conn.execute(
+                _flags_hint(select(t.message.c.uid, t.message.c.flags)
+                            .where(in_box, condition).order_by(t.message.c.uid))
+            )).all()
+            keywords = {int(uid): str(text) for uid, text in await conn.execute(
+                select(t.message.c.uid, t.message.c.keywords)
+                .where(in_box, _HAS_KEYWORDS, condition)
+            )}
+        return list(rows), keywords
+
+    async def search_rows(
+        self, mailbox_id: int, where: ColumnElement[bool] | None, columns: Iterable[str],
+        headers: Iterable[str] = (), *, indexed: bool = False,
+    ) -> list[Any] | None:
+        """SEARCH: ``uid`` + ``columns`` of the messages matching ``where`` (a condition on
+        ``message`` columns and, when ``indexed``, on :data:`SEARCH_COLUMNS`), by UID.
+        ``headers`` (lower-case field names) come as ``h0``, ``h1``... from ``meta``'s search
+        headers, and ``"sent"`` in ``columns`` as ``sent`` (``meta``'s Date), extracted by the
+        database; when it cannot (an invalid ``meta``), ``meta`` itself comes instead and
+        ``h0`` ... are absent.
+
+        ``indexed``: messages without a ``blob_search`` row get one first (once: Dovecot fills
+        its cache file the same way); None if some still have none (the caller searches
+        without ``blob_search``)."""
+        if indexed:
+            if not isinstance(self._store.blobs, DatabaseBlobStore):
+                return None
+            for _attempt in range(2):
+                rows = await self._search_rows(mailbox_id, where, columns, headers, True)
+                missing = {row.blob_id for row in rows if row.unindexed}
+                if not missing:
+                    return rows
+                if not await self._fill_search(missing):
+                    return None
+            return None
+        return await self._search_rows(mailbox_id, where, columns, headers, False)
+
+    async def _fill_search(self, blob_ids: Iterable[int]) -> bool:
+        """Write the ``blob_search`` rows of ``blob_ids`` (from their ``meta``)."""
+        ids = sorted(blob_ids)
+        values: list[dict[str, Any]] = []
+        async with self._store.read() as conn:
+            for start in range(0, len(ids), _CHUNK):
+                rows = await conn.execute(
+                    select(t.message.c.blob_id, func.min(t.message.c.meta))
+                    .where(t.message.c.blob_id.in_(ids[start : start + _CHUNK]))
+                    .group_by(t.message.c.blob_id)
+                )
+                for blob_id, meta in rows:
+                    found = search_values(meta)
+                    if found is None:
+                        return False  # no search headers: this message is searched in Python
+                    values.append({"blob_id": int(blob_id), **found})
+        if not values:
+            return False
+
+        async def job(conn: AsyncConnection) -> None:
+            for start in range(0, len(values), _CHUNK):
+                await conn.execute(self._insert_search(), values[start : start + _CHUNK])
+
+        try:
+            await self._stores.write(job)
+        except DBAPIError:  # a body deleted meanwhile
+            log.info("blob_search not filled: a message went away")
+            return False
+        return True
+
+    def _insert_search(self) -> Any:
+        """INSERT into ``blob_search`` that leaves an existing row alone."""
+        if self._sqlite:
+            return sqlite.insert(t.blob_search).on_conflict_do_nothing()
+        return postgresql.insert(t.blob_search).on_conflict_do_nothing()
+
+    async def _search_rows(
+        self, mailbox_id: int, where: ColumnElement[bool] | None, columns: Iterable[str],
+        headers: Iterable[str], indexed: bool,
+    ) -> list[Any]:
+        wanted = sorted(set(columns) & ROW_COLUMNS)
+        extracted: list[ColumnElement[Any]] = []
+        fields = list(headers)
+        if not all(_FIELD_NAME.fullmatch(name) for name in fields):
+            wanted = sorted(set(wanted) | {"meta"})  # odd field names: the JSON in Python
+            fields = []
+            columns = set(columns) - {"sent"}
+        for index, name in enumerate(fields):
+            extracted.append(self._meta_text("search_headers", name).label(f"h{index}"))
+        if "sent" in columns:
+            extracted.append(self._meta_text("date").label("sent"))
+        conditions = [self._in_mailbox(mailbox_id)]
+        if indexed:
+            unindexed = t.blob_search.c.blob_id.is_(None)
+            extracted += [t.message.c.blob_id, unindexed.label("unindexed")]
+            if where is not None:
+                conditions.append(or_(unindexed, where))
+        elif where is not None:
+            conditions.append(where)
+        only_flags = not extracted and set(wanted) <= {"flags"}
+
+        def query(cols: list[Any]) -> Any:
+            statement = select(t.message.c.uid, *cols).where(*conditions)
+            if indexed:
+                statement = statement.select_from(t.message.outerjoin(
+                    t.blob_search, t.blob_search.c.blob_id == t.message.c.blob_id))
+            statement = statement.order_by(t.message.c.uid)
+            return _flags_hint(statement) if only_flags or indexed else statement
+
+        plain = [getattr(t.message.c, name) for name in wanted]
+        if extracted:
+            try:
+                async with self._store.read() as conn:
+                    return list((await conn.execute(query(plain + extracted))).all())
+            except DBAPIError:
+                plain = [getattr(t.message.c, name) for name in sorted(set(wanted) | {"meta"})]
+                if indexed:
+                    plain += [t.message.c.blob_id, t.blob_search.c.blob_id.is_(None)
+                              .label("unindexed")]
+        async with self._store.read() as conn:
+            return list((await conn.execute(query(plain))).all())
+
+    async def bodies(
+        self, mailbox_id: int, uids: Sequence[int], *, header_only: bool = False
+    ) -> dict[int, bytes]:
+        """``{uid: stored bytes}`` of the sorted ``uids`` that still exist, in one query.
+        ``header_only``: the header section only (up to and with the empty line) when its
+        size is known, the whole message otherwise; the rest of the body is not read."""
+        if not isinstance(self._store.blobs, DatabaseBlobStore):
+            out: dict[int, bytes] = {}
+            for uid in uids:
+                raw = await self.body(mailbox_id, uid)
+                if raw is not None:
+                    out[uid] = raw
+            return out
+        conditions, filter_after = self._uid_filter(uids)
+        data: ColumnElement[Any] = t.blob.c.data
+        if header_only:
+            size = self._header_size()
+            data = case((size > 0, func.substr(t.blob.c.data, 1, size)), else_=t.blob.c.data)
+
+        def query(data: ColumnElement[Any]) -> Any:
+            return (
+                select(t.message.c.uid, data)
+                .select_from(t.message.join(t.blob, t.blob.c.id == t.message.c.blob_id))
+                .where(self._in_mailbox(mailbox_id), *conditions)
+            )
+
+        try:
+            async with self._store.read() as conn:
+                rows = (await conn.execute(query(data))).all()
+        except DBAPIError:
+            if not header_only:
+                raise
+            async with self._store.read() as conn:  # invalid meta: whole bodies
+                rows = (await conn.execute(query(t.blob.c.data))).all()
+        keep = set(uids) if filter_after else None
+        return {int(uid): bytes(raw) for uid, raw in rows if keep is None or uid in keep}
+
     async def body(self, mailbox_id: int, uid: int) -> bytes | None:
         """The stored bytes of one message of this patient, or None if it is gone."""
         async with self._store.read() as conn:
@@ -701,29 +957,63 @@ class PatientMailStore:
     async def _delete_uids(
         self, conn: AsyncConnection, mailbox_id: int, uids: Sequence[int], modseq: int
     ) -> None:
+        blob_ids: set[int] = set()
         for start in range(0, len(uids), _CHUNK):
             chunk = list(uids[start : start + _CHUNK])
-            await conn.execute(
+            result = await conn.execute(
                 delete(t.message).where(self._in_mailbox(mailbox_id), t.message.c.uid.in_(chunk))
+                .returning(t.message.c.blob_id)
             )
+            blob_ids.update(int(b) for b in result.scalars())
+        await self._delete_orphan_blobs(conn, blob_ids)
         if uids:
             await conn.execute(insert(t.expunged), [
                 {"mailbox_id": mailbox_id, "uid": uid, "modseq": modseq} for uid in uids
             ])
 
+    async def _delete_orphan_blobs(self, conn: AsyncConnection, blob_ids: Iterable[int]) -> None:
+        """Delete the bodies of ``blob_ids`` that no message and no outbound mail references
+        any more (health data must not linger after EXPUNGE), in the caller's transaction."""
+        ids = sorted(blob_ids)
+        if not isinstance(self._store.blobs, DatabaseBlobStore):
+            return
+        for start in range(0, len(ids), _CHUNK):
+            await conn.execute(
+                delete(t.blob).where(
+                    t.blob.c.id.in_(ids[start : start + _CHUNK]),
+                    ~exists().where(t.message.c.blob_id == t.blob.c.id),
+                    ~exists().where(t.outbound.c.blob_id == t.blob.c.id),
+                )
+            )
+
     async def expunge(
-        self, mailbox_id: int, only: Callable[[int], bool] | None = None
+        self, mailbox_id: int, ranges: Sequence[tuple[int, int]] | None = None
     ) -> tuple[int, list[int]]:
-        """Remove the messages flagged \\Deleted (those ``only`` accepts, for UID EXPUNGE,
-        RFC 4315 §2.1); they are recorded in ``expunged`` for the other sessions."""
+        """Remove the messages flagged \\Deleted (with a UID in ``ranges``, inclusive, for UID
+        EXPUNGE, RFC 4315 §2.1); they are recorded in ``expunged`` for the other sessions and
+        their bodies are deleted unless still referenced."""
+        conditions: list[ColumnElement[bool]] = []
+        keep: Callable[[int], bool] | None = None
+        if ranges is not None:
+            if not ranges:
+                return 0, []
+            if len(ranges) <= _MAX_RANGES:
+                conditions.append(or_(*(t.message.c.uid.between(lo, hi) for lo, hi in ranges)))
+            else:
+                conditions.append(t.message.c.uid.between(ranges[0][0], ranges[-1][1]))
+
+                def keep(uid: int) -> bool:
+                    index = bisect_left(ranges, (uid + 1,)) - 1
+                    return index >= 0 and ranges[index][0] <= uid <= ranges[index][1]
 
         async def job(conn: AsyncConnection) -> tuple[int, list[int]]:
             deleted = t.message.c.flags.op("&")(t.FLAG_DELETED) != 0
             candidates = (await conn.execute(
-                select(t.message.c.uid).where(self._in_mailbox(mailbox_id), deleted)
-                .order_by(t.message.c.uid)
+                _flags_hint(select(t.message.c.uid)
+                            .where(self._in_mailbox(mailbox_id), deleted, *conditions)
+                            .order_by(t.message.c.uid))
             )).scalars().all()
-            uids = [int(u) for u in candidates if only is None or only(int(u))]
+            uids = [int(u) for u in candidates if keep is None or keep(int(u))]
             if not uids:
                 return 0, []
             modseq = int((await self._bump(conn, mailbox_id))[0])
@@ -742,15 +1032,19 @@ class PatientMailStore:
         else:
             fields = derive(raw)
         kw_text = " ".join(list(dict.fromkeys(keywords))[:MAX_KEYWORDS])
+        searched = search_values(fields.meta)
 
         async def job(conn: AsyncConnection) -> tuple[int, int, int, int]:
             info = await self._lookup(conn, name)
             if info is None:
                 raise TryCreate()
+            blob_id = await self._store.blobs.put(conn, raw)
             stored = await self._store.append(
                 conn, info.id, raw, fields, flags=bits, keywords=kw_text,
-                internal_date=internal_date,
+                internal_date=internal_date, blob_id=blob_id,
             )
+            if searched is not None and isinstance(self._store.blobs, DatabaseBlobStore):
+                await conn.execute(insert(t.blob_search).values(blob_id=blob_id, **searched))
             return info.id, info.uidvalidity, stored.uid, stored.modseq
 
         return await self._stores.write(job)
@@ -795,3 +1089,9 @@ class PatientMailStore:
             return CopyResult(dest.id, modseq, int(bumped[2]), tuple(pairs), expunge_modseq)
 
         return await self._stores.write(job)
+
+
+def _flags_hint(statement: Any) -> Any:
+    """Have SQLite read (uid, flags) from ``ix_message_mailbox_uid_flags`` alone (its planner
+    would pick the unique (mailbox_id, uid) index and read every wide row for the flags)."""
+    return statement.with_hint(t.message, "INDEXED BY ix_message_mailbox_uid_flags", "sqlite")

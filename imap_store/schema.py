@@ -149,6 +149,28 @@ message = Table(
 )
 Index("ix_message_mailbox_modseq", message.c.mailbox_id, message.c.modseq)
 Index("ix_message_message_id", message.c.message_id)
+# Migration 0003: (uid, flags) of a mailbox without reading the wide rows; the few messages
+# with keywords; blob references (expunged bodies are deleted when no longer referenced).
+Index("ix_message_mailbox_uid_flags", message.c.mailbox_id, message.c.uid, message.c.flags,
+      message.c.blob_id)
+Index("ix_message_mailbox_keywords", message.c.mailbox_id, message.c.uid,
+      sqlite_where=message.c.keywords != "", postgresql_where=message.c.keywords != "")
+Index("ix_message_blob_id", message.c.blob_id)
+
+# SEARCH FROM/TO/CC/BCC/SUBJECT (migration 0003): a body's decoded header fields, case-folded
+# (``str.casefold``; NULL when the message has no such field), in narrow rows. Written at APPEND
+# and by SEARCH for bodies stored without one (the way Dovecot fills its cache file).
+blob_search = Table(
+    "blob_search",
+    metadata,
+    Column("blob_id", Integer, ForeignKey("blob.id", ondelete="CASCADE"), primary_key=True,
+           autoincrement=False),
+    Column("from_text", Text, nullable=True),
+    Column("to_text", Text, nullable=True),
+    Column("cc_text", Text, nullable=True),
+    Column("bcc_text", Text, nullable=True),
+    Column("subject_text", Text, nullable=True),
+)
 
 # Expunged UIDs with the MODSEQ of their removal, so other sessions learn of EXPUNGEs.
 expunged = Table(
@@ -179,6 +201,7 @@ outbound = Table(
     Column("lease_until", DateTime(timezone=True), nullable=True),
 )
 Index("ix_outbound_state_next", outbound.c.state, outbound.c.next_attempt_at)
+Index("ix_outbound_blob_id", outbound.c.blob_id)
 
 # Append-only, hash-chained (SPEC §9).
 audit = Table(

@@ -334,3 +334,165 @@ async def test_isolation_in_the_session(env: Env) -> None:
     assert b"Secret" not in reply and MARTINE.encode() not in reply
     for bad in ('"../x"', '"#shared"', '"a/../b"', '"~martine"'):
         assert b"e NO" in await inaya.send(f"e CREATE {bad}\r\n"), bad
+
+
+async def _blob_count(env: Env) -> int:
+    from sqlalchemy import func, select
+
+    from imap_store import schema as t
+
+    async with env.store.read() as conn:
+        return int((await conn.execute(select(func.count(t.blob.c.id)))).scalar_one())
+
+
+async def test_expunged_bodies_are_deleted_unless_still_referenced(env: Env) -> None:
+    from datetime import UTC, datetime
+
+    from sqlalchemy import insert, select
+
+    from imap_store import schema as t
+
+    client = env.client()
+    await client.login()
+    before = await _blob_count(env)
+    for _ in range(4):
+        await client.send(b"a APPEND INBOX {%d+}\r\n" % len(MESSAGE) + MESSAGE + b"\r\n")
+    assert await _blob_count(env) == before + 4
+    await client.select()  # the welcome message is 1, ours 2..5
+    await client.send("b UID COPY 2 Sent\r\n")  # shares UID 2's body
+    async with env.store.read() as conn:
+        blob_3 = (await conn.execute(
+            select(t.message.c.blob_id).join(t.mailbox, t.mailbox.c.id == t.message.c.mailbox_id)
+            .where(t.mailbox.c.name == "INBOX", t.message.c.uid == 3)
+        )).scalar_one()
+    async with env.store.write() as conn:  # an outbound mail still needs UID 3's body
+        now = datetime.now(UTC)
+        await conn.execute(insert(t.outbound).values(
+            kind="relay", sender="a@b.fr", recipient="c@d.fr", blob_id=blob_3, state="queued",
+            attempts=0, next_attempt_at=now, created_at=now))
+    await client.send("c UID STORE 2:5 +FLAGS.SILENT (\\Deleted)\r\n")
+    reply = await client.send("d UID EXPUNGE 2:4\r\n")
+    assert b"* 2 EXPUNGE\r\n* 2 EXPUNGE\r\n* 2 EXPUNGE\r\n" in reply
+    assert await _blob_count(env) == before + 3  # UID 4's body only: 2 copied, 3 queued
+    await client.send("e MOVE 2 Trash\r\n")  # UID 5: moved, the body stays
+    assert await _blob_count(env) == before + 3
+    await client.send('f CREATE "Archives"\r\n')
+    await client.send("g SELECT Sent\r\n")
+    await client.send("h COPY 1 Archives\r\n")
+    await client.send("i STORE 1 +FLAGS.SILENT (\\Deleted)\r\ni2 EXPUNGE\r\n")
+    assert await _blob_count(env) == before + 3  # still in Archives
+    await client.send("j SELECT INBOX\r\nk DELETE Archives\r\n")
+    assert await _blob_count(env) == before + 2  # UID 2's body: no reference left
+
+
+async def test_header_fetches_read_only_the_header(env: Env) -> None:
+    samples = sorted((Path(__file__).parent / "samples").glob("*.eml"))
+    client = env.client()
+    await client.login()
+    raws = [p.read_bytes() for p in samples] + [MESSAGE, b"Subject: sans corps\r\n",
+                                                 b"\r\nno header\r\n"]
+    for raw in raws:
+        await client.send(b"a APPEND INBOX {%d+}\r\n" % len(raw) + raw + b"\r\n")
+    await client.select()
+    mail = env.stores.for_patient(client.session._mail().patient_id)
+    sel = client.session.selected
+    assert sel is not None
+    uids = list(sel.uids[1:])
+    full = await mail.bodies(sel.mailbox_id, uids)
+    heads = await mail.bodies(sel.mailbox_id, uids, header_only=True)
+    assert [full[u] for u in uids] == raws
+    assert sum(map(len, heads.values())) < sum(map(len, full.values())) / 2
+    from imap_store.mime import get_section
+
+    for uid in uids:
+        raw, head = full[uid], heads[uid]
+        assert raw.startswith(head)
+        for kind, fields in (("HEADER", ()), ("HEADER.FIELDS", ("SUBJECT", "FROM")),
+                             ("HEADER.FIELDS.NOT", ("RECEIVED",))):
+            assert get_section(head, (), kind, fields) == get_section(raw, (), kind, fields)
+    seq = len(sel.uids)
+    command = (f"b FETCH 2:{seq} (RFC822.SIZE RFC822.HEADER BODY.PEEK[HEADER.FIELDS (SUBJECT)]"
+               f" BODY.PEEK[HEADER]<0.10>)\r\n")
+    reply = await client.send(command)
+    for uid, raw in zip(uids, raws, strict=True):
+        header = get_section(raw, (), "HEADER")
+        expected = (b"* %d FETCH (RFC822.SIZE %d RFC822.HEADER {%d}\r\n" % (
+            sel.seq_of(uid), len(raw), len(header)) + header)
+        assert expected in reply, uid
+
+
+@pytest.mark.parametrize("key", [
+    "ALL", "UNSEEN", "SEEN", "DELETED", "UNDELETED", "FLAGGED", "ANSWERED", "DRAFT", "RECENT",
+    "NEW", "OLD", "UID 2:4", "UID 3,5:*", "2:3", "4:*", "NOT 2", "OR 1 FLAGGED",
+    "LARGER 300", "SMALLER 300", "NOT (DELETED UNSEEN)", "OR (UID 1) (SEEN DELETED)",
+    "FROM marie", "SUBJECT bilan", "FROM MARIE SUBJECT Resultats UNDELETED", "TO inaya",
+    'HEADER Message-ID "bilan-2"', 'HEADER "X-Odd+Name/" x', "CC nobody", 'FROM ""',
+    "SENTON 2-Nov-2026", "SENTBEFORE 1-Jan-2000", "KEYWORD urgent", "UNKEYWORD urgent",
+    "BODY glycemie", "TEXT bilan-3", "UID 1,3,5,7,9,11,13,15,17,19,21,23,25",
+])
+async def test_search_in_sql_agrees_with_python(env: Env, key: str) -> None:
+    client = env.client()
+    await client.login()
+    for i, flags in enumerate(("\\Seen", "\\Flagged", "\\Deleted \\Seen", "urgent",
+                               "\\Answered \\Draft", "")):
+        raw = (MESSAGE.replace(b"bilan-1", b"bilan-%d" % i)
+               + b"x" * (i * 100) + (b"\r\nFrom: Marie <marie@medecin.mssante.fr>\r\n"
+                                     if i == 2 else b""))
+        await client.send(b"a APPEND INBOX (%s) {%d+}\r\n" % (flags.encode(), len(raw)) + raw
+                          + b"\r\n")
+    await client.select()
+    await client.send("b STORE 6 -FLAGS.SILENT (\\Seen)\r\n")
+    found = await client.send(f"c SEARCH {key}\r\n")
+    assert b"c OK" in found, found
+    # an OR with a keyword cannot be SQL: the whole key is then decided in Python
+    python = await client.send(f"d SEARCH OR ({key}) KEYWORD never-set\r\n")
+    uid_found = await client.send(f"e UID SEARCH {key}\r\n")
+    assert found.split(b"\r\n")[0] == python.split(b"\r\n")[0], (found, python)
+    seqs = found.split(b"\r\n")[0].split()[2:]
+    uids = uid_found.split(b"\r\n")[0].split()[2:]
+    assert len(seqs) == len(uids)
+
+
+async def test_search_and_header_fetch_survive_an_invalid_meta(env: Env) -> None:
+    from sqlalchemy import update
+
+    from imap_store import schema as t
+
+    client = env.client()
+    await client.login()
+    await client.send(b"a APPEND INBOX {%d+}\r\n" % len(MESSAGE) + MESSAGE + b"\r\n")
+    async with env.store.write() as conn:
+        await conn.execute(update(t.message).where(t.message.c.uid == 2).values(meta="{oops"))
+    await client.select()
+    assert b"* SEARCH 1\r\n" in await client.send("b SEARCH FROM mssante SENTSINCE 1-Jan-2000\r\n")
+    reply = await client.send("c FETCH 2 (BODY.PEEK[HEADER.FIELDS (SUBJECT)])\r\n")
+    assert b"{37}\r\nSubject: Resultats de votre bilan\r\n\r\n" in reply
+
+
+async def test_search_fills_the_header_index_of_messages_stored_without_it(env: Env) -> None:
+    from sqlalchemy import delete, func, select
+
+    from imap_store import schema as t
+
+    client = env.client()
+    await client.login()
+    for sender in (b"Marie", b"Jean", "Élodie Ÿ".encode()):
+        raw = MESSAGE.replace(b"Dr Marie", b"Dr " + sender)
+        await client.send(b"a APPEND INBOX {%d+}\r\n" % len(raw) + raw + b"\r\n")
+
+    async def indexed() -> int:
+        async with env.store.read() as conn:
+            return int((await conn.execute(select(func.count()).select_from(t.blob_search)))
+                       .scalar_one())
+
+    assert await indexed() == 3  # APPEND writes them; the welcome message has none yet
+    async with env.store.write() as conn:  # as if delivered before: none at all
+        await conn.execute(delete(t.blob_search))
+    await client.select()
+    assert b"* SEARCH 2\r\n" in await client.send('b SEARCH FROM "dr marie"\r\n')
+    assert await indexed() == 4
+    assert b"* SEARCH 4\r\n" in await client.send('c SEARCH FROM "ÉLODIE ÿ"\r\n')
+    assert b"* SEARCH 1 3 4\r\n" in await client.send('d SEARCH NOT FROM "dr marie"\r\n')
+    assert b"* SEARCH 1\r\n" in await client.send("e SEARCH NOT SUBJECT bilan\r\n")
+    assert b"* SEARCH\r\n" in await client.send("f SEARCH CC x\r\n")
+    assert b"* SEARCH 1 2 3 4\r\n" in await client.send('g SEARCH OR CC x SUBJECT ""\r\n')

@@ -20,10 +20,12 @@ import json
 import logging
 from array import array
 from bisect import bisect_left, bisect_right
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from typing import Any, Protocol
+
+from sqlalchemy import and_, false, not_, or_, true
 
 from imap_store import schema as t
 from imap_store.imap import listing
@@ -82,6 +84,7 @@ from imap_store.imap.commands import (
 from imap_store.imap.parser import Event, LineTooLong, LiteralTooLarge, NeedContinuation, RawLine
 from imap_store.mailstore import (
     DELIMITER,
+    SEARCH_COLUMNS,
     SYSTEM_FLAG_BITS,
     MailStore,
     MailStoreError,
@@ -97,6 +100,20 @@ log = logging.getLogger(__name__)
 BAD_COMMAND_LIMIT = 20
 #: Output is written to the socket once this much is pending (and at the end of a command).
 FLUSH_SIZE = 64 * 1024
+#: Message bodies read in one query by FETCH (at least one message per query).
+BODY_BATCH_BYTES = 8 * 1024 * 1024
+#: FETCH items answered by Session._fetch_flags: the line format and its arguments (0: seq,
+#: flags, UID; 1: seq, UID, flags; 2: seq, flags; 3: seq, UID).
+_FLAG_FETCHES: dict[tuple[str, ...], tuple[bytes, int]] = {
+    ("FLAGS", "UID"): (b"* %d FETCH (FLAGS %b UID %d)\r\n", 0),
+    ("UID", "FLAGS"): (b"* %d FETCH (UID %d FLAGS %b)\r\n", 1),
+    ("FLAGS",): (b"* %d FETCH (FLAGS %b)\r\n", 2),
+    ("UID",): (b"* %d FETCH (UID %d)\r\n", 3),
+}
+#: More UID ranges than this in a SEARCH key: decided in Python rather than in SQL.
+_MAX_SQL_RANGES = 50
+#: Sections of the top-level header: FETCH reads only the header bytes of the blob.
+_HEADER_SECTIONS = frozenset({"HEADER", "HEADER.FIELDS", "HEADER.FIELDS.NOT"})
 
 
 class State(enum.Enum):
@@ -612,23 +629,34 @@ class Session:
 
     # --- sequence sets ------------------------------------------------------------------
 
-    def _targets(self, seq_set: SequenceSet, uid: bool) -> list[tuple[int, int]] | None:
-        """``(sequence number, UID)`` pairs named by a set, ascending; None when a sequence
-        number does not exist (BAD, RFC 3501 §9). Unknown UIDs are ignored (§2.3.1.1)."""
+    def _slices(self, seq_set: SequenceSet, uid: bool) -> list[tuple[int, int]] | None:
+        """Index ranges ``[start, end)`` of the view named by a set, ascending; None when a
+        sequence number does not exist (BAD, RFC 3501 §9). Unknown UIDs are ignored
+        (§2.3.1.1)."""
         uids = self._sel().uids
-        out: list[tuple[int, int]] = []
         if uid:
             if not uids:
-                return out
+                return []
+            out = []
             for low, high in seq_set.resolve(uids[-1]).intervals:
                 start, end = bisect_left(uids, low), bisect_right(uids, high)
-                out.extend((index + 1, uids[index]) for index in range(start, end))
+                if start < end:
+                    out.append((start, end))
             return out
         if seq_set.highest_number > len(uids):
             return None
-        for low, high in seq_set.resolve(len(uids)).intervals:
-            out.extend((seq, uids[seq - 1]) for seq in range(low, high + 1))
-        return out
+        return [(low - 1, high) for low, high in seq_set.resolve(len(uids)).intervals]
+
+    def _targets(self, seq_set: SequenceSet, uid: bool,
+                 build: bool = True) -> list[tuple[int, int]] | None:
+        """``(sequence number, UID)`` pairs named by a set, ascending; None when a sequence
+        number does not exist (BAD, RFC 3501 §9). Unknown UIDs are ignored (§2.3.1.1).
+        ``build=False``: only check the set (an empty list when it is valid)."""
+        slices = self._slices(seq_set, uid)
+        if slices is None or not build:
+            return slices if slices is None else []
+        uids = self._sel().uids
+        return [(index + 1, uids[index]) for start, end in slices for index in range(start, end)]
 
     # --- mailbox listing, status, append ---------------------------------------------------
 
@@ -702,14 +730,11 @@ class Session:
         sel = self._sel()
         if sel.readonly:
             raise MailStoreError(r.NO_READ_ONLY.text, r.NO_READ_ONLY.code)
-        only = None
+        ranges = None
         if cmd.uid_set is not None:
-            uid_set, highest = cmd.uid_set, sel.uids[-1] if sel.uids else 0
-
-            def only(uid: int) -> bool:
-                return uid_set.contains(uid, highest)
-
-        modseq, uids = await self._mail().expunge(sel.mailbox_id, only)
+            ranges = _merge_ranges(part.bounds(sel.uids[-1] if sel.uids else 0)
+                                   for part in cmd.uid_set.ranges)
+        modseq, uids = await self._mail().expunge(sel.mailbox_id, ranges)
         if uids:
             self._own_change(sel, modseq)
             await self._send_expunges(sel, uids)
@@ -746,22 +771,35 @@ class Session:
         """FETCH (RFC 3501 §6.4.5): rows for flags, dates, sizes, envelope and structure;
         the stored body only for body sections."""
         sel = self._sel()
-        targets = self._targets(cmd.seq_set, cmd.uid)
+        targets = self._targets(cmd.seq_set, cmd.uid, build=False)
         if targets is None:
             await self._bad_reply(cmd.tag, r.BAD_SEQUENCE)
             return False
-        if not targets:
-            return True
         attrs = list(cmd.attributes)
         if cmd.uid and not any(a.name == "UID" and a.section is None for a in attrs):
             attrs.insert(0, FetchAttr("UID"))
+        names = tuple(a.name if a.section is None else "" for a in attrs)
+        if names in _FLAG_FETCHES:
+            slices = self._slices(cmd.seq_set, cmd.uid)
+            if slices:
+                await self._fetch_flags(sel, slices, *_FLAG_FETCHES[names])
+            return True
+        targets = self._targets(cmd.seq_set, cmd.uid)
+        if not targets:
+            return True
         columns: set[str] = set()
         needs_body = False
+        header_only = True
         reads = False
         for attr in attrs:
             if attr.section is not None or attr.name in ("RFC822", "RFC822.HEADER",
                                                          "RFC822.TEXT"):
                 needs_body = reads = True
+                columns.add("size")
+                header_only = header_only and (
+                    attr.name == "RFC822.HEADER"
+                    or (attr.section is not None and not attr.section.part
+                        and attr.section.text in _HEADER_SECTIONS))
             elif attr.name == "FLAGS":
                 columns.update(("flags", "keywords"))
             elif attr.name == "INTERNALDATE":
@@ -780,13 +818,31 @@ class Session:
             seen_now = {s.uid: s for s in states if s.modseq == modseq}
         rows = await self._mail().fetch_rows(sel.mailbox_id, uids, columns)
         by_uid = {row.uid: row for row in rows}
-        for seq, uid in targets:
+        bodies: dict[int, bytes] = {}
+        batch: list[int] = []
+        batch_bytes = 0
+        for index, (seq, uid) in enumerate(targets):
             row = by_uid.get(uid)
             if row is None:
                 continue  # expunged by another session meanwhile
             raw = b""
             if needs_body:
-                body = await self._mail().body(sel.mailbox_id, uid)
+                if uid not in bodies:
+                    # the bodies of the next messages, up to BODY_BATCH_BYTES, in one query
+                    bodies.clear()
+                    batch.clear()
+                    batch_bytes = 0
+                    for _next_seq, next_uid in targets[index:]:
+                        next_row = by_uid.get(next_uid)
+                        if next_row is None:
+                            continue
+                        if batch and batch_bytes + next_row.size > BODY_BATCH_BYTES:
+                            break
+                        batch.append(next_uid)
+                        batch_bytes += next_row.size
+                    bodies = await self._mail().bodies(sel.mailbox_id, batch,
+                                                       header_only=header_only)
+                body = bodies.get(uid)
                 if body is None:
                     continue
                 raw = body
@@ -796,6 +852,53 @@ class Session:
         if reads:
             self._audit("imap.read", {"mailbox": sel.mailbox_id, "messages": len(by_uid)})
         return True
+
+    async def _fetch_flags(self, sel: Selected, slices: list[tuple[int, int]],
+                           line: bytes, form: int) -> None:
+        """FETCH of FLAGS and UID only (``FETCH 1:* (FLAGS UID)`` at every resync), for the
+        view's index ``slices`` ``[start, end)``: the flags from the index only, each distinct
+        flag set rendered once, no per-message object beyond the database row."""
+        uids = sel.uids
+        count = len(uids)
+        rows, keywords = await self._mail().flag_rows(
+            sel.mailbox_id, [(uids[start], uids[end - 1]) for start, end in slices])
+        recent = sel.recent
+        rendered: dict[Any, bytes] = {}
+        lines: list[bytes] = []
+        lo = 0
+        part = 0
+        part_start, part_end = slices[0]
+        for uid, flags in rows:
+            index = bisect_left(uids, uid, lo)
+            if index == count or uids[index] != uid:
+                continue  # not in this session's view
+            lo = index
+            while index >= part_end:
+                part += 1
+                if part == len(slices):
+                    break
+                part_start, part_end = slices[part]
+            if part == len(slices):
+                break
+            if index < part_start:
+                continue
+            kw = keywords.get(uid, "") if keywords else ""
+            is_recent = bool(recent) and sel.is_recent(uid)
+            key: Any = (flags, kw, is_recent) if kw or is_recent else flags
+            text = rendered.get(key)
+            if text is None:
+                text = rendered[key] = r.render_flags(flags, kw, is_recent)
+            if form == 0:
+                lines.append(line % (index + 1, text, uid))
+            elif form == 1:
+                lines.append(line % (index + 1, uid, text))
+            else:
+                lines.append(line % (index + 1, text if form == 2 else uid))
+            if len(lines) >= 1000:
+                await self.emit(b"".join(lines))
+                lines.clear()
+        if lines:
+            await self.emit(b"".join(lines))
 
     async def _meta(self, sel: Selected, uid: int, text: str | None) -> dict[str, Any]:
         if text:
@@ -809,22 +912,69 @@ class Session:
         return parse_message(raw).to_dict()
 
     async def _search(self, cmd: Search) -> None:
-        """SEARCH (RFC 3501 §6.4.4) over rows; bodies are read only for BODY/TEXT keys."""
+        """SEARCH (RFC 3501 §6.4.4): what the database can decide exactly (flags, UIDs,
+        sequence numbers, sizes, \\Recent) is a WHERE clause; the rest (header substrings,
+        dates, keywords, bodies) is checked in Python on the rows it leaves, with the header
+        fields extracted from ``meta`` by the database. Bodies are read only for BODY/TEXT."""
         sel = self._sel()
-        columns = _search_columns(cmd.criteria)
-        needs_body = "body" in columns
-        rows = await self._mail().all_rows(sel.mailbox_id, columns)
+        criteria = cmd.criteria
+        conjuncts = criteria.keys if isinstance(criteria, SearchAnd) else (criteria,)
+        indexed = bool(_search_fields(criteria) & SEARCH_COLUMNS.keys())
+        while True:
+            conditions: list[Any] = []
+            residual: list[SearchKey] = []
+            for key in conjuncts:
+                condition = _sql_condition(key, sel, indexed)
+                if condition is None:
+                    residual.append(key)
+                else:
+                    conditions.append(condition)
+            rest = SearchAnd(tuple(residual)) if residual else None
+            columns = _search_columns(rest) if rest is not None else set()
+            fields = sorted(_search_fields(rest)) if rest is not None else []
+            needs_body = "body" in columns
+            if needs_body:
+                columns.add("size")
+            where = and_(*conditions) if conditions else None
+            found_rows = await self._mail().search_rows(sel.mailbox_id, where, columns, fields,
+                                                        indexed=indexed)
+            if found_rows is not None or not indexed:
+                break
+            indexed = False  # some messages have no blob_search row: headers in Python
+        rows = found_rows or []
         context = _SearchContext(sel)
+        if rows:
+            names = rows[0]._fields
+            context.extracted = "meta" not in names
+            context.fields = {name: names.index(f"h{index}") for index, name in enumerate(fields)
+                              if context.extracted}
+        matches = context.compile(rest) if rest is not None else None
         found: list[int] = []
-        for row in rows:
-            seq = sel.seq_of(row.uid)
-            if not seq:
+        bodies: dict[int, bytes] = {}
+        view, count, by_uid = sel.uids, len(sel.uids), cmd.uid
+        for index, row in enumerate(rows):
+            uid = row[0]
+            position = bisect_left(view, uid)
+            if position == count or view[position] != uid:
+                continue  # not (or no longer) in this session's view
+            seq = position + 1
+            if matches is None:
+                found.append(uid if by_uid else seq)
                 continue
             context.row, context.seq, context.meta, context.text = row, seq, None, None
             if needs_body:
-                context.raw = await self._mail().body(sel.mailbox_id, row.uid) or b""
-            if context.match(cmd.criteria):
-                found.append(row.uid if cmd.uid else seq)
+                if uid not in bodies:
+                    batch: list[int] = []
+                    batch_bytes = 0
+                    for other in rows[index:]:
+                        if batch and batch_bytes + other.size > BODY_BATCH_BYTES:
+                            break
+                        batch.append(other.uid)
+                        batch_bytes += other.size
+                    bodies = await self._mail().bodies(sel.mailbox_id, batch)
+                context.raw = bodies.get(uid, b"")
+            if matches():
+                found.append(uid if by_uid else seq)
         await self.emit(b"* SEARCH" + b"".join(b" %d" % n for n in found) + b"\r\n")
         if needs_body and found:
             self._audit("imap.search", {"mailbox": sel.mailbox_id, "messages": len(found)})
@@ -915,8 +1065,79 @@ def _split_flags(flags: Sequence[str]) -> tuple[int, list[str]]:
     return bits, keywords
 
 
+def _sql_condition(key: SearchKey, sel: Selected, indexed: bool) -> Any:
+    """A WHERE clause deciding ``key`` exactly for the messages of ``sel``'s view, or None
+    when Python must decide (keywords, dates, bodies, other header fields). ``indexed``: the
+    search joins ``blob_search`` (FROM/TO/CC/BCC/SUBJECT, case-folded like the needle)."""
+    m = t.message.c
+    if isinstance(key, SearchAll):
+        return true()
+    if isinstance(key, SearchHeader):
+        column = SEARCH_COLUMNS.get(key.field.lower())
+        if not indexed or column is None:
+            return None
+        # both sides case-folded: LIKE is a plain substring test (SQLite's LIKE only folds
+        # ASCII, which case-folded text no longer has in upper case)
+        return and_(column.is_not(None),
+                    column.contains(key.value.casefold(), autoescape=True))
+    if isinstance(key, SearchFlag):
+        if key.flag == "\\Recent":
+            condition: Any = or_(false(), *(m.uid.between(low + 1, high)
+                                            for low, high in sel.recent))
+        elif key.flag in SYSTEM_FLAG_BITS:
+            condition = m.flags.op("&")(SYSTEM_FLAG_BITS[key.flag]) != 0
+        else:
+            return None
+        return condition if key.present else not_(condition)
+    if isinstance(key, SearchUid | SearchSequence):
+        if isinstance(key, SearchUid):
+            highest = sel.uids[-1] if sel.uids else 0
+            ranges = _merge_ranges(part.bounds(highest) for part in key.seq_set.ranges)
+        else:
+            count = len(sel.uids)
+            ranges = []
+            for low, high in _merge_ranges(part.bounds(count) for part in key.seq_set.ranges):
+                low, high = max(low, 1), min(high, count)
+                if low <= high:
+                    ranges.append((sel.uids[low - 1], sel.uids[high - 1]))
+        if len(ranges) > _MAX_SQL_RANGES:
+            return None
+        return or_(false(), *(m.uid.between(low, high) for low, high in ranges))
+    if isinstance(key, SearchLarger):
+        return m.size > key.size
+    if isinstance(key, SearchSmaller):
+        return m.size < key.size
+    if isinstance(key, SearchNot):
+        inner = _sql_condition(key.key, sel, indexed)
+        return None if inner is None else not_(inner)
+    if isinstance(key, SearchOr | SearchAnd):
+        keys = (key.left, key.right) if isinstance(key, SearchOr) else key.keys
+        parts = [_sql_condition(k, sel, indexed) for k in keys]
+        if any(p is None for p in parts):
+            return None
+        return or_(*parts) if isinstance(key, SearchOr) else and_(true(), *parts)
+    return None
+
+
+def _search_fields(key: SearchKey) -> set[str]:
+    """Header fields (lower case) a SEARCH tree looks into."""
+    out: set[str] = set()
+    stack: list[SearchKey] = [key]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, SearchHeader):
+            out.add(node.field.lower())
+        elif isinstance(node, SearchNot):
+            stack.append(node.key)
+        elif isinstance(node, SearchOr):
+            stack.extend((node.left, node.right))
+        elif isinstance(node, SearchAnd):
+            stack.extend(node.keys)
+    return out
+
+
 def _search_columns(key: SearchKey) -> set[str]:
-    """Columns (and ``body``) a SEARCH tree needs."""
+    """Columns (``sent``: the Date header; ``body``) a SEARCH tree needs in Python."""
     out: set[str] = set()
     stack: list[SearchKey] = [key]
     while stack:
@@ -925,8 +1146,10 @@ def _search_columns(key: SearchKey) -> set[str]:
             out.update(("flags", "keywords"))
         elif isinstance(node, SearchInternalDate):
             out.add("internal_date")
-        elif isinstance(node, SearchSentDate | SearchHeader):
-            out.add("meta")
+        elif isinstance(node, SearchSentDate):
+            out.add("sent")
+        elif isinstance(node, SearchHeader):
+            pass  # extracted from meta: see _search_fields
         elif isinstance(node, SearchLarger | SearchSmaller):
             out.add("size")
         elif isinstance(node, SearchBody):
@@ -953,7 +1176,7 @@ def _compare(relation: DateRelation, value: date, wanted: date) -> bool:
 class _SearchContext:
     """Evaluates a SEARCH tree against one message row at a time."""
 
-    __slots__ = ("meta", "raw", "row", "sel", "seq", "text")
+    __slots__ = ("extracted", "fields", "meta", "raw", "row", "sel", "seq", "text")
 
     def __init__(self, sel: Selected) -> None:
         self.sel = sel
@@ -962,6 +1185,46 @@ class _SearchContext:
         self.meta: dict[str, Any] | None = None
         self.raw = b""
         self.text: str | None = None
+        self.fields: dict[str, int] = {}  # header field -> index of its column h<index>
+        self.extracted = False  # header fields and Date came as columns, not in ``meta``
+
+    def _header(self, name: str) -> Any:
+        position = self.fields.get(name)
+        if position is not None:
+            return self.row[position]
+        return self._headers().get(name)
+
+    def compile(self, key: SearchKey) -> Callable[[], bool]:
+        """``key`` as a function of the current row (:attr:`row`, :attr:`seq`...): the tree
+        is walked once per SEARCH, not once per message, for the frequent keys."""
+        if isinstance(key, SearchAnd):
+            parts = [self.compile(k) for k in key.keys]
+            if len(parts) == 1:
+                return parts[0]
+            return lambda: all(part() for part in parts)
+        if isinstance(key, SearchOr):
+            left, right = self.compile(key.left), self.compile(key.right)
+            return lambda: left() or right()
+        if isinstance(key, SearchNot):
+            inner = self.compile(key.key)
+            return lambda: not inner()
+        if isinstance(key, SearchFlag) and key.flag in SYSTEM_FLAG_BITS:
+            bit, present = SYSTEM_FLAG_BITS[key.flag], key.present
+            return lambda: bool(self.row.flags & bit) is present
+        if isinstance(key, SearchHeader) and key.field.lower() in self.fields:
+            position, needle = self.fields[key.field.lower()], key.value.casefold()
+
+            def header() -> bool:
+                text = self.row[position]
+                return text is not None and needle in text.casefold()
+
+            return header
+        return lambda: self.match(key)
+
+    def _sent(self) -> Any:
+        if self.extracted:
+            return self.row.sent
+        return self._meta().get("date")
 
     def _meta(self) -> dict[str, Any]:
         if self.meta is None:
@@ -1011,7 +1274,7 @@ class _SearchContext:
             value: datetime = row.internal_date
             return _compare(key.relation, value.date(), key.date)
         if isinstance(key, SearchSentDate):
-            sent = self._meta().get("date")
+            sent = self._sent()
             if not sent:
                 return False
             try:
@@ -1020,7 +1283,7 @@ class _SearchContext:
                 return False
             return _compare(key.relation, day, key.date)
         if isinstance(key, SearchHeader):
-            text = self._headers().get(key.field.lower())
+            text = self._header(key.field.lower())
             if text is None:
                 return False
             return key.value.casefold() in text.casefold()
@@ -1032,3 +1295,15 @@ class _SearchContext:
                 return True
             return wanted in self._body_text()
         return False
+
+
+def _merge_ranges(bounds: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Sorted, merged inclusive ranges."""
+    merged: list[tuple[int, int]] = []
+    for low, high in sorted(bounds):
+        if merged and low <= merged[-1][1] + 1:
+            if high > merged[-1][1]:
+                merged[-1] = (merged[-1][0], high)
+        else:
+            merged.append((low, high))
+    return merged
