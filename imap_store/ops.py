@@ -83,6 +83,9 @@ _MAILBOX = Stmt("SELECT id FROM mailbox WHERE patient_id = :patient_id AND name 
 _INSERT_BLOB = Stmt(
     "INSERT INTO blob (sha256, size, data) VALUES (:sha256, :size, :data) RETURNING id",
     binary=("data",))
+_INSERT_BLOB_SEARCH = Stmt(
+    "INSERT INTO blob_search (blob_id, from_text, to_text, cc_text, bcc_text, subject_text) "
+    "VALUES (:blob_id, :from_text, :to_text, :cc_text, :bcc_text, :subject_text)")
 _ALLOCATE_UID = Stmt(
     "UPDATE mailbox SET uidnext = uidnext + 1, highestmodseq = highestmodseq + 1 "
     "WHERE id = :id RETURNING uidnext, highestmodseq")
@@ -173,6 +176,12 @@ def blob_put(conn: Connection, data: bytes) -> int:
     digest = hashlib.sha256(data).hexdigest()
     return int(_INSERT_BLOB.first(conn, {"sha256": digest, "size": len(data),
                                        "data": data})[0])
+
+
+def blob_search_put(conn: Connection, blob_id: int, values: dict[str, str | None]) -> None:
+    """The case-folded SEARCH fields of a body (``mailstore.search_values``), written at
+    delivery so IMAP SEARCH FROM/TO/CC/BCC/SUBJECT runs in SQL."""
+    _INSERT_BLOB_SEARCH.run(conn, {"blob_id": blob_id, **values})
 
 
 def append(conn: Connection, mailbox: int, raw: bytes, fields: MessageFields, *,

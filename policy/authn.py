@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from imap_store.store import Store
@@ -12,6 +13,17 @@ from policy.addresses import InvalidIdentity, parse_patient_login, patient_addre
 from policy.passwords import verify_password
 from policy.rules import Identity, Role
 from policy.throttle import LoginThrottle
+
+#: argon2 runs on a small dedicated pool: each hash allocates 19 MiB, and glibc keeps freed
+#: memory in per-thread arenas, so hashing on every default-executor thread let the process
+#: grow by ~0.5 MiB per logged-in connection (bench/imap.py); two threads bound it.
+_HASHERS = ThreadPoolExecutor(max_workers=2, thread_name_prefix="argon2")
+
+
+async def _verify(stored: str | None, password: str) -> bool:
+    return await asyncio.get_running_loop().run_in_executor(
+        _HASHERS, verify_password, stored, password)
+
 
 AuditHook = Callable[[str, str, str, dict[str, object]], None]  # actor, action, subject, detail
 
@@ -51,21 +63,21 @@ class Authenticator:
             try:
                 ins = parse_patient_login(account, self.patient_domain)
             except InvalidIdentity:
-                await asyncio.to_thread(verify_password, None, password)
+                await _verify(None, password)
                 return None
             row = await self.store.patient_password_hash(ins)
             stored = row[2] if row is not None else None
-            ok = await asyncio.to_thread(verify_password, stored, password)
+            ok = await _verify(stored, password)
             if not ok or row is None or row[1] != "open":
                 return None
             return Identity(Role.PATIENT, address=patient_address(ins, self.patient_domain),
                             account_id=row[0])
         if patients_only:
-            await asyncio.to_thread(verify_password, None, password)
+            await _verify(None, password)
             return None
         pro = await self.store.professional_password_hash(account)
         stored = pro[1] if pro is not None else None
-        ok = await asyncio.to_thread(verify_password, stored, password)
+        ok = await _verify(stored, password)
         if not ok or pro is None:
             return None
         return Identity(Role.PROFESSIONAL, address=account, account_id=pro[0])

@@ -17,6 +17,7 @@ from imap_store import ops
 from imap_store import schema as t
 from imap_store.derive import derive, fields_from_info
 from imap_store.fields import MessageFields
+from imap_store.mailstore import search_values
 from imap_store.mime import MessageInfo
 from imap_store.notices import Templates
 from imap_store.store import Store
@@ -91,6 +92,7 @@ class Delivery:
         sender = mail_from.lower()
         ends = is_end_of_exchange(message.x_mss_mes, message.subject)
         notify = self.config.notifier.relay is not None
+        searchable = search_values(fields.meta)
 
         def run(conn: Connection) -> None:
             facts = ops.professional_facts(conn, sender)
@@ -98,6 +100,8 @@ class Delivery:
             trusted = set(ops.trusted_domains(conn)) if message.reply_to else set()
             reply_to = [(a, n) for a, n in message.reply_to if domain_of(a) in trusted]
             blob_id = ops.blob_put(conn, raw)
+            if searchable is not None:
+                ops.blob_search_put(conn, blob_id, searchable)
             for address, patient_id, ins in recipients:
                 inbox = ops.mailbox_id(conn, patient_id, "INBOX")
                 stored = ops.append(conn, inbox, raw, fields, blob_id=blob_id)
@@ -132,9 +136,12 @@ class Delivery:
         """Copy in Sent and one queued relay per recipient, in one transaction (SPEC §6.1)."""
         patient_id = identity.account_id
         fields = fields_from_info(info)
+        searchable = search_values(fields.meta)
 
         def run(conn: Connection) -> None:
             blob_id = ops.blob_put(conn, raw)
+            if searchable is not None:
+                ops.blob_search_put(conn, blob_id, searchable)
             sent = ops.mailbox_id(conn, patient_id, "Sent")
             stored = ops.append(conn, sent, raw, fields, flags=t.FLAG_SEEN, blob_id=blob_id)
             for recipient in recipients:
