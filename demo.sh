@@ -7,8 +7,13 @@ PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
-.venv/bin/python -m pip install --quiet --upgrade pip >/dev/null
-.venv/bin/python -m pip install --quiet -e .
+install_log=.venv/install.log
+if ! { .venv/bin/python -m pip install --quiet --upgrade pip \
+       && .venv/bin/python -m pip install --quiet -e .; } >"$install_log" 2>&1; then
+  tail -20 "$install_log" >&2
+  echo "installation failed (full log: $install_log)" >&2
+  exit 1
+fi
 export PATH="$PWD/.venv/bin:$PATH"
 export MSSANTE_CONFIG="$PWD/demo/gateway.toml"
 
@@ -17,7 +22,8 @@ PRO_PASSWORD=demo-professionnel
 INS=289057512345621
 PATIENT_PASSWORD=demo-patient
 
-if [ ! -f demo/gateway.toml ]; then
+if [ ! -f demo/.ready ]; then
+  rm -rf demo  # a set-up that did not finish is started again
   mssante-gateway init --dir demo --domain mssante.example
   mssante-policy domain import tests/samples/whitelist.xml
   echo "$PRO_PASSWORD" | mssante-policy professional add "$PRO" --name "Dr Marie Chanteau" \
@@ -25,6 +31,7 @@ if [ ! -f demo/gateway.toml ]; then
   mssante-gateway certs professional "$PRO" --out demo/certs/professional
   echo "$PATIENT_PASSWORD" | mssante-policy patient add "$INS" --name "Inaya Michel" \
     --notify-email inaya.michel@example.org --password-stdin
+  touch demo/.ready
 fi
 
 cat <<INFO

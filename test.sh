@@ -8,6 +8,11 @@ PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
-.venv/bin/python -m pip install --quiet --upgrade pip >/dev/null
-.venv/bin/python -m pip install --quiet -e '.[test]'
+install_log=.venv/install.log
+if ! { .venv/bin/python -m pip install --quiet --upgrade pip \
+       && .venv/bin/python -m pip install --quiet -e '.[test]'; } >"$install_log" 2>&1; then
+  tail -20 "$install_log" >&2
+  echo "installation failed (full log: $install_log)" >&2
+  exit 1
+fi
 exec .venv/bin/python -m pytest "$@"
