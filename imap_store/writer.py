@@ -149,6 +149,9 @@ class GroupWriter:
         with engine.connect() as raw_conn:
             conn = raw_conn.execution_options(sqlite_write=True)
             with conn.begin():
+                # Savepoints straight on the sqlite3 connection (one per job): the statements
+                # SQLAlchemy's begin_nested() would send, without its bookkeeping.
+                sqlite3_conn: Any = conn.connection.driver_connection
                 for pending in batch:
                     job = pending.job
                     assert job is not None
@@ -156,14 +159,15 @@ class GroupWriter:
                     if len(batch) == 1:
                         results.append((True, run(conn)))
                         continue
-                    savepoint = conn.begin_nested()
+                    sqlite3_conn.execute("SAVEPOINT job")
                     try:
                         value = run(conn)
-                    except Exception as exc:
-                        savepoint.rollback()
+                    except Exception as exc:  # handed to that job's caller
+                        sqlite3_conn.execute("ROLLBACK TO SAVEPOINT job")
+                        sqlite3_conn.execute("RELEASE SAVEPOINT job")
                         results.append((False, exc))
                     else:
-                        savepoint.commit()
+                        sqlite3_conn.execute("RELEASE SAVEPOINT job")
                         results.append((True, value))
         return results
 

@@ -1,0 +1,49 @@
+"""Group commit: many jobs, one transaction; a failing job rolls back only itself (SQLite's
+thread path and PostgreSQL's run_sync path)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from sqlalchemy import text
+from sqlalchemy.engine import Connection
+
+from imap_store.db import migrate
+from imap_store.store import Store
+from imap_store.writer import GroupWriter
+
+
+async def test_failing_job_rolls_back_alone(db_url: str) -> None:
+    await migrate(db_url)
+    store = Store.from_url(db_url)
+    writer = GroupWriter(store)
+    writer.start()
+
+    def add(name: str, fail: bool = False):  # type: ignore[no-untyped-def]
+        def job(conn: Connection) -> str:
+            conn.execute(text("INSERT INTO trusted_domain (name, source, added_at) "
+                              "VALUES (:n, 'test', CURRENT_TIMESTAMP)"), {"n": name})
+            if fail:
+                raise ValueError("refused")
+            return name
+        return job
+
+    try:
+        results = await asyncio.gather(
+            writer.submit_sync(add("a.example")),
+            writer.submit_sync(add("b.example", fail=True)),
+            writer.submit_sync(add("c.example")),
+            return_exceptions=True,
+        )
+        assert results[0] == "a.example" and results[2] == "c.example"
+        assert isinstance(results[1], ValueError)
+        assert await store.trusted_domains() == ["a.example", "c.example"]
+        assert writer.batches == 1 and writer.jobs == 3  # one transaction, savepoints inside
+        # A lone failing job fails alone too.
+        with pytest.raises(ValueError):
+            await writer.submit_sync(add("d.example", fail=True))
+        assert await store.trusted_domains() == ["a.example", "c.example"]
+    finally:
+        await writer.close()
+        await store.close()
