@@ -8,7 +8,6 @@ Every query that touches mailbox data is scoped by the owner patient's id.
 from __future__ import annotations
 
 import asyncio
-import json
 import secrets
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -528,7 +527,3 @@ class Store:
         self, conn: AsyncConnection, addresses: Iterable[str]
     ) -> dict[str, str]:
         return await conn.run_sync(ops.professional_states, list(addresses))
-
-
-def dumps_meta(meta: dict[str, Any]) -> str:
-    return json.dumps(meta, separators=(",", ":"), ensure_ascii=False, default=str)

@@ -8,7 +8,6 @@ positions 6-7 (Corsican departments).
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 
 INS_LENGTH = 15
 RPPS_LENGTH = 11
@@ -95,18 +94,6 @@ def normalize_domain(value: str) -> str:
 
 def domain_of(address: str) -> str:
     return address.rpartition("@")[2].lower()
-
-
-@dataclass(frozen=True)
-class PatientAddress:
-    """``<INS>@<patient domain>``."""
-
-    ins: str
-    domain: str
-
-    @property
-    def address(self) -> str:
-        return f"{self.ins}@{self.domain}"
 
 
 def patient_address(ins: str, patient_domain: str) -> str:

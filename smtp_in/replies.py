@@ -23,7 +23,6 @@ QUEUED_OUT = Reply(250, "2.0.0", "message queued for delivery, copy in Sent")
 AUTH_OK = Reply(235, "2.7.0", "authentication succeeded")
 AUTH_FAILED = Reply(535, "5.7.8", "authentication failed")
 AUTH_THROTTLED = Reply(454, "4.7.0", "too many failed logins, try again later")
-AUTH_ALREADY = Reply(503, "5.5.1", "already authenticated")
 AUTH_BAD_BASE64 = Reply(501, "5.5.2", "cannot decode base64")
 AUTH_BAD_PLAIN = Reply(501, "5.5.2", "malformed PLAIN response")
 AUTH_REQUIRED = Reply(530, "5.7.0", "authentication required: client certificate or AUTH")
@@ -36,7 +35,6 @@ INTERNAL_ERROR = Reply(451, "4.3.0", "internal error, try again later")
 SHUTTING_DOWN = Reply(421, "4.3.2", "service shutting down, try again later")
 TOO_MANY_CONNECTIONS = Reply(421, "4.7.0", "too many connections from your address")
 NO_VALID_RECIPIENTS = Reply(554, "5.5.1", "no valid recipients")
-NOT_PROFESSIONAL = Reply(550, "5.7.1", "only professionals and operators may send here")
 
 #: Default enhanced codes added to replies that aiosmtpd writes without one (RFC 3463).
 DEFAULT_ENHANCED: dict[int, str] = {
