@@ -14,6 +14,7 @@ import io
 import os
 import re
 import secrets
+import shutil
 import signal
 import socket
 import ssl
@@ -69,7 +70,7 @@ def _cli(prog: str, config: Path | None, *args: str) -> None:
         raise RuntimeError(f"{prog} {' '.join(args)} failed ({code}): {err.getvalue()}")
 
 
-def _set_key(config: Path, section: str, key: str, value: str) -> None:
+def set_key(config: Path, section: str, key: str, value: str) -> None:
     """Set ``key = "value"`` (or a bare integer) in ``[section]`` of the written TOML."""
     text = config.read_text(encoding="utf-8")
     literal = value if value.isdigit() else f'"{value}"'
@@ -134,6 +135,19 @@ def drop_pg_schema(schema: str) -> None:
     asyncio.run(_pg_exec(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
 
 
+def cleanup(base: Path, pg_schema: str | None, keep: bool) -> None:
+    """Drop the benchmark's PostgreSQL schema and its directory (unless ``--keep``)."""
+    if pg_schema:
+        try:
+            drop_pg_schema(pg_schema)
+        except Exception as exc:  # the result line matters more than the clean-up
+            print(f"could not drop schema {pg_schema}: {exc}", file=sys.stderr)
+    if keep:
+        print(f"kept {base}", file=sys.stderr)
+    else:
+        shutil.rmtree(base, ignore_errors=True)
+
+
 def make_gateway_dir(base: Path, db: str, professionals: int, patients: int,
                      limits: dict[str, int] | None = None) -> GatewayDir:
     """``mssante-gateway init``, the SMTP intake on a free port (every other listener off),
@@ -148,13 +162,13 @@ def make_gateway_dir(base: Path, db: str, professionals: int, patients: int,
         url = f"sqlite:///{directory / 'gateway.db'}"
     gw = GatewayDir(directory, url, pg_schema=schema)
     cfg = gw.config
-    _set_key(cfg, "storage", "url", url)
+    set_key(cfg, "storage", "url", url)
     gw.smtp_port = free_port()
-    _set_key(cfg, "smtp", "listen", f"127.0.0.1:{gw.smtp_port}")
+    set_key(cfg, "smtp", "listen", f"127.0.0.1:{gw.smtp_port}")
     for name in ("submission", "submissions", "imap", "imaps"):
-        _set_key(cfg, name, "listen", "")
+        set_key(cfg, name, "listen", "")
     for key, value in (limits or {}).items():
-        _set_key(cfg, "limits", key, str(value))
+        set_key(cfg, "limits", key, str(value))
     _cli("mssante-policy", cfg, "domain", "add", PRO_DOMAIN)
     for i in range(professionals):
         address = f"dr.bench{i:03d}@{PRO_DOMAIN}"

@@ -70,6 +70,7 @@ for _p in (str(ROOT), str(ROOT / "bench")):
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
+from benchlib import cleanup, set_key  # noqa: E402
 from imap_workload import (  # noqa: E402
     EPOCH,
     FROM_TERMS,
@@ -669,21 +670,6 @@ def _cli(prog: str, config: Path | None, *args: str, stdin: str = "") -> None:
         raise RuntimeError(f"{prog} {' '.join(args)} failed ({code}): {err.getvalue()}")
 
 
-def set_key(config: Path, section: str, key: str, value: str) -> None:
-    """Set ``key = "value"`` (or a bare integer) in ``[section]``, adding it when absent."""
-    text = config.read_text(encoding="utf-8")
-    literal = value if value.isdigit() else f'"{value}"'
-    pattern = rf'(?ms)^(\[{re.escape(section)}\]\n(?:(?!^\[).)*?^{key} = )("[^"\n]*"|\d+)'
-    text, n = re.subn(pattern, lambda m: m.group(1) + literal, text, count=1)
-    if n == 0:
-        if re.search(rf"(?m)^\[{re.escape(section)}\]$", text):
-            text = re.sub(rf"(?m)^(\[{re.escape(section)}\]\n)",
-                          lambda m: f"{m.group(1)}{key} = {literal}\n", text, count=1)
-        else:
-            text += f"\n[{section}]\n{key} = {literal}\n"
-    config.write_text(text, encoding="utf-8")
-
-
 @dataclass
 class GatewayDir:
     directory: Path
@@ -1166,13 +1152,7 @@ def main(argv: list[str] | None = None) -> int:
             except Exception as exc:
                 results["gateway"] = {"errors": [f"{type(exc).__name__}: {exc}"]}
     finally:
-        if gw is not None and gw.pg_schema:
-            with contextlib.suppress(Exception):
-                _drop_pg_schema(gw.pg_schema)
-        if args.keep:
-            log(f"kept {base}")
-        else:
-            shutil.rmtree(base, ignore_errors=True)
+        cleanup(base, gw.pg_schema if gw is not None else None, args.keep)
 
     print(f"mailbox: {args.messages} messages + welcome, {args.clients} clients, "
           f"{args.seconds:.0f}s per server, load average {os.getloadavg()[0]:.2f} at the end; "
@@ -1187,24 +1167,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"(total {time.perf_counter() - started:.0f}s)")
     print(f"ratio={ratio:.2f} gateway={g:.0f}/s dovecot={d:.0f}/s p99={p99:.0f}ms")
     return 0
-
-
-def _drop_pg_schema(schema: str) -> None:
-    from urllib.parse import urlparse
-
-    import asyncpg
-
-    async def run() -> None:
-        parsed = urlparse(PG_URL)
-        conn = await asyncpg.connect(host=parsed.hostname, port=parsed.port or 5432,
-                                     user=parsed.username or "postgres",
-                                     database=(parsed.path or "/test").lstrip("/"))
-        try:
-            await conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
-        finally:
-            await conn.close()
-
-    asyncio.run(run())
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ from benchlib import (
     BIN,
     GatewayDir,
     SmtpClient,
+    cleanup,
     client_context,
     count_stored,
     cpu_seconds,
@@ -337,12 +338,7 @@ def main(argv: list[str] | None = None) -> int:
               f"p50={gateway.p(50):.1f}ms p99={gateway.p(99):.1f}ms", flush=True)
         return 0 if stored == expected and not gateway.refused else 1
     finally:
-        if gw is not None and gw.pg_schema:
-            drop_pg_schema(gw.pg_schema)
-        if args.keep:
-            print(f"kept {base}", file=sys.stderr)
-        else:
-            shutil.rmtree(base, ignore_errors=True)
+        cleanup(base, gw.pg_schema if gw is not None else None, args.keep)
 
 
 if __name__ == "__main__":

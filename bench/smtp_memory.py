@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -42,10 +41,10 @@ from benchlib import (
     SmtpClient,
     attachment_message,
     base64_lines,
+    cleanup,
     client_context,
     count_stored,
     cpu_seconds,
-    drop_pg_schema,
     make_gateway_dir,
     percentile,
     rss_mib,
@@ -246,12 +245,7 @@ def main(argv: list[str] | None = None) -> int:
         ok = accepted == len(result.replies) and len(big) == accepted and bool(sizes_ok)
         return 0 if ok else 1
     finally:
-        if gw is not None and gw.pg_schema:
-            drop_pg_schema(gw.pg_schema)
-        if args.keep:
-            print(f"kept {base}", file=sys.stderr)
-        else:
-            shutil.rmtree(base, ignore_errors=True)
+        cleanup(base, gw.pg_schema if gw is not None else None, args.keep)
 
 
 if __name__ == "__main__":

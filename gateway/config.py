@@ -372,8 +372,8 @@ login_url = "https://{domain}/"
 default_relay = ""               # "host:port" for professionals' domains without a route
 cert = "certs/server.pem"        # our client certificate presented to relays
 key = "certs/server.key"
-retry_schedule = [60, 300, 900, 1800, 3600, 7200, 14400]   # seconds between tries
-max_age = 432000                 # bounce after 5 days
+retry_schedule = {list(OutboundConfig.retry_schedule)}   # seconds between tries
+max_age = {OutboundConfig.max_age}                 # bounce after this many seconds
 
 [outbound.routes]
 # "medecin.mssante.fr" = "mx.medecin.mssante.fr:25"

@@ -34,7 +34,7 @@ from policy.addresses import (
     validate_ins,
     validate_rpps,
 )
-from policy.engine import judge
+from policy.engine import judge_sync
 from policy.passwords import hash_password
 
 PROG = "mssante-policy"
@@ -256,7 +256,8 @@ async def dispatch(args: argparse.Namespace, config: Config, store: Store) -> in
         sender = normalize_address(args.sender)
         recipient = normalize_address(args.recipient)
         async with store.write() as conn:
-            verdict = await judge(store, conn, sender, recipient, config.domains.patient)
+            verdict = await conn.run_sync(judge_sync, sender, recipient,
+                                          config.domains.patient)
             await store.audit(conn, who, "check", f"{sender} -> {recipient}",
                               verdict.decision.as_dict())
         d = verdict.decision

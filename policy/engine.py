@@ -2,7 +2,7 @@
 
 Shared by the SMTP intake (per RCPT) and ``mssante-policy check`` so both decide alike. The
 ``*_sync`` functions take a synchronous connection (run in one worker-thread hop by
-``Store.run_read``); the async ones wrap them for callers holding an AsyncConnection.
+``Store.run_read``, or ``AsyncConnection.run_sync`` inside a transaction).
 """
 
 from __future__ import annotations
@@ -10,10 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from sqlalchemy.engine import Connection
-from sqlalchemy.ext.asyncio import AsyncConnection
 
 from imap_store import ops
-from imap_store.store import Store
 from policy.addresses import InvalidIdentity, domain_of
 from policy.rules import (
     ContactFacts,
@@ -32,6 +30,7 @@ class RecipientVerdict:
     decision: Decision
     patient_id: int = 0  # the recipient patient's id when the recipient is a patient
     ins: str | None = None
+    sender_name: str = ""  # the sending professional's directory name, when read
 
 
 def judge_professional_recipient_sync(
@@ -49,7 +48,8 @@ def judge_professional_recipient_sync(
         return RecipientVerdict(decide_relay_denied())
     facts = sender_facts or ops.professional_facts(conn, sender)
     patient, patient_id = ops.patient_facts(conn, ins)
-    return RecipientVerdict(decide_professional_to_patient(facts, patient), patient_id, ins)
+    return RecipientVerdict(decide_professional_to_patient(facts, patient), patient_id, ins,
+                            facts.name)
 
 
 def judge_patient_recipient_sync(
@@ -81,11 +81,3 @@ def judge_sync(conn: Connection, sender: str, recipient: str,
     if facts.state.value == "closed":
         return RecipientVerdict(refuse("R8", 550, "5.2.1", "this patient mailbox is closed"))
     return judge_patient_recipient_sync(conn, patient_id, recipient, patient_domain)
-
-
-async def judge(
-    store: Store, conn: AsyncConnection, sender: str, recipient: str, patient_domain: str
-) -> RecipientVerdict:
-    verdict: RecipientVerdict = await conn.run_sync(judge_sync, sender, recipient,
-                                                    patient_domain)
-    return verdict

@@ -80,24 +80,21 @@ class Delivery:
         self.config = config
         self.templates = templates
 
-    async def check_headers(self, identity: Identity, mail_from: str,
-                            message: IncomingMessage) -> Decision:
-        """R10 at DATA: ``From:`` is the envelope sender."""
-        return decide_from_header(mail_from, message.from_addrs)
 
     def job(self, identity: Identity, mail_from: str, recipients: list[tuple[str, int, str]],
-            raw: bytes, message: IncomingMessage,
-            fields: MessageFields) -> Callable[[Connection], None]:
-        """The store job of a professional's message, run by the group writer."""
+            raw: bytes, message: IncomingMessage, fields: MessageFields,
+            directory_name: str, trusted: frozenset[str]) -> Callable[[Connection], None]:
+        """The store job of a professional's message, run by the group writer.
+
+        ``directory_name`` and ``trusted`` come from the RCPT and MAIL checks, so the writer
+        does not read them again."""
         sender = mail_from.lower()
         ends = is_end_of_exchange(message.x_mss_mes, message.subject)
         notify = self.config.notifier.relay is not None
         searchable = search_values(fields.meta)
 
         def run(conn: Connection) -> None:
-            facts = ops.professional_facts(conn, sender)
-            name = facts.name or message.from_name or sender
-            trusted = set(ops.trusted_domains(conn)) if message.reply_to else set()
+            name = directory_name or message.from_name or sender
             reply_to = [(a, n) for a, n in message.reply_to if domain_of(a) in trusted]
             blob_id = ops.blob_put(conn, raw)
             if searchable is not None:

@@ -39,6 +39,7 @@ from policy.rules import (
     Decision,
     Identity,
     Role,
+    decide_from_header,
     decide_mail_from,
     decide_size,
 )
@@ -146,6 +147,8 @@ class GatewaySMTP(SMTP):
         self._in_ehlo = False
         self._peer_ip = ""
         self._reserved = 0  # DATA budget held for the declared SIZE (RFC 1870)
+        self._refused_early = False  # turned away at connect (limits, shutdown)
+        self.sender_name = ""  # the professional's directory name, from the last RCPT check
         super().__init__(
             Handler(),
             data_size_limit=None,  # SIZE is ours (R7), advertised in handle_EHLO
@@ -178,7 +181,6 @@ class GatewaySMTP(SMTP):
                 transport.close()
                 self._refused_early = True
                 return
-        self._refused_early = False
         super().connection_made(transport)
 
     def connection_lost(self, error: Exception | None) -> None:
@@ -188,12 +190,12 @@ class GatewaySMTP(SMTP):
             self.ctx.per_ip[self._peer_ip] -= 1
             if self.ctx.per_ip[self._peer_ip] <= 0:
                 del self.ctx.per_ip[self._peer_ip]
-        if getattr(self, "_refused_early", False):
+        if self._refused_early:
             return
         super().connection_lost(error)
 
     def eof_received(self) -> bool | None:
-        if getattr(self, "_refused_early", False):
+        if self._refused_early:
             return False
         result: bool | None = super().eof_received()
         return result
@@ -370,14 +372,15 @@ class GatewaySMTP(SMTP):
         if identity.role is Role.PATIENT:
             return await self._finish_patient(delivery, identity, mail_from, stored, message,
                                               info)
-        decision = await delivery.check_headers(identity, mail_from, message)
+        decision = decide_from_header(mail_from, message.from_addrs)  # R10 at DATA
         if not decision.allowed:
             self.ctx.audit_later(identity.describe(), "refuse", mail_from, decision.as_dict())
             return decision.reply
         try:
             await self.ctx.writer.submit_sync(
                 delivery.job(identity, mail_from, list(self.accepted), stored, message,
-                             fields_from_info(info))
+                             fields_from_info(info), self.sender_name,
+                             await self.ctx.trusted_domains())
             )
         except Exception:
             log.exception("conn=%s delivery failed", self.conn_id)
@@ -491,6 +494,7 @@ class Handler:
             return decision.reply
         envelope.rcpt_tos.append(recipient)
         server.accepted.append((recipient, verdict.patient_id, verdict.ins or ""))
+        server.sender_name = verdict.sender_name
         return f"250 2.1.5 {decision.text}"
 
     async def handle_RSET(self, server: GatewaySMTP, session: Session,

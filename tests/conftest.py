@@ -77,16 +77,6 @@ def gw_dir(tmp_path: Path, db_url: str) -> Path:
     return directory
 
 
-@pytest.fixture
-def sample() -> object:
-    def load(name: str) -> bytes:
-        matches = sorted(SAMPLES.glob(f"{name}*"))
-        assert matches, name
-        return matches[0].read_bytes()
-
-    return load
-
-
 INAYA = "289057512345621"
 MARTINE = "262112A04501213"
 CHRISTELLE = "christelle.thomas@medecin.mssante.fr"

@@ -30,14 +30,6 @@ def set_listen(config: Path, name: str, value: str) -> None:
     config.write_text(text, encoding="utf-8")
 
 
-def set_key(config: Path, section: str, key: str, value: str) -> None:
-    text = config.read_text(encoding="utf-8")
-    pattern = rf'(?ms)^(\[{re.escape(section)}\]\n(?:(?!\n\[).)*?^{key} = )"[^"]*"'
-    text, n = re.subn(pattern, rf'\1"{value}"', text)
-    assert n == 1, (section, key)
-    config.write_text(text, encoding="utf-8")
-
-
 def run_cli(config: Path, *args: str, stdin: str = "", prog: str = "mssante-policy",
             check: bool = True) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "MSSANTE_CONFIG": str(config)}

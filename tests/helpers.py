@@ -14,6 +14,13 @@ from imap_store import schema as t
 from imap_store.store import Store
 from tests.gateway_proc import Gateway
 
+SAMPLES = Path(__file__).parent / "samples"
+
+
+def sample(name: str) -> bytes:
+    """A message of tests/samples by its number prefix, e.g. ``sample("01")``."""
+    return next(SAMPLES.glob(f"{name}-*.eml")).read_bytes()
+
 
 def tls_context(gw: Gateway, client: str | None = None) -> ssl.SSLContext:
     ctx = ssl.create_default_context(cafile=str(gw.ca))

@@ -30,14 +30,10 @@ from tests.conftest import (
     prepare_gateway,
 )
 from tests.gateway_proc import Gateway, free_port, run_cli
-from tests.helpers import mailbox, smtp
+from tests.helpers import mailbox, sample, smtp
 from tests.relay import Relay
 
 PATIENT = f"{INAYA}@patient.mssante.fr"
-
-
-def sample(name: str) -> bytes:
-    return next(SAMPLES.glob(f"{name}-*.eml")).read_bytes()
 
 
 class World:

@@ -27,13 +27,9 @@ from tests.conftest import (
     SAMPLES,
 )
 from tests.gateway_proc import Gateway, run_cli
-from tests.helpers import body_after_received, mailbox, smtp, tls_context
+from tests.helpers import body_after_received, mailbox, sample, smtp, tls_context
 
 PATIENT = f"{INAYA}@patient.mssante.fr"
-
-
-def sample(name: str) -> bytes:
-    return next(SAMPLES.glob(f"{name}-*.eml")).read_bytes()
 
 
 def send(conn: smtplib.SMTP, sender: str, rcpts: list[str], data: bytes) -> dict[str, object]:
@@ -362,11 +358,15 @@ def test_swaks_refusal_r8(gateway: Gateway) -> None:
     assert re.search(r"553 5\.1\.3 R8: invalid patient address", result.stdout), result.stdout
 
 
-def test_no_traceback_in_log(gateway: Gateway) -> None:
+def test_malformed_commands_refused_with_codes(gateway: Gateway) -> None:
     conn = smtp(gateway, DUPOND)
-    conn.docmd("MAIL FROM:<<<>>>")
-    conn.docmd("RCPT TO:<x>")
-    conn.docmd("BOGUS")
+    code, text = conn.docmd("MAIL FROM:<<<>>>")
+    assert (code, text[:5]) == (553, b"5.1.3")
+    code, text = conn.docmd("RCPT TO:<x>")  # no sender accepted yet
+    assert (code, text[:5]) == (503, b"5.5.1")
+    code, text = conn.docmd("BOGUS")
+    assert (code, text[:5]) == (500, b"5.5.2")
+    assert conn.noop()[0] == 250  # the session goes on
     conn.quit()
     assert "Traceback" not in gateway.log()
 

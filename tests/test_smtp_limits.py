@@ -91,7 +91,7 @@ def test_connections_per_ip_limited(limited: Gateway) -> None:
 def test_credentials_never_logged(limited: Gateway) -> None:
     conn = smtp(limited, None, "submission")
     conn.user, conn.password = CHRISTELLE, PRO_PASSWORD
-    conn.auth("LOGIN", conn.auth_login, initial_response_ok=False)
+    assert conn.auth("LOGIN", conn.auth_login, initial_response_ok=False)[0] == 235
     conn.quit()
     conn = smtp(limited, None, "submission")
     with pytest.raises(smtplib.SMTPAuthenticationError):
