@@ -208,21 +208,29 @@ def test_aioimaplib_login_select_fetch_idle(gateway: Gateway) -> None:
     async def run() -> None:
         client = aioimaplib.IMAP4_SSL("127.0.0.1", gateway.ports["imaps"],
                                       ssl_context=tls_context(gateway), timeout=30)
-        await client.wait_hello_from_server()
-        response = await client.login(PATIENT, PATIENT_PASSWORD)
-        assert response.result == "OK"
-        response = await client.select("INBOX")
-        assert response.result == "OK"
-        response = await client.fetch("1", "(UID FLAGS ENVELOPE)")
-        assert response.result == "OK" and b"Bienvenue" in b" ".join(
-            line for line in response.lines if isinstance(line, bytes | bytearray))
-        idle = await client.idle_start(timeout=10)
-        await asyncio.to_thread(deliver, gateway, DUPOND, "02")
-        pushed = await client.wait_server_push(timeout=5)
-        client.idle_done()
-        await asyncio.wait_for(idle, 10)
-        assert any(b"EXISTS" in bytes(line) for line in pushed if isinstance(line, bytes))
-        await client.logout()
+        try:
+            await client.wait_hello_from_server()
+            response = await client.login(PATIENT, PATIENT_PASSWORD)
+            assert response.result == "OK"
+            response = await client.select("INBOX")
+            assert response.result == "OK"
+            response = await client.fetch("1", "(UID FLAGS ENVELOPE)")
+            assert response.result == "OK" and b"Bienvenue" in b" ".join(
+                line for line in response.lines if isinstance(line, bytes | bytearray))
+            idle = await client.idle_start(timeout=10)
+            await asyncio.to_thread(deliver, gateway, DUPOND, "02")
+            pushed = await client.wait_server_push(timeout=5)
+            client.idle_done()
+            await asyncio.wait_for(idle, 10)
+            assert any(b"EXISTS" in bytes(line) for line in pushed if isinstance(line, bytes))
+            await client.logout()
+        finally:
+            # aioimaplib leaves its transport to the server's close: close it here so no
+            # socket outlives the test (a ResourceWarning otherwise lands in the next one).
+            transport = getattr(client.protocol, "transport", None)
+            if transport is not None and not transport.is_closing():
+                transport.close()
+            await asyncio.sleep(0.05)
 
     asyncio.run(run())
 
