@@ -63,6 +63,21 @@ class Stmt:
             return conn.connection.driver_connection.execute(self.sql, values)  # type: ignore[union-attr]
         return conn.execute(self.clause, params or {})
 
+    def run_many(self, conn: Connection, rows: Sequence[dict[str, Any]]) -> None:
+        """The statement once per parameter set (executemany)."""
+        if not rows:
+            return
+        if conn.dialect.driver == "pysqlite":
+            values = [dict(r) for r in rows]
+            for row in values:
+                for name in self.datetimes:
+                    value = row.get(name)
+                    if value is not None:
+                        row[name] = value.strftime(_SQLITE_TS)
+            conn.connection.driver_connection.executemany(self.sql, values)  # type: ignore[union-attr]
+            return
+        conn.execute(self.clause, list(rows))
+
     def first(self, conn: Connection, params: dict[str, Any] | None = None) -> Any:
         """The first row as a tuple, or None."""
         result = self.run(conn, params)
@@ -104,19 +119,34 @@ _INSERT_EXCHANGE = Stmt(
     datetimes=("since",))
 
 
+#: One audit entry before it is chained: (actor, action, subject, detail).
+AuditEntry = tuple[str, str, str, "dict[str, Any] | None"]
+
+
 def audit(conn: Connection, actor: str, action: str, subject: str = "",
           detail: dict[str, Any] | None = None) -> None:
     """Append one row to the hash chain inside the caller's write transaction."""
+    audit_many(conn, [(actor, action, subject, detail)])
+
+
+def audit_many(conn: Connection, entries: Sequence[AuditEntry]) -> None:
+    """Append rows to the hash chain, in order, inside the caller's write transaction: one
+    read of the chain's end and one batched insert, whatever the number of rows."""
+    if not entries:
+        return
     if conn.dialect.name == "postgresql":
         conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _AUDIT_LOCK_KEY})
     row = _LAST_AUDIT_HASH.first(conn)
     prev = row[0] if row is not None else GENESIS_HASH
     at = utcnow()
-    detail_json = canonical_detail(detail)
-    digest = chain_hash(prev, at, actor, action, subject, detail_json)
-    _INSERT_AUDIT.run(conn, {"at": at, "actor": actor, "action": action,
-                                 "subject": subject, "detail": detail_json,
-                                 "prev_hash": prev, "hash": digest})
+    rows: list[dict[str, Any]] = []
+    for actor, action, subject, detail in entries:
+        detail_json = canonical_detail(detail)
+        digest = chain_hash(prev, at, actor, action, subject, detail_json)
+        rows.append({"at": at, "actor": actor, "action": action, "subject": subject,
+                     "detail": detail_json, "prev_hash": prev, "hash": digest})
+        prev = digest
+    _INSERT_AUDIT.run_many(conn, rows)
 
 
 def trusted_domains(conn: Connection) -> list[str]:

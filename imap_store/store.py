@@ -142,6 +142,7 @@ class Store:
         self.blobs: BlobStore = blobs or DatabaseBlobStore()
         #: SQLite only: the same file through pysqlite, used from worker threads.
         self.sync_engine = sync_engine
+        self._inline: Connection | None = None
 
     @classmethod
     def from_url(cls, url: str) -> Store:
@@ -149,6 +150,9 @@ class Store:
 
     async def close(self) -> None:
         await self.engine.dispose()
+        if self._inline is not None:
+            self._inline.close()
+            self._inline = None
         if self.sync_engine is not None:
             self.sync_engine.dispose()
 
@@ -162,6 +166,26 @@ class Store:
             result: T = await conn.run_sync(fn, *args)
             await conn.rollback()
             return result
+
+    async def read_inline(self, fn: Callable[..., T], *args: Any) -> T:
+        """Like ``run_read`` for a few indexed lookups (the RCPT checks). On SQLite they run on
+        the calling thread, over a connection kept for it, in autocommit: in WAL mode a reader
+        never waits for the writer, and a hop to a worker thread would cost more than the
+        lookups. Elsewhere the same as ``run_read``."""
+        if self.sync_engine is None:
+            return await self.run_read(fn, *args)
+        conn = self._inline
+        if conn is None:
+            conn = self._inline = self.sync_engine.connect()
+        try:
+            value: T = fn(conn, *args)
+        except BaseException:
+            self._inline = None
+            conn.close()
+            raise
+        if conn.in_transaction():  # a Core statement began one: end it, keep no snapshot
+            conn.rollback()
+        return value
 
     def _read_in_thread(self, fn: Callable[..., T], *args: Any) -> T:
         assert self.sync_engine is not None

@@ -3,7 +3,7 @@ job run by the group writer (R2 exchange opened, R4 Reply-To, R5 end + notice, a
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -83,17 +83,22 @@ class Delivery:
 
     def job(self, identity: Identity, mail_from: str, recipients: list[tuple[str, int, str]],
             raw: bytes, message: IncomingMessage, fields: MessageFields,
-            directory_name: str, trusted: frozenset[str]) -> Callable[[Connection], None]:
+            directory_name: str, trusted: frozenset[str],
+            audit: Sequence[ops.AuditEntry] = ()) -> Callable[[Connection], None]:
         """The store job of a professional's message, run by the group writer.
 
         ``directory_name`` and ``trusted`` come from the RCPT and MAIL checks, so the writer
-        does not read them again."""
+        does not read them again; ``audit`` holds the session's entries not yet written (its
+        RCPT decisions), written in the same transaction before the deliveries."""
         sender = mail_from.lower()
         ends = is_end_of_exchange(message.x_mss_mes, message.subject)
         notify = self.config.notifier.relay is not None
         searchable = search_values(fields.meta)
 
+        actor = identity.describe()
+
         def run(conn: Connection) -> None:
+            entries = list(audit)
             name = directory_name or message.from_name or sender
             reply_to = [(a, n) for a, n in message.reply_to if domain_of(a) in trusted]
             blob_id = ops.blob_put(conn, raw)
@@ -106,12 +111,13 @@ class Delivery:
                 if ends:  # R5: delivered, then the exchange ends and the patient is told
                     ops.end_exchanges(conn, patient_id, sender)
                     self._end_notice(conn, patient_id, inbox, address, name, message)
-                ops.audit(conn, identity.describe(), "deliver", ins,
-                          {"from": sender, "uid": stored.uid, "size": len(raw),
-                           "end_of_exchange": ends})
+                entries.append((actor, "deliver", ins,
+                                {"from": sender, "uid": stored.uid, "size": len(raw),
+                                 "end_of_exchange": ends}))
                 if notify:
                     enqueue_notification(conn, patient_id, self.config.system_sender,
                                          ops.patient_notify_email(conn, patient_id))
+            ops.audit_many(conn, entries)
 
         return run
 
@@ -129,8 +135,10 @@ class Delivery:
         return decide_patient_message(info.subject, starts, info.attachments_total_size)
 
     def patient_job(self, identity: Identity, mail_from: str, recipients: list[str],
-                    raw: bytes, info: MessageInfo) -> Callable[[Connection], None]:
-        """Copy in Sent and one queued relay per recipient, in one transaction (SPEC §6.1)."""
+                    raw: bytes, info: MessageInfo,
+                    audit: Sequence[ops.AuditEntry] = ()) -> Callable[[Connection], None]:
+        """Copy in Sent and one queued relay per recipient, in one transaction (SPEC §6.1);
+        ``audit`` as for ``job``."""
         patient_id = identity.account_id
         fields = fields_from_info(info)
         searchable = search_values(fields.meta)
@@ -143,8 +151,8 @@ class Delivery:
             stored = ops.append(conn, sent, raw, fields, flags=t.FLAG_SEEN, blob_id=blob_id)
             for recipient in recipients:
                 enqueue_relay(conn, patient_id, mail_from, recipient, blob_id)
-            ops.audit(conn, identity.describe(), "submit", ",".join(recipients),
-                      {"uid": stored.uid, "size": len(raw)})
+            ops.audit_many(conn, [*audit, (identity.describe(), "submit", ",".join(recipients),
+                                           {"uid": stored.uid, "size": len(raw)})])
 
         return run
 

@@ -12,6 +12,7 @@ import email.policy
 import json
 import logging
 import random
+import re
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
@@ -868,3 +869,448 @@ def test_large_attachment_decoded_size() -> None:
     assert info.attachments_total_size == len(payload)
     assert decode_section(raw, (2,)) == payload
     assert text_for_search(raw, info) == "see attached"
+
+
+# --------------------------------------------------------------------------
+# Fast paths must not change any result
+# --------------------------------------------------------------------------
+
+# Values that must take the fast path of _parse_address_list (one regex per address).
+FAST_ADDRESS_VALUES = [
+    "a@b",
+    "marie.chanteau@medecin.mssante.fr",
+    "289057512345621@patient.mssante.fr",
+    "<a@b>",
+    "<marie.chanteau@medecin.mssante.fr>",
+    "Dr Marie Chanteau <marie.chanteau@medecin.mssante.fr>",
+    '"Chanteau, Marie" <marie.chanteau@medecin.mssante.fr>',
+    '"Quoted Name" <a@b>',
+    '"" <a@b>',
+    '"  padded  " <a@b>',
+    '"a@b" <a@b>',
+    '"<x> (y) [z]: w;" <a@b>',
+    "=?utf-8?q?Dr_Marie?= <a@b>",
+    "=?UTF-8?B?w4lsb2RpZQ==?= Martin <e.martin@x.example>",
+    "=?utf-8?Q?Dr._Andr=C3=A9?= <andre@ch.example>",
+    "Dr. X <a@b>",
+    "Dr .X <a@b>",
+    "Dr Marie\tChanteau <a@b>",
+    "Dr   Marie \t Chanteau\t<a@b>",
+    "  Dr Marie  <a@b>  ",
+    "\ta@b\t",
+    " <a@b> ",
+    "Name<a@b>",
+    "a.b.@c.",
+    ".a@b",
+    "a+tag@sub.b.example",
+    "!#$%&'*+-/=?^_`{|}~@b",
+    "Ã\x89lodie Martin <e@x>",  # UTF-8 name, latin-1 transparent
+    "VoilÃ\xa0 <a@b>",  # ends with U+00A0: str.strip() removes it
+    "Ã\xa0 B\x85 <a@b>",
+    "\xa0 <a@b>",
+    "é@à.fr",
+    "<Ã\xa0@b>",
+    "a@b, c@d",
+    "a@b,c@d",
+    "Dr A <a@b>, B <b@c>, c@d",
+    "a@b ,\t<c@d> , Name Here <e@f>",
+    '"Dupont Jean" <j@x>,"Martin Marie" <m@y>, c@d',
+]
+
+TRICKY_ADDRESS_VALUES = [
+    "",
+    " ",
+    "\t",
+    ",",
+    "a@b,",
+    ",a@b",
+    "a@b,,c@d",
+    "a@b;",
+    "a",
+    "@b",
+    "a@",
+    "<>",
+    "<a@b",
+    "Name <a@b",
+    "a@b>",
+    "<a@b> trailing",
+    "<a@b>.",
+    "<a@b> (comment)",
+    "a@b (Comment Name)",
+    "(lead) a@b",
+    "a(inner)@b",
+    "Name (c) <a@b>",
+    "(c1) (c2) a@b",
+    "a@b (unclosed",
+    "((nested) comment) a@b",
+    "(\\) escaped) a@b",
+    '"Quote \\" inside" <a@b>',
+    '"back\\\\slash" <a@b>',
+    '"unclosed <a@b>',
+    '"a" "b" <a@b>',
+    'Dr "Marie" X <a@b>',
+    '"Chanteau, Marie" <a@b>, c@d',
+    '"q l"@b',
+    '<"q"@b>',
+    '"a"@b, c@d',
+    '"a, b" <a@b>, c@d',
+    '"Dupont Jean" <j@x>, "Martin, Marie" <m@y>',
+    '"a" <a@b>, "b, c@d',
+    '"a" <a@b>, b" <c@d>',
+    '"a" <a@b>, <c@d> "',
+    "undisclosed-recipients:;",
+    "undisclosed-recipients: ;",
+    'Equipe: a@x.example, "B. Martin" <b@y.example>;, c@z.example',
+    "g: c@d, h: e@f; x@y",
+    "g:",
+    "g: a@b",
+    ":;",
+    "a@b:c",
+    "a@b@c",
+    "<a@b@c>",
+    "a @ b",
+    "a. b@c",
+    "Name a@b",
+    "<a b@c>",
+    "< a@b >",
+    "<@route:a@b>",
+    "Name <@r1,@r2:a@b>",
+    "a@[192.0.2.1]",
+    "<a@[IPv6:2001:db8::1]>",
+    "[1.2.3.4]",
+    "a@[unclosed",
+    "Dr. X, Y <a@b>",
+    "back\\slash <a@b>",
+    "a\\b@c",
+    "Name\r\n <a@b>",
+    "a@b\r\n",
+    "\r\na@b",
+    "a@b\n",
+    "Name\x0b<a@b>",
+    "Name\x0c <a@b>",
+    "a\x00b@c",
+    "\x00 <a@b>",
+    "Name\x1f <a@b>",
+    "é\x85@b",
+    "a@b\xa0",
+    "\xa0a@b",
+    "Ã\xa0 ,a@b",
+    "a@b; c@d",
+    "Name <a@b>; x",
+    "<a@b>>",
+    "<<a@b>",
+    "a@b <c@d>",
+    "=?utf-8?q?a,b?= <a@b>",
+    "=?utf-8?q?a:b?= <a@b>",
+    "=?utf-8?q?a@b?= <a@b>",
+]
+
+
+class _CountingGeneralParser:
+    """Stands in for mime._parse_address_list_general and counts its calls."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.real = mime._parse_address_list_general
+        self.calls = 0
+        monkeypatch.setattr(mime, "_parse_address_list_general", self)
+
+    def __call__(self, value: str) -> list[Any]:
+        self.calls += 1
+        return self.real(value)
+
+
+def test_fast_address_path_matches_general_parser(monkeypatch: pytest.MonkeyPatch) -> None:
+    general = _CountingGeneralParser(monkeypatch)
+    for value in FAST_ADDRESS_VALUES:
+        expected = general.real(value)
+        assert mime._parse_address_list(value) == expected, value
+        assert general.calls == 0, f"general parser used for {value!r}"
+    for value in TRICKY_ADDRESS_VALUES:
+        assert mime._parse_address_list(value) == general.real(value), value
+    # a few results spelled out, so that the general parser is pinned too
+    assert mime._parse_address_list("Dr. X <a@b>") == [["Dr. X", None, "a", "b"]]
+    assert mime._parse_address_list("VoilÃ\xa0 <a@b>") == [["VoilÃ", None, "a", "b"]]
+    assert mime._parse_address_list('"  padded  " <a@b>') == [["padded", None, "a", "b"]]
+    assert mime._parse_address_list(" <a@b> ") == [[None, None, "a", "b"]]
+    assert mime._parse_address_list("Ã\x89lodie <e@x>") == [["Élodie", None, "e", "x"]]
+    assert mime._parse_address_list("") == []
+
+
+_SIMPLE_NAMES = ["", "Dr", "Marie", "Dr.", "X", ".", "=?utf-8?q?Dr_Marie?=", "Ã\xa0", "\xa0", "Ã©"]
+_SIMPLE_LOCALS = ["a", "marie.chanteau", "289057512345621", "a.b.", ".a", "é", "\xa0"]
+_SIMPLE_DOMAINS = ["b", "medecin.mssante.fr", "b.", "à.fr"]
+_SIMPLE_BLANKS = ["", " ", " ", "  ", "\t", " \t "]
+_TRICKY_NAMES = [
+    *_SIMPLE_NAMES,
+    "=?UTF-8?B?w4lsb2RpZQ==?=",
+    "\x85",
+    '"Quoted Name"',
+    '"a\\"b"',
+    '"',
+    '""',
+    '" spaced "',
+    '"x,y"',
+    '"a@b"',
+    '"<x>"',
+    "(comment)",
+    "(a(b)c)",
+    "\\",
+    "\x00",
+    "\x0b",
+    "\x1f",
+    "g:",
+    ";",
+    "!#$%&'*+-/=?^_`{|}~",
+]
+_TRICKY_LOCALS = [*_SIMPLE_LOCALS, "", '"q l"', "a b", "a\\b"]
+_TRICKY_DOMAINS = [*_SIMPLE_DOMAINS, "[192.0.2.1]", "", "b@c", "b c", "[x"]
+_TRICKY_BLANKS = [*_SIMPLE_BLANKS, "\r\n ", "\xa0", "\n", "\r"]
+
+
+def _random_address_value(rng: random.Random) -> str:
+    """A value made of simple pieces, or of simple and tricky pieces mixed."""
+    simple = rng.random() < 0.5
+    names = _SIMPLE_NAMES if simple else _TRICKY_NAMES
+    locals_ = _SIMPLE_LOCALS if simple else _TRICKY_LOCALS
+    domains = _SIMPLE_DOMAINS if simple else _TRICKY_DOMAINS
+    blanks = _SIMPLE_BLANKS if simple else _TRICKY_BLANKS
+    out: list[str] = []
+    for _ in range(rng.choice([1, 1, 1, 2, 3])):
+        if out:
+            out.append(rng.choice([",", ", ", " ,", " , "] if simple else [",,", ";", "\r\n,"]))
+        out.append(rng.choice(blanks))
+        if rng.random() < 0.5:  # phrase and angle address
+            if rng.random() < 0.2:
+                out.append('"' + rng.choice(names).replace('"', "") + '"')
+            out += [rng.choice(names) + rng.choice(blanks) for _ in range(rng.randrange(4))]
+            lt, gt = "<", ">"
+            if not simple:
+                lt, gt = rng.choice(["<", "< ", "<@r:"]), rng.choice([">", ""])
+        else:
+            lt = gt = ""
+        at = "@" if simple else rng.choice(["@", "", "@@"])
+        out.append(lt + rng.choice(locals_) + at + rng.choice(domains) + gt)
+        out.append(rng.choice(blanks if simple else [*blanks, "(c)", ">", "."]))
+    return "".join(out)
+
+
+def test_fast_address_path_random_differential(monkeypatch: pytest.MonkeyPatch) -> None:
+    general = _CountingGeneralParser(monkeypatch)
+    rng = random.Random(2026)
+    alphabet = 'ab .@<>"\\(),;:[]\t\r\n\xa0\x85Ã=?_\x00'
+    fast = 0
+    for i in range(40_000):
+        if i % 4:
+            value = _random_address_value(rng)
+        else:
+            value = "".join(rng.choice(alphabet) for _ in range(rng.randrange(14)))
+        calls = general.calls
+        assert mime._parse_address_list(value) == general.real(value), repr(value)
+        fast += general.calls == calls
+    assert fast > 10_000  # the fast path was really exercised
+
+
+def _hval_unfold_then_strip(raw: bytes, h: Any) -> str:
+    """_hval as first written: unfold, then strip."""
+    v = raw[h.vstart : h.end]
+    if b"\n" in v:
+        v = re.sub(rb"\r?\n(?=[ \t])", b"", v)
+    return v.strip(b" \t\r\n").decode("latin-1")
+
+
+def test_hval_strip_before_unfold_is_equivalent() -> None:
+    rng = random.Random(99)
+    alphabet = b"\r\n \tab:\x00\xe9"
+    raws = [p.read_bytes() for p in SAMPLES] + [SIMPLE, MULTI, FORWARD, *NASTY]
+    for _ in range(5000):
+        raws.append(b"X: " + bytes(rng.choice(alphabet) for _ in range(rng.randrange(20))))
+    raws += [
+        b"X: a\r\n \r\n\r\nbody",
+        b"X: a\r\r\n b\n\tc\r\n\r\n d\r\n",
+        b"X:\r\n \r\n \r\n",
+        b"X: \n\n a",
+    ]
+    checked = 0
+    for raw in raws:
+        headers, _ = mime._parse_headers(raw, 0, len(raw))
+        for h in headers:
+            assert mime._hval(raw, h) == _hval_unfold_then_strip(raw, h), raw[h.start : h.end]
+            checked += 1
+    assert checked > 5000
+
+
+def _original_envelope(raw: bytes, m: Any) -> list[Any]:
+    """mime._envelope before the address lists were shared (for the reference)."""
+    first = mime._first_headers(m)
+
+    def text(name: str) -> str | None:
+        h = first.get(name)
+        return mime._l1(mime._hval(raw, h)) if h is not None else None
+
+    def addrs(name: str) -> list[Any] | None:
+        h = first.get(name)
+        if h is None:
+            return None
+        return mime._parse_address_list(mime._hval(raw, h)) or None
+
+    from_ = addrs("from")
+    return [
+        text("date"),
+        text("subject"),
+        from_,
+        addrs("sender") or from_,
+        addrs("reply-to") or from_,
+        addrs("to"),
+        addrs("cc"),
+        addrs("bcc"),
+        text("in-reply-to"),
+        text("message-id"),
+    ]
+
+
+def _original_parse(raw: bytes) -> MessageInfo:
+    """mime._parse as it was before the fast paths: each header parsed as needed.
+
+    Run under _original_code() so that the helpers it reaches are the
+    original ones too (general address parser, unfold-then-strip _hval).
+    """
+    root = mime._build_tree(raw)
+    first = mime._first_headers(root)
+    envelope = mime._envelope(raw, root)
+
+    search: dict[str, list[str]] = {}
+    for h in root.headers:
+        search.setdefault(h.name, []).append(decode_rfc2047(mime._l1(mime._hval(raw, h))))
+
+    def value(name: str) -> str | None:
+        h = first.get(name)
+        return mime._l1(mime._hval(raw, h)) if h is not None else None
+
+    def specs(name: str) -> list[str]:
+        h = first.get(name)
+        if h is None:
+            return []
+        return mime._addr_specs(mime._parse_address_list(mime._hval(raw, h)))
+
+    from_list = specs("from")
+    refs_value = value("references") or ""
+    references = [mime._WS_RE.sub("", r) for r in mime._MSGID_RE.findall(refs_value)]
+    if not references:
+        references = refs_value.split()
+
+    attachments: list[Attachment] = []
+    parts: list[tuple[int, ...]] = []
+    for path, ent in mime._iter_message_parts(
+        root, (), lambda e: mime._is_attached_message(raw, e)
+    ):
+        dsp = mime._disposition(raw, ent)
+        fname = mime._filename(ent, dsp)
+        if ent.message is not None:
+            is_att = dsp is not None and dsp[0] == "attachment"
+        else:
+            is_att = (dsp is not None and dsp[0] == "attachment") or (
+                ent.mtype != "text" and fname is not None
+            )
+        if is_att:
+            size = mime._decoded_size(raw, ent.body_start, ent.end, mime._cte(raw, ent))
+            attachments.append(Attachment(fname, f"{ent.mtype}/{ent.subtype}", size))
+            parts.append(path)
+
+    return MessageInfo(
+        size=len(raw),
+        header_size=root.body_start,
+        envelope=envelope,
+        bodystructure=mime._bs_node(raw, root),
+        subject=decode_rfc2047(value("subject") or ""),
+        from_addr=from_list[0] if from_list else None,
+        to_addrs=specs("to"),
+        cc_addrs=specs("cc"),
+        bcc_addrs=specs("bcc"),
+        reply_to_addrs=specs("reply-to"),
+        message_id=mime._first_msgid(value("message-id")),
+        in_reply_to=mime._first_msgid(value("in-reply-to")),
+        references=references,
+        date=mime._parse_date(value("date")),
+        search_headers={k: "\n".join(v) for k, v in search.items()},
+        attachments=attachments,
+        attachment_parts=parts,
+        attachments_total_size=sum(a.size for a in attachments),
+        has_attachments=bool(attachments),
+        _tree=root,
+    )
+
+
+def _reference_dict(monkeypatch: pytest.MonkeyPatch, raw: bytes) -> dict[str, Any]:
+    with monkeypatch.context() as mp:
+        mp.setattr(mime, "_parse_address_list", mime._parse_address_list_general)
+        mp.setattr(mime, "_hval", _hval_unfold_then_strip)
+        mp.setattr(mime, "_envelope", _original_envelope)
+        return _original_parse(raw).to_dict()
+
+
+ADDRESS_HEADERS_MESSAGE = (
+    b"From: =?utf-8?q?Dr_Andr=C3=A9?= <andre@ch.example>\r\n"
+    b"Sender: Secretariat (desk) <sec@ch.example>\r\n"
+    b'To: "Chanteau, Marie" <marie@x.example>, b@y.example,\r\n\tDr. Who <who@z.example>\r\n'
+    b"Cc: undisclosed-recipients:;\r\n"
+    b"Bcc: <hidden@x.example>\r\n"
+    b"To: second-to-field@ignored.example\r\n"
+    b"Subject: x\r\n"
+    b"\r\n"
+    b"body\r\n"
+)
+
+
+@pytest.mark.parametrize("path", SAMPLES, ids=lambda p: p.name)
+def test_parse_message_matches_original_on_samples(
+    path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    raw = path.read_bytes()
+    assert parse_message(raw).to_dict() == _reference_dict(monkeypatch, raw)
+
+
+def test_parse_message_matches_original_on_other_messages(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    raws = [SIMPLE, MULTI, FORWARD, ADDRESS_HEADERS_MESSAGE, *NASTY]
+    raws += [
+        b"From: " + v.encode("latin-1") + b"\r\nTo: " + w.encode("latin-1") + b"\r\n"
+        b"Reply-To: " + w.encode("latin-1") + b"\r\n\r\nx"
+        for v, w in zip(FAST_ADDRESS_VALUES, TRICKY_ADDRESS_VALUES, strict=False)
+    ]
+    rng = random.Random(77)
+    for base in [p.read_bytes() for p in SAMPLES] + [MULTI, ADDRESS_HEADERS_MESSAGE]:
+        head = base[: base.find(b"\r\n\r\n") + 4 if b"\r\n\r\n" in base else len(base)]
+        for _ in range(40):
+            mutated = bytearray(head)
+            for _ in range(rng.randrange(1, 8)):
+                mutated[rng.randrange(len(mutated))] = rng.choice(b'\r\n\t ,;:<>@"()\\.=\xa0\xc3')
+            raws.append(bytes(mutated) + base[len(head) :])
+    for raw in raws:
+        assert parse_message(raw).to_dict() == _reference_dict(monkeypatch, raw), raw[:300]
+
+
+def test_address_headers_are_parsed_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[str] = []
+    real = mime._parse_address_list
+
+    def counting(value: str) -> list[Any]:
+        calls.append(value)
+        return real(value)
+
+    monkeypatch.setattr(mime, "_parse_address_list", counting)
+    info = parse_message(ADDRESS_HEADERS_MESSAGE)
+    assert len(calls) == 5  # From, Sender, To, Cc, Bcc: once each
+    assert len(set(calls)) == 5
+    assert info.from_addr == "andre@ch.example"
+    assert info.to_addrs == ["marie@x.example", "b@y.example", "who@z.example"]
+    assert info.cc_addrs == []
+    assert info.bcc_addrs == ["hidden@x.example"]
+    # the envelope's reply-to defaults to From; reply_to_addrs is Reply-To itself
+    assert info.reply_to_addrs == []
+    assert (
+        info.envelope[4]
+        == info.envelope[2]
+        == [["=?utf-8?q?Dr_Andr=C3=A9?=", None, "andre", "ch.example"]]
+    )
+    assert info.envelope[3] == [["Secretariat", None, "sec", "ch.example"]]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import email
 import email.policy
+import json
 import re
 import shutil
 import signal
@@ -120,6 +121,44 @@ def test_wrong_password_refused_then_throttled(gateway: Gateway) -> None:
     audit = run_cli(gateway.config, "audit", "--limit", "50").stdout
     assert "login.failed" in audit and "login.throttled" in audit
     assert "wrong password" not in gateway.log() and PRO_PASSWORD not in gateway.log()
+
+
+def _audit_rows(gateway: Gateway, want: int) -> list[dict[str, object]]:
+    """The newest audit rows, oldest first, once at least ``want`` SMTP rows are written
+    (rows nobody waits for go with the next group commit)."""
+    deadline = time.monotonic() + 10
+    while True:
+        rows = json.loads(run_cli(gateway.config, "audit", "--limit", "100", "--json").stdout)
+        smtp_rows = [r for r in rows if r["action"] in ("rcpt", "deliver", "refuse")]
+        if len(smtp_rows) >= want or time.monotonic() > deadline:
+            return smtp_rows
+        time.sleep(0.1)
+
+
+def test_every_rcpt_decision_and_delivery_is_audited(gateway: Gateway) -> None:
+    """RCPT decisions are audited whether the transaction delivers, is reset or abandoned."""
+    other = f"{MARTINE}@patient.mssante.fr"
+    unknown = "100000000000099@patient.mssante.fr"
+    conn = smtp(gateway, CHRISTELLE)
+    conn.mail(CHRISTELLE)
+    assert conn.rcpt(PATIENT)[0] == 250
+    assert conn.rcpt(unknown)[0] == 553  # R8: not a valid INS
+    assert conn.data(sample("01"))[0] == 250
+    conn.mail(CHRISTELLE)
+    assert conn.rcpt(other)[0] == 250
+    conn.rset()  # abandoned after RCPT: the decision is still audited
+    conn.mail(CHRISTELLE)
+    assert conn.rcpt(PATIENT)[0] == 250
+    conn.close()  # vanished without DATA nor QUIT
+    rows = _audit_rows(gateway, 5)
+    seen = [(r["action"], r["subject"]) for r in rows]
+    # The refusal is written at once; the accepted RCPT with its delivery, in one transaction.
+    assert seen == [("rcpt", unknown), ("rcpt", PATIENT), ("deliver", INAYA),
+                    ("rcpt", other), ("rcpt", PATIENT)], seen
+    allowed = [json.loads(str(r["detail"]))["allowed"] for r in rows if r["action"] == "rcpt"]
+    assert allowed == [False, True, True, True]
+    verify = run_cli(gateway.config, "audit", "verify")
+    assert "intact" in verify.stdout
 
 
 def test_operator_relays_for_its_domain(gateway: Gateway) -> None:
