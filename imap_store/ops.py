@@ -104,6 +104,9 @@ _INSERT_BLOB_SEARCH = Stmt(
 _ALLOCATE_UID = Stmt(
     "UPDATE mailbox SET uidnext = uidnext + 1, highestmodseq = highestmodseq + 1 "
     "WHERE id = :id RETURNING uidnext, highestmodseq")
+_ALLOCATE_UID_BY_NAME = Stmt(
+    "UPDATE mailbox SET uidnext = uidnext + 1, highestmodseq = highestmodseq + 1 "
+    "WHERE patient_id = :patient_id AND name = :name RETURNING id, uidnext, highestmodseq")
 _INSERT_MESSAGE = Stmt(
     'INSERT INTO message (mailbox_id, uid, modseq, flags, keywords, internal_date, size, '
     'blob_id, message_id, in_reply_to, "references", subject, from_addr, sent_date, '
@@ -220,7 +223,24 @@ def append(conn: Connection, mailbox: int, raw: bytes, fields: MessageFields, *,
     """Store one message in a mailbox; the UID and MODSEQ are allocated atomically in the
     database (the mailbox row is locked by the UPDATE until commit; RFC 3501 §2.3.1.1)."""
     row = _ALLOCATE_UID.first(conn, {"id": mailbox})
-    uid, modseq = int(row[0]) - 1, int(row[1])
+    return _insert_message(conn, mailbox, int(row[0]) - 1, int(row[1]), raw, fields,
+                           blob_id, flags, keywords, internal_date)
+
+
+def append_to(conn: Connection, patient_id: int, name: str, raw: bytes,
+              fields: MessageFields, *, blob_id: int, flags: int = 0) -> StoredMessage:
+    """``append`` to a patient's mailbox named ``name``, found by the UID allocation itself
+    (one statement fewer)."""
+    row = _ALLOCATE_UID_BY_NAME.first(conn, {"patient_id": patient_id, "name": name})
+    if row is None:
+        raise MissingMailbox(f"mailbox {name} not found")
+    return _insert_message(conn, int(row[0]), int(row[1]) - 1, int(row[2]), raw, fields,
+                           blob_id, flags, "", None)
+
+
+def _insert_message(conn: Connection, mailbox: int, uid: int, modseq: int, raw: bytes,
+                    fields: MessageFields, blob_id: int, flags: int, keywords: str,
+                    internal_date: datetime | None) -> StoredMessage:
     _INSERT_MESSAGE.run(conn, {
         "mailbox_id": mailbox, "uid": uid, "modseq": modseq, "flags": flags,
         "keywords": keywords, "internal_date": internal_date or utcnow(), "size": len(raw),

@@ -4,11 +4,22 @@ releases every waiting caller. A job that fails is rolled back to its own savepo
 its caller sees the error; the others still commit.
 
 Jobs are either synchronous (``submit_sync``: ``fn(Connection)``, the hot paths, written with
-``imap_store.ops``) or asynchronous (``submit``: ``fn(AsyncConnection)``). On SQLite a batch of
-synchronous jobs runs in a worker thread on a pysqlite connection: one thread hop per batch.
-Otherwise the batch runs on the async engine, synchronous jobs through ``run_sync``.
+``imap_store.ops``) or asynchronous (``submit``: ``fn(AsyncConnection)``). Otherwise the batch
+runs on the async engine, synchronous jobs through ``run_sync``.
+
+On SQLite a batch of synchronous jobs goes to the writer's own pysqlite connection: ``BEGIN
+IMMEDIATE`` (which may wait for another writer) and ``COMMIT`` (the fsync) run in a worker
+thread, the jobs' statements on the event loop between the two. Statements of a few
+microseconds each are cheaper there than in a thread, where every one of them would give up
+the GIL and wait to take it back from the busy event loop (measured: 0.88 -> 0.66 ms of CPU per
+message on bench/smtp_intake.py). A batch carrying more than ``INLINE_BYTES`` of data runs
+whole in the thread instead, so large messages never stall the loop.
 
 Durability is unchanged: a caller's future resolves only after the COMMIT returned.
+
+On SQLite a batch first runs without savepoints; if a job fails, that transaction is rolled
+back and the batch runs again with one savepoint per job. A job may therefore run twice: jobs
+act on the connection only (no effects outside the database).
 """
 
 from __future__ import annotations
@@ -32,6 +43,8 @@ SyncJob = Callable[[Connection], Any]
 
 #: Most jobs written in one transaction; more wait for the next round.
 MAX_BATCH = 256
+#: Data a batch may carry (the ``size`` hints of its jobs) and still run on the event loop.
+INLINE_BYTES = 1 << 20
 
 
 @dataclass
@@ -39,6 +52,7 @@ class _Pending:
     job: Job | SyncJob | None
     sync: bool
     future: asyncio.Future[Any] | None = field(default=None)
+    size: int = 0
 
 
 class WriterClosed(RuntimeError):
@@ -54,19 +68,21 @@ class GroupWriter:
         self._closing = False
         self.batches = 0
         self.jobs = 0
+        self._conn: Connection | None = None  # SQLite: the writer's own connection
 
     def start(self) -> None:
         if self._task is None:
             self._task = asyncio.create_task(self._run(), name="group-writer")
 
-    def _put(self, job: Job | SyncJob, sync: bool, wait: bool) -> asyncio.Future[Any] | None:
+    def _put(self, job: Job | SyncJob, sync: bool, wait: bool,
+             size: int = 0) -> asyncio.Future[Any] | None:
         if self._closing or self._task is None:
             if not wait:
                 log.warning("writer stopped: dropping a background job")
                 return None
             raise WriterClosed("the store writer is stopped")
         future = asyncio.get_running_loop().create_future() if wait else None
-        self._queue.put_nowait(_Pending(job, sync, future))
+        self._queue.put_nowait(_Pending(job, sync, future, size))
         return future
 
     async def submit(self, job: Callable[[AsyncConnection], Awaitable[T]]) -> T:
@@ -76,9 +92,10 @@ class GroupWriter:
         result: T = await asyncio.shield(future)
         return result
 
-    async def submit_sync(self, job: Callable[[Connection], T]) -> T:
-        """Run a synchronous ``job`` in the next group transaction; return once committed."""
-        future = self._put(job, True, True)
+    async def submit_sync(self, job: Callable[[Connection], T], size: int = 0) -> T:
+        """Run a synchronous ``job`` in the next group transaction; return once committed.
+        ``size``: about how many bytes it writes (large batches are written off the loop)."""
+        future = self._put(job, True, True, size)
         assert future is not None
         result: T = await asyncio.shield(future)
         return result
@@ -98,6 +115,25 @@ class GroupWriter:
         self._queue.put_nowait(None)
         await self._task
         self._task = None
+        self._drop_connection(failed=False)
+
+    def _connection(self) -> Connection:
+        if self._conn is None:
+            engine = self.store.sync_engine
+            assert engine is not None
+            self._conn = engine.connect().execution_options(sqlite_write=True)
+        return self._conn
+
+    def _drop_connection(self, failed: bool = True) -> None:
+        conn, self._conn = self._conn, None
+        if conn is None:
+            return
+        try:
+            if failed:
+                conn.invalidate()  # its state is unknown after a failure: never reuse it
+            conn.close()
+        except Exception:  # already failing; the next batch opens a new connection
+            log.debug("closing the writer connection failed", exc_info=True)
 
     async def _run(self) -> None:
         stop = False
@@ -118,7 +154,7 @@ class GroupWriter:
     async def _write(self, batch: list[_Pending]) -> None:
         try:
             if self.store.sync_engine is not None and all(p.sync for p in batch):
-                results = await asyncio.to_thread(self._write_in_thread, batch)
+                results = await self._write_sqlite(batch)
             else:
                 results = await self._write_async(batch)
         except Exception as exc:
@@ -142,33 +178,62 @@ class GroupWriter:
             else:
                 pending.future.set_exception(value)
 
-    def _write_in_thread(self, batch: list[_Pending]) -> list[tuple[bool, Any]]:
-        engine = self.store.sync_engine
-        assert engine is not None
+    async def _write_sqlite(self, batch: list[_Pending]) -> list[tuple[bool, Any]]:
+        jobs = [cast(SyncJob, p.job) for p in batch]
+        conn = self._connection()
+        try:
+            if sum(p.size for p in batch) > INLINE_BYTES:
+                return await asyncio.to_thread(self._write_in_thread, conn, jobs)
+            transaction = await asyncio.to_thread(conn.begin)  # BEGIN IMMEDIATE may wait
+            try:
+                results = [(True, run(conn)) for run in jobs]  # on the loop: see the top
+            except Exception as exc:
+                await asyncio.to_thread(transaction.rollback)
+                if len(jobs) == 1:
+                    return [(False, exc)]
+                log.info("a job of a batch of %d failed: running them again one by one",
+                         len(jobs))
+                return await asyncio.to_thread(self._write_each, conn, jobs)
+            await asyncio.to_thread(transaction.commit)  # the fsync, off the loop
+            return results
+        except BaseException:
+            self._drop_connection()
+            raise
+
+    def _write_in_thread(self, conn: Connection, jobs: list[SyncJob]) -> list[tuple[bool, Any]]:
+        if len(jobs) > 1:
+            # Optimistic: no savepoints (two statements per job saved) while all succeed.
+            try:
+                with conn.begin():
+                    return [(True, run(conn)) for run in jobs]
+            except Exception:
+                log.info("a job of a batch of %d failed: running them again one by one",
+                         len(jobs))
+        return self._write_each(conn, jobs)
+
+    @staticmethod
+    def _write_each(conn: Connection, jobs: list[SyncJob]) -> list[tuple[bool, Any]]:
+        """One transaction, each job in its own savepoint: a failing job is rolled back alone
+        and its caller gets the error."""
         results: list[tuple[bool, Any]] = []
-        with engine.connect() as raw_conn:
-            conn = raw_conn.execution_options(sqlite_write=True)
-            with conn.begin():
-                # Savepoints straight on the sqlite3 connection (one per job): the statements
-                # SQLAlchemy's begin_nested() would send, without its bookkeeping.
-                sqlite3_conn: Any = conn.connection.driver_connection
-                for pending in batch:
-                    job = pending.job
-                    assert job is not None
-                    run = cast(SyncJob, job)
-                    if len(batch) == 1:
-                        results.append((True, run(conn)))
-                        continue
-                    sqlite3_conn.execute("SAVEPOINT job")
-                    try:
-                        value = run(conn)
-                    except Exception as exc:  # handed to that job's caller
-                        sqlite3_conn.execute("ROLLBACK TO SAVEPOINT job")
-                        sqlite3_conn.execute("RELEASE SAVEPOINT job")
-                        results.append((False, exc))
-                    else:
-                        sqlite3_conn.execute("RELEASE SAVEPOINT job")
-                        results.append((True, value))
+        with conn.begin():
+            # Savepoints straight on the sqlite3 connection (one per job): the statements
+            # SQLAlchemy's begin_nested() would send, without its bookkeeping.
+            sqlite3_conn: Any = conn.connection.driver_connection
+            for run in jobs:
+                if len(jobs) == 1:
+                    results.append((True, run(conn)))
+                    continue
+                sqlite3_conn.execute("SAVEPOINT job")
+                try:
+                    value = run(conn)
+                except Exception as exc:  # handed to that job's caller
+                    sqlite3_conn.execute("ROLLBACK TO SAVEPOINT job")
+                    sqlite3_conn.execute("RELEASE SAVEPOINT job")
+                    results.append((False, exc))
+                else:
+                    sqlite3_conn.execute("RELEASE SAVEPOINT job")
+                    results.append((True, value))
         return results
 
     async def _write_async(self, batch: list[_Pending]) -> list[tuple[bool, Any]]:

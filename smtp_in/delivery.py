@@ -105,8 +105,8 @@ class Delivery:
             if searchable is not None:
                 ops.blob_search_put(conn, blob_id, searchable)
             for address, patient_id, ins in recipients:
-                inbox = ops.mailbox_id(conn, patient_id, "INBOX")
-                stored = ops.append(conn, inbox, raw, fields, blob_id=blob_id)
+                stored = ops.append_to(conn, patient_id, "INBOX", raw, fields, blob_id=blob_id)
+                inbox = stored.mailbox_id
                 ops.open_exchange(conn, patient_id, sender, name, reply_to)  # R2, R4
                 if ends:  # R5: delivered, then the exchange ends and the patient is told
                     ops.end_exchanges(conn, patient_id, sender)
@@ -147,8 +147,8 @@ class Delivery:
             blob_id = ops.blob_put(conn, raw)
             if searchable is not None:
                 ops.blob_search_put(conn, blob_id, searchable)
-            sent = ops.mailbox_id(conn, patient_id, "Sent")
-            stored = ops.append(conn, sent, raw, fields, flags=t.FLAG_SEEN, blob_id=blob_id)
+            stored = ops.append_to(conn, patient_id, "Sent", raw, fields, flags=t.FLAG_SEEN,
+                                   blob_id=blob_id)
             for recipient in recipients:
                 enqueue_relay(conn, patient_id, mail_from, recipient, blob_id)
             ops.audit_many(conn, [*audit, (identity.describe(), "submit", ",".join(recipients),

@@ -163,6 +163,10 @@ class GatewaySMTP(SMTP):
         #: Accepted RCPT decisions not yet audited: written with the delivery, in its
         #: transaction, or on their own when the transaction ends without one.
         self.pending_audit: list[ops.AuditEntry] = []
+        #: Replies held back while the client's next pipelined command is already here
+        #: (RFC 2920 §3.1): sent together, in one TLS record, with the next reply.
+        self._held: list[bytes] = []
+        self._may_hold = False
         super().__init__(
             Handler(),
             data_size_limit=None,  # SIZE is ours (R7), advertised in handle_EHLO
@@ -253,7 +257,39 @@ class GatewaySMTP(SMTP):
                 self._greeted = True
             elif not self._in_ehlo:
                 status = replies.with_enhanced(status)
-        await super().push(status)
+            status = status.encode("utf-8")
+        response = status + b"\r\n"
+        # MAIL, RCPT and RSET may stand inside a pipelined group: if the client's next
+        # command is already buffered, its reply will follow at once, so hold this one.
+        if self._may_hold and b"\n" in self._reader._buffer:  # type: ignore[attr-defined]
+            self._held.append(response)
+            return
+        if self._held:
+            response = b"".join(self._held) + response
+            self._held.clear()
+        self._writer.write(response)
+        await self._writer.drain()
+
+    async def smtp_MAIL(self, arg: str) -> None:
+        self._may_hold = True
+        try:
+            await super().smtp_MAIL(arg)
+        finally:
+            self._may_hold = False
+
+    async def smtp_RCPT(self, arg: str) -> None:
+        self._may_hold = True
+        try:
+            await super().smtp_RCPT(arg)
+        finally:
+            self._may_hold = False
+
+    async def smtp_RSET(self, arg: str) -> None:
+        self._may_hold = True
+        try:
+            await super().smtp_RSET(arg)
+        finally:
+            self._may_hold = False
 
     async def smtp_EHLO(self, hostname: str) -> None:
         self._in_ehlo = True
@@ -411,8 +447,8 @@ class GatewaySMTP(SMTP):
         try:
             await self.ctx.writer.submit_sync(
                 delivery.job(identity, mail_from, list(self.accepted), stored, message,
-                             fields_from_info(info), self.sender_name, trusted, audit)
-            )
+                             fields_from_info(info), self.sender_name, trusted, audit),
+                size=len(stored))
         except Exception:
             self.pending_audit = audit + self.pending_audit  # rolled back: written on their own
             log.exception("conn=%s delivery failed", self.conn_id)
@@ -434,7 +470,8 @@ class GatewaySMTP(SMTP):
         audit, self.pending_audit = self.pending_audit, []
         try:
             await self.ctx.writer.submit_sync(
-                delivery.patient_job(identity, mail_from, recipients, stored, info, audit))
+                delivery.patient_job(identity, mail_from, recipients, stored, info, audit),
+                size=len(stored))
         except Exception:
             self.pending_audit = audit + self.pending_audit  # rolled back: written on their own
             log.exception("conn=%s submission failed", self.conn_id)

@@ -345,6 +345,27 @@ def test_pipelined_commands_after_data(gateway: Gateway) -> None:
             assert f.readline().startswith(b"250")  # the NOOP sent in the same packet
 
 
+def test_pipelined_group_replies_come_together_in_order(gateway: Gateway) -> None:
+    """RFC 2920: MAIL, RCPT (one refused) and DATA sent at once get their replies in order;
+    the gateway holds the replies of MAIL and RCPT while the next command is already there,
+    so the whole group's replies come back in one TLS record."""
+    with raw_session(gateway, DUPOND) as sock:
+        assert exchange(sock, b"EHLO raw.test\r\n")[-1].startswith(b"250 ")
+        sock.sendall(f"MAIL FROM:<{DUPOND}>\r\nRCPT TO:<{PATIENT}>\r\n"
+                     f"RCPT TO:<100000000000099@patient.mssante.fr>\r\nDATA\r\n".encode())
+        first = sock.recv(65536)  # one record: every reply of the group
+        lines = first.split(b"\r\n")
+        assert lines[0].startswith(b"250 2.1.0") and lines[1].startswith(b"250 2.1.5"), lines
+        assert lines[2].startswith(b"553 5.1.3") and lines[3].startswith(b"354"), lines
+        reply = exchange(sock, f"From: {DUPOND}\r\nSubject: p\r\n\r\nbody\r\n.\r\n".encode())
+        assert reply[0].startswith(b"250 2.0.0"), reply
+        # A command alone is answered at once (nothing held when nothing follows).
+        assert exchange(sock, b"RSET\r\n")[0].startswith(b"250")
+        assert exchange(sock, f"MAIL FROM:<{DUPOND}>\r\n".encode())[0].startswith(b"250")
+        assert exchange(sock, b"QUIT\r\n")[0].startswith(b"221")
+    assert len(mailbox(gateway.directory, INAYA)) == 2
+
+
 def test_sigkill_after_250_loses_nothing(gateway: Gateway) -> None:
     conn = smtp(gateway, DUPOND)
     assert send(conn, DUPOND, [PATIENT], sample("02")) == {}

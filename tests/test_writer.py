@@ -47,3 +47,39 @@ async def test_failing_job_rolls_back_alone(db_url: str) -> None:
     finally:
         await writer.close()
         await store.close()
+
+
+async def test_small_batches_on_the_loop_large_ones_in_a_thread(db_url: str) -> None:
+    """SQLite: statements of small batches run on the event loop's thread (no GIL ping-pong),
+    a batch carrying more than INLINE_BYTES runs in a worker thread (the loop never stalls on
+    a large message). PostgreSQL: always on the loop, through run_sync."""
+    import threading
+
+    from imap_store.writer import INLINE_BYTES
+
+    await migrate(db_url)
+    store = Store.from_url(db_url)
+    writer = GroupWriter(store)
+    writer.start()
+    seen: dict[str, threading.Thread] = {}
+
+    def add(name: str):  # type: ignore[no-untyped-def]
+        def job(conn: Connection) -> None:
+            seen[name] = threading.current_thread()
+            conn.execute(text("INSERT INTO trusted_domain (name, source, added_at) "
+                              "VALUES (:n, 'test', CURRENT_TIMESTAMP)"), {"n": name})
+        return job
+
+    try:
+        await asyncio.gather(writer.submit_sync(add("small.example"), size=4096),
+                             writer.submit_sync(add("other.example"), size=4096))
+        await writer.submit_sync(add("large.example"), size=INLINE_BYTES + 1)
+        assert await store.trusted_domains() == ["large.example", "other.example",
+                                                 "small.example"]
+        loop_thread = threading.current_thread()
+        assert seen["small.example"] is loop_thread and seen["other.example"] is loop_thread
+        if store.sync_engine is not None:
+            assert seen["large.example"] is not loop_thread
+    finally:
+        await writer.close()
+        await store.close()
