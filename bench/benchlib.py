@@ -237,58 +237,11 @@ class ServerProcess:
         return code
 
 
-def start_gateway(gw: GatewayDir, trace: Path | None = None, whatif: str = "",
-                  env: dict[str, str] | None = None) -> ServerProcess:
-    """``mssante-gateway serve``; with ``trace`` or ``whatif``, the same under
-    bench/serve_traced.py (counters written to ``trace`` when it stops; ``whatif``: candidate
-    fixes applied in that process only, see its docstring)."""
-    env = dict(env or {})
-    if trace is None and not whatif:
-        argv = [str(BIN / "mssante-gateway"), "--config", str(gw.config), "serve"]
-    else:
-        argv = [sys.executable, str(Path(__file__).with_name("serve_traced.py")),
-                "--config", str(gw.config), "serve"]
-        env["MSSANTE_BENCH_WHATIF"] = whatif
-        if trace is not None:
-            env["MSSANTE_BENCH_TRACE"] = str(trace)
+def start_gateway(gw: GatewayDir, *, env: dict[str, str] | None = None) -> ServerProcess:
+    """``mssante-gateway serve`` on ``gw``'s config (``env``: extra environment)."""
+    argv = [str(BIN / "mssante-gateway"), "--config", str(gw.config), "serve"]
     return ServerProcess(argv, gw.directory / "serve.log", b"mssante-gateway ready",
-                         env).start()
-
-
-def summarize_trace(path: Path, messages: int, window: tuple[float, float]) -> str:
-    """A few lines from bench/serve_traced.py's counters (``messages``: all accepted;
-    ``window``: the load's start and end, ``time.monotonic()``)."""
-    import json
-
-    data = json.loads(path.read_text(encoding="utf-8"))
-    wall = window[1] - window[0]
-    lags = [lag * 1000 for t, lag in data["lag"] if window[0] <= t <= window[1]]
-    batches = data["batches"]
-    jobs = sum(b[0] for b in batches)
-    busy = sum(b[1] for b in batches)
-    stmts = data["statements"]
-    writer = sum(v for k, v in stmts.items() if k.startswith("writer"))
-    other = sum(v for k, v in stmts.items() if k.startswith("other"))
-    sizes = sorted(b[0] for b in batches)
-    lines = [
-        f"trace: {messages} messages; SQL statements per message: writer "
-        f"{writer / messages:.1f}, sessions {other / messages:.1f}; "
-        f"database connections opened: {data['connects']}",
-        f"trace: group commits={len(batches)} jobs={jobs} jobs/commit mean="
-        f"{jobs / max(len(batches), 1):.1f} median={percentile(sizes, 50):.0f} "
-        f"max={sizes[-1] if sizes else 0}; writer busy {busy:.2f}s "
-        f"(over all of serve's life; load wall {wall:.2f}s), "
-        f"{1000 * busy / max(len(batches), 1):.1f} ms/commit, "
-        f"{1000 * busy / max(jobs, 1):.2f} ms/job",
-        f"trace: event-loop lag during the load (10 ms timer, {len(lags)} samples): "
-        f"p50={percentile(lags, 50):.1f}ms p90={percentile(lags, 90):.1f}ms "
-        f"p99={percentile(lags, 99):.1f}ms max={percentile(lags, 100):.1f}ms"
-        + (f"; what-if: {','.join(data['whatif'])}" if data.get("whatif") else ""),
-        "trace: statements by kind: " + ", ".join(
-            f"{k}={v}" for k, v in sorted(stmts.items(), key=lambda kv: -kv[1])),
-    ]
-    lines += [f"trace:   {v:6d}  {k}" for k, v in list(data["by_text"].items())[:25]]
-    return "\n".join(lines)
+                         dict(env or {})).start()
 
 
 def start_sink(gw: GatewayDir, port: int) -> ServerProcess:

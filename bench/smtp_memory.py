@@ -164,9 +164,6 @@ def main(argv: list[str] | None = None) -> int:
                         help="[limits] data_in_flight for this run, MiB (gateway default 256)")
     parser.add_argument("--profile", type=Path,
                         help="py-spy record serve during the run (.svg, .json, else raw)")
-    parser.add_argument("--whatif", default="",
-                        help="candidate fixes applied to serve in its process only, e.g. "
-                             "dataline (see bench/serve_traced.py)")
     parser.add_argument("--serve-env", action="append", default=[], metavar="KEY=VALUE",
                         help="extra environment for serve, e.g. MALLOC_ARENA_MAX=2")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
@@ -179,11 +176,10 @@ def main(argv: list[str] | None = None) -> int:
         gw = make_gateway_dir(base, args.db, args.sessions, min(args.sessions, 10),
                               limits={"data_in_flight": args.data_in_flight_mb * MiB})
         env = dict(kv.split("=", 1) for kv in args.serve_env)
-        server = start_gateway(gw, whatif=args.whatif, env=env)
+        server = start_gateway(gw, env=env)
         print(f"tree: {tree_state()}", flush=True)
         print(f"setup: {args.db} sessions={args.sessions} message={size / MiB:.1f}MiB "
               f"data_in_flight={args.data_in_flight_mb}MiB serve pid={server.pid}"
-              + (f" whatif={args.whatif}" if args.whatif else "")
               + (f" env={' '.join(args.serve_env)}" if args.serve_env else ""), flush=True)
         profiler = None
         if args.profile:
