@@ -237,18 +237,30 @@ class GroupWriter:
         return results
 
     async def _write_async(self, batch: list[_Pending]) -> list[tuple[bool, Any]]:
+        # Optimistic, as on SQLite: no savepoint round trips while every job succeeds.
+        try:
+            async with write_transaction(self.store.engine) as conn:
+                return [(True, await self._run_async(conn, p)) for p in batch]
+        except Exception as exc:
+            if len(batch) == 1:
+                return [(False, exc)]
+            log.info("a job of a batch of %d failed: running them again one by one",
+                     len(batch))
         results: list[tuple[bool, Any]] = []
         async with write_transaction(self.store.engine) as conn:
             for pending in batch:
-                job = pending.job
-                assert job is not None
                 try:
                     async with conn.begin_nested():
-                        if pending.sync:
-                            value = await conn.run_sync(cast(SyncJob, job))
-                        else:
-                            value = await cast(Job, job)(conn)
+                        value = await self._run_async(conn, pending)
                     results.append((True, value))
                 except Exception as exc:
                     results.append((False, exc))
         return results
+
+    @staticmethod
+    async def _run_async(conn: AsyncConnection, pending: _Pending) -> Any:
+        job = pending.job
+        assert job is not None
+        if pending.sync:
+            return await conn.run_sync(cast(SyncJob, job))
+        return await cast(Job, job)(conn)
