@@ -196,7 +196,8 @@ class GroupWriter:
                 return await asyncio.to_thread(self._write_each, conn, jobs)
             await asyncio.to_thread(transaction.commit)  # the fsync, off the loop
             return results
-        except BaseException:
+        except Exception:
+            # Not on cancellation: a worker thread may still be using the connection.
             self._drop_connection()
             raise
 

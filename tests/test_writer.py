@@ -8,6 +8,7 @@ import asyncio
 import pytest
 from sqlalchemy import text
 from sqlalchemy.engine import Connection
+from sqlalchemy.exc import OperationalError
 
 from imap_store.db import migrate
 from imap_store.store import Store
@@ -81,5 +82,47 @@ async def test_small_batches_on_the_loop_large_ones_in_a_thread(db_url: str) -> 
         if store.sync_engine is not None:
             assert seen["large.example"] is not loop_thread
     finally:
+        await writer.close()
+        await store.close()
+
+
+async def test_sqlite_lock_timeout_fails_the_batch_then_writer_recovers(
+        tmp_path: object, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another process holding SQLite's write lock past the busy timeout: the waiting callers
+    get the error (their SMTP clients a 451), nothing half-written; once the lock is free the
+    next batch commits on a fresh connection."""
+    import sqlite3
+    from pathlib import Path
+
+    from imap_store import db
+
+    monkeypatch.setattr(db, "SQLITE_BUSY_TIMEOUT_MS", 200)
+    path = Path(str(tmp_path)) / "locked.db"
+    url = f"sqlite:///{path}"
+    await migrate(url)
+    store = Store.from_url(url)
+    writer = GroupWriter(store)
+    writer.start()
+
+    def add(name: str):  # type: ignore[no-untyped-def]
+        def job(conn: Connection) -> None:
+            conn.execute(text("INSERT INTO trusted_domain (name, source, added_at) "
+                              "VALUES (:n, 'test', CURRENT_TIMESTAMP)"), {"n": name})
+        return job
+
+    other = sqlite3.connect(path, isolation_level=None)
+    try:
+        await writer.submit_sync(add("before.example"))  # the writer's connection exists
+        other.execute("BEGIN IMMEDIATE")
+        results = await asyncio.gather(writer.submit_sync(add("a.example")),
+                                       writer.submit_sync(add("b.example")),
+                                       return_exceptions=True)
+        assert all(isinstance(r, OperationalError) and "locked" in str(r)
+                   for r in results), results
+        other.execute("ROLLBACK")
+        await writer.submit_sync(add("after.example"))
+        assert await store.trusted_domains() == ["after.example", "before.example"]
+    finally:
+        other.close()
         await writer.close()
         await store.close()
