@@ -8,8 +8,9 @@ once.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -132,9 +133,37 @@ def audit(conn: Connection, actor: str, action: str, subject: str = "",
     audit_many(conn, [(actor, action, subject, detail)])
 
 
+_DEFERRED = "mssante_audit_deferred"
+
+
 def audit_many(conn: Connection, entries: Sequence[AuditEntry]) -> None:
-    """Append rows to the hash chain, in order, inside the caller's write transaction: one
-    read of the chain's end and one batched insert, whatever the number of rows."""
+    """Append rows to the hash chain, in order, inside the caller's write transaction; inside
+    ``audit_batch`` they are only collected, and written when the batch ends."""
+    if not entries:
+        return
+    deferred: list[AuditEntry] | None = conn.info.get(_DEFERRED)
+    if deferred is not None:
+        deferred.extend(entries)
+        return
+    append_audit(conn, entries)
+
+
+@contextlib.contextmanager
+def audit_batch(conn: Connection) -> Iterator[list[AuditEntry]]:
+    """Collect the audit rows of the jobs run inside (the group writer: one chain read and
+    one insert per group commit instead of per job). The caller writes them with
+    ``append_audit`` before its commit, and drops those of a job rolled back."""
+    entries: list[AuditEntry] = []
+    conn.info[_DEFERRED] = entries
+    try:
+        yield entries
+    finally:
+        conn.info.pop(_DEFERRED, None)  # the info dict outlives the checkout: never leave it
+
+
+def append_audit(conn: Connection, entries: Sequence[AuditEntry]) -> None:
+    """Write rows at the end of the hash chain now: one read of the chain's end and one
+    batched insert, whatever the number of rows."""
     if not entries:
         return
     if conn.dialect.name == "postgresql":

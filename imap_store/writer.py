@@ -33,6 +33,7 @@ from typing import Any, TypeVar, cast
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from imap_store import ops
 from imap_store.db import write_transaction
 from imap_store.store import Store
 
@@ -186,7 +187,7 @@ class GroupWriter:
                 return await asyncio.to_thread(self._write_in_thread, conn, jobs)
             transaction = await asyncio.to_thread(conn.begin)  # BEGIN IMMEDIATE may wait
             try:
-                results = [(True, run(conn)) for run in jobs]  # on the loop: see the top
+                results = self._run_all(conn, jobs)  # on the loop: see the top
             except Exception as exc:
                 await asyncio.to_thread(transaction.rollback)
                 if len(jobs) == 1:
@@ -206,57 +207,82 @@ class GroupWriter:
             # Optimistic: no savepoints (two statements per job saved) while all succeed.
             try:
                 with conn.begin():
-                    return [(True, run(conn)) for run in jobs]
+                    return self._run_all(conn, jobs)
             except Exception:
                 log.info("a job of a batch of %d failed: running them again one by one",
                          len(jobs))
         return self._write_each(conn, jobs)
 
     @staticmethod
+    def _run_all(conn: Connection, jobs: list[SyncJob]) -> list[tuple[bool, Any]]:
+        """Every job, then all their audit rows at once (raises if a job fails)."""
+        with ops.audit_batch(conn) as audit:
+            results = [(True, run(conn)) for run in jobs]
+        ops.append_audit(conn, audit)
+        return results
+
+    @staticmethod
     def _write_each(conn: Connection, jobs: list[SyncJob]) -> list[tuple[bool, Any]]:
         """One transaction, each job in its own savepoint: a failing job is rolled back alone
-        and its caller gets the error."""
+        (with its audit rows) and its caller gets the error."""
         results: list[tuple[bool, Any]] = []
         with conn.begin():
             # Savepoints straight on the sqlite3 connection (one per job): the statements
             # SQLAlchemy's begin_nested() would send, without its bookkeeping.
             sqlite3_conn: Any = conn.connection.driver_connection
-            for run in jobs:
-                if len(jobs) == 1:
-                    results.append((True, run(conn)))
-                    continue
-                sqlite3_conn.execute("SAVEPOINT job")
-                try:
-                    value = run(conn)
-                except Exception as exc:  # handed to that job's caller
-                    sqlite3_conn.execute("ROLLBACK TO SAVEPOINT job")
-                    sqlite3_conn.execute("RELEASE SAVEPOINT job")
-                    results.append((False, exc))
-                else:
-                    sqlite3_conn.execute("RELEASE SAVEPOINT job")
-                    results.append((True, value))
+            with ops.audit_batch(conn) as audit:
+                for run in jobs:
+                    if len(jobs) == 1:
+                        results.append((True, run(conn)))
+                        continue
+                    mark = len(audit)
+                    sqlite3_conn.execute("SAVEPOINT job")
+                    try:
+                        value = run(conn)
+                    except Exception as exc:  # handed to that job's caller
+                        sqlite3_conn.execute("ROLLBACK TO SAVEPOINT job")
+                        sqlite3_conn.execute("RELEASE SAVEPOINT job")
+                        del audit[mark:]
+                        results.append((False, exc))
+                    else:
+                        sqlite3_conn.execute("RELEASE SAVEPOINT job")
+                        results.append((True, value))
+            ops.append_audit(conn, audit)
         return results
 
     async def _write_async(self, batch: list[_Pending]) -> list[tuple[bool, Any]]:
         # Optimistic, as on SQLite: no savepoint round trips while every job succeeds.
         try:
             async with write_transaction(self.store.engine) as conn:
-                return [(True, await self._run_async(conn, p)) for p in batch]
+                with ops.audit_batch(self._sync_of(conn)) as audit:
+                    results = [(True, await self._run_async(conn, p)) for p in batch]
+                await conn.run_sync(ops.append_audit, audit)
+                return results
         except Exception as exc:
             if len(batch) == 1:
                 return [(False, exc)]
             log.info("a job of a batch of %d failed: running them again one by one",
                      len(batch))
-        results: list[tuple[bool, Any]] = []
+        results = []
         async with write_transaction(self.store.engine) as conn:
-            for pending in batch:
-                try:
-                    async with conn.begin_nested():
-                        value = await self._run_async(conn, pending)
-                    results.append((True, value))
-                except Exception as exc:
-                    results.append((False, exc))
+            with ops.audit_batch(self._sync_of(conn)) as audit:
+                for pending in batch:
+                    mark = len(audit)
+                    try:
+                        async with conn.begin_nested():
+                            value = await self._run_async(conn, pending)
+                        results.append((True, value))
+                    except Exception as exc:
+                        del audit[mark:]
+                        results.append((False, exc))
+            await conn.run_sync(ops.append_audit, audit)
         return results
+
+    @staticmethod
+    def _sync_of(conn: AsyncConnection) -> Connection:
+        sync = conn.sync_connection
+        assert sync is not None
+        return sync
 
     @staticmethod
     async def _run_async(conn: AsyncConnection, pending: _Pending) -> Any:

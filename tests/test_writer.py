@@ -10,6 +10,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import OperationalError
 
+from imap_store import ops
 from imap_store.db import migrate
 from imap_store.store import Store
 from imap_store.writer import GroupWriter
@@ -25,6 +26,7 @@ async def test_failing_job_rolls_back_alone(db_url: str) -> None:
         def job(conn: Connection) -> str:
             conn.execute(text("INSERT INTO trusted_domain (name, source, added_at) "
                               "VALUES (:n, 'test', CURRENT_TIMESTAMP)"), {"n": name})
+            ops.audit(conn, "test", "add", name)
             if fail:
                 raise ValueError("refused")
             return name
@@ -45,6 +47,14 @@ async def test_failing_job_rolls_back_alone(db_url: str) -> None:
         with pytest.raises(ValueError):
             await writer.submit_sync(add("d.example", fail=True))
         assert await store.trusted_domains() == ["a.example", "c.example"]
+        # Audit rows of a batch are written together at its end; the failed jobs' are not.
+        assert [r.subject for r in await store.audit_records()] == ["a.example", "c.example"]
+        assert (await store.audit_verify())[1] is None
+        await asyncio.gather(writer.submit_sync(add("e.example")),
+                             writer.submit_sync(add("f.example")))
+        assert [r.subject for r in await store.audit_records()][-2:] == ["e.example",
+                                                                        "f.example"]
+        assert (await store.audit_verify())[1] is None
     finally:
         await writer.close()
         await store.close()
