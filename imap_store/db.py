@@ -88,9 +88,9 @@ def create_engine(url: str, *, pool_size: int = 20) -> AsyncEngine:
 
 
 def create_sync_sqlite_engine(url: str, pool_size: int = 8) -> Engine | None:
-    """For SQLite, a synchronous pysqlite engine on the same file, used from worker threads
-    by the hot paths (one thread hop per batch instead of several per statement). None for
-    other databases."""
+    """For SQLite, a synchronous pysqlite engine on the same file for the hot paths: the group
+    writer, RCPT lookups and reads run in worker threads (connections may move between
+    threads, never used by two at once). None for other databases."""
     parsed, _args, _schema = async_url(url)
     if parsed.get_backend_name() != "sqlite":
         return None

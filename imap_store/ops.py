@@ -154,11 +154,12 @@ def audit_batch(conn: Connection) -> Iterator[list[AuditEntry]]:
     one insert per group commit instead of per job). The caller writes them with
     ``append_audit`` before its commit, and drops those of a job rolled back."""
     entries: list[AuditEntry] = []
-    conn.info[_DEFERRED] = entries
+    info = conn.info  # taken once: after a lost connection, conn.info itself would raise
+    info[_DEFERRED] = entries
     try:
         yield entries
     finally:
-        conn.info.pop(_DEFERRED, None)  # the info dict outlives the checkout: never leave it
+        info.pop(_DEFERRED, None)  # the info dict outlives the checkout: never leave it
 
 
 def append_audit(conn: Connection, entries: Sequence[AuditEntry]) -> None:

@@ -140,7 +140,8 @@ class Store:
                  sync_engine: Engine | None = None) -> None:
         self.engine = engine
         self.blobs: BlobStore = blobs or DatabaseBlobStore()
-        #: SQLite only: the same file through pysqlite, used from worker threads.
+        #: SQLite only: the same file through pysqlite, for the hot paths (the group
+        #: writer, RCPT lookups, reads in worker threads).
         self.sync_engine = sync_engine
         self._inline: Connection | None = None
 
@@ -178,8 +179,8 @@ class Store:
                 result: T = await aconn.run_sync(fn, *args)
                 return result
         conn = self._inline
-        if conn is None:
-            conn = self._inline = self.sync_engine.connect()
+        if conn is None:  # opened in a thread: its PRAGMAs may wait for a lock
+            conn = self._inline = await asyncio.to_thread(self.sync_engine.connect)
         try:
             value: T = fn(conn, *args)
         except BaseException:

@@ -1,11 +1,10 @@
 """Group commit (ARCHITECTURE "Speed, by design"): one writer task per database takes the
 jobs that arrived meanwhile, runs them in one transaction with one durable commit, then
-releases every waiting caller. A job that fails is rolled back to its own savepoint and only
-its caller sees the error; the others still commit.
+releases every waiting caller. Durability is unchanged: a caller's future resolves only after
+the COMMIT returned.
 
 Jobs are either synchronous (``submit_sync``: ``fn(Connection)``, the hot paths, written with
-``imap_store.ops``) or asynchronous (``submit``: ``fn(AsyncConnection)``). Otherwise the batch
-runs on the async engine, synchronous jobs through ``run_sync``.
+``imap_store.ops``) or asynchronous (``submit``: ``fn(AsyncConnection)``).
 
 On SQLite a batch of synchronous jobs goes to the writer's own pysqlite connection: ``BEGIN
 IMMEDIATE`` (which may wait for another writer) and ``COMMIT`` (the fsync) run in a worker
@@ -13,13 +12,18 @@ thread, the jobs' statements on the event loop between the two. Statements of a 
 microseconds each are cheaper there than in a thread, where every one of them would give up
 the GIL and wait to take it back from the busy event loop (measured: 0.88 -> 0.66 ms of CPU per
 message on bench/smtp_intake.py). A batch carrying more than ``INLINE_BYTES`` of data runs
-whole in the thread instead, so large messages never stall the loop.
+whole in the thread instead, so large messages never stall the loop. Otherwise (PostgreSQL,
+or a batch with asynchronous jobs) the batch runs on the async engine, synchronous jobs
+through ``run_sync``.
 
-Durability is unchanged: a caller's future resolves only after the COMMIT returned.
+Every batch first runs without savepoints. If a job raises, that transaction is rolled back
+and the batch runs again with one savepoint per job: the failing job is rolled back alone and
+only its caller sees the error. A job may therefore run twice; jobs act on the connection only
+(no effects outside the database). A failure of BEGIN or COMMIT is never retried (after a
+failed COMMIT nobody knows whether it happened): every caller of the batch gets the error.
 
-On SQLite a batch first runs without savepoints; if a job fails, that transaction is rolled
-back and the batch runs again with one savepoint per job. A job may therefore run twice: jobs
-act on the connection only (no effects outside the database).
+The audit rows the jobs write (``ops.audit``) are collected and appended to the chain once,
+at the end of the batch (one read of the chain's end, one insert).
 """
 
 from __future__ import annotations
@@ -118,11 +122,13 @@ class GroupWriter:
         self._task = None
         self._drop_connection(failed=False)
 
-    def _connection(self) -> Connection:
+    async def _connection(self) -> Connection:
         if self._conn is None:
             engine = self.store.sync_engine
             assert engine is not None
-            self._conn = engine.connect().execution_options(sqlite_write=True)
+            # In a thread: opening runs PRAGMAs that may wait for a lock.
+            conn = await asyncio.to_thread(engine.connect)
+            self._conn = conn.execution_options(sqlite_write=True)
         return self._conn
 
     def _drop_connection(self, failed: bool = True) -> None:
@@ -181,14 +187,14 @@ class GroupWriter:
 
     async def _write_sqlite(self, batch: list[_Pending]) -> list[tuple[bool, Any]]:
         jobs = [cast(SyncJob, p.job) for p in batch]
-        conn = self._connection()
+        conn = await self._connection()
         try:
             if sum(p.size for p in batch) > INLINE_BYTES:
                 return await asyncio.to_thread(self._write_in_thread, conn, jobs)
             transaction = await asyncio.to_thread(conn.begin)  # BEGIN IMMEDIATE may wait
             try:
                 results = self._run_all(conn, jobs)  # on the loop: see the top
-            except Exception as exc:
+            except Exception as exc:  # a job failed (not BEGIN or COMMIT)
                 await asyncio.to_thread(transaction.rollback)
                 if len(jobs) == 1:
                     return [(False, exc)]
@@ -203,14 +209,14 @@ class GroupWriter:
             raise
 
     def _write_in_thread(self, conn: Connection, jobs: list[SyncJob]) -> list[tuple[bool, Any]]:
-        if len(jobs) > 1:
-            # Optimistic: no savepoints (two statements per job saved) while all succeed.
+        with conn.begin() as transaction:
             try:
-                with conn.begin():
-                    return self._run_all(conn, jobs)
-            except Exception:
-                log.info("a job of a batch of %d failed: running them again one by one",
-                         len(jobs))
+                return self._run_all(conn, jobs)
+            except Exception as exc:  # a job failed: BEGIN and COMMIT failures propagate
+                transaction.rollback()
+                if len(jobs) == 1:
+                    return [(False, exc)]
+        log.info("a job of a batch of %d failed: running them again one by one", len(jobs))
         return self._write_each(conn, jobs)
 
     @staticmethod
@@ -251,18 +257,17 @@ class GroupWriter:
         return results
 
     async def _write_async(self, batch: list[_Pending]) -> list[tuple[bool, Any]]:
-        # Optimistic, as on SQLite: no savepoint round trips while every job succeeds.
-        try:
-            async with write_transaction(self.store.engine) as conn:
+        async with write_transaction(self.store.engine) as conn:
+            try:
                 with ops.audit_batch(self._sync_of(conn)) as audit:
                     results = [(True, await self._run_async(conn, p)) for p in batch]
                 await conn.run_sync(ops.append_audit, audit)
-                return results
-        except Exception as exc:
-            if len(batch) == 1:
-                return [(False, exc)]
-            log.info("a job of a batch of %d failed: running them again one by one",
-                     len(batch))
+                return results  # COMMIT when the block ends; its failure is not retried
+            except Exception as exc:  # a job failed
+                await conn.rollback()
+                if len(batch) == 1:
+                    return [(False, exc)]
+        log.info("a job of a batch of %d failed: running them again one by one", len(batch))
         results = []
         async with write_transaction(self.store.engine) as conn:
             with ops.audit_batch(self._sync_of(conn)) as audit:

@@ -23,12 +23,13 @@ from dataclasses import dataclass, field
 from email.utils import formatdate
 from typing import Any
 
-from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, Session
+from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, Session, syntax
 
 from gateway.config import Config, Listen
 from gateway.tls import describe_tls, peer_identity
 from imap_store import ops
 from imap_store.derive import fields_from_info
+from imap_store.fields import utcnow
 from imap_store.mime import MessageInfo, parse_message
 from imap_store.notices import Templates
 from imap_store.store import Store
@@ -56,6 +57,8 @@ MAX_RECIPIENTS = 1000
 COMMAND_TIMEOUT = 300
 #: Grace period for transactions in flight when the service stops (SIGTERM).
 DRAIN_SECONDS = 30.0
+#: Replies after which a session gives the event loop to the others (and sends held replies).
+YIELD_EVERY = 64
 #: How long MAIL may use a cached copy of the trusted-domain list (R10 for operators).
 TRUSTED_CACHE_SECONDS = 2.0
 
@@ -154,6 +157,7 @@ class GatewaySMTP(SMTP):
         self.identity: Identity | None = None
         self.busy = False  # inside a DATA transaction
         self.accepted: list[tuple[str, int, str]] = []  # (address, patient id, INS)
+        self.accepted_keys: set[str | int] = set()  # patient ids / addresses in ``accepted``
         self._greeted = False
         self._in_ehlo = False
         self._peer_ip = ""
@@ -167,6 +171,7 @@ class GatewaySMTP(SMTP):
         #: (RFC 2920 §3.1): sent together, in one TLS record, with the next reply.
         self._held: list[bytes] = []
         self._may_hold = False
+        self._replies = 0  # to give other sessions a turn during long pipelined groups
         super().__init__(
             Handler(),
             data_size_limit=None,  # SIZE is ours (R7), advertised in handle_EHLO
@@ -261,7 +266,13 @@ class GatewaySMTP(SMTP):
         response = status + b"\r\n"
         # MAIL, RCPT and RSET may stand inside a pipelined group: if the client's next
         # command is already buffered, its reply will follow at once, so hold this one.
-        if self._may_hold and b"\n" in self._reader._buffer:  # type: ignore[attr-defined]
+        self._replies += 1
+        if self._replies % YIELD_EVERY == 0:
+            # RCPT lookups do not suspend on SQLite and buffered commands are read without
+            # waiting: a long pipelined group would otherwise hold the loop to itself.
+            await asyncio.sleep(0)
+        if self._may_hold and len(self._held) < YIELD_EVERY and \
+                b"\n" in self._reader._buffer:  # type: ignore[attr-defined]
             self._held.append(response)
             return
         if self._held:
@@ -270,6 +281,7 @@ class GatewaySMTP(SMTP):
         self._writer.write(response)
         await self._writer.drain()
 
+    @syntax("MAIL FROM: <address>", extended=" [SP <mail-parameters>]")
     async def smtp_MAIL(self, arg: str) -> None:
         self._may_hold = True
         try:
@@ -277,6 +289,7 @@ class GatewaySMTP(SMTP):
         finally:
             self._may_hold = False
 
+    @syntax("RCPT TO: <address>", extended=" [SP <mail-parameters>]")
     async def smtp_RCPT(self, arg: str) -> None:
         self._may_hold = True
         try:
@@ -284,6 +297,7 @@ class GatewaySMTP(SMTP):
         finally:
             self._may_hold = False
 
+    @syntax("RSET")
     async def smtp_RSET(self, arg: str) -> None:
         self._may_hold = True
         try:
@@ -291,6 +305,7 @@ class GatewaySMTP(SMTP):
         finally:
             self._may_hold = False
 
+    @syntax("EHLO hostname")
     async def smtp_EHLO(self, hostname: str) -> None:
         self._in_ehlo = True
         try:
@@ -298,6 +313,7 @@ class GatewaySMTP(SMTP):
         finally:
             self._in_ehlo = False
 
+    @syntax("HELO hostname")
     async def smtp_HELO(self, hostname: str) -> None:
         self._in_ehlo = True
         try:
@@ -381,6 +397,7 @@ class GatewaySMTP(SMTP):
 
     # --- DATA --------------------------------------------------------------------------------
 
+    @syntax("DATA")
     async def smtp_DATA(self, arg: str | None) -> None:
         if await self.check_helo_needed():
             return
@@ -414,6 +431,7 @@ class GatewaySMTP(SMTP):
             self.flush_audit()  # what the delivery did not carry (refused, failed, vanished)
         self._set_post_data_state()  # type: ignore[no-untyped-call]
         self.accepted = []
+        self.accepted_keys = set()
         await self.push(reply)
 
     async def _finish_data(self, reader: DataReader) -> str:
@@ -542,6 +560,7 @@ class Handler:
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
         server.accepted = []
+        server.accepted_keys = set()
         return str(replies.SENDER_OK)
 
     async def handle_RCPT(self, server: GatewaySMTP, session: Session, envelope: Envelope,
@@ -565,15 +584,22 @@ class Handler:
         if not decision.allowed:
             ctx.audit_many_later([entry])
             return decision.reply
-        server.pending_audit.append(entry)
+        # Written later, with the delivery: the row's own time will be the commit's.
+        server.pending_audit.append(
+            (entry[0], entry[1], entry[2], {**entry[3], "decided_at": utcnow().isoformat()}))
         envelope.rcpt_tos.append(recipient)
-        server.accepted.append((recipient, verdict.patient_id, verdict.ins or ""))
         server.sender_name = verdict.sender_name
+        # The same mailbox named twice (or in two spellings) gets the message once.
+        key = recipient.lower() if identity.role is Role.PATIENT else verdict.patient_id
+        if key not in server.accepted_keys:
+            server.accepted_keys.add(key)
+            server.accepted.append((recipient, verdict.patient_id, verdict.ins or ""))
         return f"250 2.1.5 {decision.text}"
 
     async def handle_RSET(self, server: GatewaySMTP, session: Session,
                           envelope: Envelope) -> str:
         server.accepted = []
+        server.accepted_keys = set()
         server.release_reservation()
         server.flush_audit()
         return "250 2.0.0 reset"

@@ -84,7 +84,8 @@ def test_patient_reply_reaches_professional(world: World) -> None:
     professional_writes(gw, CHRISTELLE, "01")
     conn = patient_smtp(gw)
     reply = sample("06")
-    assert conn.sendmail(PATIENT, [CHRISTELLE], reply) == {}
+    # The same professional twice (two spellings): relayed once.
+    assert conn.sendmail(PATIENT, [CHRISTELLE, CHRISTELLE.upper()], reply) == {}
     conn.quit()
     got = world.operator.handler.wait(1)
     assert len(got) == 1

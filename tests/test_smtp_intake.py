@@ -366,6 +366,41 @@ def test_pipelined_group_replies_come_together_in_order(gateway: Gateway) -> Non
     assert len(mailbox(gateway.directory, INAYA)) == 2
 
 
+def test_long_pipelined_group_answered_in_order(gateway: Gateway) -> None:
+    """150 RCPTs in one write (every other one refused), then DATA: 152 replies in order; the
+    session gives the loop away every few dozen replies, and the message is delivered once."""
+    with raw_session(gateway, DUPOND) as sock:
+        assert exchange(sock, b"EHLO raw.test\r\n")[-1].startswith(b"250 ")
+        rcpts = [PATIENT if i % 2 == 0 else "100000000000099@patient.mssante.fr"
+                 for i in range(150)]
+        sock.sendall(f"MAIL FROM:<{DUPOND}>\r\n".encode()
+                     + b"".join(f"RCPT TO:<{r}>\r\n".encode() for r in rcpts) + b"DATA\r\n")
+        lines: list[bytes] = []
+        buf = b""
+        while len(lines) < 152:
+            chunk = sock.recv(65536)
+            assert chunk, lines[-3:]
+            buf += chunk
+            *done, buf = buf.split(b"\r\n")
+            lines.extend(done)
+        assert lines[0].startswith(b"250 2.1.0")
+        for i, line in enumerate(lines[1:151]):
+            assert line.startswith(b"250 2.1.5" if i % 2 == 0 else b"553 5.1.3"), (i, line)
+        assert lines[151].startswith(b"354")
+        reply = exchange(sock, f"From: {DUPOND}\r\nSubject: p\r\n\r\nbody\r\n.\r\n".encode())
+        assert reply[0].startswith(b"250 2.0.0"), reply
+    assert len(mailbox(gateway.directory, INAYA)) == 2  # welcome + one copy, not 75
+
+
+def test_help_lists_the_commands(gateway: Gateway) -> None:
+    conn = smtp(gateway, DUPOND)
+    for command, text in (("MAIL", b"MAIL FROM: <address>"), ("RCPT", b"RCPT TO: <address>"),
+                          ("RSET", b"RSET"), ("DATA", b"DATA"), ("EHLO", b"EHLO hostname")):
+        code, reply = conn.docmd("HELP", command)
+        assert code == 250 and text in reply, (command, code, reply)
+    conn.quit()
+
+
 def test_sigkill_after_250_loses_nothing(gateway: Gateway) -> None:
     conn = smtp(gateway, DUPOND)
     assert send(conn, DUPOND, [PATIENT], sample("02")) == {}
