@@ -18,7 +18,7 @@ import re
 import secrets
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from email.utils import formatdate
 from typing import Any
@@ -281,29 +281,25 @@ class GatewaySMTP(SMTP):
         self._writer.write(response)
         await self._writer.drain()
 
-    @syntax("MAIL FROM: <address>", extended=" [SP <mail-parameters>]")
-    async def smtp_MAIL(self, arg: str) -> None:
+    async def _holding(self, command: Callable[[str], Awaitable[None]], arg: str) -> None:
+        """Run an aiosmtpd command whose reply may be held (see ``push``)."""
         self._may_hold = True
         try:
-            await super().smtp_MAIL(arg)
+            await command(arg)
         finally:
             self._may_hold = False
+
+    @syntax("MAIL FROM: <address>", extended=" [SP <mail-parameters>]")
+    async def smtp_MAIL(self, arg: str) -> None:
+        await self._holding(super().smtp_MAIL, arg)
 
     @syntax("RCPT TO: <address>", extended=" [SP <mail-parameters>]")
     async def smtp_RCPT(self, arg: str) -> None:
-        self._may_hold = True
-        try:
-            await super().smtp_RCPT(arg)
-        finally:
-            self._may_hold = False
+        await self._holding(super().smtp_RCPT, arg)
 
     @syntax("RSET")
     async def smtp_RSET(self, arg: str) -> None:
-        self._may_hold = True
-        try:
-            await super().smtp_RSET(arg)
-        finally:
-            self._may_hold = False
+        await self._holding(super().smtp_RSET, arg)
 
     @syntax("EHLO hostname")
     async def smtp_EHLO(self, hostname: str) -> None:
