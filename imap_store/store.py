@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol, TypeVar
@@ -130,6 +131,21 @@ class DatabaseBlobStore:
         return bytes(data)
 
 
+class LoopReader:
+    """The read API of an ``AsyncConnection`` (``execute``, ``run_sync``) over a synchronous
+    connection, for ``Store.read()`` on SQLite: each call runs at once on the calling thread."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.sync_connection = conn
+        self.dialect = conn.dialect
+
+    async def execute(self, statement: Any, parameters: Any = None) -> Any:
+        return self.sync_connection.execute(statement, parameters)
+
+    async def run_sync(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        return fn(self.sync_connection, *args, **kwargs)
+
+
 def new_uidvalidity() -> int:
     """RFC 3501 §2.3.1.1: a non-zero 32-bit value, different for a re-created mailbox."""
     return (int(utcnow().timestamp()) & 0x7FFFFFFF) ^ secrets.randbits(16) or 1
@@ -144,6 +160,7 @@ class Store:
         #: writer, RCPT lookups, reads in worker threads).
         self.sync_engine = sync_engine
         self._inline: Connection | None = None
+        self._loop_readers: list[Connection] = []  # idle connections of ``read()``
 
     @classmethod
     def from_url(cls, url: str) -> Store:
@@ -154,6 +171,8 @@ class Store:
         if self._inline is not None:
             self._inline.close()
             self._inline = None
+        while self._loop_readers:
+            self._loop_readers.pop().close()
         if self.sync_engine is not None:
             self.sync_engine.dispose()
 
@@ -201,7 +220,28 @@ class Store:
         return write_transaction(self.engine)
 
     def read(self) -> Any:
+        """``async with store.read() as conn``: one transaction for reads (``conn.execute``,
+        ``conn.run_sync``). On SQLite it runs on the event loop over a pysqlite connection
+        (in WAL mode readers never wait): the IMAP reads, each a few statements, cost less
+        there than through aiosqlite's thread, where every statement crosses threads and the
+        GIL twice. Elsewhere an ``AsyncConnection`` transaction."""
+        if self.sync_engine is not None:
+            return self._read_on_loop()
         return self.engine.begin()
+
+    @asynccontextmanager
+    async def _read_on_loop(self) -> AsyncIterator[LoopReader]:
+        assert self.sync_engine is not None
+        # One connection per read in progress (sessions interleave at their awaits).
+        conn = self._loop_readers.pop() if self._loop_readers else \
+            await asyncio.to_thread(self.sync_engine.connect)  # PRAGMAs may wait: a thread
+        try:
+            with conn.begin():  # commits on success, as engine.begin() does
+                yield LoopReader(conn)
+        except BaseException:
+            conn.close()
+            raise
+        self._loop_readers.append(conn)
 
     # --- audit ---------------------------------------------------------------------------
 
