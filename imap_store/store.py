@@ -157,9 +157,8 @@ class Store:
         self.engine = engine
         self.blobs: BlobStore = blobs or DatabaseBlobStore()
         #: SQLite only: the same file through pysqlite, for the hot paths (the group
-        #: writer, RCPT lookups, reads in worker threads).
+        #: writer, ``read()`` and ``read_inline`` on the event loop, ``run_read`` in threads).
         self.sync_engine = sync_engine
-        self._inline: Connection | None = None
         self._loop_readers: list[Connection] = []  # idle connections of ``read()``
 
     @classmethod
@@ -168,9 +167,6 @@ class Store:
 
     async def close(self) -> None:
         await self.engine.dispose()
-        if self._inline is not None:
-            self._inline.close()
-            self._inline = None
         while self._loop_readers:
             self._loop_readers.pop().close()
         if self.sync_engine is not None:
@@ -188,27 +184,17 @@ class Store:
             return result
 
     async def read_inline(self, fn: Callable[..., T], *args: Any) -> T:
-        """Like ``run_read`` for a few indexed lookups (the RCPT checks). On SQLite they run on
-        the calling thread, over a connection kept for it, in autocommit: in WAL mode a reader
-        never waits for the writer, and a hop to a worker thread would cost more than the
-        lookups. On PostgreSQL in autocommit too (no BEGIN and ROLLBACK round trips)."""
-        if self.sync_engine is None:
-            async with self.engine.connect() as aconn:
-                aconn = await aconn.execution_options(isolation_level="AUTOCOMMIT")
-                result: T = await aconn.run_sync(fn, *args)
-                return result
-        conn = self._inline
-        if conn is None:  # opened in a thread: its PRAGMAs may wait for a lock
-            conn = self._inline = await asyncio.to_thread(self.sync_engine.connect)
-        try:
-            value: T = fn(conn, *args)
-        except BaseException:
-            self._inline = None
-            conn.close()
-            raise
-        if conn.in_transaction():  # a Core statement began one: end it, keep no snapshot
-            conn.rollback()
-        return value
+        """Like ``run_read`` for a few indexed lookups (the RCPT checks): on SQLite on the
+        event loop (see ``read``), where a hop to a worker thread would cost more than the
+        lookups; on PostgreSQL in autocommit (no BEGIN and ROLLBACK round trips)."""
+        if self.sync_engine is not None:
+            async with self.read() as conn:
+                value: T = await conn.run_sync(fn, *args)
+                return value
+        async with self.engine.connect() as aconn:
+            aconn = await aconn.execution_options(isolation_level="AUTOCOMMIT")
+            result: T = await aconn.run_sync(fn, *args)
+            return result
 
     def _read_in_thread(self, fn: Callable[..., T], *args: Any) -> T:
         assert self.sync_engine is not None
