@@ -38,6 +38,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from gateway.config import Config, Listen
 from gateway.tls import client_context
+from imap_store import ops
 from imap_store import schema as t
 from imap_store.derive import derive
 from imap_store.notices import Templates
@@ -71,6 +72,7 @@ class QueueItem:
     next_attempt_at: datetime
     created_at: datetime
     last_error: str | None
+    blob_id: int | None = None  # the message a relay carries
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -90,7 +92,7 @@ def _item(row: Any) -> QueueItem:
         id=row.id, kind=row.kind, patient_id=row.patient_id, sender=row.sender,
         recipient=row.recipient, state=row.state, attempts=row.attempts,
         next_attempt_at=as_utc(row.next_attempt_at), created_at=as_utc(row.created_at),
-        last_error=row.last_error,
+        last_error=row.last_error, blob_id=row.blob_id,
     )
 
 
@@ -124,15 +126,15 @@ def enqueue_relay(conn: Connection, patient_id: int, sender: str, recipient: str
     return int(row[0])
 
 
-def enqueue_notification(conn: Connection, patient_id: int, sender: str,
-                         notify_email: str) -> int | None:
+def enqueue_notification(conn: Connection, patient_id: int, sender: str) -> int | None:
     """Queue a notification unless one for this patient is still waiting (merged)."""
     waiting = _WAITING_NOTIFICATION.first(conn, {"patient_id": patient_id})
     if waiting is not None:
         return None
     row = _INSERT_OUTBOUND.first(conn, {
         "kind": NOTIFICATION, "patient_id": patient_id, "sender": sender,
-        "recipient": notify_email, "blob_id": None, "now": utcnow()})
+        "recipient": ops.patient_notify_email(conn, patient_id), "blob_id": None,
+        "now": utcnow()})
     return int(row[0])
 
 
@@ -273,15 +275,17 @@ class QueueWorker:
                     )).values(state="merged")
                 )
                 seen: set[int | None] = set()
-                unique = []
+                unique, merged = [], []
                 for i in items:
                     if i.kind == NOTIFICATION:
                         if i.patient_id in seen:
-                            await conn.execute(update(t.outbound).where(t.outbound.c.id == i.id)
-                                               .values(state="merged"))
+                            merged.append(i.id)
                             continue
                         seen.add(i.patient_id)
                     unique.append(i)
+                if merged:
+                    await conn.execute(update(t.outbound).where(t.outbound.c.id.in_(merged))
+                                       .values(state="merged"))
                 items = unique
         return items
 
@@ -344,10 +348,9 @@ class QueueWorker:
         route = self.route(item.recipient)
         if route is None:
             raise PermanentFailure("no route to the recipient's domain")
+        assert item.blob_id is not None
         async with self.store.read() as conn:
-            blob_id = (await conn.execute(select(t.outbound.c.blob_id)
-                                          .where(t.outbound.c.id == item.id))).scalar_one()
-            data = await self.store.blobs.get(conn, int(blob_id))
+            data = await self.store.blobs.get(conn, item.blob_id)
         tls_name = _tls_name(route.host, item.recipient)
         await self._send(route, tls_name, self.relay_tls(), item.sender, item.recipient, data,
                          require_tls=True)
@@ -391,9 +394,11 @@ class QueueWorker:
                                   .where(t.patient.c.id == item.patient_id))).first()
         if row is None:
             return
-        blob_id = (await conn.execute(select(t.outbound.c.blob_id)
-                                      .where(t.outbound.c.id == item.id))).scalar_one()
-        original = derive(await self.store.blobs.get(conn, int(blob_id))) if blob_id else None
+        # The patient's message as derived at submission (its copy in Sent): no re-parse.
+        original = (await conn.execute(
+            select(t.message.c.message_id, t.message.c.subject)
+            .where(t.message.c.blob_id == item.blob_id).limit(1))).first() \
+            if item.blob_id is not None else None
         to = patient_address(row.ins, self.config.domains.patient)
         service = self.config.notifier.service_name
         subject = "Message non distribué"
@@ -422,10 +427,7 @@ class QueueWorker:
             raise PermanentFailure("patient no longer exists")
         data = self.render_notification(row.name, row.notify_email)
         if self._notify_tls is None:
-            ctx = ssl.create_default_context()
-            ctx.load_verify_locations(cafile=str(self.config.tls.client_ca))
-            ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-            self._notify_tls = ctx
+            self._notify_tls = client_context(self.config.tls.client_ca)
         await self._send(relay, relay.host, self._notify_tls, self.config.system_sender,
                          row.notify_email, data, require_tls=False)
 

@@ -458,9 +458,6 @@ class Store:
         """Facts about a recipient INS and its id (0 when unknown)."""
         return await conn.run_sync(ops.patient_facts, ins)
 
-    async def patient_notify_email(self, conn: AsyncConnection, patient_id: int) -> str:
-        return await conn.run_sync(ops.patient_notify_email, patient_id)
-
     async def patient_name(self, conn: AsyncConnection, patient_id: int) -> str:
         return await conn.run_sync(ops.patient_name, patient_id)
 

@@ -30,7 +30,8 @@ class RecipientVerdict:
     decision: Decision
     patient_id: int = 0  # the recipient patient's id when the recipient is a patient
     ins: str | None = None
-    sender_name: str = ""  # the sending professional's directory name, when read
+    #: What was read about the sending professional (kept by the session for its next RCPTs).
+    sender_facts: ProfessionalFacts | None = None
 
 
 def judge_professional_recipient_sync(
@@ -49,7 +50,7 @@ def judge_professional_recipient_sync(
     facts = sender_facts or ops.professional_facts(conn, sender)
     patient, patient_id = ops.patient_facts(conn, ins)
     return RecipientVerdict(decide_professional_to_patient(facts, patient), patient_id, ins,
-                            facts.name)
+                            facts)
 
 
 def judge_patient_recipient_sync(

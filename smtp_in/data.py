@@ -40,7 +40,7 @@ class DataReader:
         self.max_line = max_line
         self.state = DataState.OK
         self.buf = bytearray(b"\r\n")  # a virtual CRLF so ".\r\n" at the start matches _END
-        self.size = 0  # bytes of message seen (stuffed), including drained ones
+        self.size = 0  # bytes received (stuffed, with the terminator), drained ones too
         self.reserved = reserved  # budget already held (e.g. the declared SIZE)
         self._scan = 2  # where the next line/bare-newline scan starts
         self.done = False
@@ -58,11 +58,10 @@ class DataReader:
             self.rest = bytes(self.buf[end + 5:])
             del self.buf[end + 2:]
             self.done = True
-        self.size += len(data) if not self.done else 0
+        self.size += len(data)
         if self.state is DataState.OK:
             self._check()
         if self.done:
-            self.size = self.size + (len(self.buf) - 2 if self.state is DataState.OK else 0)
             return True
         if self.state is not DataState.OK:
             # Drain: keep only what can still be part of the terminator.

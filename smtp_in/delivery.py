@@ -115,8 +115,7 @@ class Delivery:
                                 {"from": sender, "uid": stored.uid, "size": len(raw),
                                  "end_of_exchange": ends}))
                 if notify:
-                    enqueue_notification(conn, patient_id, self.config.system_sender,
-                                         ops.patient_notify_email(conn, patient_id))
+                    enqueue_notification(conn, patient_id, self.config.system_sender)
             ops.audit_many(conn, entries)
 
         return run

@@ -40,6 +40,7 @@ from policy.rules import (
     MAX_INBOUND_SIZE,
     Decision,
     Identity,
+    ProfessionalFacts,
     Role,
     decide_from_header,
     decide_mail_from,
@@ -156,14 +157,16 @@ class GatewaySMTP(SMTP):
         self.conn_id = secrets.token_hex(4)
         self.identity: Identity | None = None
         self.busy = False  # inside a DATA transaction
-        self.accepted: list[tuple[str, int, str]] = []  # (address, patient id, INS)
-        self.accepted_keys: set[str | int] = set()  # patient ids / addresses in ``accepted``
+        #: Accepted recipients of the transaction, (address, patient id, INS), keyed by
+        #: mailbox (patient id, or the address a patient writes to) so each gets one copy.
+        self.accepted: dict[str | int, tuple[str, int, str]] = {}
         self._greeted = False
         self._in_ehlo = False
         self._peer_ip = ""
         self._reserved = 0  # DATA budget held for the declared SIZE (RFC 1870)
         self._refused_early = False  # turned away at connect (limits, shutdown)
-        self.sender_name = ""  # the professional's directory name, from the last RCPT check
+        #: The sending professional's directory facts, read at the transaction's first RCPT.
+        self.sender_facts: ProfessionalFacts | None = None
         #: Accepted RCPT decisions not yet audited: written with the delivery, in its
         #: transaction, or on their own when the transaction ends without one.
         self.pending_audit: list[ops.AuditEntry] = []
@@ -224,6 +227,11 @@ class GatewaySMTP(SMTP):
         result: bool | None = super().eof_received()
         return result
 
+    def new_transaction(self) -> None:
+        """Forget the recipients and sender facts of the transaction that ended."""
+        self.accepted = {}
+        self.sender_facts = None
+
     def flush_audit(self) -> None:
         """Write the pending RCPT audit entries on their own (no delivery will carry them)."""
         entries, self.pending_audit = self.pending_audit, []
@@ -264,13 +272,13 @@ class GatewaySMTP(SMTP):
                 status = replies.with_enhanced(status)
             status = status.encode("utf-8")
         response = status + b"\r\n"
-        # MAIL, RCPT and RSET may stand inside a pipelined group: if the client's next
-        # command is already buffered, its reply will follow at once, so hold this one.
         self._replies += 1
         if self._replies % YIELD_EVERY == 0:
             # RCPT lookups do not suspend on SQLite and buffered commands are read without
             # waiting: a long pipelined group would otherwise hold the loop to itself.
             await asyncio.sleep(0)
+        # MAIL, RCPT and RSET may stand inside a pipelined group: if the client's next
+        # command is already buffered, its reply will follow at once, so hold this one.
         if self._may_hold and len(self._held) < YIELD_EVERY and \
                 b"\n" in self._reader._buffer:  # type: ignore[attr-defined]
             self._held.append(response)
@@ -426,8 +434,7 @@ class GatewaySMTP(SMTP):
             self.busy = False
             self.flush_audit()  # what the delivery did not carry (refused, failed, vanished)
         self._set_post_data_state()  # type: ignore[no-untyped-call]
-        self.accepted = []
-        self.accepted_keys = set()
+        self.new_transaction()
         await self.push(reply)
 
     async def _finish_data(self, reader: DataReader) -> str:
@@ -460,8 +467,10 @@ class GatewaySMTP(SMTP):
         audit, self.pending_audit = self.pending_audit, []
         try:
             await self.ctx.writer.submit_sync(
-                delivery.job(identity, mail_from, list(self.accepted), stored, message,
-                             fields_from_info(info), self.sender_name, trusted, audit),
+                delivery.job(identity, mail_from, list(self.accepted.values()), stored, message,
+                             fields_from_info(info),
+                             self.sender_facts.name if self.sender_facts else "", trusted,
+                             audit),
                 size=len(stored))
         except Exception:
             self.pending_audit = audit + self.pending_audit  # rolled back: written on their own
@@ -480,7 +489,7 @@ class GatewaySMTP(SMTP):
         if not decision.allowed:
             self.ctx.audit_later(identity.describe(), "refuse", mail_from, decision.as_dict())
             return decision.reply
-        recipients = [address for address, _pid, _ins in self.accepted]
+        recipients = [address for address, _pid, _ins in self.accepted.values()]
         audit, self.pending_audit = self.pending_audit, []
         try:
             await self.ctx.writer.submit_sync(
@@ -555,8 +564,7 @@ class Handler:
             return str(replies.NO_MEMORY)
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
-        server.accepted = []
-        server.accepted_keys = set()
+        server.new_transaction()
         return str(replies.SENDER_OK)
 
     async def handle_RCPT(self, server: GatewaySMTP, session: Session, envelope: Envelope,
@@ -574,7 +582,8 @@ class Handler:
         else:
             verdict = await ctx.store.read_inline(
                 judge_professional_recipient_sync, (envelope.mail_from or "").lower(),
-                recipient, domain)
+                recipient, domain, server.sender_facts)
+            server.sender_facts = verdict.sender_facts or server.sender_facts
         decision: Decision = verdict.decision
         entry = (identity.describe(), "rcpt", recipient, decision.as_dict())
         if not decision.allowed:
@@ -584,18 +593,14 @@ class Handler:
         server.pending_audit.append(
             (entry[0], entry[1], entry[2], {**entry[3], "decided_at": utcnow().isoformat()}))
         envelope.rcpt_tos.append(recipient)
-        server.sender_name = verdict.sender_name
         # The same mailbox named twice (or in two spellings) gets the message once.
         key = recipient.lower() if identity.role is Role.PATIENT else verdict.patient_id
-        if key not in server.accepted_keys:
-            server.accepted_keys.add(key)
-            server.accepted.append((recipient, verdict.patient_id, verdict.ins or ""))
+        server.accepted.setdefault(key, (recipient, verdict.patient_id, verdict.ins or ""))
         return f"250 2.1.5 {decision.text}"
 
     async def handle_RSET(self, server: GatewaySMTP, session: Session,
                           envelope: Envelope) -> str:
-        server.accepted = []
-        server.accepted_keys = set()
+        server.new_transaction()
         server.release_reservation()
         server.flush_audit()
         return "250 2.0.0 reset"

@@ -89,3 +89,10 @@ def test_random_chunkings_agree() -> None:
             # Which refusal is noticed first may depend on the chunking; OK never does.
             assert (r.message() if r.state is DataState.OK else None) == expected
             assert (r.state is DataState.OK) == (whole.state is DataState.OK)
+
+
+def test_size_counts_each_byte_once() -> None:
+    reader = DataReader(1000)
+    assert not reader.feed(b"Subject: x\r\n\r\n")
+    assert reader.feed(b"body\r\n.\r\n")
+    assert reader.size == len(b"Subject: x\r\n\r\nbody\r\n.\r\n")

@@ -20,7 +20,7 @@ import json
 import logging
 from array import array
 from bisect import bisect_left, bisect_right
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from typing import Any, Protocol
@@ -1119,49 +1119,43 @@ def _sql_condition(key: SearchKey, sel: Selected, indexed: bool) -> Any:
     return None
 
 
-def _search_fields(key: SearchKey) -> set[str]:
-    """Header fields (lower case) a SEARCH tree looks into."""
-    out: set[str] = set()
+def _search_leaves(key: SearchKey) -> Iterator[SearchKey]:
+    """The keys of a SEARCH tree that are not NOT, OR or AND."""
     stack: list[SearchKey] = [key]
     while stack:
         node = stack.pop()
-        if isinstance(node, SearchHeader):
-            out.add(node.field.lower())
-        elif isinstance(node, SearchNot):
+        if isinstance(node, SearchNot):
             stack.append(node.key)
         elif isinstance(node, SearchOr):
             stack.extend((node.left, node.right))
         elif isinstance(node, SearchAnd):
             stack.extend(node.keys)
-    return out
+        else:
+            yield node
+
+
+def _search_fields(key: SearchKey) -> set[str]:
+    """Header fields (lower case) a SEARCH tree looks into."""
+    return {n.field.lower() for n in _search_leaves(key) if isinstance(n, SearchHeader)}
 
 
 def _search_columns(key: SearchKey) -> set[str]:
-    """Columns (``sent``: the Date header; ``body``) a SEARCH tree needs in Python."""
+    """Columns (``sent``: the Date header; ``body``) a SEARCH tree needs in Python (header
+    fields are extracted from ``meta``: see ``_search_fields``)."""
     out: set[str] = set()
-    stack: list[SearchKey] = [key]
-    while stack:
-        node = stack.pop()
+    for node in _search_leaves(key):
         if isinstance(node, SearchFlag):
             out.update(("flags", "keywords"))
         elif isinstance(node, SearchInternalDate):
             out.add("internal_date")
         elif isinstance(node, SearchSentDate):
             out.add("sent")
-        elif isinstance(node, SearchHeader):
-            pass  # extracted from meta: see _search_fields
         elif isinstance(node, SearchLarger | SearchSmaller):
             out.add("size")
         elif isinstance(node, SearchBody):
             out.add("body")
         elif isinstance(node, SearchText):
             out.update(("body", "meta"))
-        elif isinstance(node, SearchNot):
-            stack.append(node.key)
-        elif isinstance(node, SearchOr):
-            stack.extend((node.left, node.right))
-        elif isinstance(node, SearchAnd):
-            stack.extend(node.keys)
     return out
 
 
