@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import json
 
+from imap_store.fields import MessageFields
 from imap_store.mime import MessageInfo, parse_message
-from imap_store.store import MessageFields
 
 
 def _cut(value: str | None, limit: int) -> str | None:

@@ -231,13 +231,9 @@ class MailStore(Protocol):
 
     async def changes(self, mailbox_id: int, since: int) -> Changes: ...
 
-    async def highestmodseq(self, mailbox_id: int) -> int: ...
-
     async def fetch_rows(
         self, mailbox_id: int, uids: Sequence[int], columns: Iterable[str]
     ) -> list[Any]: ...
-
-    async def all_rows(self, mailbox_id: int, columns: Iterable[str]) -> list[Any]: ...
 
     async def flag_rows(
         self, mailbox_id: int, ranges: Sequence[tuple[int, int]]
@@ -531,14 +527,6 @@ class PatientMailStore:
 
         return await self._stores.write(job)
 
-    async def highestmodseq(self, mailbox_id: int) -> int:
-        async with self._store.read() as conn:
-            value = (await conn.execute(
-                select(t.mailbox.c.highestmodseq)
-                .where(t.mailbox.c.id == mailbox_id, self._owned())
-            )).scalar_one_or_none()
-        return 0 if value is None else int(value)
-
     async def changes(self, mailbox_id: int, since: int) -> Changes:
         async with self._store.read() as conn:
             row = (await conn.execute(
@@ -708,16 +696,6 @@ class PatientMailStore:
             keep = set(uids)
             rows = [r for r in rows if r.uid in keep]
         return list(rows)
-
-    async def all_rows(self, mailbox_id: int, columns: Iterable[str]) -> list[Any]:
-        wanted = [getattr(t.message.c, name) for name in sorted(set(columns) & ROW_COLUMNS)]
-        async with self._store.read() as conn:
-            rows = await conn.execute(
-                select(t.message.c.uid, *wanted)
-                .where(self._in_mailbox(mailbox_id))
-                .order_by(t.message.c.uid)
-            )
-            return list(rows.all())
 
     async def flag_rows(
         self, mailbox_id: int, ranges: Sequence[tuple[int, int]]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -23,12 +23,12 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from imap_store import ops
 from imap_store import schema as t
 from imap_store.db import create_engine, create_sync_sqlite_engine, write_transaction
+from imap_store.derive import derive
 from imap_store.fields import MessageFields as MessageFields
 from imap_store.fields import StoredMessage as StoredMessage
 from imap_store.fields import as_utc as as_utc
 from imap_store.fields import utcnow as utcnow
 from policy.audit import AuditRecord, first_broken
-from policy.rules import ContactFacts, PatientFacts, ProfessionalFacts
 
 T = TypeVar("T")
 
@@ -360,9 +360,6 @@ class Store:
         """The directory row (id, name, state, cert_fingerprint) or None."""
         return await conn.run_sync(ops.professional_by_address, address)
 
-    async def professional_facts(self, conn: AsyncConnection, address: str) -> ProfessionalFacts:
-        return await conn.run_sync(ops.professional_facts, address)
-
     # --- patients ------------------------------------------------------------------------
 
     @staticmethod
@@ -390,8 +387,6 @@ class Store:
                 raise Conflict(f"patient {ins} already exists") from None
             patient_id = int(result.scalar_one())
             boxes = await self.create_default_mailboxes(conn, patient_id)
-            from imap_store.derive import derive
-
             await self.append(conn, boxes["INBOX"], welcome, derive(welcome))
             await self.audit(conn, actor, "patient.add", ins)
             return await self._get_patient(conn, ins)
@@ -454,13 +449,6 @@ class Store:
             )).first()
         return None if row is None else (row.id, row.state, row.password_hash)
 
-    async def patient_facts(self, conn: AsyncConnection, ins: str) -> tuple[PatientFacts, int]:
-        """Facts about a recipient INS and its id (0 when unknown)."""
-        return await conn.run_sync(ops.patient_facts, ins)
-
-    async def patient_name(self, conn: AsyncConnection, patient_id: int) -> str:
-        return await conn.run_sync(ops.patient_name, patient_id)
-
     async def mailbox_counts(self, patient_id: int) -> list[MailboxCounts]:
         """Per-mailbox message and unseen counts (counts only, never content)."""
         seen = t.message.c.flags.op("&")(t.FLAG_SEEN)
@@ -504,20 +492,6 @@ class Store:
         return await conn.run_sync(run)
 
     # --- exchanges -----------------------------------------------------------------------
-
-    async def open_exchange(
-        self, conn: AsyncConnection, patient_id: int, professional_address: str,
-        professional_name: str, reply_to: Sequence[tuple[str, str]] = (),
-    ) -> int:
-        """R2 opens (or re-opens) the exchange; R4 Reply-To addresses join it."""
-        return await conn.run_sync(ops.open_exchange, patient_id, professional_address,
-                                   professional_name, reply_to)
-
-    async def end_exchanges(
-        self, conn: AsyncConnection, patient_id: int, professional_address: str
-    ) -> bool:
-        """R5: end the exchange of this professional with the patient; False if none open."""
-        return await conn.run_sync(ops.end_exchanges, patient_id, professional_address)
 
     async def set_exchange_state(
         self, actor: str, ins: str, professional_address: str, state: str
@@ -567,14 +541,3 @@ class Store:
         async with self.read() as conn:
             patient = await self._get_patient(conn, ins)
             return await self._contacts(conn, patient.id)
-
-    async def contact_facts(
-        self, conn: AsyncConnection, patient_id: int, address: str
-    ) -> ContactFacts:
-        """R3/R4/R9 facts for a patient writing to ``address``."""
-        return await conn.run_sync(ops.contact_facts, patient_id, address)
-
-    async def _professional_states(
-        self, conn: AsyncConnection, addresses: Iterable[str]
-    ) -> dict[str, str]:
-        return await conn.run_sync(ops.professional_states, list(addresses))

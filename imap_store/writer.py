@@ -105,11 +105,8 @@ class GroupWriter:
         result: T = await asyncio.shield(future)
         return result
 
-    def submit_nowait(self, job: Job) -> None:
-        """Queue a job nobody waits for (e.g. audit rows); drained on close."""
-        self._put(job, False, False)
-
     def submit_sync_nowait(self, job: SyncJob) -> None:
+        """Queue a job nobody waits for (e.g. audit rows); drained on close."""
         self._put(job, True, False)
 
     async def close(self) -> None:
@@ -237,10 +234,7 @@ class GroupWriter:
             # SQLAlchemy's begin_nested() would send, without its bookkeeping.
             sqlite3_conn: Any = conn.connection.driver_connection
             with ops.audit_batch(conn) as audit:
-                for run in jobs:
-                    if len(jobs) == 1:
-                        results.append((True, run(conn)))
-                        continue
+                for run in jobs:  # callers handle a lone job themselves
                     mark = len(audit)
                     sqlite3_conn.execute("SAVEPOINT job")
                     try:

@@ -15,6 +15,7 @@ import pytest
 from sqlalchemy import text
 
 from gateway.config import load_config
+from imap_store import ops
 from imap_store.store import Store
 from policy.cli import main as policy_main
 
@@ -230,8 +231,8 @@ async def _open_exchange(
     store = Store.from_url(load_config(gw_dir / "gateway.toml").storage_url)
     try:
         async with store.write() as conn:
-            _facts, patient_id = await store.patient_facts(conn, INAYA)
-            await store.open_exchange(conn, patient_id, pro, name, reply_to)
+            _facts, patient_id = await conn.run_sync(ops.patient_facts, INAYA)
+            await conn.run_sync(ops.open_exchange, patient_id, pro, name, reply_to)
     finally:
         await store.close()
 

@@ -9,7 +9,6 @@ patterns); ``INBOX`` matches case-insensitively (RFC 3501 §5.1).
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
 
 #: Longest pattern accepted (mailbox names are at most 200 characters).
 MAX_PATTERN = 1000
@@ -48,14 +47,6 @@ def matches(pattern: str, name: str, delimiter: str = "/") -> bool:
         if not any(reachable):
             return False
     return reachable[len(name)]
-
-
-@dataclass(frozen=True, slots=True)
-class Listed:
-    """One LIST answer: the name and its attributes (without the surrounding parentheses)."""
-
-    name: str
-    attributes: tuple[str, ...]
 
 
 def with_parents(names: Iterable[str], delimiter: str = "/") -> dict[str, bool]:

@@ -79,12 +79,6 @@ def quote(text: str) -> bytes:
     return b'"' + encoded.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
 
 
-def quoted_text(text: str) -> bytes:
-    """Plain ASCII text of our own as a quoted string (ID values)."""
-    data = text.encode("ascii", "replace")
-    return b'"' + data.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
-
-
 def literal(data: bytes) -> bytes:
     return b"{%d}\r\n" % len(data) + data
 

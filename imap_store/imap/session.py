@@ -673,6 +673,8 @@ class Session:
             raise MailStoreError(r.NO_PATTERN_TOO_LONG.text, r.NO_PATTERN_TOO_LONG.code)
         boxes = {b.name: b for b in await self._mail().mailboxes()}
         names = listing.with_parents(boxes)
+        # Every implied parent is in ``names``: a name has children iff it is someone's parent.
+        parents = {n.rpartition(DELIMITER)[0] for n in names if DELIMITER in n}
         subscribed_only = "SUBSCRIBED" in selection
         special_only = "SPECIAL-USE" in selection
         show_subscribed = subscribed_only or "SUBSCRIBED" in returns
@@ -689,9 +691,7 @@ class Session:
             if box is None:
                 attrs.append("\\Noselect")
             if not lsub:
-                prefix = name + DELIMITER
-                has_children = any(other.startswith(prefix) for other in names)
-                attrs.append("\\HasChildren" if has_children else "\\HasNoChildren")
+                attrs.append("\\HasChildren" if name in parents else "\\HasNoChildren")
                 if box is not None and box.special_use:
                     attrs.append(box.special_use)
                 if show_subscribed and box is not None and box.subscribed:
