@@ -146,6 +146,11 @@ class LoopReader:
         return fn(self.sync_connection, *args, **kwargs)
 
 
+#: Idle connections ``read()`` keeps for the event loop (the others go back to the pool, which
+#: worker threads and the group writer share).
+LOOP_READERS_KEPT = 2
+
+
 def new_uidvalidity() -> int:
     """RFC 3501 §2.3.1.1: a non-zero 32-bit value, different for a re-created mailbox."""
     return (int(utcnow().timestamp()) & 0x7FFFFFFF) ^ secrets.randbits(16) or 1
@@ -227,7 +232,10 @@ class Store:
         except BaseException:
             conn.close()
             raise
-        self._loop_readers.append(conn)
+        if len(self._loop_readers) < LOOP_READERS_KEPT:
+            self._loop_readers.append(conn)
+        else:  # many reads began at once: give the rest back, the pool is shared
+            conn.close()
 
     # --- audit ---------------------------------------------------------------------------
 

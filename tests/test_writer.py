@@ -141,3 +141,24 @@ async def test_sqlite_lock_timeout_fails_the_batch_then_writer_recovers(
         other.close()
         await writer.close()
         await store.close()
+
+
+async def test_many_reads_at_once_leave_the_shared_pool_usable(tmp_path: object) -> None:
+    """Reads on the event loop (SQLite) that begin together each open a connection; once done
+    only a couple are kept, so worker-thread reads and the writer still get connections (the
+    pool once starved and every thread hop hung)."""
+    from pathlib import Path
+
+    from imap_store.store import LOOP_READERS_KEPT
+
+    url = f"sqlite:///{Path(str(tmp_path)) / 'reads.db'}"
+    await migrate(url)
+    store = Store.from_url(url)
+    try:
+        results = await asyncio.gather(*(store.read_inline(ops.trusted_domains)
+                                         for _ in range(40)))
+        assert results == [[]] * 40
+        assert len(store._loop_readers) <= LOOP_READERS_KEPT
+        assert await asyncio.wait_for(store.run_read(ops.trusted_domains), timeout=10) == []
+    finally:
+        await store.close()
