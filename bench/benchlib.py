@@ -58,8 +58,8 @@ def make_ins(n: int) -> str:
 def _cli(prog: str, config: Path | None, *args: str) -> None:
     """Run one of the project's command lines in this process (one subprocess each would
     cost ~0.5 s of imports); its output is swallowed, a failure stops the benchmark."""
+    from gateway.admin import main as policy_main
     from gateway.cli import main as gateway_main
-    from policy.cli import main as policy_main
 
     main = gateway_main if prog == "mssante-gateway" else policy_main
     argv = ([] if config is None else ["--config", str(config)]) + list(args)
@@ -491,8 +491,8 @@ async def count_stored(url: str, like: str = "%.bench@%") -> tuple[int, list[int
     """Messages stored by the benchmark (their Message-ID) and their sizes."""
     from sqlalchemy import select
 
-    from imap_store import schema as t
-    from imap_store.store import Store
+    from imap_store.store import schema as t
+    from imap_store.store.directory import Store
 
     store = Store.from_url(url)
     try:

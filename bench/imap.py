@@ -10,7 +10,7 @@ both servers hold the same N+1 messages with the same UIDs (welcome = UID 1).
 * Gateway: ``mssante-gateway init`` in a temporary directory, a trusted domain, patient
   289057512345621 with a password (``mssante-policy patient add --password-stdin``), the
   messages written straight into the store in big transactions (the first through
-  ``Store.append``, the others in bulk, checked to be the same rows: see ``load_gateway``),
+  ``deliver``, the others in bulk, checked to be the same rows: see ``load_gateway``),
   then ``mssante-gateway serve`` with ``[imap]``/``[imaps]`` on free loopback ports (SMTP
   off).
 * Dovecot: ``dovecot -F -c <tmp>/dovecot.conf`` as root on a free loopback imaps port (the
@@ -653,8 +653,8 @@ def run_worker(spec: Spec) -> dict[str, Any]:
 
 def _cli(prog: str, config: Path | None, *args: str, stdin: str = "") -> None:
     """One of the project's command lines, in this process (a subprocess costs ~0.5 s)."""
+    from gateway.admin import main as policy_main
     from gateway.cli import main as gateway_main
-    from policy.cli import main as policy_main
 
     main = gateway_main if prog == "mssante-gateway" else policy_main
     argv = ([] if config is None else ["--config", str(config)]) + list(args)
@@ -709,8 +709,8 @@ async def _inbox(gw: GatewayDir) -> tuple[Any, int, bytes, str]:
     """The store, the patient's INBOX id, the welcome message and the stored password hash."""
     from sqlalchemy import select
 
-    from imap_store import schema as t
-    from imap_store.store import Store
+    from imap_store.store import schema as t
+    from imap_store.store.directory import Store
 
     store = Store.from_url(gw.url)
     patient = await store.get_patient(INS)
@@ -737,8 +737,8 @@ def gateway_welcome(gw: GatewayDir) -> tuple[bytes, str]:
 
 def _message_row(mailbox: int, uid: int, modseq: int, m: BenchMessage, fields: Any,
                  blob_id: int) -> dict[str, Any]:
-    """The ``message`` row ``Store.append`` writes (checked against it on every load)."""
-    from imap_store import schema as t
+    """The ``message`` row ``deliver`` writes (checked against it on every load)."""
+    from imap_store.store import schema as t
 
     return {
         "mailbox_id": mailbox, "uid": uid, "modseq": modseq,
@@ -761,15 +761,15 @@ def _normal(value: Any) -> Any:
 def load_gateway(gw: GatewayDir, box: list[BenchMessage]) -> tuple[float, str]:
     """Write the messages into the patient's INBOX, in big transactions.
 
-    The first message goes through ``Store.append``; the others are written the same way in
+    The first message goes through ``deliver``; the others are written the same way in
     bulk (one UID/MODSEQ allocation per 2000, executemany for blobs and rows: ~10x faster
-    than 10,000 ``Store.append`` calls over aiosqlite). The row ``Store.append`` wrote is
-    compared with the one the bulk path builds; if they differ (``Store.append`` changed, or
-    the blob store is not the database one) every message goes through ``Store.append``."""
+    than 10,000 ``deliver`` calls over aiosqlite). The row ``deliver`` wrote is
+    compared with the one the bulk path builds; if they differ (``deliver`` changed, or
+    the blob store is not the database one) every message goes through ``deliver``."""
     from sqlalchemy import insert, select, update
 
-    from imap_store import schema as t
-    from imap_store.derive import derive
+    from imap_store.store import schema as t
+    from imap_store.store.deliver import deliver, derive
 
     async def run() -> str:
         store, mailbox, _welcome, _hash = await _inbox(gw)
@@ -777,9 +777,9 @@ def load_gateway(gw: GatewayDir, box: list[BenchMessage]) -> tuple[float, str]:
             fields = [derive(m.raw) for m in box]
             first = box[0]
             async with store.write() as conn:
-                stored = await store.append(conn, mailbox, first.raw, fields[0],
-                                            flags=t.FLAG_SEEN if first.seen else 0,
-                                            internal_date=first.date)
+                stored = (await conn.run_sync(
+                    deliver, [mailbox], first.raw, fields[0],
+                    flags=t.FLAG_SEEN if first.seen else 0, internal_date=first.date))[0]
             async with store.read() as conn:
                 row = (await conn.execute(select(t.message).where(
                     t.message.c.mailbox_id == mailbox, t.message.c.uid == stored.uid))).one()
@@ -795,10 +795,10 @@ def load_gateway(gw: GatewayDir, box: list[BenchMessage]) -> tuple[float, str]:
                     async with store.write() as conn:
                         for m, f in zip(box[start:start + 1000], fields[start:start + 1000],
                                         strict=True):
-                            await store.append(conn, mailbox, m.raw, f,
-                                               flags=t.FLAG_SEEN if m.seen else 0,
-                                               internal_date=m.date)
-                return f"Store.append for all (bulk row differs: {', '.join(differs)})"
+                            await conn.run_sync(deliver, [mailbox], m.raw, f,
+                                                flags=t.FLAG_SEEN if m.seen else 0,
+                                                internal_date=m.date)
+                return f"deliver for all (bulk row differs: {', '.join(differs)})"
             for start in range(1, len(box), 2000):
                 chunk = box[start:start + 2000]
                 async with store.write() as conn:
@@ -815,7 +815,7 @@ def load_gateway(gw: GatewayDir, box: list[BenchMessage]) -> tuple[float, str]:
                     await conn.execute(insert(t.message), [
                         _message_row(mailbox, uid0 + i, modseq0 + i, m, fields[start + i],
                                      int(blob_ids[i])) for i, m in enumerate(chunk)])
-            return "1 Store.append + bulk rows identical to it"
+            return "1 deliver + bulk rows identical to it"
         finally:
             await store.close()
 

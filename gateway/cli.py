@@ -17,7 +17,7 @@ from gateway.config import (
     render_default_config,
 )
 from gateway.pki import PkiError, create_dev_pki, issue_operator_cert, issue_professional_cert
-from imap_store.db import migrate
+from imap_store.store.db import migrate
 from policy.addresses import InvalidIdentity, normalize_address, normalize_domain
 
 PROG = "mssante-gateway"
@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 async def cmd_queue(args: argparse.Namespace) -> int:
     from gateway.cliutil import open_store, table
-    from gateway.queue import drop_item, list_items, retry_items
+    from imap_store.store.outbound import drop_item, list_items, retry_items
 
     config = load_config(config_path(args.config))
     store = await open_store(config)

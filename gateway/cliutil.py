@@ -15,13 +15,12 @@ from typing import Any, NoReturn
 
 from sqlalchemy.exc import SQLAlchemyError
 
-from gateway.config import Config, ConfigError, config_path, load_config
+from gateway.config import Config, ConfigError, ListenError, config_path, load_config
 from gateway.tls import TlsConfigError
-from imap_store.db import StorageError, migrate
-from imap_store.store import Conflict, NotFound, Store
+from imap_store.store.db import StorageError, migrate
+from imap_store.store.directory import Conflict, NotFound, Store
 from policy.addresses import InvalidIdentity
 from policy.passwords import WeakPassword
-from smtp_in.server import ListenError
 
 EXIT_OK = 0
 EXIT_REFUSED = 1

@@ -23,6 +23,10 @@ class ConfigError(Exception):
     """A configuration that cannot be used; the message names the key."""
 
 
+class ListenError(Exception):
+    """A listener could not be opened (port in use, no permission, bad address)."""
+
+
 @dataclass(frozen=True)
 class Listen:
     """``"host:port"``; an empty string turns the listener off."""

@@ -10,17 +10,19 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import logging
+import os
 import signal
 import sys
+from collections.abc import Awaitable
 
-from gateway.config import Config
-from gateway.queue import QueueWorker
+from gateway import wiring
+from gateway.config import Config, Listen, ListenError
 from gateway.tls import server_context
-from imap_store.db import migrate
 from imap_store.imap.server import ImapService
-from imap_store.notices import Templates
-from imap_store.store import Store
-from imap_store.writer import GroupWriter
+from imap_store.store.db import migrate
+from imap_store.store.directory import Store
+from imap_store.store.writer import GroupWriter
+from outbound.worker import QueueWorker
 from policy.authn import Authenticator
 from policy.throttle import LoginThrottle
 from smtp_in.server import DataBudget, IntakeContext, drain_sessions, start_listener
@@ -50,6 +52,14 @@ def return_large_buffers_to_the_os() -> None:
         pass
 
 
+async def _listen(name: str, listen: Listen, start: Awaitable[asyncio.Server]) -> asyncio.Server:
+    try:
+        return await start
+    except OSError as exc:
+        raise ListenError(f"[{name}] listen = \"{listen}\": cannot listen "
+                          f"({exc.strerror or exc})") from None
+
+
 async def serve(config: Config) -> int:
     setup_logging()
     return_large_buffers_to_the_os()
@@ -59,29 +69,42 @@ async def serve(config: Config) -> int:
     writer.start()
     tls = server_context(config.tls.cert, config.tls.key, config.tls.client_ca)
     throttle = LoginThrottle(config.limits.login_failures, config.limits.login_window)
+    authenticator = Authenticator(store, throttle, config.domains.patient,
+                                  audit=writer.audit_later)
+    notices = wiring.notices(config)
+    queue = QueueWorker(wiring.outbound_settings(config), store, notices.templates, notices)
+    smtp_settings = wiring.smtp_settings(config)
     ctx = IntakeContext(
-        config=config, store=store, writer=writer,
-        authenticator=Authenticator(store, throttle, config.domains.patient),
-        templates=Templates(config.templates_dir), tls=tls,
-        budget=DataBudget(config.limits.data_in_flight),
+        settings=smtp_settings, store=store, writer=writer, authenticator=authenticator,
+        notices=notices, tls=tls, budget=DataBudget(smtp_settings.data_in_flight),
+        queue_wakeup=queue.poke,
     )
-    ctx.authenticator.audit = ctx.audit_later
-    queue = QueueWorker(config, store, ctx.templates)
-    ctx.queue_wakeup = queue.poke
     queue.start()
-    imap = ImapService(config, store, writer, ctx.authenticator, tls, ctx.audit_later)
+    imap = ImapService(wiring.imap_settings(config), store, writer, authenticator, tls,
+                       writer.audit_later)
     servers: list[asyncio.Server] = []
     try:
         for name, listen, implicit in (("smtp", config.smtp, False),
                                        ("submission", config.submission, False),
                                        ("submissions", config.submissions, True)):
             if listen is not None:
-                servers.append(await start_listener(ctx, name, listen, implicit))
-        servers.extend(await imap.start())
+                servers.append(await _listen(name, listen, start_listener(
+                    ctx, name, listen.host, listen.port, implicit)))
+        for listener in imap.settings.listeners:
+            listen = Listen(listener.host, listener.port)
+            servers.append(await _listen(listener.name, listen, imap.start_listener(listener)))
+        imap.start()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
+
+        def on_signal() -> None:
+            if stop.is_set():  # a second SIGTERM: exit at once
+                log.warning("second signal: exiting without draining")
+                os._exit(1)
+            stop.set()
+
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, on_signal)
         listening = " ".join(
             f"{n}={lst}" for n, lst in (("smtp", config.smtp), ("submission", config.submission),
                                         ("submissions", config.submissions),
@@ -93,8 +116,8 @@ async def serve(config: Config) -> int:
         log.info("stopping: no new connections, draining transactions in flight")
         for server in servers:
             server.close()
-        await drain_sessions(ctx)
-        await imap.drain()
+        # Every listener drains at once: one grace period in all, not one after another.
+        await asyncio.gather(drain_sessions(ctx), imap.drain())
         for server in servers:
             await server.wait_closed()
     finally:

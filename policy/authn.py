@@ -7,8 +7,8 @@ import asyncio
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Protocol
 
-from imap_store.store import Store
 from policy.addresses import InvalidIdentity, parse_patient_login, patient_address
 from policy.passwords import verify_password
 from policy.rules import Identity, Role
@@ -28,6 +28,18 @@ async def _verify(stored: str | None, password: str) -> bool:
 AuditHook = Callable[[str, str, str, dict[str, object]], None]  # actor, action, subject, detail
 
 
+class PasswordHashes(Protocol):
+    """Where the stored password hashes are read (implemented by the store)."""
+
+    async def patient_password_hash(self, ins: str) -> tuple[int, str, str | None] | None:
+        """``(patient id, state, argon2 hash or None)`` of a patient, None if unknown."""
+        ...
+
+    async def professional_password_hash(self, address: str) -> tuple[int, str | None] | None:
+        """``(professional id, argon2 hash or None)`` of a professional, None if unknown."""
+        ...
+
+
 @dataclass(frozen=True)
 class LoginResult:
     identity: Identity | None
@@ -35,7 +47,7 @@ class LoginResult:
 
 
 class Authenticator:
-    def __init__(self, store: Store, throttle: LoginThrottle, patient_domain: str,
+    def __init__(self, store: PasswordHashes, throttle: LoginThrottle, patient_domain: str,
                  audit: AuditHook | None = None) -> None:
         self.store = store
         self.throttle = throttle

@@ -1,21 +1,20 @@
-"""Reads the facts a rule needs from the store and asks the pure rules (policy.rules).
+"""Asks the pure rules (policy.rules) with the facts they need, read through a
+:class:`FactSource` that the store implements (``imap_store.store.ops.ConnectionFacts``).
 
 Shared by the SMTP intake (per RCPT) and ``mssante-policy check`` so both decide alike. The
-``*_sync`` functions take a synchronous connection (run in one worker-thread hop by
-``Store.run_read``, or ``AsyncConnection.run_sync`` inside a transaction).
+judges are synchronous: the store runs them on one of its connections.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
-from sqlalchemy.engine import Connection
-
-from imap_store import ops
 from policy.addresses import InvalidIdentity, domain_of
 from policy.rules import (
     ContactFacts,
     Decision,
+    PatientFacts,
     ProfessionalFacts,
     classify_recipient,
     decide_patient_to_contact,
@@ -23,6 +22,18 @@ from policy.rules import (
     decide_relay_denied,
     refuse,
 )
+
+
+class FactSource(Protocol):
+    """The facts of the directory the rules read (implemented by the store)."""
+
+    def professional(self, address: str) -> ProfessionalFacts: ...
+
+    def patient(self, ins: str) -> tuple[PatientFacts, int]:
+        """The patient's facts and id (0 when unknown)."""
+        ...
+
+    def contact(self, patient_id: int, address: str) -> ContactFacts: ...
 
 
 @dataclass(frozen=True)
@@ -34,27 +45,27 @@ class RecipientVerdict:
     sender_facts: ProfessionalFacts | None = None
 
 
-def judge_professional_recipient_sync(
-    conn: Connection, sender: str, recipient: str, patient_domain: str,
+def judge_professional_recipient(
+    source: FactSource, sender: str, recipient: str, patient_domain: str,
     sender_facts: ProfessionalFacts | None = None,
 ) -> RecipientVerdict:
     """R1, R8, R9 (and no open relay) for a professional's message to ``recipient``."""
     try:
         ins = classify_recipient(recipient, patient_domain)
     except InvalidIdentity as exc:
-        facts = sender_facts or ops.professional_facts(conn, sender)
+        facts = sender_facts or source.professional(sender)
         return RecipientVerdict(decide_professional_to_patient(facts, None,
                                                                invalid_ins=exc.reason))
     if ins is None:
         return RecipientVerdict(decide_relay_denied())
-    facts = sender_facts or ops.professional_facts(conn, sender)
-    patient, patient_id = ops.patient_facts(conn, ins)
+    facts = sender_facts or source.professional(sender)
+    patient, patient_id = source.patient(ins)
     return RecipientVerdict(decide_professional_to_patient(facts, patient), patient_id, ins,
                             facts)
 
 
-def judge_patient_recipient_sync(
-    conn: Connection, patient_id: int, recipient: str, patient_domain: str
+def judge_patient_recipient(
+    source: FactSource, patient_id: int, recipient: str, patient_domain: str
 ) -> RecipientVerdict:
     """R3, R4, R9 for a patient's message to one recipient."""
     if domain_of(recipient) == patient_domain.lower():
@@ -62,10 +73,10 @@ def judge_patient_recipient_sync(
             decide_patient_to_contact(ContactFacts(recipient, known=False), to_patient=True)
         )
     return RecipientVerdict(decide_patient_to_contact(
-        ops.contact_facts(conn, patient_id, recipient)))
+        source.contact(patient_id, recipient)))
 
 
-def judge_sync(conn: Connection, sender: str, recipient: str,
+def judge(source: FactSource, sender: str, recipient: str,
                patient_domain: str) -> RecipientVerdict:
     """Decide for an envelope (sender, recipient) as if ``sender`` were authenticated."""
     try:
@@ -75,10 +86,10 @@ def judge_sync(conn: Connection, sender: str, recipient: str,
             refuse("R8", 553, "5.1.3", f"invalid patient address ({exc.reason})")
         )
     if sender_ins is None:
-        return judge_professional_recipient_sync(conn, sender, recipient, patient_domain)
-    facts, patient_id = ops.patient_facts(conn, sender_ins)
+        return judge_professional_recipient(source, sender, recipient, patient_domain)
+    facts, patient_id = source.patient(sender_ins)
     if not facts.exists:
         return RecipientVerdict(refuse("R8", 550, "5.1.1", "unknown patient mailbox"))
     if facts.state.value == "closed":
         return RecipientVerdict(refuse("R8", 550, "5.2.1", "this patient mailbox is closed"))
-    return judge_patient_recipient_sync(conn, patient_id, recipient, patient_domain)
+    return judge_patient_recipient(source, patient_id, recipient, patient_domain)

@@ -11,16 +11,13 @@ from typing import Any
 from sqlalchemy import and_, select
 from sqlalchemy.engine import Connection
 
-from gateway.config import Config
-from gateway.queue import enqueue_notification, enqueue_relay
-from imap_store import ops
-from imap_store import schema as t
-from imap_store.derive import derive, fields_from_info
-from imap_store.fields import MessageFields
-from imap_store.mailstore import search_values
 from imap_store.mime import MessageInfo
-from imap_store.notices import Templates
-from imap_store.store import Store
+from imap_store.store import ops
+from imap_store.store import schema as t
+from imap_store.store.deliver import MailboxName, deliver
+from imap_store.store.directory import Store
+from imap_store.store.notices import Notices
+from imap_store.store.outbound import enqueue_notification, enqueue_relay
 from policy.addresses import domain_of
 from policy.rules import (
     Decision,
@@ -29,6 +26,7 @@ from policy.rules import (
     decide_patient_message,
     is_end_of_exchange,
 )
+from smtp_in.settings import SmtpSettings
 
 
 @dataclass(frozen=True)
@@ -75,14 +73,13 @@ def incoming_from_info(info: MessageInfo) -> IncomingMessage:
 
 
 class Delivery:
-    def __init__(self, store: Store, config: Config, templates: Templates) -> None:
+    def __init__(self, store: Store, settings: SmtpSettings, notices: Notices) -> None:
         self.store = store
-        self.config = config
-        self.templates = templates
-
+        self.settings = settings
+        self.notices = notices
 
     def job(self, identity: Identity, mail_from: str, recipients: list[tuple[str, int, str]],
-            raw: bytes, message: IncomingMessage, fields: MessageFields,
+            raw: bytes, message: IncomingMessage, info: MessageInfo,
             directory_name: str, trusted: frozenset[str],
             audit: Sequence[ops.AuditEntry] = ()) -> Callable[[Connection], None]:
         """The store job of a professional's message, run by the group writer.
@@ -92,8 +89,7 @@ class Delivery:
         RCPT decisions), written in the same transaction before the deliveries."""
         sender = mail_from.lower()
         ends = is_end_of_exchange(message.x_mss_mes, message.subject)
-        notify = self.config.notifier.relay is not None
-        searchable = search_values(fields.meta)
+        notify = self.settings.notify
 
         actor = identity.describe()
 
@@ -101,11 +97,9 @@ class Delivery:
             entries = list(audit)
             name = directory_name or message.from_name or sender
             reply_to = [(a, n) for a, n in message.reply_to if domain_of(a) in trusted]
-            blob_id = ops.blob_put(conn, raw)
-            if searchable is not None:
-                ops.blob_search_put(conn, blob_id, searchable)
-            for address, patient_id, ins in recipients:
-                stored = ops.append_to(conn, patient_id, "INBOX", raw, fields, blob_id=blob_id)
+            delivered = deliver(conn, [MailboxName(pid, "INBOX") for _a, pid, _i in recipients],
+                                raw, info)
+            for (address, patient_id, ins), stored in zip(recipients, delivered, strict=True):
                 inbox = stored.mailbox_id
                 ops.open_exchange(conn, patient_id, sender, name, reply_to)  # R2, R4
                 if ends:  # R5: delivered, then the exchange ends and the patient is told
@@ -115,7 +109,7 @@ class Delivery:
                                 {"from": sender, "uid": stored.uid, "size": len(raw),
                                  "end_of_exchange": ends}))
                 if notify:
-                    enqueue_notification(conn, patient_id, self.config.system_sender)
+                    enqueue_notification(conn, patient_id, self.settings.system_sender)
             ops.audit_many(conn, entries)
 
         return run
@@ -139,17 +133,12 @@ class Delivery:
         """Copy in Sent and one queued relay per recipient, in one transaction (SPEC §6.1);
         ``audit`` as for ``job``."""
         patient_id = identity.account_id
-        fields = fields_from_info(info)
-        searchable = search_values(fields.meta)
 
         def run(conn: Connection) -> None:
-            blob_id = ops.blob_put(conn, raw)
-            if searchable is not None:
-                ops.blob_search_put(conn, blob_id, searchable)
-            stored = ops.append_to(conn, patient_id, "Sent", raw, fields, flags=t.FLAG_SEEN,
-                                   blob_id=blob_id)
+            stored = deliver(conn, [MailboxName(patient_id, "Sent")], raw, info,
+                             flags=t.FLAG_SEEN)[0]
             for recipient in recipients:
-                enqueue_relay(conn, patient_id, mail_from, recipient, blob_id)
+                enqueue_relay(conn, patient_id, mail_from, recipient, stored.blob_id)
             ops.audit_many(conn, [*audit, (identity.describe(), "submit", ",".join(recipients),
                                            {"uid": stored.uid, "size": len(raw)})])
 
@@ -157,17 +146,12 @@ class Delivery:
 
     def _end_notice(self, conn: Connection, patient_id: int, inbox: int, address: str,
                     professional_name: str, message: IncomingMessage) -> None:
-        service = self.config.notifier.service_name
-        subject = f"{professional_name} a mis fin à vos échanges"
         references = " ".join(x for x in (message.references, message.message_id) if x) or None
-        raw = self.templates.notice(
-            "end_of_exchange", sender=self.config.system_sender, sender_name=service,
-            to=address, subject=subject, domain=self.config.domains.service,
-            in_reply_to=message.message_id, references=references,
-            patient_name=ops.patient_name(conn, patient_id),
-            professional_name=professional_name, service_name=service,
-        )
-        ops.append(conn, inbox, raw, derive(raw), blob_id=ops.blob_put(conn, raw))
+        raw = self.notices.end_of_exchange(
+            patient_name=ops.patient_name(conn, patient_id), address=address,
+            professional_name=professional_name, in_reply_to=message.message_id,
+            references=references)
+        deliver(conn, [inbox], raw)
 
 
 def _in_mailbox(conn: Connection, patient_id: int, message_id: str) -> bool:

@@ -25,17 +25,14 @@ from typing import Any
 
 from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, Session, syntax
 
-from gateway.config import Config, Listen
-from gateway.tls import describe_tls, peer_identity
-from imap_store import ops
-from imap_store.derive import fields_from_info
-from imap_store.fields import utcnow
 from imap_store.mime import MessageInfo, parse_message
-from imap_store.notices import Templates
-from imap_store.store import Store
-from imap_store.writer import GroupWriter
+from imap_store.store import ops
+from imap_store.store.directory import Store
+from imap_store.store.fields import utcnow
+from imap_store.store.notices import Notices
+from imap_store.store.writer import GroupWriter
 from policy.authn import Authenticator
-from policy.engine import judge_patient_recipient_sync, judge_professional_recipient_sync
+from policy.engine import judge_patient_recipient, judge_professional_recipient
 from policy.rules import (
     MAX_INBOUND_SIZE,
     Decision,
@@ -49,6 +46,8 @@ from policy.rules import (
 from smtp_in import replies
 from smtp_in.data import DataReader, DataState
 from smtp_in.delivery import Delivery, IncomingMessage, incoming_from_info
+from smtp_in.identity import describe_tls, peer_identity
+from smtp_in.settings import SmtpSettings
 
 log = logging.getLogger(__name__)
 
@@ -83,10 +82,6 @@ def _now_rfc5322() -> str:
     return _date_cache[1]
 
 
-class ListenError(Exception):
-    """A listener could not be opened (port in use, no permission, bad address)."""
-
-
 class DataBudget:
     """Bytes of DATA held in memory by all sessions of the process (SPEC §9)."""
 
@@ -110,31 +105,19 @@ class DataBudget:
 class IntakeContext:
     """What every SMTP session of one ``serve`` process shares."""
 
-    config: Config
+    settings: SmtpSettings
     store: Store
     writer: GroupWriter
     authenticator: Authenticator
-    templates: Templates
+    notices: Notices
     tls: ssl.SSLContext
     budget: DataBudget
     sessions: set[GatewaySMTP] = field(default_factory=set)
     per_ip: collections.Counter[str] = field(default_factory=collections.Counter)
     stopping: bool = False
-    queue_wakeup: Callable[[], None] | None = None
+    #: Wakes the outbound worker up when something was queued.
+    queue_wakeup: Callable[[], None] = lambda: None
     _trusted: tuple[float, frozenset[str]] | None = None
-
-    def poke_queue(self) -> None:
-        if self.queue_wakeup is not None:
-            self.queue_wakeup()
-
-    def audit_later(self, actor: str, action: str, subject: str,
-                    detail: dict[str, object]) -> None:
-        """Audit row written with the next group commit (nobody waits for it)."""
-        self.audit_many_later([(actor, action, subject, dict(detail))])
-
-    def audit_many_later(self, entries: list[ops.AuditEntry]) -> None:
-        if entries:
-            self.writer.submit_sync_nowait(lambda conn: ops.audit_many(conn, entries))
 
     async def trusted_domains(self) -> frozenset[str]:
         """The whitelist, re-read at most every ``TRUSTED_CACHE_SECONDS``."""
@@ -179,7 +162,7 @@ class GatewaySMTP(SMTP):
             Handler(),
             data_size_limit=None,  # SIZE is ours (R7), advertised in handle_EHLO
             enable_SMTPUTF8=True,
-            hostname=ctx.config.hostname,
+            hostname=ctx.settings.hostname,
             ident="mssante-gateway ESMTP",
             tls_context=None if implicit_tls else ctx.tls,
             require_starttls=not implicit_tls,
@@ -199,7 +182,7 @@ class GatewaySMTP(SMTP):
             self.ctx.per_ip[self._peer_ip] += 1
             self.ctx.sessions.add(self)
             if self.ctx.stopping or (
-                self.ctx.per_ip[self._peer_ip] > self.ctx.config.limits.connections_per_ip
+                self.ctx.per_ip[self._peer_ip] > self.ctx.settings.connections_per_ip
             ):
                 reply = replies.SHUTTING_DOWN if self.ctx.stopping else \
                     replies.TOO_MANY_CONNECTIONS
@@ -235,7 +218,7 @@ class GatewaySMTP(SMTP):
     def flush_audit(self) -> None:
         """Write the pending RCPT audit entries on their own (no delivery will carry them)."""
         entries, self.pending_audit = self.pending_audit, []
-        self.ctx.audit_many_later(entries)
+        self.ctx.writer.audit_many_later(entries)
 
     def reserve(self, size: int) -> bool:
         """Hold ``size`` bytes of the DATA budget for the declared SIZE of this transaction."""
@@ -455,20 +438,21 @@ class GatewaySMTP(SMTP):
         info = await asyncio.to_thread(parse_message, stored) if len(stored) > 1 << 20 \
             else parse_message(stored)
         message = incoming_from_info(info)
-        delivery = Delivery(self.ctx.store, self.ctx.config, self.ctx.templates)
+        delivery = Delivery(self.ctx.store, self.ctx.settings, self.ctx.notices)
         if identity.role is Role.PATIENT:
             return await self._finish_patient(delivery, identity, mail_from, stored, message,
                                               info)
         decision = decide_from_header(mail_from, message.from_addrs)  # R10 at DATA
         if not decision.allowed:
-            self.ctx.audit_later(identity.describe(), "refuse", mail_from, decision.as_dict())
+            self.ctx.writer.audit_later(identity.describe(), "refuse", mail_from,
+                                        decision.as_dict())
             return decision.reply
         trusted = await self.ctx.trusted_domains()
         audit, self.pending_audit = self.pending_audit, []
         try:
             await self.ctx.writer.submit_sync(
                 delivery.job(identity, mail_from, list(self.accepted.values()), stored, message,
-                             fields_from_info(info),
+                             info,
                              self.sender_facts.name if self.sender_facts else "", trusted,
                              audit),
                 size=len(stored))
@@ -478,8 +462,8 @@ class GatewaySMTP(SMTP):
             return str(replies.INTERNAL_ERROR)
         log.info("conn=%s stored a message for %d recipient(s)", self.conn_id,
                  len(self.accepted))
-        if self.ctx.config.notifier.relay is not None:  # notifications were queued
-            self.ctx.poke_queue()
+        if self.ctx.settings.notify:  # notifications were queued
+            self.ctx.queue_wakeup()
         return str(replies.QUEUED)
 
     async def _finish_patient(self, delivery: Delivery, identity: Identity, mail_from: str,
@@ -487,7 +471,8 @@ class GatewaySMTP(SMTP):
         """A patient's message (R6, R10): copy in Sent, relays queued, one transaction."""
         decision = await delivery.check_patient_message(identity, mail_from, message, info)
         if not decision.allowed:
-            self.ctx.audit_later(identity.describe(), "refuse", mail_from, decision.as_dict())
+            self.ctx.writer.audit_later(identity.describe(), "refuse", mail_from,
+                                        decision.as_dict())
             return decision.reply
         recipients = [address for address, _pid, _ins in self.accepted.values()]
         audit, self.pending_audit = self.pending_audit, []
@@ -501,7 +486,7 @@ class GatewaySMTP(SMTP):
             return str(replies.INTERNAL_ERROR)
         log.info("conn=%s queued a patient message for %d recipient(s)", self.conn_id,
                  len(recipients))
-        self.ctx.poke_queue()
+        self.ctx.queue_wakeup()
         return str(replies.QUEUED_OUT)
 
     def _received_header(self) -> bytes:
@@ -515,7 +500,7 @@ class GatewaySMTP(SMTP):
         who = self.identity.describe()
         lines = [
             f"Received: from {helo[:200]} ([{self._peer_ip}])",
-            f"\tby {self.ctx.config.hostname} (mssante-gateway) with {method} id {self.conn_id}",
+            f"\tby {self.ctx.settings.hostname} (mssante-gateway) with {method} id {self.conn_id}",
             f"\t({tls})",
             f"\t(authenticated {who[:300]} by {how});",
             f"\t{_now_rfc5322()}",
@@ -556,7 +541,7 @@ class Handler:
         decision = decide_mail_from(server.identity, address, await ctx.trusted_domains())
         if not decision.allowed:
             if server.identity is not None:
-                ctx.audit_later(server.identity.describe(), "refuse", address,
+                ctx.writer.audit_later(server.identity.describe(), "refuse", address,
                                 decision.as_dict())
             return decision.reply
         if declared and not server.reserve(declared):
@@ -574,20 +559,21 @@ class Handler:
         assert identity is not None
         if len(envelope.rcpt_tos) >= MAX_RECIPIENTS:
             return "452 4.5.3 too many recipients"
-        domain = ctx.config.domains.patient
+        domain = ctx.settings.patient_domain
         recipient = address.strip()
         if identity.role is Role.PATIENT:
             verdict = await ctx.store.read_inline(
-                judge_patient_recipient_sync, identity.account_id, recipient.lower(), domain)
+                ops.with_facts, judge_patient_recipient, identity.account_id, recipient.lower(),
+                domain)
         else:
             verdict = await ctx.store.read_inline(
-                judge_professional_recipient_sync, (envelope.mail_from or "").lower(),
+                ops.with_facts, judge_professional_recipient, (envelope.mail_from or "").lower(),
                 recipient, domain, server.sender_facts)
             server.sender_facts = verdict.sender_facts or server.sender_facts
         decision: Decision = verdict.decision
         entry = (identity.describe(), "rcpt", recipient, decision.as_dict())
         if not decision.allowed:
-            ctx.audit_many_later([entry])
+            ctx.writer.audit_many_later([entry])
             return decision.reply
         # Written later, with the delivery: the row's own time will be the commit's.
         server.pending_audit.append(
@@ -610,18 +596,15 @@ class Handler:
         return str(replies.INTERNAL_ERROR)
 
 
-async def start_listener(ctx: IntakeContext, name: str, listen: Listen,
+async def start_listener(ctx: IntakeContext, name: str, host: str, port: int,
                          implicit_tls: bool) -> asyncio.Server:
+    """Listen on ``host:port``; OSError when the address cannot be bound."""
     loop = asyncio.get_running_loop()
-    try:
-        server = await loop.create_server(
-            lambda: GatewaySMTP(ctx, name, implicit_tls), listen.host, listen.port,
-            ssl=ctx.tls if implicit_tls else None, reuse_address=True,
-        )
-    except OSError as exc:
-        raise ListenError(f"[{name}] listen = \"{listen}\": cannot listen "
-                          f"({exc.strerror or exc})") from None
-    log.info("%s listening on %s", name, listen)
+    server = await loop.create_server(
+        lambda: GatewaySMTP(ctx, name, implicit_tls), host, port,
+        ssl=ctx.tls if implicit_tls else None, reuse_address=True,
+    )
+    log.info("%s listening on %s:%d", name, host, port)
     return server
 
 

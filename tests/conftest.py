@@ -93,8 +93,8 @@ def cli_in_process(config: Path, *args: str, stdin: str = "",
     import io
     import sys
 
+    from gateway.admin import main as policy_main
     from gateway.cli import main as gateway_main
-    from policy.cli import main as policy_main
 
     main = policy_main if prog == "mssante-policy" else gateway_main
     saved = sys.stdin

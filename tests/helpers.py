@@ -10,8 +10,8 @@ from pathlib import Path
 from sqlalchemy import select
 
 from gateway.config import load_config
-from imap_store import schema as t
-from imap_store.store import Store
+from imap_store.store import schema as t
+from imap_store.store.directory import Store
 from tests.gateway_proc import Gateway
 
 SAMPLES = Path(__file__).parent / "samples"

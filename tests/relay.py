@@ -13,7 +13,7 @@ from typing import Any
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
-from gateway.tls import peer_identity
+from smtp_in.identity import peer_identity
 
 
 @dataclass

@@ -16,9 +16,9 @@ from imap_store.imap.parser import CommandParser
 from imap_store.imap.responses import APPEND_LIMIT
 from imap_store.imap.server import ChangeWatcher
 from imap_store.imap.session import ALLOWED, Action, Session, State
-from imap_store.mailstore import SqlMailStores
-from imap_store.store import Store
-from imap_store.writer import GroupWriter
+from imap_store.store.directory import Store
+from imap_store.store.mailboxes import SqlMailStores
+from imap_store.store.writer import GroupWriter
 from policy.authn import Authenticator
 from policy.throttle import LoginThrottle
 from tests.conftest import INAYA, MARTINE, PATIENT_PASSWORD, cli_in_process
@@ -340,7 +340,7 @@ async def test_isolation_in_the_session(env: Env) -> None:
 async def _blob_count(env: Env) -> int:
     from sqlalchemy import func, select
 
-    from imap_store import schema as t
+    from imap_store.store import schema as t
 
     async with env.store.read() as conn:
         return int((await conn.execute(select(func.count(t.blob.c.id)))).scalar_one())
@@ -351,7 +351,7 @@ async def test_expunged_bodies_are_deleted_unless_still_referenced(env: Env) -> 
 
     from sqlalchemy import insert, select
 
-    from imap_store import schema as t
+    from imap_store.store import schema as t
 
     client = env.client()
     await client.login()
@@ -457,7 +457,7 @@ async def test_search_in_sql_agrees_with_python(env: Env, key: str) -> None:
 async def test_search_and_header_fetch_survive_an_invalid_meta(env: Env) -> None:
     from sqlalchemy import update
 
-    from imap_store import schema as t
+    from imap_store.store import schema as t
 
     client = env.client()
     await client.login()
@@ -473,7 +473,7 @@ async def test_search_and_header_fetch_survive_an_invalid_meta(env: Env) -> None
 async def test_search_fills_the_header_index_of_messages_stored_without_it(env: Env) -> None:
     from sqlalchemy import delete, func, select
 
-    from imap_store import schema as t
+    from imap_store.store import schema as t
 
     client = env.client()
     await client.login()
@@ -486,7 +486,9 @@ async def test_search_fills_the_header_index_of_messages_stored_without_it(env: 
             return int((await conn.execute(select(func.count()).select_from(t.blob_search)))
                        .scalar_one())
 
-    assert await indexed() == 3  # APPEND writes them; the welcome message has none yet
+    # deliver() writes them: the 3 APPENDs and the welcome messages of both patients of
+    # the database (conftest)
+    assert await indexed() == 5
     async with env.store.write() as conn:  # as if delivered before: none at all
         await conn.execute(delete(t.blob_search))
     await client.select()

@@ -20,21 +20,45 @@ from typing import Any
 
 import pytest
 
-from imap_store import mime
+from imap_store.imap import wire
+from imap_store.imap.wire import render_bodystructure, render_envelope
 from imap_store.mime import (
     Attachment,
     MessageInfo,
+    addresses,
+    bodystructure,
     decode_rfc2047,
     decode_section,
     get_section,
+    headers,
+    message,
     parse_message,
-    render_bodystructure,
-    render_envelope,
+    sections,
+    structure,
     text_for_search,
 )
 
 SAMPLES_DIR = Path(__file__).parent / "samples"
 SAMPLES = sorted(SAMPLES_DIR.glob("*.eml"))
+
+# Every module of the package, in import order.
+MIME_MODULES = (headers, structure, addresses, bodystructure, sections, message)
+
+
+def patch_everywhere(mp: pytest.MonkeyPatch, name: str, replacement: Any) -> None:
+    """Replace the helper ``name`` in every MIME module that binds it.
+
+    A caller looks a helper up in its own module, which imported it from the
+    module defining it: patching the defining module alone would not reach the
+    callers in the other modules.
+    """
+    real = None
+    for mod in MIME_MODULES:
+        if name in vars(mod):
+            assert real is None or vars(mod)[name] is real, (name, mod.__name__)
+            real = vars(mod)[name]
+            mp.setattr(mod, name, replacement)
+    assert real is not None, name
 
 
 def sample(prefix: str) -> bytes:
@@ -51,7 +75,7 @@ def _no_degraded_fallback(
     def boom(raw: bytes) -> MessageInfo:
         raise AssertionError("parse_message fell back to the degraded structure")
 
-    monkeypatch.setattr(mime, "_degraded_info", boom)
+    patch_everywhere(monkeypatch, "_degraded_info", boom)
     with caplog.at_level(logging.ERROR, logger="imap_store.mime"):
         yield
     errors = [r for r in caplog.records if r.name == "imap_store.mime"]
@@ -470,8 +494,8 @@ def test_every_sample(path: Path) -> None:
     assert info.subject
     render_envelope(info.envelope)
     body = render_bodystructure(info.bodystructure, False)
-    bodystructure = render_bodystructure(info.bodystructure, True)
-    assert body.startswith(b"(") and bodystructure.startswith(b"(")
+    extended = render_bodystructure(info.bodystructure, True)
+    assert body.startswith(b"(") and extended.startswith(b"(")
     # sizes in the structure are those of the stored (encoded) part bodies
     for part, node in leaf_paths(info.bodystructure):
         section = get_section(raw, part, None)
@@ -671,6 +695,8 @@ def test_multipart_without_any_part_renders_valid_structure() -> None:
         b'(("TEXT" "PLAIN" ("CHARSET" "US-ASCII") NIL NIL "7BIT" 0 0) "MIXED")'
     )
     assert get_section(raw, (1,), None) == b""
+    # the IMAP edge renders a part-less multipart with the analysis's own empty part
+    assert wire._EMPTY_BODY == bodystructure._empty_part()
 
 
 def test_digest_default_is_message_rfc822() -> None:
@@ -835,7 +861,7 @@ def test_depth_cap() -> None:
     while "parts" in node:
         node = node["parts"][0]
         depth += 1
-    assert depth == mime.MAX_DEPTH
+    assert depth == structure.MAX_DEPTH
     assert (node["type"], node["subtype"]) == ("APPLICATION", "OCTET-STREAM")
     shallow = _deep_multipart(10)
     assert get_section(shallow, (1,) * 10, None) == b"leaf"
@@ -845,7 +871,7 @@ def test_depth_cap() -> None:
 
 
 def test_part_count_cap(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(mime, "MAX_PARTS", 20)
+    monkeypatch.setattr(structure, "MAX_PARTS", 20)  # read by structure._build
     raw = b"Content-Type: multipart/mixed; boundary=b\r\n\r\n" + b"--b\r\n\r\nx\r\n" * 100
     info = parse_message(raw)
     parts = info.bodystructure["parts"]
@@ -1007,12 +1033,12 @@ TRICKY_ADDRESS_VALUES = [
 
 
 class _CountingGeneralParser:
-    """Stands in for mime._parse_address_list_general and counts its calls."""
+    """Stands in for addresses._parse_address_list_general and counts its calls."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        self.real = mime._parse_address_list_general
+        self.real = addresses._parse_address_list_general
         self.calls = 0
-        monkeypatch.setattr(mime, "_parse_address_list_general", self)
+        patch_everywhere(monkeypatch, "_parse_address_list_general", self)
 
     def __call__(self, value: str) -> list[Any]:
         self.calls += 1
@@ -1023,17 +1049,18 @@ def test_fast_address_path_matches_general_parser(monkeypatch: pytest.MonkeyPatc
     general = _CountingGeneralParser(monkeypatch)
     for value in FAST_ADDRESS_VALUES:
         expected = general.real(value)
-        assert mime._parse_address_list(value) == expected, value
+        assert addresses._parse_address_list(value) == expected, value
         assert general.calls == 0, f"general parser used for {value!r}"
     for value in TRICKY_ADDRESS_VALUES:
-        assert mime._parse_address_list(value) == general.real(value), value
+        assert addresses._parse_address_list(value) == general.real(value), value
+    assert general.calls > 0  # the stand-in really intercepts the general parser
     # a few results spelled out, so that the general parser is pinned too
-    assert mime._parse_address_list("Dr. X <a@b>") == [["Dr. X", None, "a", "b"]]
-    assert mime._parse_address_list("VoilÃ\xa0 <a@b>") == [["VoilÃ", None, "a", "b"]]
-    assert mime._parse_address_list('"  padded  " <a@b>') == [["padded", None, "a", "b"]]
-    assert mime._parse_address_list(" <a@b> ") == [[None, None, "a", "b"]]
-    assert mime._parse_address_list("Ã\x89lodie <e@x>") == [["Élodie", None, "e", "x"]]
-    assert mime._parse_address_list("") == []
+    assert addresses._parse_address_list("Dr. X <a@b>") == [["Dr. X", None, "a", "b"]]
+    assert addresses._parse_address_list("VoilÃ\xa0 <a@b>") == [["VoilÃ", None, "a", "b"]]
+    assert addresses._parse_address_list('"  padded  " <a@b>') == [["padded", None, "a", "b"]]
+    assert addresses._parse_address_list(" <a@b> ") == [[None, None, "a", "b"]]
+    assert addresses._parse_address_list("Ã\x89lodie <e@x>") == [["Élodie", None, "e", "x"]]
+    assert addresses._parse_address_list("") == []
 
 
 _SIMPLE_NAMES = ["", "Dr", "Marie", "Dr.", "X", ".", "=?utf-8?q?Dr_Marie?=", "Ã\xa0", "\xa0", "Ã©"]
@@ -1105,9 +1132,10 @@ def test_fast_address_path_random_differential(monkeypatch: pytest.MonkeyPatch) 
         else:
             value = "".join(rng.choice(alphabet) for _ in range(rng.randrange(14)))
         calls = general.calls
-        assert mime._parse_address_list(value) == general.real(value), repr(value)
+        assert addresses._parse_address_list(value) == general.real(value), repr(value)
         fast += general.calls == calls
     assert fast > 10_000  # the fast path was really exercised
+    assert general.calls > 10_000  # and so was the general parser, through the stand-in
 
 
 def _hval_unfold_then_strip(raw: bytes, h: Any) -> str:
@@ -1132,26 +1160,26 @@ def test_hval_strip_before_unfold_is_equivalent() -> None:
     ]
     checked = 0
     for raw in raws:
-        headers, _ = mime._parse_headers(raw, 0, len(raw))
-        for h in headers:
-            assert mime._hval(raw, h) == _hval_unfold_then_strip(raw, h), raw[h.start : h.end]
+        fields, _ = headers._parse_headers(raw, 0, len(raw))
+        for h in fields:
+            assert headers._hval(raw, h) == _hval_unfold_then_strip(raw, h), raw[h.start : h.end]
             checked += 1
     assert checked > 5000
 
 
 def _original_envelope(raw: bytes, m: Any) -> list[Any]:
-    """mime._envelope before the address lists were shared (for the reference)."""
-    first = mime._first_headers(m)
+    """addresses._envelope before the address lists were shared (for the reference)."""
+    first = structure._first_headers(m)
 
     def text(name: str) -> str | None:
         h = first.get(name)
-        return mime._l1(mime._hval(raw, h)) if h is not None else None
+        return headers._l1(headers._hval(raw, h)) if h is not None else None
 
     def addrs(name: str) -> list[Any] | None:
         h = first.get(name)
         if h is None:
             return None
-        return mime._parse_address_list(mime._hval(raw, h)) or None
+        return addresses._parse_address_list(headers._hval(raw, h)) or None
 
     from_ = addrs("from")
     return [
@@ -1169,42 +1197,42 @@ def _original_envelope(raw: bytes, m: Any) -> list[Any]:
 
 
 def _original_parse(raw: bytes) -> MessageInfo:
-    """mime._parse as it was before the fast paths: each header parsed as needed.
+    """message._parse as it was before the fast paths: each header parsed as needed.
 
     Run under _original_code() so that the helpers it reaches are the
     original ones too (general address parser, unfold-then-strip _hval).
     """
-    root = mime._build_tree(raw)
-    first = mime._first_headers(root)
-    envelope = mime._envelope(raw, root)
+    root = structure._build_tree(raw)
+    first = structure._first_headers(root)
+    envelope = addresses._envelope(raw, root)
 
     search: dict[str, list[str]] = {}
     for h in root.headers:
-        search.setdefault(h.name, []).append(decode_rfc2047(mime._l1(mime._hval(raw, h))))
+        search.setdefault(h.name, []).append(decode_rfc2047(headers._l1(headers._hval(raw, h))))
 
     def value(name: str) -> str | None:
         h = first.get(name)
-        return mime._l1(mime._hval(raw, h)) if h is not None else None
+        return headers._l1(headers._hval(raw, h)) if h is not None else None
 
     def specs(name: str) -> list[str]:
         h = first.get(name)
         if h is None:
             return []
-        return mime._addr_specs(mime._parse_address_list(mime._hval(raw, h)))
+        return addresses._addr_specs(addresses._parse_address_list(headers._hval(raw, h)))
 
     from_list = specs("from")
     refs_value = value("references") or ""
-    references = [mime._WS_RE.sub("", r) for r in mime._MSGID_RE.findall(refs_value)]
+    references = [addresses._WS_RE.sub("", r) for r in addresses._MSGID_RE.findall(refs_value)]
     if not references:
         references = refs_value.split()
 
     attachments: list[Attachment] = []
     parts: list[tuple[int, ...]] = []
-    for path, ent in mime._iter_message_parts(
-        root, (), lambda e: mime._is_attached_message(raw, e)
+    for path, ent in structure._iter_message_parts(
+        root, (), lambda e: structure._is_attached_message(raw, e)
     ):
-        dsp = mime._disposition(raw, ent)
-        fname = mime._filename(ent, dsp)
+        dsp = structure._disposition(raw, ent)
+        fname = structure._filename(ent, dsp)
         if ent.message is not None:
             is_att = dsp is not None and dsp[0] == "attachment"
         else:
@@ -1212,7 +1240,7 @@ def _original_parse(raw: bytes) -> MessageInfo:
                 ent.mtype != "text" and fname is not None
             )
         if is_att:
-            size = mime._decoded_size(raw, ent.body_start, ent.end, mime._cte(raw, ent))
+            size = headers._decoded_size(raw, ent.body_start, ent.end, structure._cte(raw, ent))
             attachments.append(Attachment(fname, f"{ent.mtype}/{ent.subtype}", size))
             parts.append(path)
 
@@ -1220,17 +1248,17 @@ def _original_parse(raw: bytes) -> MessageInfo:
         size=len(raw),
         header_size=root.body_start,
         envelope=envelope,
-        bodystructure=mime._bs_node(raw, root),
+        bodystructure=bodystructure._bs_node(raw, root),
         subject=decode_rfc2047(value("subject") or ""),
         from_addr=from_list[0] if from_list else None,
         to_addrs=specs("to"),
         cc_addrs=specs("cc"),
         bcc_addrs=specs("bcc"),
         reply_to_addrs=specs("reply-to"),
-        message_id=mime._first_msgid(value("message-id")),
-        in_reply_to=mime._first_msgid(value("in-reply-to")),
+        message_id=addresses._first_msgid(value("message-id")),
+        in_reply_to=addresses._first_msgid(value("in-reply-to")),
         references=references,
-        date=mime._parse_date(value("date")),
+        date=addresses._parse_date(value("date")),
         search_headers={k: "\n".join(v) for k, v in search.items()},
         attachments=attachments,
         attachment_parts=parts,
@@ -1240,11 +1268,16 @@ def _original_parse(raw: bytes) -> MessageInfo:
     )
 
 
+def _no_fast_path(value: str) -> Any:
+    raise AssertionError(f"the reference reached the address fast path for {value!r}")
+
+
 def _reference_dict(monkeypatch: pytest.MonkeyPatch, raw: bytes) -> dict[str, Any]:
     with monkeypatch.context() as mp:
-        mp.setattr(mime, "_parse_address_list", mime._parse_address_list_general)
-        mp.setattr(mime, "_hval", _hval_unfold_then_strip)
-        mp.setattr(mime, "_envelope", _original_envelope)
+        patch_everywhere(mp, "_parse_address_list", addresses._parse_address_list_general)
+        patch_everywhere(mp, "_hval", _hval_unfold_then_strip)
+        patch_everywhere(mp, "_envelope", _original_envelope)
+        patch_everywhere(mp, "_fast_address", _no_fast_path)
         return _original_parse(raw).to_dict()
 
 
@@ -1292,13 +1325,13 @@ def test_parse_message_matches_original_on_other_messages(
 
 def test_address_headers_are_parsed_once(monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[str] = []
-    real = mime._parse_address_list
+    real = addresses._parse_address_list
 
     def counting(value: str) -> list[Any]:
         calls.append(value)
         return real(value)
 
-    monkeypatch.setattr(mime, "_parse_address_list", counting)
+    patch_everywhere(monkeypatch, "_parse_address_list", counting)
     info = parse_message(ADDRESS_HEADERS_MESSAGE)
     assert len(calls) == 5  # From, Sender, To, Cc, Bcc: once each
     assert len(set(calls)) == 5

@@ -32,14 +32,8 @@ from gateway.pki import (
     issue_operator_cert,
     issue_professional_cert,
 )
-from gateway.tls import (
-    PeerIdentity,
-    TlsConfigError,
-    client_context,
-    describe_tls,
-    peer_identity,
-    server_context,
-)
+from gateway.tls import TlsConfigError, client_context, server_context
+from smtp_in.identity import PeerIdentity, describe_tls, peer_identity
 
 DOMAIN = "mssante.example.org"
 OPERATOR_DOMAIN = "relay.operator.example"

@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 from sqlalchemy import text
 
+from gateway.admin import main as policy_main
 from gateway.config import load_config
-from imap_store import ops
-from imap_store.store import Store
-from policy.cli import main as policy_main
+from imap_store.store import ops
+from imap_store.store.directory import Store
 
 SAMPLES = Path(__file__).parent / "samples"
 INAYA = "289057512345621"

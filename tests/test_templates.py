@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 
 from gateway.config import load_config, render_default_config
-from gateway.queue import render_notification
-from imap_store.notices import DEFAULT_TEMPLATES_DIR, Templates
+from gateway.wiring import notifier_settings
+from outbound.notification import render_notification
+from templates import DEFAULT_TEMPLATES_DIR, Templates
 
 
 class _Audit(HTMLParser):
@@ -76,7 +77,8 @@ def test_notification_rendering(tmp_path: Path) -> None:
     cfg_path.write_text(render_default_config(domain="sante.test", hostname="h"), "utf-8")
     config = load_config(cfg_path)
     assert config.notifier.dkim_key is not None
-    data = render_notification(config, Templates(), None, "Inaya Michel", "inaya@example.org")
+    settings = notifier_settings(config)
+    data = render_notification(settings, Templates(), "Inaya Michel", "inaya@example.org")
     msg = email.message_from_bytes(data, policy=email.policy.default)
     assert msg["To"] == "inaya@example.org"
     assert msg["From"].addresses[0].addr_spec == "ne-pas-repondre@sante.test"

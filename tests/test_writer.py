@@ -10,10 +10,10 @@ from sqlalchemy import text
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import OperationalError
 
-from imap_store import ops
-from imap_store.db import migrate
-from imap_store.store import Store
-from imap_store.writer import GroupWriter
+from imap_store.store import ops
+from imap_store.store.db import migrate
+from imap_store.store.directory import Store
+from imap_store.store.writer import GroupWriter
 
 
 async def test_failing_job_rolls_back_alone(db_url: str) -> None:
@@ -66,7 +66,7 @@ async def test_small_batches_on_the_loop_large_ones_in_a_thread(db_url: str) -> 
     a large message). PostgreSQL: always on the loop, through run_sync."""
     import threading
 
-    from imap_store.writer import INLINE_BYTES
+    from imap_store.store.writer import INLINE_BYTES
 
     await migrate(db_url)
     store = Store.from_url(db_url)
@@ -107,7 +107,7 @@ async def test_sqlite_lock_timeout_fails_the_batch_then_writer_recovers(
     import sqlite3
     from pathlib import Path
 
-    from imap_store import db
+    from imap_store.store import db
 
     monkeypatch.setattr(db, "SQLITE_BUSY_TIMEOUT_MS", 200)
     path = Path(str(tmp_path)) / "locked.db"
@@ -127,7 +127,7 @@ async def test_sqlite_lock_timeout_fails_the_batch_then_writer_recovers(
     try:
         await writer.submit_sync(add("before.example"))  # the writer's connection exists
         other.execute("BEGIN IMMEDIATE")
-        caplog.set_level("INFO", logger="imap_store.writer")
+        caplog.set_level("INFO", logger="imap_store.store.writer")
         results = await asyncio.gather(writer.submit_sync(add("a.example"), size=size),
                                        writer.submit_sync(add("b.example"), size=size),
                                        return_exceptions=True)
@@ -149,7 +149,7 @@ async def test_many_reads_at_once_leave_the_shared_pool_usable(tmp_path: object)
     pool once starved and every thread hop hung)."""
     from pathlib import Path
 
-    from imap_store.store import LOOP_READERS_KEPT
+    from imap_store.store.directory import LOOP_READERS_KEPT
 
     url = f"sqlite:///{Path(str(tmp_path)) / 'reads.db'}"
     await migrate(url)

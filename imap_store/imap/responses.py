@@ -7,8 +7,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from imap_store import schema as t
 from imap_store.imap.commands import encode_mailbox_name
+from imap_store.store import schema as t
 
 #: RFC 7889 APPENDLIMIT: the largest message APPEND takes, equal to the SMTP SIZE of rule R7.
 APPEND_LIMIT = 26_214_400

@@ -20,14 +20,14 @@ import ssl
 from collections.abc import Callable
 from typing import Any
 
-from gateway.config import Config, Listen
 from imap_store.imap import responses as r
 from imap_store.imap.commands import StartTls
 from imap_store.imap.parser import CommandParser
 from imap_store.imap.session import Action, Session
-from imap_store.mailstore import SqlMailStores
-from imap_store.store import Store
-from imap_store.writer import GroupWriter
+from imap_store.imap.settings import ImapListener, ImapSettings
+from imap_store.store.directory import Store
+from imap_store.store.mailboxes import SqlMailStores
+from imap_store.store.writer import GroupWriter
 from policy.authn import Authenticator, LoginResult
 
 log = logging.getLogger(__name__)
@@ -144,9 +144,9 @@ class _Output:
 class ImapService:
     """Both IMAP listeners of one ``serve`` process and everything their sessions share."""
 
-    def __init__(self, config: Config, store: Store, writer: GroupWriter,
+    def __init__(self, settings: ImapSettings, store: Store, writer: GroupWriter,
                  authenticator: Authenticator, tls: ssl.SSLContext, audit: AuditFn) -> None:
-        self.config = config
+        self.settings = settings
         self.tls = tls
         self.authenticator = authenticator
         self.audit = audit
@@ -157,8 +157,9 @@ class ImapService:
         self.per_ip: collections.Counter[tuple[str, str]] = collections.Counter()
         self.stopping = False
 
-    async def start(self) -> list[asyncio.Server]:
-        """Start the configured listeners (``[imap]`` STARTTLS, ``[imaps]`` implicit TLS)."""
+    def start(self) -> None:
+        """Start what the sessions share; the listeners are started one by one with
+        :meth:`start_listener` (``[imap]`` STARTTLS, ``[imaps]`` implicit TLS)."""
         # Process-wide asyncio setting (the SMTP listeners benefit too): see TLS_READ_BUFFER.
         asyncio.sslproto.SSLProtocol.max_size = TLS_READ_BUFFER
         # The objects of a started process (modules, SQLAlchemy's compiled statements...) live
@@ -167,22 +168,21 @@ class ImapService:
         # thousands of short-lived rows reach the oldest generation (CPython's gc.freeze).
         gc.freeze()
         self.watcher.start()
-        for name, listen, implicit in (("imap", self.config.imap, False),
-                                       ("imaps", self.config.imaps, True)):
-            if listen is not None:
-                self.servers.append(await self.start_listener(name, listen, implicit))
-        return list(self.servers)
 
-    async def start_listener(self, name: str, listen: Listen, implicit: bool) -> asyncio.Server:
+    async def start_listener(self, listener: ImapListener) -> asyncio.Server:
+        """Listen on one address; OSError when it cannot be bound."""
+        name, implicit = listener.name, listener.implicit_tls
+
         async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             await self._serve(name, implicit, reader, writer)
 
         server = await asyncio.start_server(
-            handler, listen.host, listen.port, ssl=self.tls if implicit else None,
+            handler, listener.host, listener.port, ssl=self.tls if implicit else None,
             ssl_handshake_timeout=HANDSHAKE_TIMEOUT if implicit else None, reuse_address=True,
             limit=READ_CHUNK,
         )
-        log.info("%s listening on %s", name, listen)
+        self.servers.append(server)
+        log.info("%s listening on %s:%d", name, listener.host, listener.port)
         return server
 
     async def _serve(self, listener: str, implicit: bool, reader: asyncio.StreamReader,
@@ -193,7 +193,7 @@ class ImapService:
         self.per_ip[key] += 1
         conn_id = secrets.token_hex(4)
         try:
-            if self.stopping or self.per_ip[key] > self.config.limits.connections_per_ip:
+            if self.stopping or self.per_ip[key] > self.settings.connections_per_ip:
                 reply = r.BYE_SHUTTING_DOWN if self.stopping else r.BYE_TOO_MANY_CONNECTIONS
                 writer.write(reply.untagged())
                 log.info("conn=%s refused (%s)", conn_id,
@@ -267,7 +267,7 @@ class _Connection:
         self.reader = reader
         self.writer = writer
         self.busy = False
-        self.idle_timeout = float(service.config.limits.idle_timeout)
+        self.idle_timeout = float(service.settings.idle_timeout)
         self.parser = CommandParser(max_literal=0)
         self.session = Session(
             _Output(writer, self.idle_timeout), tls=implicit, starttls_available=not implicit,

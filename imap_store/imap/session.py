@@ -27,7 +27,6 @@ from typing import Any, Protocol
 
 from sqlalchemy import and_, false, not_, or_, true
 
-from imap_store import schema as t
 from imap_store.imap import listing
 from imap_store.imap import responses as r
 from imap_store.imap.commands import (
@@ -82,7 +81,11 @@ from imap_store.imap.commands import (
     Unsubscribe,
 )
 from imap_store.imap.parser import Event, LineTooLong, LiteralTooLarge, NeedContinuation, RawLine
-from imap_store.mailstore import (
+from imap_store.imap.wire import render_bodystructure, render_envelope
+from imap_store.mime import get_section, parse_message
+from imap_store.mime import text_for_search as mime_text_for_search
+from imap_store.store import schema as t
+from imap_store.store.mailboxes import (
     DELIMITER,
     SEARCH_COLUMNS,
     SYSTEM_FLAG_BITS,
@@ -90,8 +93,6 @@ from imap_store.mailstore import (
     MailStoreError,
     TryCreate,
 )
-from imap_store.mime import get_section, parse_message, render_bodystructure, render_envelope
-from imap_store.mime import text_for_search as mime_text_for_search
 from policy.authn import LoginResult
 
 log = logging.getLogger(__name__)

@@ -25,8 +25,9 @@ from gateway.cliutil import (
     table,
 )
 from gateway.config import Config
-from imap_store.notices import Templates
-from imap_store.store import Contact, Patient, Professional, Store
+from gateway.wiring import notices
+from imap_store.store import ops
+from imap_store.store.directory import Contact, Patient, Professional, Store
 from policy.addresses import (
     normalize_address,
     normalize_domain,
@@ -34,7 +35,7 @@ from policy.addresses import (
     validate_ins,
     validate_rpps,
 )
-from policy.engine import judge_sync
+from policy.engine import judge
 from policy.passwords import hash_password
 
 PROG = "mssante-policy"
@@ -179,12 +180,8 @@ async def dispatch(args: argparse.Namespace, config: Config, store: Store) -> in
             email = normalize_address(args.notify_email)
             pw = hash_password(read_password_stdin()) if args.password_stdin else None
             address = patient_address(ins, domain)
-            welcome = Templates(config.templates_dir).notice(
-                "welcome", sender=config.system_sender, sender_name=config.notifier.service_name,
-                to=address, subject="Bienvenue dans votre messagerie sécurisée de santé",
-                domain=config.domains.service, patient_name=args.name.strip(),
-                patient_address=address, service_name=config.notifier.service_name,
-            )
+            welcome = notices(config).welcome(patient_name=args.name.strip(),
+                                              address=address)
             pat = await store.add_patient(who, ins, args.name.strip(), email, pw, welcome)
             emit(_patient_record(pat, domain), as_json,
                  lambda _: f"added patient {pat.ins} ({address})")
@@ -256,7 +253,7 @@ async def dispatch(args: argparse.Namespace, config: Config, store: Store) -> in
         sender = normalize_address(args.sender)
         recipient = normalize_address(args.recipient)
         async with store.write() as conn:
-            verdict = await conn.run_sync(judge_sync, sender, recipient,
+            verdict = await conn.run_sync(ops.with_facts, judge, sender, recipient,
                                           config.domains.patient)
             await store.audit(conn, who, "check", f"{sender} -> {recipient}",
                               verdict.decision.as_dict())

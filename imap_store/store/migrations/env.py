@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from alembic import context
 
-from imap_store.schema import metadata
+from imap_store.store.schema import metadata
 
 connection = context.config.attributes.get("connection")
 if connection is None:  # pragma: no cover - only reachable from the alembic CLI

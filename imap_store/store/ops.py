@@ -10,18 +10,19 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import DateTime, LargeBinary, and_, bindparam, insert, select, text, update
 from sqlalchemy.engine import Connection
 
-from imap_store import schema as t
-from imap_store.fields import MessageFields, StoredMessage, utcnow
+from imap_store.store import schema as t
+from imap_store.store.fields import MessageFields, StoredMessage, utcnow
 from policy.audit import GENESIS_HASH, canonical_detail, chain_hash
 from policy.rules import ContactFacts, MailboxState, PatientFacts, ProfessionalFacts
 
+T = TypeVar("T")
 _AUDIT_LOCK_KEY = 0x617564  # "aud": serialises appends to the audit chain on PostgreSQL
 
 
@@ -241,8 +242,8 @@ def blob_put(conn: Connection, data: bytes) -> int:
                                        "data": data})[0])
 
 
-def blob_search_put(conn: Connection, blob_id: int, values: dict[str, str | None]) -> None:
-    """The case-folded SEARCH fields of a body (``mailstore.search_values``), written at
+def blob_search_put(conn: Connection, blob_id: int, values: Mapping[str, str | None]) -> None:
+    """The case-folded SEARCH fields of a body (``deliver.search_values``), written at
     delivery so IMAP SEARCH FROM/TO/CC/BCC/SUBJECT runs in SQL."""
     _INSERT_BLOB_SEARCH.run(conn, {"blob_id": blob_id, **values})
 
@@ -258,14 +259,15 @@ def append(conn: Connection, mailbox: int, raw: bytes, fields: MessageFields, *,
 
 
 def append_to(conn: Connection, patient_id: int, name: str, raw: bytes,
-              fields: MessageFields, *, blob_id: int, flags: int = 0) -> StoredMessage:
+              fields: MessageFields, *, blob_id: int, flags: int = 0, keywords: str = "",
+              internal_date: datetime | None = None) -> StoredMessage:
     """``append`` to a patient's mailbox named ``name``, found by the UID allocation itself
     (one statement fewer)."""
     row = _ALLOCATE_UID_BY_NAME.first(conn, {"patient_id": patient_id, "name": name})
     if row is None:
         raise MissingMailbox(f"mailbox {name} not found")
     return _insert_message(conn, int(row[0]), int(row[1]) - 1, int(row[2]), raw, fields,
-                           blob_id, flags, "", None)
+                           blob_id, flags, keywords, internal_date)
 
 
 def _insert_message(conn: Connection, mailbox: int, uid: int, modseq: int, raw: bytes,
@@ -279,7 +281,7 @@ def _insert_message(conn: Connection, mailbox: int, uid: int, modseq: int, raw: 
         "subject": fields.subject, "from_addr": fields.from_addr,
         "sent_date": fields.sent_date, "thread_id": fields.message_id, "meta": fields.meta,
     })
-    return StoredMessage(mailbox, uid, modseq)
+    return StoredMessage(mailbox, uid, modseq, blob_id)
 
 
 def open_exchange(conn: Connection, patient_id: int, professional_address: str,
@@ -353,6 +355,29 @@ def contact_facts(conn: Connection, patient_id: int, address: str) -> ContactFac
             best = facts
     assert best is not None
     return best
+
+
+class ConnectionFacts:
+    """The directory facts the rules read (``policy.engine.FactSource``), on one connection."""
+
+    __slots__ = ("conn",)
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+
+    def professional(self, address: str) -> ProfessionalFacts:
+        return professional_facts(self.conn, address)
+
+    def patient(self, ins: str) -> tuple[PatientFacts, int]:
+        return patient_facts(self.conn, ins)
+
+    def contact(self, patient_id: int, address: str) -> ContactFacts:
+        return contact_facts(self.conn, patient_id, address)
+
+
+def with_facts(conn: Connection, judge: Callable[..., T], *args: Any) -> T:
+    """Run a ``policy.engine`` judge over the facts read on ``conn``."""
+    return judge(ConnectionFacts(conn), *args)
 
 
 def professional_states(conn: Connection, addresses: Iterable[str]) -> dict[str, str]:

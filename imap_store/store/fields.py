@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -20,6 +21,7 @@ class StoredMessage:
     mailbox_id: int
     uid: int
     modseq: int
+    blob_id: int
 
 
 @dataclass(frozen=True)
@@ -33,3 +35,5 @@ class MessageFields:
     from_addr: str | None = None
     sent_date: datetime | None = None
     meta: str | None = None  # JSON
+    #: The case-folded ``blob_search`` columns (``deliver.search_values``), None without any.
+    search: Mapping[str, str | None] | None = None

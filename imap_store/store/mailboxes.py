@@ -16,7 +16,6 @@ without advertising CONDSTORE). Bodies are read only when a body is asked for.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import re
 from array import array
@@ -46,9 +45,10 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from imap_store import schema as t
-from imap_store.derive import derive
-from imap_store.store import DatabaseBlobStore, MessageFields, Store, new_uidvalidity
+from imap_store.mime import MessageInfo, parse_message
+from imap_store.store import schema as t
+from imap_store.store.deliver import SEARCH_FIELDS, deliver, search_values
+from imap_store.store.directory import DatabaseBlobStore, Store, new_uidvalidity
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -69,9 +69,7 @@ _CHUNK = 500
 _FIELD_NAME = re.compile(r"[A-Za-z0-9_.-]{1,100}")
 #: SEARCH header keys answered from ``blob_search`` (case-folded values; see search_values).
 SEARCH_COLUMNS: dict[str, ColumnElement[Any]] = {
-    "from": t.blob_search.c.from_text, "to": t.blob_search.c.to_text,
-    "cc": t.blob_search.c.cc_text, "bcc": t.blob_search.c.bcc_text,
-    "subject": t.blob_search.c.subject_text,
+    key: t.blob_search.c[name] for key, name in SEARCH_FIELDS.items()
 }
 #: Messages that have keywords: the condition of the partial index ``ix_message_mailbox_keywords``
 #: (a literal, so that SQLite's planner recognises it).
@@ -284,24 +282,6 @@ class MailStore(Protocol):
 
 def split_keywords(text: str) -> list[str]:
     return text.split() if text else []
-
-
-def search_values(meta: str | dict[str, Any] | None) -> dict[str, str | None] | None:
-    """The ``blob_search`` columns of a message from its ``meta`` (JSON text or dict): each
-    SEARCH header field decoded and case-folded (``str.casefold``, as SEARCH compares), None
-    when the message has no such field. None when ``meta`` has no search headers."""
-    try:
-        value = json.loads(meta or "") if not isinstance(meta, dict) else meta
-        headers = value["search_headers"]
-    except (ValueError, TypeError, KeyError):
-        return None
-    if not isinstance(headers, dict):
-        return None
-    out: dict[str, str | None] = {}
-    for field, column in SEARCH_COLUMNS.items():
-        text = headers.get(field)
-        out[column.name] = text.casefold() if isinstance(text, str) else None
-    return out
 
 
 def uid_ranges(uids: Sequence[int]) -> list[tuple[int, int]]:
@@ -1006,24 +986,18 @@ class PatientMailStore:
     ) -> tuple[int, int, int, int]:
         """APPEND (RFC 3501 §6.3.11): ``(mailbox id, UIDVALIDITY, UID, MODSEQ)``."""
         if len(raw) > _THREAD_PARSE_SIZE:
-            fields: MessageFields = await asyncio.to_thread(derive, raw)
+            info: MessageInfo = await asyncio.to_thread(parse_message, raw)
         else:
-            fields = derive(raw)
+            info = parse_message(raw)
         kw_text = " ".join(list(dict.fromkeys(keywords))[:MAX_KEYWORDS])
-        searched = search_values(fields.meta)
 
         async def job(conn: AsyncConnection) -> tuple[int, int, int, int]:
-            info = await self._lookup(conn, name)
-            if info is None:
+            mailbox = await self._lookup(conn, name)
+            if mailbox is None:
                 raise TryCreate()
-            blob_id = await self._store.blobs.put(conn, raw)
-            stored = await self._store.append(
-                conn, info.id, raw, fields, flags=bits, keywords=kw_text,
-                internal_date=internal_date, blob_id=blob_id,
-            )
-            if searched is not None and isinstance(self._store.blobs, DatabaseBlobStore):
-                await conn.execute(insert(t.blob_search).values(blob_id=blob_id, **searched))
-            return info.id, info.uidvalidity, stored.uid, stored.modseq
+            stored = (await conn.run_sync(deliver, [mailbox.id], raw, info, flags=bits,
+                                          keywords=kw_text, internal_date=internal_date))[0]
+            return mailbox.id, mailbox.uidvalidity, stored.uid, stored.modseq
 
         return await self._stores.write(job)
 

@@ -1,8 +1,5 @@
-"""The one durable outbound queue (SPEC §6.1, §6.2) and its worker.
-
-Rows of ``outbound`` are written in the same transaction as what caused them (the patient's
-copy in Sent; the professional's message in INBOX), so nothing is lost across a crash. The
-worker claims due rows with a lease, sends, and records the outcome:
+"""The worker of the durable outbound queue (SPEC §6.1, §6.2): claims due rows with a lease,
+sends, and records the outcome.
 
 - ``relay``: a patient's message to a professional, over STARTTLS (required), the peer
   verified against the trust CA, our operator certificate presented. A permanent ``5xx`` or
@@ -24,32 +21,25 @@ import logging
 import random
 import ssl
 from collections.abc import Sequence
-from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
-from email.message import EmailMessage
-from email.utils import format_datetime, formataddr, make_msgid
-from typing import Any
+from datetime import timedelta
 
 import aiosmtplib
-import dkim
-from sqlalchemy import and_, delete, or_, select, update
-from sqlalchemy.engine import Connection
+from sqlalchemy import and_, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from gateway.config import Config, Listen
-from gateway.tls import client_context
-from imap_store import ops
-from imap_store import schema as t
-from imap_store.derive import derive
-from imap_store.notices import Templates
-from imap_store.ops import Stmt
-from imap_store.store import NotFound, Store, as_utc, utcnow
+from imap_store.store import schema as t
+from imap_store.store.deliver import MailboxName, deliver
+from imap_store.store.directory import Store
+from imap_store.store.fields import utcnow
+from imap_store.store.notices import Notices
+from imap_store.store.outbound import NOTIFICATION, RELAY, QueueItem, any_due, queue_item
+from outbound.notification import render_notification
+from outbound.settings import OutboundSettings, Relay
 from policy.addresses import domain_of, patient_address
+from templates import Templates
 
 log = logging.getLogger(__name__)
 
-RELAY = "relay"
-NOTIFICATION = "notification"
 #: A claimed row is not claimed again before this many seconds (crash recovery).
 LEASE_SECONDS = 300
 #: Most rows sent per round; concurrent sends per round.
@@ -60,122 +50,8 @@ POLL_SECONDS = 1.0
 SMTP_TIMEOUT = 60.0
 
 
-@dataclass(frozen=True)
-class QueueItem:
-    id: int
-    kind: str
-    patient_id: int | None
-    sender: str
-    recipient: str
-    state: str
-    attempts: int
-    next_attempt_at: datetime
-    created_at: datetime
-    last_error: str | None
-    blob_id: int | None = None  # the message a relay carries
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "id": self.id, "kind": self.kind, "sender": self.sender,
-            "recipient": self.recipient, "state": self.state, "attempts": self.attempts,
-            "next_attempt_at": self.next_attempt_at.isoformat(),
-            "created_at": self.created_at.isoformat(), "last_error": self.last_error,
-        }
-
-
 class PermanentFailure(Exception):
     """The peer refused for good (5xx): no retry."""
-
-
-def _item(row: Any) -> QueueItem:
-    return QueueItem(
-        id=row.id, kind=row.kind, patient_id=row.patient_id, sender=row.sender,
-        recipient=row.recipient, state=row.state, attempts=row.attempts,
-        next_attempt_at=as_utc(row.next_attempt_at), created_at=as_utc(row.created_at),
-        last_error=row.last_error, blob_id=row.blob_id,
-    )
-
-
-# --- enqueueing (inside the caller's transaction) ----------------------------------------
-
-
-_WAITING_NOTIFICATION = Stmt(
-    "SELECT id FROM outbound WHERE kind = 'notification' AND patient_id = :patient_id "
-    "AND state = 'queued' AND attempts = 0 LIMIT 1")
-_INSERT_OUTBOUND = Stmt(
-    "INSERT INTO outbound (kind, patient_id, sender, recipient, blob_id, state, attempts, "
-    "next_attempt_at, created_at) VALUES (:kind, :patient_id, :sender, :recipient, :blob_id, "
-    "'queued', 0, :now, :now) RETURNING id", datetimes=("now",))
-
-
-_DUE = Stmt(
-    "SELECT id FROM outbound WHERE state = 'queued' AND next_attempt_at <= :now "
-    "AND (lease_until IS NULL OR lease_until < :now) LIMIT 1",
-    datetimes=("now",))
-
-
-def _any_due(conn: Connection, now: datetime) -> Any:
-    return _DUE.first(conn, {"now": now})
-
-
-def enqueue_relay(conn: Connection, patient_id: int, sender: str, recipient: str,
-                  blob_id: int) -> int:
-    row = _INSERT_OUTBOUND.first(conn, {
-        "kind": RELAY, "patient_id": patient_id, "sender": sender, "recipient": recipient,
-        "blob_id": blob_id, "now": utcnow()})
-    return int(row[0])
-
-
-def enqueue_notification(conn: Connection, patient_id: int, sender: str) -> int | None:
-    """Queue a notification unless one for this patient is still waiting (merged)."""
-    waiting = _WAITING_NOTIFICATION.first(conn, {"patient_id": patient_id})
-    if waiting is not None:
-        return None
-    row = _INSERT_OUTBOUND.first(conn, {
-        "kind": NOTIFICATION, "patient_id": patient_id, "sender": sender,
-        "recipient": ops.patient_notify_email(conn, patient_id), "blob_id": None,
-        "now": utcnow()})
-    return int(row[0])
-
-
-# --- admin (mssante-gateway queue) ---------------------------------------------------------
-
-
-async def list_items(store: Store, include_done: bool = False) -> list[QueueItem]:
-    query = select(t.outbound).order_by(t.outbound.c.id)
-    if not include_done:
-        query = query.where(t.outbound.c.state == "queued")
-    async with store.read() as conn:
-        return [_item(r) for r in await conn.execute(query)]
-
-
-async def retry_items(store: Store, item_id: int | None) -> int:
-    """Make queued rows due now (``item_id`` None = all); return how many."""
-    where = t.outbound.c.state == "queued"
-    if item_id is not None:
-        where = and_(where, t.outbound.c.id == item_id)
-    async with store.write() as conn:
-        result = await conn.execute(
-            update(t.outbound).where(where).values(next_attempt_at=utcnow(), lease_until=None))
-        count = int(result.rowcount)
-        await store.audit(conn, "admin", "queue.retry", str(item_id or "all"), {"rows": count})
-    if item_id is not None and count == 0:
-        raise NotFound(f"queue item {item_id} not found (or not queued)")
-    return count
-
-
-async def drop_item(store: Store, item_id: int) -> QueueItem:
-    async with store.write() as conn:
-        row = (await conn.execute(select(t.outbound).where(t.outbound.c.id == item_id))).first()
-        if row is None:
-            raise NotFound(f"queue item {item_id} not found")
-        await conn.execute(delete(t.outbound).where(t.outbound.c.id == item_id))
-        await store.audit(conn, "admin", "queue.drop", str(item_id),
-                          {"kind": row.kind, "state": row.state})
-        return _item(row)
-
-
-# --- the worker ------------------------------------------------------------------------------
 
 
 def backoff(attempts: int, schedule: Sequence[int]) -> float:
@@ -186,18 +62,15 @@ def backoff(attempts: int, schedule: Sequence[int]) -> float:
 
 
 class QueueWorker:
-    def __init__(self, config: Config, store: Store, templates: Templates) -> None:
-        self.config = config
+    def __init__(self, settings: OutboundSettings, store: Store, templates: Templates,
+                 notices: Notices) -> None:
+        self.settings = settings
         self.store = store
         self.templates = templates
+        self.notices = notices
         self.wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
-        self._relay_tls: ssl.SSLContext | None = None
-        self._notify_tls: ssl.SSLContext | None = None
-        self._dkim_key: bytes | None = None
-        if config.notifier.dkim_key is not None and config.notifier.dkim_key.exists():
-            self._dkim_key = config.notifier.dkim_key.read_bytes()
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="queue-worker")
@@ -244,7 +117,7 @@ class QueueWorker:
         now = utcnow()
         # A cheap read first: the write transaction below would wait for (and delay) the
         # intake's group commits on SQLite.
-        if await self.store.run_read(_any_due, now) is None:
+        if await self.store.run_read(any_due, now) is None:
             return []
         async with self.store.write() as conn:
             query = (
@@ -259,7 +132,7 @@ class QueueWorker:
             rows = (await conn.execute(query)).all()
             if not rows:
                 return []
-            items = [_item(r) for r in rows]
+            items = [queue_item(r) for r in rows]
             await conn.execute(
                 update(t.outbound).where(t.outbound.c.id.in_([i.id for i in items]))
                 .values(lease_until=now + timedelta(seconds=LEASE_SECONDS))
@@ -314,7 +187,7 @@ class QueueWorker:
     async def _failed(self, item: QueueItem, reason: str, permanent: bool) -> None:
         attempts = item.attempts + 1
         age = (utcnow() - item.created_at).total_seconds()
-        give_up = permanent or age >= self.config.outbound.max_age
+        give_up = permanent or age >= self.settings.max_age
         async with self.store.write() as conn:
             if give_up:
                 await conn.execute(update(t.outbound).where(t.outbound.c.id == item.id).values(
@@ -325,7 +198,7 @@ class QueueWorker:
                 await self.store.audit(conn, "queue", f"{item.kind}.failed", str(item.id),
                                        {"recipient": item.recipient, "reason": reason[:200]})
             else:
-                delay = backoff(attempts, self.config.outbound.retry_schedule)
+                delay = backoff(attempts, self.settings.retry_schedule)
                 await conn.execute(update(t.outbound).where(t.outbound.c.id == item.id).values(
                     attempts=attempts, lease_until=None, last_error=reason[:500],
                     next_attempt_at=utcnow() + timedelta(seconds=delay)))
@@ -334,15 +207,9 @@ class QueueWorker:
 
     # --- relay ------------------------------------------------------------------------------
 
-    def route(self, recipient: str) -> Listen | None:
+    def route(self, recipient: str) -> Relay | None:
         domain = domain_of(recipient)
-        return self.config.outbound.routes.get(domain) or self.config.outbound.default_relay
-
-    def relay_tls(self) -> ssl.SSLContext:
-        if self._relay_tls is None:
-            out = self.config.outbound
-            self._relay_tls = client_context(self.config.tls.client_ca, out.cert, out.key)
-        return self._relay_tls
+        return self.settings.routes.get(domain) or self.settings.default_relay
 
     async def _relay(self, item: QueueItem) -> None:
         route = self.route(item.recipient)
@@ -352,17 +219,19 @@ class QueueWorker:
         async with self.store.read() as conn:
             data = await self.store.blobs.get(conn, item.blob_id)
         tls_name = _tls_name(route.host, item.recipient)
-        await self._send(route, tls_name, self.relay_tls(), item.sender, item.recipient, data,
-                         require_tls=True)
+        if self.settings.relay_tls is None:
+            raise PermanentFailure("no TLS context for relays")
+        await self._send(route, tls_name, self.settings.relay_tls, item.sender, item.recipient,
+                         data, require_tls=True)
 
-    async def _send(self, route: Listen, tls_name: str, tls: ssl.SSLContext, sender: str,
+    async def _send(self, route: Relay, tls_name: str, tls: ssl.SSLContext | None, sender: str,
                     recipient: str, data: bytes, require_tls: bool) -> None:
         client = aiosmtplib.SMTP(hostname=route.host, port=route.port, timeout=SMTP_TIMEOUT,
-                                 start_tls=False, local_hostname=self.config.hostname)
+                                 start_tls=False, local_hostname=self.settings.hostname)
         await client.connect()
         try:
             await client.ehlo()
-            if client.supports_extension("starttls"):
+            if client.supports_extension("starttls") and tls is not None:
                 await client.starttls(server_hostname=tls_name, tls_context=tls)
             elif require_tls:
                 raise aiosmtplib.SMTPException("the relay does not offer STARTTLS")
@@ -399,25 +268,17 @@ class QueueWorker:
             select(t.message.c.message_id, t.message.c.subject)
             .where(t.message.c.blob_id == item.blob_id).limit(1))).first() \
             if item.blob_id is not None else None
-        to = patient_address(row.ins, self.config.domains.patient)
-        service = self.config.notifier.service_name
-        subject = "Message non distribué"
-        raw = self.templates.notice(
-            "bounce", sender=self.config.system_sender, sender_name=service, to=to,
-            subject=subject, domain=self.config.domains.service,
-            in_reply_to=original.message_id if original else None,
-            patient_name=row.name, recipient=item.recipient, reason=_french_reason(reason),
-            original_subject=(original.subject if original and original.subject else
-                              "(sans objet)"),
-            service_name=service,
-        )
-        inbox = await self.store.mailbox_id(conn, item.patient_id, "INBOX")
-        await self.store.append(conn, inbox, raw, derive(raw))
+        raw = self.notices.bounce(
+            patient_name=row.name, address=patient_address(row.ins, self.settings.patient_domain),
+            recipient=item.recipient, reason=_french_reason(reason),
+            original_subject=original.subject if original else None,
+            in_reply_to=original.message_id if original else None)
+        await conn.run_sync(deliver, [MailboxName(item.patient_id, "INBOX")], raw)
 
     # --- notification -------------------------------------------------------------------------
 
     async def _notify(self, item: QueueItem) -> None:
-        relay = self.config.notifier.relay
+        relay = self.settings.notifier.relay
         if relay is None:
             raise PermanentFailure("no notifier relay configured ([notifier] relay)")
         async with self.store.read() as conn:
@@ -425,47 +286,11 @@ class QueueWorker:
                                       .where(t.patient.c.id == item.patient_id))).first()
         if row is None:
             raise PermanentFailure("patient no longer exists")
-        data = self.render_notification(row.name, row.notify_email)
-        if self._notify_tls is None:
-            self._notify_tls = client_context(self.config.tls.client_ca)
-        await self._send(relay, relay.host, self._notify_tls, self.config.system_sender,
-                         row.notify_email, data, require_tls=False)
-
-    def render_notification(self, patient_name: str, notify_email: str) -> bytes:
-        return render_notification(self.config, self.templates, self._dkim_key, patient_name,
-                                   notify_email)
-
-
-def render_notification(config: Config, templates: Templates, dkim_key: bytes | None,
-                        patient_name: str, notify_email: str) -> bytes:
-    """The notification e-mail: multipart/alternative, French, DKIM-signed, and nothing
-    about the message itself (no sender, subject, content or attachment)."""
-    cfg = config
-    service = cfg.notifier.service_name
-    ctx = {"patient_name": patient_name, "service_name": service,
-           "login_url": cfg.notifier.login_url,
-           "subject": f"Nouveau message dans votre messagerie {service}"}
-    msg = EmailMessage()
-    msg["From"] = formataddr((service, cfg.system_sender))
-    msg["To"] = notify_email
-    msg["Subject"] = ctx["subject"]
-    msg["Date"] = format_datetime(datetime.now(UTC))
-    msg["Message-ID"] = make_msgid(domain=cfg.domains.service)
-    msg["Auto-Submitted"] = "auto-generated"
-    msg.set_content(templates.render("notification.txt.j2", **ctx), subtype="plain",
-                    charset="utf-8", cte="quoted-printable")
-    msg.add_alternative(templates.render("notification.html.j2", **ctx),
-                        subtype="html", charset="utf-8", cte="quoted-printable")
-    data = msg.as_bytes(policy=msg.policy.clone(linesep="\r\n"))
-    if dkim_key is not None:
-        signature = dkim.sign(
-            data, cfg.notifier.dkim_selector.encode(), domain_of(cfg.system_sender).encode(),
-            dkim_key,
-            include_headers=[b"from", b"to", b"subject", b"date", b"message-id",
-                             b"mime-version", b"content-type", b"auto-submitted"],
-        )
-        data = signature + data
-    return data
+        data = render_notification(self.settings.notifier, self.templates, row.name,
+                                   row.notify_email)
+        await self._send(relay, relay.host, self.settings.notify_tls,
+                         self.settings.notifier.system_sender, row.notify_email, data,
+                         require_tls=False)
 
 
 def _tls_name(host: str, recipient: str) -> str:

@@ -55,7 +55,7 @@ def upgrade() -> None:
     _fill_blob_search()
 
 
-#: blob_search columns and the search header they hold (as imap_store.mailstore.search_values).
+#: blob_search columns and the search header they hold (as imap_store.store.mailboxes.search_values).
 _FIELDS = (('from_text', 'from'), ('to_text', 'to'), ('cc_text', 'cc'), ('bcc_text', 'bcc'),
            ('subject_text', 'subject'))
 

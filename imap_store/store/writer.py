@@ -4,7 +4,7 @@ releases every waiting caller. Durability is unchanged: a caller's future resolv
 the COMMIT returned.
 
 Jobs are either synchronous (``submit_sync``: ``fn(Connection)``, the hot paths, written with
-``imap_store.ops``) or asynchronous (``submit``: ``fn(AsyncConnection)``).
+``imap_store.store.ops``) or asynchronous (``submit``: ``fn(AsyncConnection)``).
 
 On SQLite a batch of synchronous jobs goes to the writer's own pysqlite connection: ``BEGIN
 IMMEDIATE`` (which may wait for another writer) and ``COMMIT`` (the fsync) run in a worker
@@ -30,16 +30,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, cast
 
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from imap_store import ops
-from imap_store.db import write_transaction
-from imap_store.store import Store
+from imap_store.store import ops
+from imap_store.store.db import write_transaction
+from imap_store.store.directory import Store
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -108,6 +108,16 @@ class GroupWriter:
     def submit_sync_nowait(self, job: SyncJob) -> None:
         """Queue a job nobody waits for (e.g. audit rows); drained on close."""
         self._put(job, True, False)
+
+    def audit_later(self, actor: str, action: str, subject: str,
+                    detail: dict[str, object]) -> None:
+        """An audit row written with the next group commit (nobody waits for it)."""
+        self.audit_many_later([(actor, action, subject, dict(detail))])
+
+    def audit_many_later(self, entries: Sequence[ops.AuditEntry]) -> None:
+        if entries:
+            rows = list(entries)
+            self.submit_sync_nowait(lambda conn: ops.audit_many(conn, rows))
 
     async def close(self) -> None:
         """Finish every queued job, then stop."""

@@ -20,14 +20,11 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from imap_store import ops
-from imap_store import schema as t
-from imap_store.db import create_engine, create_sync_sqlite_engine, write_transaction
-from imap_store.derive import derive
-from imap_store.fields import MessageFields as MessageFields
-from imap_store.fields import StoredMessage as StoredMessage
-from imap_store.fields import as_utc as as_utc
-from imap_store.fields import utcnow as utcnow
+from imap_store.store import ops
+from imap_store.store import schema as t
+from imap_store.store.db import create_engine, create_sync_sqlite_engine, write_transaction
+from imap_store.store.deliver import deliver
+from imap_store.store.fields import as_utc, utcnow
 from policy.audit import AuditRecord, first_broken
 
 T = TypeVar("T")
@@ -395,7 +392,7 @@ class Store:
                 raise Conflict(f"patient {ins} already exists") from None
             patient_id = int(result.scalar_one())
             boxes = await self.create_default_mailboxes(conn, patient_id)
-            await self.append(conn, boxes["INBOX"], welcome, derive(welcome))
+            await conn.run_sync(deliver, [boxes["INBOX"]], welcome)
             await self.audit(conn, actor, "patient.add", ins)
             return await self._get_patient(conn, ins)
 
@@ -482,22 +479,6 @@ class Store:
             raise NotFound(str(exc)) from None
 
     # --- messages ------------------------------------------------------------------------
-
-    async def append(
-        self, conn: AsyncConnection, mailbox_id: int, raw: bytes, fields: MessageFields,
-        *, flags: int = 0, keywords: str = "", internal_date: datetime | None = None,
-        blob_id: int | None = None,
-    ) -> StoredMessage:
-        """Store one message in a mailbox; the UID and MODSEQ are allocated atomically in the
-        database (the mailbox row is locked by the UPDATE until commit)."""
-        if blob_id is None:
-            blob_id = await self.blobs.put(conn, raw)
-
-        def run(c: Connection) -> StoredMessage:
-            return ops.append(c, mailbox_id, raw, fields, blob_id=blob_id, flags=flags,
-                              keywords=keywords, internal_date=internal_date)
-
-        return await conn.run_sync(run)
 
     # --- exchanges -----------------------------------------------------------------------
 

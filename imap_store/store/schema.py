@@ -1,4 +1,4 @@
-"""Database tables (SQLAlchemy Core). Alembic migrations in ``imap_store/migrations`` create them.
+"""Database tables (SQLAlchemy Core), created by the Alembic migrations in ``migrations/``.
 
 UIDs, UIDVALIDITY, MODSEQ, flags and keywords live here and are allocated atomically in the
 database (RFC 3501 §2.3.1.1, RFC 7162 §3), so several ``serve`` processes can share one
