@@ -12,28 +12,16 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
+from imap_store.mime.bodystructure import empty_part
+
 __all__ = ["render_bodystructure", "render_envelope"]
 
 # Strings longer than this are sent as IMAP literals rather than quoted.
 _MAX_QUOTED = 1024
 
-# What a multipart without any part is rendered with (a multipart needs at
-# least one body part in IMAP syntax); the same node as the analysis's own
-# empty part (imap_store.mime.bodystructure._empty_part).
-_EMPTY_BODY: dict[str, Any] = {
-    "type": "TEXT",
-    "subtype": "PLAIN",
-    "params": [["CHARSET", "US-ASCII"]],
-    "id": None,
-    "desc": None,
-    "enc": "7BIT",
-    "size": 0,
-    "lines": 0,
-    "md5": None,
-    "dsp": None,
-    "lang": None,
-    "loc": None,
-}
+# What a multipart without any part is rendered with (a multipart needs at least one body
+# part in IMAP syntax): the analysis's own empty part.
+_EMPTY_BODY: dict[str, Any] = empty_part()
 
 _LITERAL_NEEDED_RE = re.compile(rb"[\r\n\x80-\xff]")
 

@@ -14,7 +14,7 @@ from imap_store.mime.structure import _cte, _disposition, _Entity
 # --------------------------------------------------------------------------
 
 
-def _empty_part() -> dict[str, Any]:
+def empty_part() -> dict[str, Any]:
     return {
         "type": "TEXT",
         "subtype": "PLAIN",
@@ -71,7 +71,7 @@ def _bs_node(raw: bytes, ent: _Entity) -> dict[str, Any]:
         return {
             "type": "MULTIPART",
             "subtype": ent.subtype.upper(),
-            "parts": [_bs_node(raw, c) for c in ent.children] or [_empty_part()],
+            "parts": [_bs_node(raw, c) for c in ent.children] or [empty_part()],
             "params": _params_json(ent.params),
             **ext,
         }

@@ -16,7 +16,7 @@ from imap_store.mime.addresses import (
     _first_msgid,
     _parse_date,
 )
-from imap_store.mime.bodystructure import _bs_node, _empty_part
+from imap_store.mime.bodystructure import _bs_node, empty_part
 from imap_store.mime.headers import _decoded_size, _hval, _l1, _text, decode_rfc2047
 from imap_store.mime.sections import _search_text
 from imap_store.mime.structure import (
@@ -111,7 +111,7 @@ class MessageInfo:
             size=int(d.get("size", 0)),
             header_size=int(d.get("header_size", 0)),
             envelope=list(d.get("envelope") or [None] * 10),
-            bodystructure=dict(d.get("bodystructure") or _empty_part()),
+            bodystructure=dict(d.get("bodystructure") or empty_part()),
             subject=str(d.get("subject", "")),
             from_addr=d.get("from_addr"),
             to_addrs=list(d.get("to_addrs", [])),
@@ -206,7 +206,7 @@ def _parse(raw: bytes) -> MessageInfo:
 
 def _degraded_info(raw: bytes) -> MessageInfo:
     """Last-resort result if the analysis failed unexpectedly."""
-    node = _empty_part()
+    node = empty_part()
     node["type"], node["subtype"], node["params"] = "APPLICATION", "OCTET-STREAM", None
     node["size"] = len(raw)
     del node["lines"]
