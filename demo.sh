@@ -30,7 +30,7 @@ if [ ! -f demo/.ready ]; then
     --rpps 10001234567 --password-stdin
   mssante-gateway certs professional "$PRO" --out demo/certs/professional
   echo "$PATIENT_PASSWORD" | mssante-policy patient add "$INS" --name "Inaya Michel" \
-    --notify-email inaya.michel@example.org --password-stdin
+    --notify-email inaya.michel@example.org --phone "+33612345678" --password-stdin
   touch demo/.ready
 fi
 
@@ -41,6 +41,10 @@ Demo gateway (config: demo/gateway.toml, data: demo/gateway.db)
                 client certificate: demo/certs/professional/{cert,key}.pem
   patient       $INS@patient.mssante.fr (or login $INS)  password: $PATIENT_PASSWORD
   trust CA      demo/certs/ca.pem
+
+  Patient portal  https://localhost:8443/  (the dev certificate: trust demo/certs/ca.pem or
+                  accept the warning). Log in with $INS and $PATIENT_PASSWORD, choose
+                  "Par SMS": the one-time code is written to demo/sms-outbox.txt
 
   SMTP intake   127.0.0.1:2525 (STARTTLS)   submission 127.0.0.1:5870 (STARTTLS)
   submissions   127.0.0.1:4650 (TLS)        IMAP 127.0.0.1:1143 (STARTTLS), IMAPS 127.0.0.1:9930

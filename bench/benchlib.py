@@ -165,7 +165,7 @@ def make_gateway_dir(base: Path, db: str, professionals: int, patients: int,
     set_key(cfg, "storage", "url", url)
     gw.smtp_port = free_port()
     set_key(cfg, "smtp", "listen", f"127.0.0.1:{gw.smtp_port}")
-    for name in ("submission", "submissions", "imap", "imaps"):
+    for name in ("submission", "submissions", "imap", "imaps", "web"):
         set_key(cfg, name, "listen", "")
     for key, value in (limits or {}).items():
         set_key(cfg, "limits", key, str(value))

@@ -694,7 +694,7 @@ def make_gateway_dir(base: Path, db: str) -> GatewayDir:
     gw = GatewayDir(directory, url, schema, imaps_port=free_port(), imap_port=free_port())
     cfg = gw.config
     set_key(cfg, "storage", "url", url)
-    for name in ("smtp", "submission", "submissions"):
+    for name in ("smtp", "submission", "submissions", "web"):
         set_key(cfg, name, "listen", "")
     set_key(cfg, "imap", "listen", f"127.0.0.1:{gw.imap_port}")
     set_key(cfg, "imaps", "listen", f"127.0.0.1:{gw.imaps_port}")
@@ -746,7 +746,9 @@ def _message_row(mailbox: int, uid: int, modseq: int, m: BenchMessage, fields: A
         "size": len(m.raw), "blob_id": blob_id, "message_id": fields.message_id,
         "in_reply_to": fields.in_reply_to, "references": fields.references,
         "subject": fields.subject, "from_addr": fields.from_addr,
-        "sent_date": fields.sent_date, "thread_id": fields.message_id, "meta": fields.meta,
+        "sent_date": fields.sent_date, "thread_id": fields.thread_id,
+        "has_attachments": int(fields.has_attachments), "from_name": fields.from_name,
+        "meta": fields.meta,
     }
 
 

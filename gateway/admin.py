@@ -31,6 +31,7 @@ from imap_store.store.directory import Contact, Patient, Professional, Store
 from policy.addresses import (
     normalize_address,
     normalize_domain,
+    normalize_phone,
     patient_address,
     validate_ins,
     validate_rpps,
@@ -64,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("ins")
     p.add_argument("--name", required=True)
     p.add_argument("--notify-email", required=True)
+    p.add_argument("--phone", help="mobile number for the portal's one-time code by SMS")
     p.add_argument("--password-stdin", action="store_true")
     for action in ("close", "reopen", "show"):
         pat_sub.add_parser(action, parents=[common]).add_argument("ins")
@@ -182,7 +184,9 @@ async def dispatch(args: argparse.Namespace, config: Config, store: Store) -> in
             address = patient_address(ins, domain)
             welcome = notices(config).welcome(patient_name=args.name.strip(),
                                               address=address)
-            pat = await store.add_patient(who, ins, args.name.strip(), email, pw, welcome)
+            phone = normalize_phone(args.phone) if args.phone else None
+            pat = await store.add_patient(who, ins, args.name.strip(), email, pw, welcome,
+                                          phone)
             emit(_patient_record(pat, domain), as_json,
                  lambda _: f"added patient {pat.ins} ({address})")
         elif action in ("close", "reopen"):

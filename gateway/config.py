@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from policy.addresses import InvalidIdentity, normalize_domain
+from policy.throttle import DEFAULT_MAX_DELAY, DEFAULT_PER_IP
 
 DEFAULT_CONFIG_NAME = "gateway.toml"
 
@@ -80,13 +81,33 @@ class LimitsConfig:
     smtp_line_length: int = 1000
     #: Total DATA bytes buffered across all SMTP sessions before 452 (memory budget).
     data_in_flight: int = 256 * 1024 * 1024
-    #: Failed logins per account / per IP in ``login_window`` seconds before throttling.
+    #: Failed logins of one account before each further try waits 2^(n - login_failures) s
+    #: (at most ``login_max_delay``); forgotten ``login_window`` s after the wait
+    #: (policy/throttle.py).
     login_failures: int = 5
     login_window: int = 300
+    login_max_delay: int = DEFAULT_MAX_DELAY
+    #: Failed logins from one client address in ``login_window`` s before it is slowed.
+    login_failures_per_ip: int = DEFAULT_PER_IP
     #: Concurrent connections per client IP, per listener.
     connections_per_ip: int = 50
     #: Idle seconds before a session is closed (IMAP IDLE renews it; RFC 3501 §5.4).
     idle_timeout: int = 1800
+
+
+@dataclass(frozen=True)
+class WebConfig:
+    """The patient portal (SPEC §11); ``listen`` None = off."""
+
+    listen: Listen | None = None
+    #: Seconds without a request before a portal session ends.
+    session_idle: int = 900
+    #: Program run as ``PROGRAM NUMBER TEXT`` to send the one-time code by SMS.
+    sms_command: str = ""
+    #: File the SMS are appended to instead (development).
+    sms_outbox: Path | None = None
+    #: Days deleted conversations stay in Trash.
+    trash_days: int = 30
 
 
 @dataclass(frozen=True)
@@ -105,6 +126,7 @@ class Config:
     outbound: OutboundConfig
     limits: LimitsConfig
     templates_dir: Path | None
+    web: WebConfig = field(default_factory=WebConfig)
 
     @property
     def base_dir(self) -> Path:
@@ -187,14 +209,15 @@ def parse_listen(value: str, key: str) -> Listen | None:
     if not value:
         return None
     host, sep, port = value.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+    digits = port.isascii() and port.isdigit() and len(port) <= 5
+    if not sep or not host or not digits or not 0 < int(port) < 65536:
         raise ConfigError(f"{key}: expected \"host:port\", got {value!r}")
     return Listen(host.strip("[]"), int(port))
 
 
 _LISTENERS = ("smtp", "submission", "submissions", "imap", "imaps")
 _SECTIONS = {"server", "storage", "tls", "domains", "notifier", "outbound", "limits",
-             "templates", *_LISTENERS}
+             "templates", "web", *_LISTENERS}
 
 
 def load_config(path: Path) -> Config:
@@ -291,6 +314,8 @@ def build_config(raw: Mapping[str, Any], path: Path) -> Config:
         data_in_flight=limits.integer("data_in_flight", d.data_in_flight, minimum=1024 * 1024),
         login_failures=limits.integer("login_failures", d.login_failures),
         login_window=limits.integer("login_window", d.login_window),
+        login_max_delay=limits.integer("login_max_delay", d.login_max_delay),
+        login_failures_per_ip=limits.integer("login_failures_per_ip", d.login_failures_per_ip),
         connections_per_ip=limits.integer("connections_per_ip", d.connections_per_ip),
         idle_timeout=limits.integer("idle_timeout", d.idle_timeout, minimum=60),
     )
@@ -299,6 +324,17 @@ def build_config(raw: Mapping[str, Any], path: Path) -> Config:
     templates = _Section("templates", raw.get("templates"), base)
     templates_dir = templates.path("dir")
     templates.finish()
+
+    web = _Section("web", raw.get("web"), base)
+    w = WebConfig()
+    web_cfg = WebConfig(
+        listen=web.listen("listen"),
+        session_idle=web.integer("session_idle", w.session_idle, minimum=60),
+        sms_command=web.text("sms_command", ""),
+        sms_outbox=web.path("sms_outbox"),
+        trash_days=web.integer("trash_days", w.trash_days, minimum=1),
+    )
+    web.finish()
 
     return Config(
         path=path,
@@ -315,6 +351,7 @@ def build_config(raw: Mapping[str, Any], path: Path) -> Config:
         outbound=outbound_cfg,
         limits=limits_cfg,
         templates_dir=templates_dir,
+        web=web_cfg,
     )
 
 
@@ -355,6 +392,13 @@ listen = "127.0.0.1:1143"        # STARTTLS
 
 [imaps]
 listen = "127.0.0.1:9930"        # implicit TLS
+
+[web]
+listen = "127.0.0.1:8443"        # the patient portal (HTTPS); "" = off
+session_idle = 900               # seconds without a request before a session ends
+sms_command = ""                 # program run as PROGRAM NUMBER TEXT to send the code by SMS
+sms_outbox = "sms-outbox.txt"    # development: SMS written to this file instead ("" = none)
+trash_days = 30                  # days deleted conversations stay in Trash
 
 [tls]
 cert = "certs/server.pem"

@@ -17,15 +17,18 @@ from collections.abc import Awaitable
 
 from gateway import wiring
 from gateway.config import Config, Listen, ListenError
-from gateway.tls import server_context
+from gateway.tls import client_context, server_context
 from imap_store.imap.server import ImapService
 from imap_store.store.db import migrate
 from imap_store.store.directory import Store
+from imap_store.store.throttle import StoreFailureCounts
 from imap_store.store.writer import GroupWriter
+from outbound.notification import CodeMailer
 from outbound.worker import QueueWorker
 from policy.authn import Authenticator
-from policy.throttle import LoginThrottle
 from smtp_in.server import DataBudget, IntakeContext, drain_sessions, start_listener
+from web.app import Portal
+from web.server import WebServer
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +71,7 @@ async def serve(config: Config) -> int:
     writer = GroupWriter(store)
     writer.start()
     tls = server_context(config.tls.cert, config.tls.key, config.tls.client_ca)
-    throttle = LoginThrottle(config.limits.login_failures, config.limits.login_window)
+    throttle = wiring.login_throttle(config, StoreFailureCounts(store))
     authenticator = Authenticator(store, throttle, config.domains.patient,
                                   audit=writer.audit_later)
     notices = wiring.notices(config)
@@ -82,6 +85,13 @@ async def serve(config: Config) -> int:
     queue.start()
     imap = ImapService(wiring.imap_settings(config), store, writer, authenticator, tls,
                        writer.audit_later)
+    web: WebServer | None = None
+    web_settings = wiring.web_settings(config)
+    if web_settings is not None:
+        mailer = CodeMailer(wiring.notifier_settings(config), notices.templates,
+                            config.hostname, client_context(config.tls.client_ca))
+        portal = Portal(web_settings, store, writer, authenticator, mailer, notices.templates)
+        web = WebServer(portal.app(), server_context(config.tls.cert, config.tls.key, None))
     servers: list[asyncio.Server] = []
     try:
         for name, listen, implicit in (("smtp", config.smtp, False),
@@ -94,6 +104,9 @@ async def serve(config: Config) -> int:
             listen = Listen(listener.host, listener.port)
             servers.append(await _listen(listener.name, listen, imap.start_listener(listener)))
         imap.start()
+        if web is not None and config.web.listen is not None:
+            listen = config.web.listen
+            servers.append(await _listen("web", listen, web.start(listen.host, listen.port)))
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
 
@@ -108,7 +121,8 @@ async def serve(config: Config) -> int:
         listening = " ".join(
             f"{n}={lst}" for n, lst in (("smtp", config.smtp), ("submission", config.submission),
                                         ("submissions", config.submissions),
-                                        ("imap", config.imap), ("imaps", config.imaps))
+                                        ("imap", config.imap), ("imaps", config.imaps),
+                                        ("web", config.web.listen))
             if lst is not None)
         log.info("ready %s", listening)
         print(f"mssante-gateway ready: {listening}", file=sys.stderr, flush=True)
@@ -117,7 +131,8 @@ async def serve(config: Config) -> int:
         for server in servers:
             server.close()
         # Every listener drains at once: one grace period in all, not one after another.
-        await asyncio.gather(drain_sessions(ctx), imap.drain())
+        await asyncio.gather(drain_sessions(ctx), imap.drain(),
+                             *([web.drain()] if web is not None else []))
         for server in servers:
             await server.wait_closed()
     finally:

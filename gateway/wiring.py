@@ -8,14 +8,24 @@ from gateway.tls import client_context
 from imap_store.imap.settings import ImapListener, ImapSettings
 from imap_store.store.notices import Notices, NoticeSettings
 from outbound.settings import NotifierSettings, OutboundSettings, Relay
+from policy.throttle import FailureCounts, LoginThrottle
 from smtp_in.settings import SmtpSettings
 from templates import Templates
+from web.settings import WebSettings
 
 
 def notices(config: Config) -> Notices:
     return Notices(Templates(config.templates_dir), NoticeSettings(
         system_sender=config.system_sender, service_name=config.notifier.service_name,
         service_domain=config.domains.service))
+
+
+def login_throttle(config: Config, counts: FailureCounts) -> LoginThrottle:
+    """The throttle of SMTP AUTH, IMAP LOGIN and the portal, over the shared counts."""
+    limits = config.limits
+    return LoginThrottle(limits.login_failures, limits.login_window,
+                         per_ip=limits.login_failures_per_ip, max_delay=limits.login_max_delay,
+                         counts=counts)
 
 
 def smtp_settings(config: Config) -> SmtpSettings:
@@ -62,3 +72,13 @@ def outbound_settings(config: Config) -> OutboundSettings:
         retry_schedule=out.retry_schedule, max_age=out.max_age,
         relay_tls=client_context(config.tls.client_ca, out.cert, out.key),
         notify_tls=client_context(config.tls.client_ca))
+
+
+def web_settings(config: Config) -> WebSettings | None:
+    w = config.web
+    if w.listen is None:
+        return None
+    return WebSettings(
+        host=w.listen.host, port=w.listen.port, patient_domain=config.domains.patient,
+        service_name=config.notifier.service_name, session_idle=w.session_idle,
+        sms_command=w.sms_command, sms_outbox=w.sms_outbox, trash_days=w.trash_days)

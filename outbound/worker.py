@@ -265,14 +265,16 @@ class QueueWorker:
             return
         # The patient's message as derived at submission (its copy in Sent): no re-parse.
         original = (await conn.execute(
-            select(t.message.c.message_id, t.message.c.subject)
+            select(t.message.c.message_id, t.message.c.subject, t.message.c.references)
             .where(t.message.c.blob_id == item.blob_id).limit(1))).first() \
             if item.blob_id is not None else None
         raw = self.notices.bounce(
             patient_name=row.name, address=patient_address(row.ins, self.settings.patient_domain),
             recipient=item.recipient, reason=_french_reason(reason),
             original_subject=original.subject if original else None,
-            in_reply_to=original.message_id if original else None)
+            in_reply_to=original.message_id if original else None,
+            references=" ".join(x for x in (original.references, original.message_id) if x)
+            if original else None)
         await conn.run_sync(deliver, [MailboxName(item.patient_id, "INBOX")], raw)
 
     # --- notification -------------------------------------------------------------------------

@@ -13,8 +13,18 @@ INS_LENGTH = 15
 RPPS_LENGTH = 11
 _CORSICA = {"2A": "19", "2B": "18"}
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
-_ADDR_RE = re.compile(rf"^[^@\s<>()\[\],;:\"]+@{_LABEL}(?:\.{_LABEL})+$")
-_DOMAIN_RE = re.compile(r"^[a-z0-9](?:[a-z0-9-]*[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]*[a-z0-9])?)+$")
+# Shapes are checked with fullmatch(): "$" would also match before a final newline. The local
+# part refuses blanks, control characters (C0, DEL, C1: a NUL or CR must never reach a log, a
+# header or the database) and the specials that would need quoting.
+_ADDR_RE = re.compile(rf"[^@\s\x00-\x1f\x7f-\x9f<>()\[\],;:\"]+@{_LABEL}(?:\.{_LABEL})+")
+_DOMAIN_RE = re.compile(r"[a-z0-9](?:[a-z0-9-]*[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]*[a-z0-9])?)+")
+#: ASCII digits only: str.isdigit() and int() also accept other scripts' digits (Arabic-Indic,
+#: superscripts...), which are not digits of an INS, an RPPS or a number in a protocol.
+_DIGITS_RE = re.compile(r"[0-9]+")
+
+
+def _ascii_digits(text: str) -> bool:
+    return _DIGITS_RE.fullmatch(text) is not None
 
 
 class InvalidIdentity(ValueError):
@@ -29,8 +39,15 @@ class InvalidIdentity(ValueError):
 
 
 def ins_key(nir: str) -> int:
-    """Return the 2-digit key of a 13-character NIR (Corsica-aware)."""
+    """Return the 2-digit key of a 13-character NIR (Corsica-aware).
+
+    Raises :class:`InvalidIdentity` unless the NIR is 13 ASCII digits (or 2A/2B at 6-7): int()
+    of a long string would raise ValueError (and take quadratic time).
+    """
     number = nir[:5] + _CORSICA.get(nir[5:7].upper(), nir[5:7]) + nir[7:]
+    if len(nir) != INS_LENGTH - 2 or not _ascii_digits(number):
+        raise InvalidIdentity(f"invalid NIR {nir[:20]!r}: 13 digits expected (and 2A/2B)",
+                              "an INS has only digits")
     return 97 - (int(number) % 97)
 
 
@@ -49,13 +66,13 @@ def validate_ins(value: str) -> str:
         )
     nir, key = ins[:13], ins[13:]
     department = nir[5:7]
-    if department not in _CORSICA and not department.isdigit():
+    if department not in _CORSICA and not _ascii_digits(department):
         raise InvalidIdentity(
             f"invalid INS {value!r}: positions 6-7 must be digits, 2A or 2B",
             "bad department in the INS",
         )
     rest = nir[:5] + nir[7:]
-    if not rest.isascii() or not rest.isdigit() or not key.isascii() or not key.isdigit():
+    if not _ascii_digits(rest) or not _ascii_digits(key):
         raise InvalidIdentity(
             f"invalid INS {value!r}: only digits are allowed (and 2A/2B)",
             "an INS has only digits",
@@ -72,7 +89,7 @@ def validate_ins(value: str) -> str:
 
 def validate_rpps(value: str) -> str:
     rpps = value.strip()
-    if len(rpps) != RPPS_LENGTH or not rpps.isascii() or not rpps.isdigit():
+    if len(rpps) != RPPS_LENGTH or not _ascii_digits(rpps):
         raise InvalidIdentity(f"invalid RPPS {value!r}: an RPPS is {RPPS_LENGTH} digits")
     return rpps
 
@@ -80,14 +97,14 @@ def validate_rpps(value: str) -> str:
 def normalize_address(value: str) -> str:
     """Lowercase an e-mail address and check its shape (no display name, no brackets)."""
     address = value.strip().lower()
-    if not _ADDR_RE.match(address) or len(address) > 254:
+    if len(address) > 254 or not _ADDR_RE.fullmatch(address):
         raise InvalidIdentity(f"invalid address {value!r}")
     return address
 
 
 def normalize_domain(value: str) -> str:
     domain = value.strip().lower().rstrip(".")
-    if not _DOMAIN_RE.match(domain) or len(domain) > 253:
+    if len(domain) > 253 or not _DOMAIN_RE.fullmatch(domain):
         raise InvalidIdentity(f"invalid domain {value!r}")
     return domain
 
@@ -109,3 +126,16 @@ def parse_patient_login(login: str, patient_domain: str) -> str:
             raise InvalidIdentity(f"not a patient address of {patient_domain}")
         value = local
     return validate_ins(value)
+
+
+_PHONE_RE = re.compile(r"\+?[0-9]{6,15}")
+
+
+def normalize_phone(value: str) -> str:
+    """A phone number for SMS: optional ``+`` then 6 to 15 ASCII digits (E.164 length);
+    spaces, dots and dashes between digits are dropped."""
+    compact = re.sub(r"[ .\-]", "", value.strip())
+    if not _PHONE_RE.fullmatch(compact):
+        raise InvalidIdentity(f"invalid phone number {value!r}: expected digits, e.g. "
+                              "+33612345678", "invalid phone number")
+    return compact

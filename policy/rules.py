@@ -19,6 +19,13 @@ MAX_INBOUND_SIZE = 25 * 1024 * 1024
 MAX_PATIENT_SUBJECT = 80
 #: R6 - a patient's attachments are at most 10 MB in total, decoded (10,000,000 bytes).
 MAX_PATIENT_ATTACHMENTS = 10_000_000
+#: RFC 5322 §3.6: header fields a message has at most once (lower case -> as named in a
+#: refusal). Two ``From:`` would let the second escape R10 while clients show and answer both.
+UNIQUE_FIELDS: dict[str, str] = {
+    "from": "From", "sender": "Sender", "reply-to": "Reply-To", "to": "To",
+    "subject": "Subject", "message-id": "Message-ID", "in-reply-to": "In-Reply-To",
+    "date": "Date",
+}
 
 
 @dataclass(frozen=True)
@@ -212,6 +219,25 @@ def decide_from_header(envelope_sender: str, from_header: Iterable[str]) -> Deci
     return allow("R10", "From: matches the sender")
 
 
+def decide_unique_fields(names: Iterable[str]) -> Decision:
+    """RFC 5322 §3.6 at DATA: refuse a message whose top-level header has one of
+    :data:`UNIQUE_FIELDS` more than once (``names``: its field names in order, any case)."""
+    seen: set[str] = set()
+    repeated: list[str] = []
+    for name in names:
+        lower = name.strip().lower()
+        if lower not in UNIQUE_FIELDS:
+            continue
+        if lower in seen and UNIQUE_FIELDS[lower] not in repeated:
+            repeated.append(UNIQUE_FIELDS[lower])
+        seen.add(lower)
+    if repeated:
+        fields = ", ".join(f"{name}:" for name in repeated)
+        return refuse("RFC5322", 554, "5.6.0",
+                      f"more than one {fields} header field (RFC 5322 3.6)")
+    return allow("RFC5322", "header fields accepted")
+
+
 def is_end_of_exchange(x_mss_mes: str | None, subject: str | None) -> bool:
     """R5: ``X-MSS-MES: FIN`` (preferred) or a subject starting with ``[FIN]``."""
     if x_mss_mes is not None and x_mss_mes.strip().upper() == "FIN":
@@ -238,6 +264,7 @@ def decide_patient_message(
 
 __all__ = [
     "MAX_INBOUND_SIZE",
+    "UNIQUE_FIELDS",
     "ContactFacts",
     "Decision",
     "Identity",
@@ -254,5 +281,6 @@ __all__ = [
     "decide_professional_to_patient",
     "decide_relay_denied",
     "decide_size",
+    "decide_unique_fields",
     "is_end_of_exchange",
 ]

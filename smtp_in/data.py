@@ -3,7 +3,8 @@
 Fed raw bytes as they arrive, it finds the end-of-data ``CRLF.CRLF``, removes dot-stuffing
 and checks, without ever buffering more than the limit:
 
-- line length (RFC 5321 §4.5.3.1.6: 1000 octets with CRLF; one more for a stuffed dot),
+- line length (RFC 5321 §4.5.3.1.6: 1000 octets with CRLF by default, ``[limits]
+  smtp_line_length``; one more for a stuffed dot),
 - bare LF or bare CR (SMTP smuggling, RFC 5321 §2.3.8): the message is refused whole,
 - the size limit (R7) and a memory budget shared by every session.
 
@@ -14,11 +15,25 @@ so the reply comes at the right time and memory stays flat.
 from __future__ import annotations
 
 import enum
+import re
 from collections.abc import Callable
 
-#: RFC 5321 §4.5.3.1.6: 998 octets of text, CRLF, plus one for a transparent dot.
-MAX_LINE = 999
+#: RFC 5321 §4.5.3.1.6: a text line is at most 1000 octets, its CRLF included (the default of
+#: ``[limits] smtp_line_length``, which may only raise it).
+LINE_LENGTH = 1000
+
+
+def max_line_for(line_length: int) -> int:
+    """The ``max_line`` of :class:`DataReader` for lines of ``line_length`` octets with their
+    CRLF: the text (``line_length - 2``) plus one for a transparent dot."""
+    return line_length - 1
+
+
+#: 998 octets of text plus one for a transparent dot.
+MAX_LINE = max_line_for(LINE_LENGTH)
 _END = b"\r\n.\r\n"
+#: A bare CR (followed by something else than LF; a final CR may still get its LF) or a bare LF.
+_BARE_NEWLINE = re.compile(rb"\r(?=[^\n])|(?<!\r)\n")
 
 
 class DataState(enum.Enum):
@@ -40,7 +55,7 @@ class DataReader:
         self.max_line = max_line
         self.state = DataState.OK
         self.buf = bytearray(b"\r\n")  # a virtual CRLF so ".\r\n" at the start matches _END
-        self.size = 0  # bytes received (stuffed, with the terminator), drained ones too
+        self.size = 0  # bytes received up to the terminator included (stuffed, drained too)
         self.reserved = reserved  # budget already held (e.g. the declared SIZE)
         self._scan = 2  # where the next line/bare-newline scan starts
         self.done = False
@@ -58,7 +73,7 @@ class DataReader:
             self.rest = bytes(self.buf[end + 5:])
             del self.buf[end + 2:]
             self.done = True
-        self.size += len(data)
+        self.size += len(data) - len(self.rest)
         if self.state is DataState.OK:
             self._check()
         if self.done:
@@ -71,25 +86,27 @@ class DataReader:
 
     def _check(self) -> None:
         """Checks the bytes from the start of the last incomplete line (``_scan``) on, with
-        C-speed scans: each byte is looked at a bounded number of times overall."""
+        C-speed scans: each byte is looked at a bounded number of times overall.
+
+        The outcome does not depend on how the stream was cut into chunks: the state is that
+        of the first byte at which something is wrong, as if the data came byte by byte (a
+        line too long, then a bare newline, then the size, for the same byte). Only the shared
+        memory budget (``reserve``) is asked per chunk.
+        """
         buf = self.buf
         scan = self._scan
-        # A line is what lies between two LFs; with its CR it may be max_line + 1 long.
-        if len(buf) - scan > self.max_line + 1 and max(
-                map(len, bytes(buf[scan:]).split(b"\n"))) > self.max_line + 1:
-            self.state = DataState.LINE_TOO_LONG
+        found: tuple[int, DataState] | None = None
+        for position, state in (
+            (self._first_long_line(scan), DataState.LINE_TOO_LONG),
+            (self._first_bare_newline(scan), DataState.BARE_NEWLINE),
+            (self._first_too_big(), DataState.TOO_BIG),
+        ):
+            if position is not None and (found is None or position < found[0]):
+                found = (position, state)
+        if found is not None:
+            self.state = found[1]
             return
-        # Every LF must follow a CR and every CR precede an LF (a CR at the very end may
-        # still get its LF in the next chunk).
-        crlf = buf.count(b"\r\n", scan)
-        if buf.count(b"\n", scan) != crlf or \
-                buf.count(b"\r", scan) != crlf + (1 if buf.endswith(b"\r") else 0):
-            self.state = DataState.BARE_NEWLINE
-            return
-        body = len(buf) - 2
-        if body > self.max_size:
-            self.state = DataState.TOO_BIG
-            return
+        body = len(buf) - 2 - _pending_terminator(buf, len(buf))
         if self._reserve is not None and body > self.reserved:
             want = max(body - self.reserved, 64 * 1024)
             if not self._reserve(want):
@@ -99,6 +116,44 @@ class DataReader:
         last_nl = buf.rfind(b"\n")
         if last_nl >= self._scan:
             self._scan = last_nl + 1
+
+    def _first_long_line(self, scan: int) -> int | None:
+        """Offset of the first byte that makes a line too long (max_line + 1 octets may
+        precede its LF: the text and its CR)."""
+        buf = self.buf
+        limit = self.max_line + 1
+        if len(buf) - scan <= limit:
+            return None
+        lengths = list(map(len, bytes(buf[scan:]).split(b"\n")))
+        if max(lengths) <= limit:
+            return None
+        index = next(i for i, length in enumerate(lengths) if length > limit)
+        return scan + sum(lengths[:index]) + index + limit
+
+    def _first_bare_newline(self, scan: int) -> int | None:
+        """Offset of the first byte that shows a bare LF or a bare CR (the byte after it)."""
+        buf = self.buf
+        # Every LF must follow a CR and every CR precede an LF (a CR at the very end may
+        # still get its LF in the next chunk): counted first, searched only when wrong.
+        crlf = buf.count(b"\r\n", scan)
+        if buf.count(b"\n", scan) == crlf and \
+                buf.count(b"\r", scan) == crlf + (1 if buf.endswith(b"\r") else 0):
+            return None
+        match = _BARE_NEWLINE.search(buf, scan)
+        assert match is not None
+        return match.start() + (1 if match[0] == b"\r" else 0)
+
+    def _first_too_big(self) -> int | None:
+        """Offset of the first byte that takes the message over ``max_size``. A final ``.`` or
+        ``.\r`` after a CRLF may be the start of the terminator: not counted until a later
+        byte shows it is not (else the size would depend on where the chunks end)."""
+        buf = self.buf
+        offset = self.max_size + 2  # the virtual CRLF is not part of the message
+        while offset < len(buf):
+            if offset + 1 - 2 - _pending_terminator(buf, offset + 1) > self.max_size:
+                return offset
+            offset += 1
+        return None
 
     def message(self, prefix: bytes = b"") -> bytes:
         """``prefix`` then the message with dot-stuffing removed, built with one copy of the
@@ -111,3 +166,13 @@ class DataReader:
             body = bytearray(body.replace(b"\r\n.", b"\r\n"))
         body[:2] = prefix  # replaces the virtual CRLF
         return bytes(body)
+
+
+def _pending_terminator(buf: bytearray, end: int) -> int:
+    """How many of the last bytes of ``buf[:end]`` may be the start of the end-of-data after
+    a CRLF (``.`` or ``.\r``): not message bytes until a later byte says so."""
+    if buf.endswith(b"\r\n.", 0, end):
+        return 1
+    if buf.endswith(b"\r\n.\r", 0, end):
+        return 2
+    return 0

@@ -3,27 +3,24 @@ job run by the group writer (R2 exchange opened, R4 Reply-To, R5 end + notice, a
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import and_, select
 from sqlalchemy.engine import Connection
 
 from imap_store.mime import MessageInfo
 from imap_store.store import ops
-from imap_store.store import schema as t
 from imap_store.store.deliver import MailboxName, deliver
 from imap_store.store.directory import Store
 from imap_store.store.notices import Notices
-from imap_store.store.outbound import enqueue_notification, enqueue_relay
+from imap_store.store.outbound import enqueue_notification
 from policy.addresses import domain_of
 from policy.rules import (
-    Decision,
+    UNIQUE_FIELDS,
     Identity,
-    decide_from_header,
-    decide_patient_message,
     is_end_of_exchange,
 )
 from smtp_in.settings import SmtpSettings
@@ -43,6 +40,20 @@ class IncomingMessage:
     references: str | None
     date: datetime | None
 
+
+#: A field line of one of the fields RFC 5322 §3.6 allows once, any letter case, with the MIME
+#: parser's syntax (``name [blanks] :``). Continuation lines start with a blank: never matched.
+_UNIQUE_FIELD_LINE = re.compile(
+    rb"^(" + b"|".join(re.escape(name.encode("ascii")) for name in UNIQUE_FIELDS) +
+    rb")[ \t]*:", re.IGNORECASE | re.MULTILINE)
+
+
+def unique_field_names(raw: bytes, info: MessageInfo) -> list[str]:
+    """The top-level header fields of ``raw`` that ``policy.rules.UNIQUE_FIELDS`` names, in
+    order (lower case): one C-speed scan of the header block the parse at DATA delimited
+    (``info.header_size``), never of the body."""
+    return [name.decode("ascii").lower()
+            for name in _UNIQUE_FIELD_LINE.findall(raw, 0, info.header_size)]
 
 
 def _addresses(entries: list[Any] | None) -> list[tuple[str, str]]:
@@ -114,36 +125,6 @@ class Delivery:
 
         return run
 
-    async def check_patient_message(self, identity: Identity, mail_from: str,
-                                    message: IncomingMessage,
-                                    info: MessageInfo) -> Decision:
-        """R10 (From: is the patient) and R6 (subject of a new conversation, attachments)."""
-        decision = decide_from_header(mail_from, message.from_addrs)
-        if not decision.allowed:
-            return decision
-        starts = True
-        if info.in_reply_to:
-            starts = not await self.store.run_read(_in_mailbox, identity.account_id,
-                                                   info.in_reply_to)
-        return decide_patient_message(info.subject, starts, info.attachments_total_size)
-
-    def patient_job(self, identity: Identity, mail_from: str, recipients: list[str],
-                    raw: bytes, info: MessageInfo,
-                    audit: Sequence[ops.AuditEntry] = ()) -> Callable[[Connection], None]:
-        """Copy in Sent and one queued relay per recipient, in one transaction (SPEC §6.1);
-        ``audit`` as for ``job``."""
-        patient_id = identity.account_id
-
-        def run(conn: Connection) -> None:
-            stored = deliver(conn, [MailboxName(patient_id, "Sent")], raw, info,
-                             flags=t.FLAG_SEEN)[0]
-            for recipient in recipients:
-                enqueue_relay(conn, patient_id, mail_from, recipient, stored.blob_id)
-            ops.audit_many(conn, [*audit, (identity.describe(), "submit", ",".join(recipients),
-                                           {"uid": stored.uid, "size": len(raw)})])
-
-        return run
-
     def _end_notice(self, conn: Connection, patient_id: int, inbox: int, address: str,
                     professional_name: str, message: IncomingMessage) -> None:
         references = " ".join(x for x in (message.references, message.message_id) if x) or None
@@ -152,15 +133,3 @@ class Delivery:
             professional_name=professional_name, in_reply_to=message.message_id,
             references=references)
         deliver(conn, [inbox], raw)
-
-
-def _in_mailbox(conn: Connection, patient_id: int, message_id: str) -> bool:
-    """Whether a message with this Message-ID is in one of the patient's mailboxes."""
-    row = conn.execute(
-        select(t.message.c.id)
-        .join(t.mailbox, t.mailbox.c.id == t.message.c.mailbox_id)
-        .where(and_(t.mailbox.c.patient_id == patient_id,
-                    t.message.c.message_id == message_id[:998]))
-        .limit(1)
-    ).first()
-    return row is not None

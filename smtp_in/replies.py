@@ -28,13 +28,21 @@ AUTH_BAD_PLAIN = Reply(501, "5.5.2", "malformed PLAIN response")
 AUTH_REQUIRED = Reply(530, "5.7.0", "authentication required: client certificate or AUTH")
 TLS_REQUIRED = Reply(530, "5.7.0", "must issue a STARTTLS command first")
 BARE_NEWLINE = Reply(554, "5.6.0", "message refused: bare LF or CR in the data (RFC 5321 2.3.8)")
-LINE_TOO_LONG = Reply(554, "5.6.0", "message refused: line longer than 998 octets "
-                                    "(RFC 5321 4.5.3.1.6)")
+NUL_BYTE = Reply(554, "5.6.0", "message refused: NUL octet in the data (RFC 5322 2.3, "
+                             "RFC 6152)")
 NO_MEMORY = Reply(452, "4.3.1", "insufficient system resources, try again later")
 INTERNAL_ERROR = Reply(451, "4.3.0", "internal error, try again later")
 SHUTTING_DOWN = Reply(421, "4.3.2", "service shutting down, try again later")
 TOO_MANY_CONNECTIONS = Reply(421, "4.7.0", "too many connections from your address")
 NO_VALID_RECIPIENTS = Reply(554, "5.5.1", "no valid recipients")
+
+
+def line_too_long(line_length: int) -> Reply:
+    """The refusal of a message with a line over ``line_length`` octets, CRLF included
+    (``[limits] smtp_line_length``); the text counts octets without the CRLF."""
+    return Reply(554, "5.6.0", f"message refused: line longer than {line_length - 2} octets "
+                               "(RFC 5321 4.5.3.1.6)")
+
 
 #: Default enhanced codes added to replies that aiosmtpd writes without one (RFC 3463).
 DEFAULT_ENHANCED: dict[int, str] = {

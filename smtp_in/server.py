@@ -4,7 +4,8 @@ the hand-off to the store through group commit.
 aiosmtpd parses commands; this subclass replaces what the gateway needs to own: DATA (a
 sans-IO reader that drains instead of buffering), AUTH (async, argon2 in a thread, throttled),
 the EHLO keywords, enhanced codes on every reply, per-IP connection limits, and errors that
-never put exception text on the wire.
+never put exception text on the wire. What it needs of aiosmtpd beyond the documented API is
+reached through ``smtp_in/aiosmtpd_adapter.py`` only.
 """
 
 from __future__ import annotations
@@ -23,13 +24,14 @@ from dataclasses import dataclass, field
 from email.utils import formatdate
 from typing import Any
 
-from aiosmtpd.smtp import MISSING, SMTP, AuthResult, Envelope, Session, syntax
+from aiosmtpd.smtp import MISSING, AuthResult, Envelope, Session, syntax
 
 from imap_store.mime import MessageInfo, parse_message
 from imap_store.store import ops
 from imap_store.store.directory import Store
 from imap_store.store.fields import utcnow
 from imap_store.store.notices import Notices
+from imap_store.store.submission import check_patient_message, patient_job
 from imap_store.store.writer import GroupWriter
 from policy.authn import Authenticator
 from policy.engine import judge_patient_recipient, judge_professional_recipient
@@ -42,10 +44,17 @@ from policy.rules import (
     decide_from_header,
     decide_mail_from,
     decide_size,
+    decide_unique_fields,
 )
 from smtp_in import replies
-from smtp_in.data import DataReader, DataState
-from smtp_in.delivery import Delivery, IncomingMessage, incoming_from_info
+from smtp_in.aiosmtpd_adapter import AdaptedSMTP
+from smtp_in.data import DataReader, DataState, max_line_for
+from smtp_in.delivery import (
+    Delivery,
+    IncomingMessage,
+    incoming_from_info,
+    unique_field_names,
+)
 from smtp_in.identity import describe_tls, peer_identity
 from smtp_in.settings import SmtpSettings
 
@@ -128,9 +137,9 @@ class IntakeContext:
         return self._trusted[1]
 
 
-class GatewaySMTP(SMTP):
-    # Our DataReader enforces the 1000-octet line limit; the stream buffer may hold more so
-    # that DATA is read in large chunks (memory stays bounded by this per connection).
+class GatewaySMTP(AdaptedSMTP):
+    # Our DataReader enforces the line limit (settings.line_length); the stream buffer may hold
+    # more so that DATA is read in large chunks (memory stays bounded by this per connection).
     line_length_limit = 64 * 1024
 
     def __init__(self, ctx: IntakeContext, listener: str, implicit_tls: bool) -> None:
@@ -170,7 +179,6 @@ class GatewaySMTP(SMTP):
             auth_require_tls=not implicit_tls,
             loop=asyncio.get_running_loop(),
         )
-        self.command_size_limits = collections.defaultdict(lambda: self.command_size_limit)
 
     # --- connection ------------------------------------------------------------------------
 
@@ -234,10 +242,10 @@ class GatewaySMTP(SMTP):
     def release_reservation(self) -> None:
         self.ctx.budget.release(self.take_reservation())
 
-    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+    def parse_path(self, arg: str) -> tuple[str | None, str | None]:
         match = _SIMPLE_PATH.match(arg)
         if match is None:
-            return super()._getaddr(arg)
+            return self.full_parse_path(arg)
         address = match.group(1)
         if self.local_part_limit and address.rindex("@") > self.local_part_limit:
             return None, None
@@ -245,7 +253,7 @@ class GatewaySMTP(SMTP):
 
     @property
     def tls_active(self) -> bool:
-        return self.implicit_tls or self._tls_protocol is not None
+        return self.implicit_tls or self.starttls_done
 
     async def push(self, status: Any) -> None:
         if isinstance(status, str):
@@ -262,15 +270,13 @@ class GatewaySMTP(SMTP):
             await asyncio.sleep(0)
         # MAIL, RCPT and RSET may stand inside a pipelined group: if the client's next
         # command is already buffered, its reply will follow at once, so hold this one.
-        if self._may_hold and len(self._held) < YIELD_EVERY and \
-                b"\n" in self._reader._buffer:  # type: ignore[attr-defined]
+        if self._may_hold and len(self._held) < YIELD_EVERY and self.has_buffered_line():
             self._held.append(response)
             return
         if self._held:
             response = b"".join(self._held) + response
             self._held.clear()
-        self._writer.write(response)
-        await self._writer.drain()
+        await self.send_raw(response)
 
     async def _holding(self, command: Callable[[str], Awaitable[None]], arg: str) -> None:
         """Run an aiosmtpd command whose reply may be held (see ``push``)."""
@@ -397,11 +403,12 @@ class GatewaySMTP(SMTP):
             return
         self.busy = True
         reader = DataReader(MAX_INBOUND_SIZE, reserve=self.ctx.budget.reserve,
+                            max_line=max_line_for(self.ctx.settings.line_length),
                             reserved=self.take_reservation())
         try:
             await self.push("354 End data with <CR><LF>.<CR><LF>")
             while not reader.done:
-                chunk = await self._reader.read(256 * 1024)
+                chunk = await self.read_chunk(256 * 1024)
                 if not chunk:  # the client vanished mid-DATA: nothing is stored
                     log.info("conn=%s connection lost during DATA", self.conn_id)
                     if self.transport is not None:
@@ -410,13 +417,19 @@ class GatewaySMTP(SMTP):
                 reader.feed(chunk)
             if reader.rest:
                 # Pipelined commands after the end-of-data go back to the command reader.
-                self._reader._buffer[:0] = reader.rest  # type: ignore[attr-defined]
-            reply = await self._finish_data(reader)
+                self.unread(reader.rest)
+            try:
+                reply = await self._finish_data(reader)
+            except Exception:
+                # Unexpected (a store read, the parse): the transaction ends as after any
+                # other reply to the data, with 451 and no detail on the wire.
+                log.exception("conn=%s end of DATA failed", self.conn_id)
+                reply = str(replies.INTERNAL_ERROR)
         finally:
             self.ctx.budget.release(reader.reserved)
             self.busy = False
             self.flush_audit()  # what the delivery did not carry (refused, failed, vanished)
-        self._set_post_data_state()  # type: ignore[no-untyped-call]
+        self.set_post_data_state()
         self.new_transaction()
         await self.push(reply)
 
@@ -425,7 +438,7 @@ class GatewaySMTP(SMTP):
         if state is DataState.TOO_BIG:
             return decide_size(reader.size).reply
         if state is DataState.LINE_TOO_LONG:
-            return str(replies.LINE_TOO_LONG)
+            return str(replies.line_too_long(self.ctx.settings.line_length))
         if state is DataState.BARE_NEWLINE:
             return str(replies.BARE_NEWLINE)
         if state is DataState.NO_MEMORY:
@@ -435,13 +448,20 @@ class GatewaySMTP(SMTP):
         mail_from = self.envelope.mail_from or ""
         # The stored bytes: our trace field, then the message byte-exact; built once.
         stored = reader.message(prefix=self._received_header())
+        if b"\x00" in stored:  # RFC 5322 and 8BITMIME text: no NUL (there is no BINARYMIME)
+            return str(replies.NUL_BYTE)
         info = await asyncio.to_thread(parse_message, stored) if len(stored) > 1 << 20 \
             else parse_message(stored)
+        # RFC 5322 §3.6: a second From: (To:, Subject: ...) would escape the rules below.
+        decision = decide_unique_fields(unique_field_names(stored, info))
+        if not decision.allowed:
+            self.ctx.writer.audit_later(identity.describe(), "refuse", mail_from,
+                                        decision.as_dict())
+            return decision.reply
         message = incoming_from_info(info)
-        delivery = Delivery(self.ctx.store, self.ctx.settings, self.ctx.notices)
         if identity.role is Role.PATIENT:
-            return await self._finish_patient(delivery, identity, mail_from, stored, message,
-                                              info)
+            return await self._finish_patient(identity, mail_from, stored, message, info)
+        delivery = Delivery(self.ctx.store, self.ctx.settings, self.ctx.notices)
         decision = decide_from_header(mail_from, message.from_addrs)  # R10 at DATA
         if not decision.allowed:
             self.ctx.writer.audit_later(identity.describe(), "refuse", mail_from,
@@ -466,10 +486,11 @@ class GatewaySMTP(SMTP):
             self.ctx.queue_wakeup()
         return str(replies.QUEUED)
 
-    async def _finish_patient(self, delivery: Delivery, identity: Identity, mail_from: str,
-                              stored: bytes, message: IncomingMessage, info: MessageInfo) -> str:
+    async def _finish_patient(self, identity: Identity, mail_from: str, stored: bytes,
+                              message: IncomingMessage, info: MessageInfo) -> str:
         """A patient's message (R6, R10): copy in Sent, relays queued, one transaction."""
-        decision = await delivery.check_patient_message(identity, mail_from, message, info)
+        decision = await check_patient_message(self.ctx.store, identity.account_id, mail_from,
+                                               message.from_addrs, info)
         if not decision.allowed:
             self.ctx.writer.audit_later(identity.describe(), "refuse", mail_from,
                                         decision.as_dict())
@@ -478,7 +499,7 @@ class GatewaySMTP(SMTP):
         audit, self.pending_audit = self.pending_audit, []
         try:
             await self.ctx.writer.submit_sync(
-                delivery.patient_job(identity, mail_from, recipients, stored, info, audit),
+                patient_job(identity, mail_from, recipients, stored, info, audit),
                 size=len(stored))
         except Exception:
             self.pending_audit = audit + self.pending_audit  # rolled back: written on their own
@@ -533,7 +554,7 @@ class Handler:
         declared = 0
         for option in mail_options:
             key, _, value = option.partition("=")
-            if key == "SIZE" and value.isdigit():
+            if key == "SIZE" and value.isascii() and value.isdigit() and len(value) < 20:
                 declared = int(value)
                 decision = decide_size(declared)
                 if not decision.allowed:

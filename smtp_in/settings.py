@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from smtp_in.data import LINE_LENGTH
+
 
 @dataclass(frozen=True)
 class SmtpSettings:
@@ -19,7 +21,8 @@ class SmtpSettings:
     system_sender: str = ""
     #: Concurrent connections per client IP, per listener (SPEC §9).
     connections_per_ip: int = 50
-    #: RFC 5321 §4.5.3.1.6: octets per text line, CRLF included.
-    line_length: int = 1000
+    #: RFC 5321 §4.5.3.1.6: octets per text line, CRLF included (``[limits]
+    #: smtp_line_length``): the DATA reader's limit and the number in its refusal.
+    line_length: int = LINE_LENGTH
     #: Bytes of DATA buffered across all sessions of the process before ``452 4.3.1``.
     data_in_flight: int = 256 * 1024 * 1024

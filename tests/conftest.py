@@ -122,9 +122,11 @@ def prepare_gateway(gw_dir: Path) -> object:
                           (LABO, "Labo BioPCR Orly")):
         run_cli(cfg, "professional", "add", address, "--name", name)
     run_cli(cfg, "patient", "add", INAYA, "--name", "Inaya Michel", "--notify-email",
-            "inaya@example.org", "--password-stdin", stdin=PATIENT_PASSWORD + "\n")
+            "inaya@example.org", "--phone", "+33 6 12 34 56 78", "--password-stdin",
+            stdin=PATIENT_PASSWORD + "\n")
     run_cli(cfg, "patient", "add", MARTINE, "--name", "Martine Leguellec", "--notify-email",
-            "martine@example.org", "--password-stdin", stdin=PATIENT_PASSWORD + "\n")
+            "martine@example.org", "--phone", "+33698765432", "--password-stdin",
+            stdin=PATIENT_PASSWORD + "\n")
     for address in (CHRISTELLE, MARIE, DUPOND, LABO):
         run_cli(cfg, "certs", "professional", address, "--out", str(gw_dir / "clients" / address),
                 prog="mssante-gateway")
@@ -133,12 +135,26 @@ def prepare_gateway(gw_dir: Path) -> object:
     return gw
 
 
-@pytest.fixture
-def gateway(gw_dir: Path) -> Iterator[object]:
-    """A running gateway with the sample people (see ``prepare_gateway``)."""
-    gw = prepare_gateway(gw_dir)
+def running(gw: object) -> Iterator[object]:
+    """Start a prepared gateway, yield it, kill it whatever happens (for fixtures)."""
     gw.start()  # type: ignore[attr-defined]
     try:
         yield gw
     finally:
         gw.kill()  # type: ignore[attr-defined]
+
+
+@pytest.fixture
+def gateway(gw_dir: Path) -> Iterator[object]:
+    """A running gateway with the sample people (see ``prepare_gateway``)."""
+    yield from running(prepare_gateway(gw_dir))
+
+
+@pytest.fixture
+def limited(gw_dir: Path) -> Iterator[object]:
+    """A running gateway with the sample people and tight limits: a 3 MiB DATA budget,
+    3 connections per IP."""
+    gw = prepare_gateway(gw_dir)
+    with gw.config.open("a") as f:  # type: ignore[attr-defined]
+        f.write("\n[limits]\ndata_in_flight = 3145728\nconnections_per_ip = 3\n")
+    yield from running(gw)

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 BIN = Path(sys.executable).parent
-LISTENERS = ("smtp", "submission", "submissions", "imap", "imaps")
+LISTENERS = ("smtp", "submission", "submissions", "imap", "imaps", "web")
 
 
 def free_port() -> int:

@@ -1,17 +1,31 @@
-"""Test helpers: real SMTP clients with dev certificates, reading a mailbox back."""
+"""Test helpers: real SMTP and IMAP clients with dev certificates (smtplib sessions, raw
+SMTP and IMAP lines), reading a mailbox back, and feeding the sans-IO readers (the IMAP
+command parser, the SMTP DATA reader)."""
 
 from __future__ import annotations
 
 import asyncio
 import smtplib
+import socket
 import ssl
+from collections.abc import Callable
 from pathlib import Path
 
 from sqlalchemy import select
 
 from gateway.config import load_config
+from imap_store.imap.commands import InvalidCommand
+from imap_store.imap.parser import (
+    DEFAULT_MAX_COMMAND,
+    DEFAULT_MAX_LINE,
+    DEFAULT_MAX_LITERAL,
+    CommandParser,
+    Event,
+    NeedContinuation,
+)
 from imap_store.store import schema as t
 from imap_store.store.directory import Store
+from smtp_in.data import DataReader
 from tests.gateway_proc import Gateway
 
 SAMPLES = Path(__file__).parent / "samples"
@@ -67,6 +81,14 @@ def mailbox(gw_dir: Path, ins: str, name: str = "INBOX") -> list[bytes]:
     return asyncio.run(read())
 
 
+def server_log(gw: Gateway) -> str:
+    """The ``serve`` process's log, for checks of what it must not hold: asserted to be that
+    log (it says it was ready), so that an empty or missing file cannot pass them."""
+    log = gw.log()
+    assert "mssante-gateway ready" in log, log
+    return log
+
+
 def body_after_received(stored: bytes) -> bytes:
     """Strip our Received: trace field (first header, folded over several lines)."""
     assert stored.startswith(b"Received: ")
@@ -75,3 +97,157 @@ def body_after_received(stored: bytes) -> bytes:
     while lines[i][:1] in (b" ", b"\t"):
         i += 1
     return b"\r\n".join(lines[i:])
+
+
+# --------------------------------------------------------------------------- raw SMTP
+
+
+def raw_session(gw: Gateway, client: str, port: int | None = None) -> ssl.SSLSocket:
+    """A socket on the ``smtp`` listener (or on ``port``) after EHLO and STARTTLS, with
+    ``client``'s certificate: for exact wire checks."""
+    ctx = tls_context(gw, client)
+    sock = socket.create_connection(("127.0.0.1", port or gw.ports["smtp"]), timeout=30)
+    f = sock.makefile("rb")
+    assert f.readline().startswith(b"220")
+    sock.sendall(b"EHLO raw.test\r\n")
+    while not f.readline().startswith(b"250 "):
+        pass
+    sock.sendall(b"STARTTLS\r\n")
+    assert f.readline().startswith(b"220")
+    f.close()
+    tls = ctx.wrap_socket(sock, server_hostname="127.0.0.1")
+    return tls
+
+
+def exchange(sock: ssl.SSLSocket, data: bytes) -> list[bytes]:
+    """Send ``data``, return the lines of the SMTP reply (all of a multi-line one; fewer
+    if the server closes first)."""
+    sock.sendall(data)
+    lines: list[bytes] = []
+    buf = b""
+    while True:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return lines
+        buf += chunk
+        while b"\r\n" in buf:
+            line, buf = buf.split(b"\r\n", 1)
+            lines.append(line)
+            if line[3:4] == b" ":
+                return lines
+
+
+def raw_mail(sock: ssl.SSLSocket, sender: str, rcpt: str) -> None:
+    """EHLO, MAIL, RCPT and DATA on a raw session, each accepted: the DATA section is next."""
+    assert exchange(sock, b"EHLO raw.test\r\n")[-1].startswith(b"250 ")
+    assert exchange(sock, f"MAIL FROM:<{sender}>\r\n".encode())[0].startswith(b"250")
+    assert exchange(sock, f"RCPT TO:<{rcpt}>\r\n".encode())[0].startswith(b"250")
+    assert exchange(sock, b"DATA\r\n")[0].startswith(b"354")
+
+
+# --------------------------------------------------------------------------- raw IMAP
+
+
+class Raw:
+    """A line-level IMAP client over implicit TLS, for exact wire checks and timing."""
+
+    def __init__(self, gw: Gateway, port: str = "imaps") -> None:
+        sock = socket.create_connection(("127.0.0.1", gw.ports[port]), timeout=30)
+        self.sock = tls_context(gw).wrap_socket(sock, server_hostname="127.0.0.1")
+        self.file = self.sock.makefile("rb")
+        self.greeting = self.file.readline()
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def line(self) -> bytes:
+        return self.file.readline()
+
+    def until(self, prefix: bytes) -> list[bytes]:
+        lines: list[bytes] = []
+        while True:
+            line = self.line()
+            assert line, lines
+            lines.append(line)
+            if line.startswith(prefix):
+                return lines
+
+    def command(self, tag: str, text: str) -> list[bytes]:
+        self.send(f"{tag} {text}\r\n".encode())
+        return self.until(tag.encode() + b" ")
+
+    def close(self) -> None:
+        self.file.close()
+        self.sock.close()
+
+
+# --------------------------------------------------------------------------- IMAP parser
+
+React = Callable[[CommandParser, Event], None]
+
+
+def _drain(parser: CommandParser, out: list[Event], react: React | None) -> None:
+    while (event := parser.next_event()) is not None:
+        out.append(event)
+        if react is not None:
+            react(parser, event)
+
+
+def _run(
+    chunks: list[bytes], react: React | None, max_line: int, max_literal: int, max_command: int
+) -> list[Event]:
+    parser = CommandParser(max_line=max_line, max_literal=max_literal, max_command=max_command)
+    out: list[Event] = []
+    for chunk in chunks:
+        parser.feed(chunk)
+        _drain(parser, out, react)
+    return out
+
+
+def events(
+    data: bytes,
+    react: React | None = None,
+    *,
+    max_line: int = DEFAULT_MAX_LINE,
+    max_literal: int = DEFAULT_MAX_LITERAL,
+    max_command: int = DEFAULT_MAX_COMMAND,
+) -> list[Event]:
+    """All events for ``data``, checked identical when fed whole and byte by byte."""
+    limits = (max_line, max_literal, max_command)
+    whole = _run([data], react, *limits)
+    bytewise = _run([data[i : i + 1] for i in range(len(data))], react, *limits)
+    assert whole == bytewise
+    return whole
+
+
+def commands(data: bytes, **limits: int) -> list[Event]:
+    """Events of ``data`` without the NeedContinuation ones (the literal flow is implicit)."""
+    return [e for e in events(data, None, **limits) if not isinstance(e, NeedContinuation)]
+
+
+def one(data: bytes, **limits: int) -> Event:
+    result = commands(data, **limits)
+    assert len(result) == 1, result
+    return result[0]
+
+
+def bad(data: bytes, **limits: int) -> InvalidCommand:
+    event = one(data, **limits)
+    assert isinstance(event, InvalidCommand), event
+    assert event.status == "BAD"
+    return event
+
+
+# --------------------------------------------------------------------------- SMTP DATA reader
+
+
+def feed_data_reader(data: bytes, chunk: int | None, **kw: object) -> DataReader:
+    """A DATA reader fed ``data`` whole (``chunk=None``) or in chunks of ``chunk`` bytes."""
+    reader = DataReader(100_000, **kw)  # type: ignore[arg-type]
+    if chunk is None:
+        reader.feed(data)
+        return reader
+    for i in range(0, len(data), chunk):
+        if reader.feed(data[i:i + chunk]):
+            break
+    return reader

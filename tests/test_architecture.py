@@ -19,7 +19,8 @@ ALLOWED: dict[str, set[str]] = {
     "imap": {"store", "mime", "policy"},
     "smtp_in": {"store", "mime", "policy"},
     "outbound": {"store", "mime", "policy", "templates"},
-    "gateway": {"policy", "templates", "mime", "store", "imap", "smtp_in", "outbound"},
+    "web": {"store", "mime", "policy", "templates"},
+    "gateway": {"policy", "templates", "mime", "store", "imap", "smtp_in", "outbound", "web"},
 }
 
 #: Module prefix -> room (the longest prefix wins).
@@ -32,6 +33,7 @@ ROOMS = {
     "imap_store.imap": "imap",
     "smtp_in": "smtp_in",
     "outbound": "outbound",
+    "web": "web",
     "gateway": "gateway",
 }
 
@@ -54,7 +56,8 @@ def module_name(path: Path, root: Path = ROOT) -> str:
 
 def product_modules(root: Path) -> list[Path]:
     files: list[Path] = []
-    for package in ("policy", "templates", "imap_store", "smtp_in", "outbound", "gateway"):
+    for package in ("policy", "templates", "imap_store", "smtp_in", "outbound", "web",
+                    "gateway"):
         files.extend(p for p in (root / package).rglob("*.py")
                      if "migrations" not in p.parts)
     return sorted(files)
@@ -148,3 +151,16 @@ def test_admin_cli_loads_no_protocol_server() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          cwd=ROOT, check=True).stdout.strip()
     assert out == "[]"
+
+
+def test_every_package_is_packaged() -> None:
+    """pyproject.toml lists the packages by hand: a new sub-package must be in the list, or a
+    regular (non-editable) install ships without it."""
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text("utf-8"))
+                 ["tool"]["setuptools"]["packages"])
+    found = {module_name(p.parent / "__init__.py") for p in product_modules(ROOT)
+             if p.name == "__init__.py"}
+    found |= {"imap_store.store.migrations", "imap_store.store.migrations.versions"}
+    assert found == listed

@@ -1,11 +1,12 @@
 """The IMAP server end to end: the real ``serve`` process, real sockets, clients nobody here
-wrote (imaplib, aioimaplib, curl, mbsync), on SQLite and PostgreSQL (SPEC §5)."""
+wrote (imaplib, aioimaplib, curl, mbsync), on SQLite and PostgreSQL (SPEC §5). Oversized
+literals and over-long lines: test_security_oversized_literals.py; no secret in the logs:
+test_security_credentials_in_logs.py; cross-patient access: test_security_cross_patient.py."""
 
 from __future__ import annotations
 
 import imaplib
 import re
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -14,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import CHRISTELLE, DUPOND, INAYA, PATIENT_PASSWORD, SAMPLES, prepare_gateway
-from tests.gateway_proc import Gateway, free_port, set_listen
-from tests.helpers import body_after_received, mailbox, smtp, tls_context
+from tests.gateway_proc import LISTENERS, Gateway, free_port, set_listen
+from tests.helpers import Raw, body_after_received, mailbox, server_log, smtp, tls_context
 
 PATIENT = f"{INAYA}@patient.mssante.fr"
 
@@ -41,39 +42,6 @@ def starttls_client(gw: Gateway) -> imaplib.IMAP4:
 def ssl_client(gw: Gateway) -> imaplib.IMAP4_SSL:
     return imaplib.IMAP4_SSL("127.0.0.1", gw.ports["imaps"], ssl_context=tls_context(gw),
                              timeout=30)
-
-
-class Raw:
-    """A line-level IMAP client over implicit TLS, for exact wire checks and timing."""
-
-    def __init__(self, gw: Gateway, port: str = "imaps") -> None:
-        sock = socket.create_connection(("127.0.0.1", gw.ports[port]), timeout=30)
-        self.sock = tls_context(gw).wrap_socket(sock, server_hostname="127.0.0.1")
-        self.file = self.sock.makefile("rb")
-        self.greeting = self.file.readline()
-
-    def send(self, data: bytes) -> None:
-        self.sock.sendall(data)
-
-    def line(self) -> bytes:
-        return self.file.readline()
-
-    def until(self, prefix: bytes) -> list[bytes]:
-        lines = []
-        while True:
-            line = self.line()
-            assert line, lines
-            lines.append(line)
-            if line.startswith(prefix):
-                return lines
-
-    def command(self, tag: str, text: str) -> list[bytes]:
-        self.send(f"{tag} {text}\r\n".encode())
-        return self.until(tag.encode() + b" ")
-
-    def close(self) -> None:
-        self.file.close()
-        self.sock.close()
 
 
 def test_login_before_starttls_refused_then_read_welcome_and_delivered_mail(
@@ -109,6 +77,7 @@ def test_login_before_starttls_refused_then_read_welcome_and_delivered_mail(
     typ, data = conn.search(None, "UNSEEN")
     assert data == [b"1"]  # BODY[] set \Seen on 2 and 3
     typ, data = conn.fetch("1:*", "(FLAGS)")
+    assert typ == "OK" and len(data) == 3, data
     assert b"\\Seen" in data[1] and b"\\Seen" not in data[0]
     conn.close()
     conn.logout()
@@ -174,30 +143,6 @@ def test_sessions_see_each_others_flags_and_expunges(gateway: Gateway) -> None:
     assert second_conn.untagged_responses.get("EXPUNGE") == [b"2"]
     first.close()
     second_conn.logout()
-
-
-def test_literals_oversize_and_limits(gateway: Gateway) -> None:
-    raw = Raw(gateway)
-    # Before login, an APPEND literal is refused before any of it is read.
-    raw.send(b"a APPEND INBOX {100}\r\n")
-    assert raw.line().startswith(b"a NO [TOOBIG]")
-    raw.command("b", f'LOGIN {INAYA} "{PATIENT_PASSWORD}"')
-    # RFC 7889: over APPENDLIMIT, refused with TOOBIG and never read; the session goes on.
-    raw.send(b"c APPEND INBOX {26214401}\r\n")
-    assert raw.line() == b"c NO [TOOBIG] Literal too large\r\n"
-    assert raw.command("d", "NOOP")[-1] == b"d OK NOOP completed\r\n"
-    # A synchronising literal gets its continuation; LITERAL+ needs none.
-    message = b"Subject: x\r\n\r\nbody\r\n"
-    raw.send(b"e APPEND INBOX {%d}\r\n" % len(message))
-    assert raw.line() == b"+ Ready for literal\r\n"
-    raw.send(message + b"\r\n")
-    assert raw.until(b"e ")[-1].startswith(b"e OK [APPENDUID")
-    raw.send(b"f APPEND INBOX {%d+}\r\n" % len(message) + message + b"\r\n")
-    assert raw.until(b"f ")[-1].startswith(b"f OK [APPENDUID")
-    raw.send(b"g " + b"X" * 10000 + b"\r\n")
-    assert raw.line().startswith(b"g BAD")
-    raw.command("h", "LOGOUT")
-    raw.close()
 
 
 def test_aioimaplib_login_select_fetch_idle(gateway: Gateway) -> None:
@@ -312,7 +257,9 @@ def test_connections_per_ip_and_autologout(gw_dir: Path) -> None:
         second.close()
     finally:
         gw.kill()
-    assert "Traceback" not in gw.log() and PATIENT_PASSWORD not in gw.log()
+    log = server_log(gw)
+    assert "refused (connections per IP)" in log, log
+    assert "Traceback" not in log and PATIENT_PASSWORD not in log
 
 
 @pytest.fixture
@@ -325,7 +272,7 @@ def second_process(gateway: Gateway) -> Iterator[Gateway]:
                     ignore=shutil.ignore_patterns("serve-*.log", "*.db*"))
     config = other_dir / "gateway.toml"  # the storage URL is absolute: same database
     other = Gateway(other_dir)
-    for name in ("smtp", "submission", "submissions", "imap", "imaps"):
+    for name in LISTENERS:  # every listener, or the two processes would share a port
         other.ports[name] = free_port()
         set_listen(config, name, f"127.0.0.1:{other.ports[name]}")
     other.start()
@@ -355,16 +302,3 @@ def test_sessions_in_two_processes_see_each_other(gateway: Gateway,
     there.until(b"c ")
     here.close()
     there.close()
-
-
-def test_no_exception_text_and_no_secret_in_logs(gateway: Gateway) -> None:
-    raw = Raw(gateway)
-    assert raw.command("a", f'LOGIN {INAYA} "{PATIENT_PASSWORD}"')[-1].startswith(b"a OK")
-    assert raw.command("b", "SELECT INBOX")[-1].startswith(b"b OK")
-    assert raw.command("c", "FETCH 1 (BODY[])")[-1].startswith(b"c OK")
-    raw.send(b"\x00\xff garbage\r\n")
-    assert raw.line().startswith(b"* BAD")
-    raw.command("d", "LOGOUT")
-    raw.close()
-    log = gateway.log()
-    assert PATIENT_PASSWORD not in log and "Bienvenue" not in log and "Traceback" not in log

@@ -1,13 +1,15 @@
 """Tests of the sans-IO IMAP command parser (imap_store.imap.parser / commands).
 
-Every command test goes through :func:`events`, which feeds the bytes in one piece *and* one
-byte at a time (h11's habit) and checks that both runs produce the same events.
+Every command test goes through :func:`tests.helpers.events`, which feeds the bytes in one
+piece *and* one byte at a time (h11's habit) and checks that both runs produce the same events.
+The parser's security regressions have their own files: oversized literals and over-long lines
+in ``test_security_oversized_literals.py``, bare LF in ``test_security_smuggling.py``, secrets
+kept out of ``repr`` (hence out of logs) in ``test_security_credentials_in_logs.py``.
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
 from datetime import UTC, date, datetime, timedelta, timezone
 
 import pytest
@@ -68,71 +70,15 @@ from imap_store.imap.commands import (
     encode_mailbox_name,
 )
 from imap_store.imap.parser import (
-    DEFAULT_MAX_COMMAND,
     DEFAULT_MAX_LINE,
-    DEFAULT_MAX_LITERAL,
     MAX_SEARCH_DEPTH,
     CommandParser,
     Event,
     LineTooLong,
-    LiteralTooLarge,
     NeedContinuation,
     RawLine,
 )
-
-React = Callable[[CommandParser, Event], None]
-
-
-def _drain(parser: CommandParser, out: list[Event], react: React | None) -> None:
-    while (event := parser.next_event()) is not None:
-        out.append(event)
-        if react is not None:
-            react(parser, event)
-
-
-def _run(
-    chunks: list[bytes], react: React | None, max_line: int, max_literal: int, max_command: int
-) -> list[Event]:
-    parser = CommandParser(max_line=max_line, max_literal=max_literal, max_command=max_command)
-    out: list[Event] = []
-    for chunk in chunks:
-        parser.feed(chunk)
-        _drain(parser, out, react)
-    return out
-
-
-def events(
-    data: bytes,
-    react: React | None = None,
-    *,
-    max_line: int = DEFAULT_MAX_LINE,
-    max_literal: int = DEFAULT_MAX_LITERAL,
-    max_command: int = DEFAULT_MAX_COMMAND,
-) -> list[Event]:
-    """All events for ``data``, checked identical when fed whole and byte by byte."""
-    limits = (max_line, max_literal, max_command)
-    whole = _run([data], react, *limits)
-    bytewise = _run([data[i : i + 1] for i in range(len(data))], react, *limits)
-    assert whole == bytewise
-    return whole
-
-
-def commands(data: bytes, **limits: int) -> list[Event]:
-    """Events of ``data`` without the NeedContinuation ones (the literal flow is implicit)."""
-    return [e for e in events(data, None, **limits) if not isinstance(e, NeedContinuation)]
-
-
-def one(data: bytes, **limits: int) -> Event:
-    result = commands(data, **limits)
-    assert len(result) == 1, result
-    return result[0]
-
-
-def bad(data: bytes, **limits: int) -> InvalidCommand:
-    event = one(data, **limits)
-    assert isinstance(event, InvalidCommand), event
-    assert event.status == "BAD"
-    return event
+from tests.helpers import bad, commands, events, one
 
 
 def seq(text: str) -> SequenceSet:
@@ -329,15 +275,6 @@ def test_empty_lines_are_ignored() -> None:
     assert commands(b"\r\n\r\na NOOP\r\n\r\n") == [Noop("a")]
 
 
-def test_bare_lf_does_not_end_a_line() -> None:
-    parser = CommandParser()
-    parser.feed(b"a NOOP\n")
-    assert parser.next_event() is None
-    parser.feed(b"\r\n")
-    event = parser.next_event()
-    assert isinstance(event, InvalidCommand) and event.tag == "a"
-
-
 def test_pipelined_commands_and_names() -> None:
     result = commands(b"a NOOP\r\nb UID FETCH 1 UID\r\nc SELECT INBOX\r\nd EXAMINE INBOX\r\n")
     assert [e.tag for e in result] == ["a", "b", "c", "d"]  # type: ignore[union-attr]
@@ -350,16 +287,6 @@ def test_pipelined_commands_and_names() -> None:
     assert Expunge("x", seq("1")).name == "UID EXPUNGE" and Expunge("x").name == "EXPUNGE"
     assert Expunge("x", seq("1")).uid and not Expunge("x").uid
     assert Store("x", seq("1"), StoreMode.ADD, False, ()).name == "STORE"
-
-
-def test_secrets_are_not_in_repr() -> None:
-    login = one(b"a LOGIN bob hunter2\r\n")
-    assert "hunter2" not in repr(login)
-    auth = one(b"a AUTHENTICATE PLAIN AGJvYgBodW50ZXIy\r\n")
-    assert "hunter2" not in repr(auth) and "AGJv" not in repr(auth)
-    assert "hunter2" not in repr(RawLine(b"hunter2"))
-    append = one(b"a APPEND INBOX {7+}\r\nhunter2\r\n")
-    assert "hunter2" not in repr(append)
 
 
 # --------------------------------------------------------------------------- literals
@@ -430,148 +357,6 @@ def test_reject_literal() -> None:
     assert parser.next_event() == Noop("b")
     with pytest.raises(RuntimeError):
         parser.reject_literal()
-
-
-@pytest.mark.parametrize("marker", [b"{11}", b"{0011}", b"{99999999999999999999999999}"])
-def test_sync_literal_too_large_refused_before_reading(marker: bytes) -> None:
-    parser = CommandParser(max_literal=10)
-    parser.feed(b"a APPEND INBOX " + marker + b"\r\n")
-    event = parser.next_event()
-    assert isinstance(event, LiteralTooLarge)
-    assert (event.tag, event.synchronizing) == ("a", True)
-    assert event.size > 10
-    assert parser.next_event() is None
-    # The client got no "+": it does not send the literal; the next bytes are a new command.
-    parser.feed(b"b NOOP\r\n")
-    assert parser.next_event() == Noop("b")
-
-
-def test_sync_literal_too_large_whole_and_bytewise() -> None:
-    assert events(b"a APPEND INBOX {11}\r\nb NOOP\r\n", max_literal=10) == [
-        LiteralTooLarge("a", 11, True),
-        Noop("b"),
-    ]
-
-
-def test_non_sync_literal_too_large_is_drained() -> None:
-    parser = CommandParser(max_literal=10)
-    parser.feed(b"a APPEND INBOX {38+}\r\n")
-    assert parser.next_event() == LiteralTooLarge("a", 38, False)
-    assert parser.buffered_bytes == 0
-    # The 38 bytes look like commands: none of them may be executed.
-    smuggled = b"x LOGOUT\r\ny DELETE INBOX\r\nz LOGOUT\r\n\r\n"
-    assert len(smuggled) == 38
-    for byte in smuggled:
-        parser.feed(bytes([byte]))
-        assert parser.next_event() is None
-        assert parser.buffered_bytes <= 1
-    parser.feed(b"\r\nb NOOP\r\n")
-    assert parser.next_event() == Noop("b")
-    assert parser.next_event() is None
-
-
-def test_non_sync_literal_too_large_whole_and_bytewise() -> None:
-    smuggled = b"x LOGOUT\r\ny DELETE INBOX\r\nz LOGOUT\r\n\r\n"
-    data = b"a APPEND INBOX {38+}\r\n" + smuggled + b"\r\nb NOOP\r\n"
-    assert events(data, max_literal=10) == [LiteralTooLarge("a", 38, False), Noop("b")]
-
-
-def test_drained_command_continues_after_further_literals() -> None:
-    # The refused command goes on with another non-synchronising literal: drained as well.
-    data = b"a LOGIN {30+}\r\n" + b"x" * 30 + b" {8+}\r\nx LOGOUT\r\nb NOOP\r\n"
-    assert events(data, max_command=20) == [LiteralTooLarge("a", 30, False), Noop("b")]
-
-
-def test_non_append_literals_are_bounded_by_max_command() -> None:
-    assert events(b"a LOGIN {21}\r\nb NOOP\r\n", max_command=20) == [
-        LiteralTooLarge("a", 21, True),
-        Noop("b"),
-    ]
-    # The total of all literals of a command counts.
-    assert events(b"a LOGIN {8+}\r\n12345678 {8}\r\nc NOOP\r\n", max_command=20) == [
-        LiteralTooLarge("a", 8, True),
-        Noop("c"),
-    ]
-    # APPEND's message literal may be as large as max_literal, whatever max_command says.
-    message = b"x" * 100
-    assert commands(
-        b"a APPEND INBOX {100+}\r\n" + message + b"\r\n", max_command=64, max_literal=100
-    ) == [Append("a", "INBOX", (), None, message)]
-    assert events(
-        b"a APPEND INBOX {101+}\r\n" + message + b"x\r\nb NOOP\r\n", max_command=64, max_literal=100
-    ) == [LiteralTooLarge("a", 101, False), Noop("b")]
-
-
-def test_unknown_command_with_literal_is_refused_without_reading_it() -> None:
-    assert events(b"a FROB {5}\r\nb NOOP\r\n") == [
-        InvalidCommand("a", "Unknown command"),
-        Noop("b"),
-    ]
-    assert events(b"a FROB {9+}\r\nc LOGOUT\r\n\r\nb NOOP\r\n") == [
-        InvalidCommand("a", "Unknown command"),
-        Noop("b"),
-    ]
-    assert events(b"+ LOGIN {9+}\r\nc LOGOUT\r\n\r\nb NOOP\r\n") == [
-        InvalidCommand(None, "Invalid tag"),
-        Noop("b"),
-    ]
-
-
-# --------------------------------------------------------------------------- long lines
-
-
-def test_over_long_line_is_drained_not_buffered() -> None:
-    parser = CommandParser(max_line=100)
-    parser.feed(b"a1 SEARCH SUBJECT ")
-    assert parser.next_event() is None
-    chunk = b"x" * 50
-    reported: list[Event] = []
-    for _ in range(2000):  # 100 kB line
-        parser.feed(chunk)
-        while (event := parser.next_event()) is not None:
-            reported.append(event)
-        assert parser.buffered_bytes <= 101 + len(chunk)
-    assert reported == [LineTooLong("a1")]
-    parser.feed(b"\r\nb NOOP\r\n")
-    assert parser.next_event() == Noop("b")
-
-
-def test_over_long_line_whole_and_bytewise() -> None:
-    data = b"a NOOP " + b"y" * 300 + b"\r\nb NOOP\r\n"
-    assert events(data, max_line=100) == [LineTooLong("a"), Noop("b")]
-
-
-def test_line_of_exactly_max_line_is_accepted() -> None:
-    line = b"a SELECT " + b"m" * 91
-    assert len(line) == 100
-    assert events(line + b"\r\n", max_line=100) == [Select("a", "m" * 91)]
-    assert events(line + b"m\r\n", max_line=100) == [LineTooLong("a")]
-
-
-def test_over_long_line_without_readable_tag() -> None:
-    assert events(b"z" * 300 + b"\r\nb NOOP\r\n", max_line=100) == [LineTooLong(None), Noop("b")]
-
-
-def test_over_long_continuation_line_keeps_the_tag() -> None:
-    data = b"a LOGIN {3+}\r\nbob " + b"p" * 200 + b"\r\nb NOOP\r\n"
-    assert events(data, max_line=100) == [LineTooLong("a"), Noop("b")]
-
-
-@pytest.mark.parametrize("marker", [b"{10+}", b"{" + b"0" * 40 + b"10+}"])
-def test_over_long_line_announcing_a_non_sync_literal(marker: bytes) -> None:
-    smuggled = b"x LOGOUT\r\n"
-    data = b"a LOGIN " + b"u" * 200 + b" " + marker + b"\r\n" + smuggled + b"\r\nb NOOP\r\n"
-    assert events(data, max_line=100) == [LineTooLong("a"), Noop("b")]
-
-
-def test_over_long_line_announcing_a_sync_literal_ends_the_command() -> None:
-    data = b"a LOGIN " + b"u" * 200 + b" {10}\r\nb NOOP\r\n"
-    assert events(data, max_line=100) == [LineTooLong("a"), Noop("b")]
-
-
-def test_brace_inside_drained_line_is_not_a_marker() -> None:
-    data = b"a LOGIN {5+} " + b"u" * 200 + b"\r\nb NOOP\r\n"
-    assert events(data, max_line=100) == [LineTooLong("a"), Noop("b")]
 
 
 # --------------------------------------------------------------------------- raw lines

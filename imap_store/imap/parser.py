@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import bisect
 import enum
 import re
 from collections.abc import Callable
@@ -108,6 +109,7 @@ from imap_store.imap.commands import (
     Unsubscribe,
     decode_mailbox_name,
 )
+from policy.rules import MAX_INBOUND_SIZE
 
 __all__ = [
     "DEFAULT_MAX_COMMAND",
@@ -127,9 +129,8 @@ __all__ = [
 DEFAULT_MAX_LINE = 8192
 
 #: Largest APPEND message literal. RFC 3501 sets no limit; RFC 7889 (APPENDLIMIT) lets the server
-#: advertise one: the edge should advertise this value. 25 MiB matches the gateway's inbound
-#: message limit (policy rule R7, RFC 1870 SIZE 26214400).
-DEFAULT_MAX_LITERAL = 25 * 1024 * 1024
+#: advertise one: the edge advertises this value, the inbound message limit of rule R7.
+DEFAULT_MAX_LITERAL = MAX_INBOUND_SIZE
 
 #: Largest total size (lines and literals) of any command other than APPEND. RFC 7888 §4 lets a
 #: server refuse over-large literals; only APPEND carries big data, logins and search strings
@@ -307,6 +308,10 @@ class _Reader:
         self.text = text
         self.pos = 0
         self.literals = literals
+        # The literals' offsets in order, so that a quoted string finds the first literal after
+        # its start by bisection: scanning them all for every string made a command with many
+        # literals and quoted strings quadratic (issue 16).
+        self.literal_offsets = sorted(literals)
 
     # -- primitives
 
@@ -383,7 +388,9 @@ class _Reader:
             else:
                 out.append(byte)
         # A quoted string cannot continue across a literal (it would swallow the announcement).
-        if any(start < offset <= self.pos for offset in self.literals):
+        offsets = self.literal_offsets
+        after = bisect.bisect_right(offsets, start)
+        if after < len(offsets) and offsets[after] <= self.pos:
             raise _SyntaxError("Unterminated quoted string")
         return bytes(out)
 

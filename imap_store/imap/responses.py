@@ -8,20 +8,18 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from imap_store.imap.commands import encode_mailbox_name
-from imap_store.store import schema as t
+from imap_store.store.mailboxes import SYSTEM_FLAG_BITS
+from policy.rules import MAX_INBOUND_SIZE
 
 #: RFC 7889 APPENDLIMIT: the largest message APPEND takes, equal to the SMTP SIZE of rule R7.
-APPEND_LIMIT = 26_214_400
+APPEND_LIMIT = MAX_INBOUND_SIZE
 
 #: Flags every mailbox supports (RFC 3501 §2.3.2); ``\\*`` in PERMANENTFLAGS: keywords too.
 SYSTEM_FLAGS_TEXT = b"\\Answered \\Flagged \\Deleted \\Seen \\Draft"
 
-_FLAG_NAMES = (
-    (t.FLAG_SEEN, b"\\Seen"),
-    (t.FLAG_ANSWERED, b"\\Answered"),
-    (t.FLAG_FLAGGED, b"\\Flagged"),
-    (t.FLAG_DELETED, b"\\Deleted"),
-    (t.FLAG_DRAFT, b"\\Draft"),
+_FLAG_NAMES = tuple(
+    (SYSTEM_FLAG_BITS[name], name.encode())
+    for name in ("\\Seen", "\\Answered", "\\Flagged", "\\Deleted", "\\Draft")
 )
 _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
 
@@ -69,6 +67,9 @@ NO_AUTH_THROTTLED = Reply("NO", "Too many failed logins, try again later", "UNAV
 NO_MECHANISM = Reply("NO", "Unsupported authentication mechanism", "CANNOT")
 NO_READ_ONLY = Reply("NO", "Mailbox is read-only", "READ-ONLY")
 NO_EMPTY_MESSAGE = Reply("NO", "Empty message", "CANNOT")
+#: APPEND of a literal with a NUL octet (RFC 3501 §4.3, §9 CHAR8; no BINARY here): the command
+#: was read whole, so a NO (the message cannot be stored) rather than a BAD (a broken client).
+NO_NUL_IN_MESSAGE = Reply("NO", "Message contains a NUL octet (RFC 3501 CHAR8)", "CANNOT")
 NO_NONEXISTENT = Reply("NO", "No such mailbox", "NONEXISTENT")
 NO_PATTERN_TOO_LONG = Reply("NO", "Pattern too long", "LIMIT")
 

@@ -193,14 +193,20 @@ def _parse_address_list_general(value: str) -> list[Address]:
 # parser's result is: the phrase with runs of blanks collapsed to one space and
 # then str.strip()ped (unquoted) or the quoted text str.strip()ped, ``None`` when
 # empty; no adl; the local part and domain verbatim; all through _l1.
-_FA = r"[!#$%&'*+\-./0-9=?A-Z^_`a-z{|}~\x80-\xff]+"  # atoms and dots, no blanks
+#
+# Every quantifier is possessive (``*+``, ``++``: nothing taken is given back), so a failed
+# match never backtracks and the time is linear in the value. (The phrase, which may end with
+# blanks, used to be followed by ``[ \t]*``: a long run of blanks not followed by ``<`` took
+# quadratic time, issue 16.) The phrase keeps its leading and trailing blanks out of, or in,
+# the group as it happens; the caller strips them, so the result is the same.
+_FA = r"[!#$%&'*+\-./0-9=?A-Z^_`a-z{|}~\x80-\xff]++"  # atoms and dots, no blanks
 _FAST_ADDR_RE = re.compile(
-    r"[ \t]*(?:"
+    r"[ \t]*+(?:"
     rf"(?P<bl>{_FA})@(?P<bd>{_FA})"
-    r'|(?:"(?P<q>[\t !#-\[\]-~\x80-\xff]*)"'
-    r"|(?P<p>[\t !#$%&'*+\-./0-9=?A-Z^_`a-z{|}~\x80-\xff]*))"
-    rf"[ \t]*<(?P<l>{_FA})@(?P<d>{_FA})>"
-    r")[ \t]*"
+    r'|(?:"(?P<q>[\t !#-\[\]-~\x80-\xff]*+)"[ \t]*+'
+    r"|(?P<p>[\t !#$%&'*+\-./0-9=?A-Z^_`a-z{|}~\x80-\xff]*+))"
+    rf"<(?P<l>{_FA})@(?P<d>{_FA})>"
+    r")[ \t]*+"
 )
 _BLANKS_RE = re.compile(r"[ \t]+")
 

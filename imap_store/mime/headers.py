@@ -237,7 +237,10 @@ _PLAIN_RE = re.compile(r'[^"(]+')
 _CMT_CHUNK_RE = re.compile(r"[^\\()]+")
 _UNESCAPE_RE = re.compile(r"\\(.)", re.S)
 _TOKEN_RE = re.compile(r"[!#$%&'*+\-.0-9A-Z^_`a-z{|}~]+")
-_PARAM_RE = re.compile(r'[\s;]*([^\s=;"]+)\s*=\s*("[^"\\]*(?:\\.[^"\\]*)*"?|[^;]*)', re.S)
+#: Separators before a parameter; skipped on their own so that a failed parameter costs only
+#: its own length (a long run of ``; ; ;`` used to be rescanned for every ``;``: issue 16).
+_PARAM_SEP_RE = re.compile(r"[\s;]*+")
+_PARAM_RE = re.compile(r'([^\s=;"]++)\s*+=\s*+("[^"\\]*+(?:\\.[^"\\]*+)*+"?|[^;]*+)', re.S)
 _CONT_RE = re.compile(r"(.+?)\*([0-9]{1,6})(\*?)")
 _ATTR_SAFE = "!#$&+-.^_`|~"
 
@@ -306,6 +309,11 @@ def _parse_params(s: str) -> list[tuple[str, str]]:
     raw_params: list[tuple[str, str]] = []
     i, n = 0, len(s)
     while i < n:
+        sep = _PARAM_SEP_RE.match(s, i)
+        assert sep is not None  # matches the empty string
+        i = sep.end()
+        if i >= n:
+            break
         m = _PARAM_RE.match(s, i)
         if m is None:  # garbage segment: skip to the next ";"
             j = s.find(";", i)

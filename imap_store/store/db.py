@@ -26,7 +26,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 _MIGRATION_LOCK_KEY = 0x6D7373  # "mss": PostgreSQL advisory lock taken while migrating
-_SCHEMA_RE = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+_SCHEMA_RE = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 #: How long a SQLite writer waits for another process's write transaction (ms).
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 
@@ -54,7 +54,7 @@ def async_url(url: str) -> tuple[URL, dict[str, Any], str | None]:
         if isinstance(raw_schema, tuple):
             raw_schema = raw_schema[0]
         if raw_schema:
-            if not _SCHEMA_RE.match(raw_schema):
+            if not _SCHEMA_RE.fullmatch(raw_schema):
                 raise StorageError(f"storage.url: invalid schema name {raw_schema!r}")
             schema = raw_schema
             connect_args["server_settings"] = {"search_path": schema}

@@ -16,7 +16,7 @@ from typing import Any, NamedTuple
 
 from sqlalchemy.engine import Connection
 
-from imap_store.mime import MessageInfo, parse_message
+from imap_store.mime import MessageInfo, decode_rfc2047, parse_message
 from imap_store.store import ops
 from imap_store.store.fields import MessageFields, StoredMessage
 
@@ -60,6 +60,22 @@ def search_values(meta: str | Mapping[str, Any] | None) -> dict[str, str | None]
     return out
 
 
+def thread_id(message_id: str | None, in_reply_to: str | None,
+              references: Sequence[str]) -> str | None:
+    """The conversation a message belongs to: the first Message-ID of its ``References``
+    (the conversation's root, RFC 5322 §3.6.4), else its ``In-Reply-To``, else its own."""
+    root = references[0] if references else in_reply_to or message_id
+    return _cut(root, 998)
+
+
+def from_name(envelope: Sequence[Any]) -> str | None:
+    """The decoded display name of the first ``From:`` address, None when it has none."""
+    senders = envelope[2] if len(envelope) > 2 else None
+    if senders and isinstance(senders[0], list) and senders[0] and senders[0][0]:
+        return _cut(decode_rfc2047(str(senders[0][0])), 200)
+    return None
+
+
 def fields_from_info(info: MessageInfo) -> MessageFields:
     """The stored fields of a parsed message (one ``to_dict``, no JSON read back)."""
     meta = info.to_dict()
@@ -70,6 +86,9 @@ def fields_from_info(info: MessageInfo) -> MessageFields:
         subject=info.subject,
         from_addr=_cut(info.from_addr, 254),
         sent_date=info.date,
+        thread_id=thread_id(info.message_id, info.in_reply_to, info.references),
+        has_attachments=info.has_attachments,
+        from_name=from_name(info.envelope),
         meta=json.dumps(meta, separators=(",", ":"), ensure_ascii=False, default=str),
         search=search_values(meta),
     )

@@ -75,11 +75,12 @@ class Patient:
     state: str
     has_password: bool
     created_at: datetime
+    phone: str | None = None  # where the portal's one-time code may go by SMS
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "ins": self.ins, "name": self.name, "notify_email": self.notify_email,
-            "state": self.state, "has_password": self.has_password,
+            "phone": self.phone, "state": self.state, "has_password": self.has_password,
             "created_at": self.created_at.isoformat(),
         }
 
@@ -372,12 +373,12 @@ class Store:
         return Patient(
             id=row.id, ins=row.ins, name=row.name, notify_email=row.notify_email,
             state=row.state, has_password=row.password_hash is not None,
-            created_at=as_utc(row.created_at),
+            created_at=as_utc(row.created_at), phone=row.phone,
         )
 
     async def add_patient(
         self, actor: str, ins: str, name: str, notify_email: str, password_hash: str | None,
-        welcome: bytes,
+        welcome: bytes, phone: str | None = None,
     ) -> Patient:
         """Create the patient, its four special-use mailboxes and the welcome message."""
         async with self.write() as conn:
@@ -385,7 +386,7 @@ class Store:
                 result = await conn.execute(
                     insert(t.patient).values(
                         ins=ins, name=name, notify_email=notify_email, state="open",
-                        password_hash=password_hash, created_at=utcnow(),
+                        password_hash=password_hash, created_at=utcnow(), phone=phone,
                     ).returning(t.patient.c.id)
                 )
             except IntegrityError:
@@ -530,3 +531,8 @@ class Store:
         async with self.read() as conn:
             patient = await self._get_patient(conn, ins)
             return await self._contacts(conn, patient.id)
+
+    async def contacts_of(self, patient_id: int) -> list[Contact]:
+        """The patient's contacts (as ``list_contacts``), by patient id."""
+        async with self.read() as conn:
+            return await self._contacts(conn, patient_id)

@@ -34,6 +34,9 @@ class MessageFields:
     subject: str | None = None
     from_addr: str | None = None
     sent_date: datetime | None = None
+    thread_id: str | None = None  # the conversation (deliver.thread_id)
+    has_attachments: bool = False
+    from_name: str | None = None  # decoded display name of the first From: address
     meta: str | None = None  # JSON
     #: The case-folded ``blob_search`` columns (``deliver.search_values``), None without any.
     search: Mapping[str, str | None] | None = None

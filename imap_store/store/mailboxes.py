@@ -16,18 +16,20 @@ without advertising CONDSTORE). Bodies are read only when a body is asked for.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import re
 from array import array
 from bisect import bisect_left
-from collections.abc import Awaitable, Callable, Iterable, Sequence
-from dataclasses import dataclass
-from datetime import datetime
-from typing import Any, Protocol, TypeVar
+from collections.abc import Awaitable, Callable, Collection, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import date, datetime
+from typing import Any, NamedTuple, Protocol, TypeVar
 
 from sqlalchemy import (
     ColumnElement,
     Integer,
+    and_,
     bindparam,
     case,
     cast,
@@ -37,15 +39,18 @@ from sqlalchemy import (
     func,
     insert,
     literal_column,
+    not_,
+    null,
     or_,
     select,
+    true,
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from imap_store.mime import MessageInfo, parse_message
+from imap_store.mime import MessageInfo, parse_message, text_for_search
 from imap_store.store import schema as t
 from imap_store.store.deliver import SEARCH_FIELDS, deliver, search_values
 from imap_store.store.directory import DatabaseBlobStore, Store, new_uidvalidity
@@ -76,6 +81,10 @@ SEARCH_COLUMNS: dict[str, ColumnElement[Any]] = {
 _HAS_KEYWORDS = t.message.c.keywords != literal_column("''")
 #: A UID set with more ranges than this is read as one ``BETWEEN`` and filtered in Python.
 _MAX_RANGES = 20
+#: A SEARCH key naming more UID ranges than this is decided in Python rather than in SQL.
+_MAX_SEARCH_RANGES = 50
+#: Message bodies read in one query by SEARCH BODY/TEXT (at least one message per query).
+_SEARCH_BODY_BATCH = 8 * 1024 * 1024
 #: Messages parsed in a worker thread above this size (keeps the event loop responsive).
 _THREAD_PARSE_SIZE = 256 * 1024
 
@@ -208,10 +217,145 @@ class CopyResult:
     expunge_modseq: int = 0
 
 
-#: Columns the session may ask :meth:`PatientMailStore.fetch_rows` for (``uid`` always comes).
-ROW_COLUMNS = frozenset(
-    {"flags", "keywords", "internal_date", "size", "meta", "blob_id", "sent_date", "modseq"}
+class MessageRow(NamedTuple):
+    """A message's columns as FETCH reads them (:meth:`MailStore.fetch_rows`). Only the
+    columns asked for are read: the others hold ``0``, ``""`` or ``None``."""
+
+    uid: int
+    flags: int  # system flag bits (SYSTEM_FLAG_BITS)
+    keywords: str  # space-separated
+    size: int
+    internal_date: datetime | None
+    meta: str | None  # MessageInfo.to_dict() as JSON
+
+
+#: Columns the session may ask :meth:`MailStore.fetch_rows` for (``uid`` always comes).
+ROW_COLUMNS = frozenset(MessageRow._fields[1:])
+
+
+# --------------------------------------------------------------------------- SEARCH queries
+# What a SEARCH asks of the store (RFC 3501 §6.4.4 keys, resolved by the session against its
+# view: sequence numbers, UID sets and \\Recent become UID ranges).
+
+
+@dataclass(frozen=True, slots=True)
+class MatchAll:
+    """Every message."""
+
+
+@dataclass(frozen=True, slots=True)
+class MatchUids:
+    """A UID in one of ``ranges`` (inclusive, ascending, merged)."""
+
+    ranges: tuple[tuple[int, int], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class MatchFlag:
+    """``flag`` (a key of :data:`SYSTEM_FLAG_BITS`, else a keyword) is set (``present``) or
+    not."""
+
+    flag: str
+    present: bool
+
+
+@dataclass(frozen=True, slots=True)
+class MatchHeader:
+    """Header ``field`` (lower case) holds ``value``, case-insensitively (an empty ``value``:
+    the field is there)."""
+
+    field: str
+    value: str
+
+
+@dataclass(frozen=True, slots=True)
+class MatchBody:
+    """The body holds ``value``, case-insensitively."""
+
+    value: str
+
+
+@dataclass(frozen=True, slots=True)
+class MatchText:
+    """The header or the body holds ``value``, case-insensitively."""
+
+    value: str
+
+
+@dataclass(frozen=True, slots=True)
+class MatchInternalDate:
+    """The internal date's day is ``"BEFORE"``, ``"ON"`` or ``"SINCE"`` (on or after)
+    ``day``."""
+
+    relation: str
+    day: date
+
+
+@dataclass(frozen=True, slots=True)
+class MatchSentDate:
+    """The Date header's own day is ``"BEFORE"``, ``"ON"`` or ``"SINCE"`` ``day``."""
+
+    relation: str
+    day: date
+
+
+@dataclass(frozen=True, slots=True)
+class MatchLarger:
+    """Larger than ``size`` octets."""
+
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
+class MatchSmaller:
+    """Smaller than ``size`` octets."""
+
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
+class MatchNot:
+    key: Match
+
+
+@dataclass(frozen=True, slots=True)
+class MatchOr:
+    left: Match
+    right: Match
+
+
+@dataclass(frozen=True, slots=True)
+class MatchAnd:
+    keys: tuple[Match, ...]
+
+
+Match = (
+    MatchAll | MatchUids | MatchFlag | MatchHeader | MatchBody | MatchText | MatchInternalDate
+    | MatchSentDate | MatchLarger | MatchSmaller | MatchNot | MatchOr | MatchAnd
 )
+
+
+@dataclass(frozen=True, slots=True)
+class SearchResult:
+    """The answer of :meth:`MailStore.search`: the UIDs that match, ascending. ``bodies``: the
+    query looked into message bodies (BODY, TEXT), an access to health data to audit."""
+
+    uids: list[int]
+    bodies: bool = False
+
+
+class SearchRow(NamedTuple):
+    """A message SEARCH could not decide in the database: the columns the rest of the query
+    looks at, ``0``, ``""`` or ``None`` for the others."""
+
+    uid: int
+    flags: int
+    keywords: str
+    size: int
+    internal_date: datetime | None
+    meta: str | None  # read when the header fields could not be extracted by the database
+    sent: str | None  # the Date header (ISO 8601), extracted from ``meta`` by the database
+    headers: tuple[str | None, ...]  # header fields, extracted likewise (see _Candidates)
 
 
 class MailStore(Protocol):
@@ -231,16 +375,13 @@ class MailStore(Protocol):
 
     async def fetch_rows(
         self, mailbox_id: int, uids: Sequence[int], columns: Iterable[str]
-    ) -> list[Any]: ...
+    ) -> list[MessageRow]: ...
 
     async def flag_rows(
         self, mailbox_id: int, ranges: Sequence[tuple[int, int]]
-    ) -> tuple[list[Any], dict[int, str]]: ...
+    ) -> tuple[Sequence[tuple[int, int]], dict[int, str]]: ...
 
-    async def search_rows(
-        self, mailbox_id: int, where: ColumnElement[bool] | None, columns: Iterable[str],
-        headers: Iterable[str] = (), *, indexed: bool = False,
-    ) -> list[Any] | None: ...
+    async def search(self, mailbox_id: int, query: Match) -> SearchResult: ...
 
     async def body(self, mailbox_id: int, uid: int) -> bytes | None: ...
 
@@ -293,6 +434,115 @@ def uid_ranges(uids: Sequence[int]) -> list[tuple[int, int]]:
         elif not ranges or uid > ranges[-1][1]:
             ranges.append((uid, uid))
     return ranges
+
+
+def merge_ranges(bounds: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Sorted, merged inclusive ranges."""
+    merged: list[tuple[int, int]] = []
+    for low, high in sorted(bounds):
+        if merged and low <= merged[-1][1] + 1:
+            if high > merged[-1][1]:
+                merged[-1] = (merged[-1][0], high)
+        else:
+            merged.append((low, high))
+    return merged
+
+
+# --------------------------------------------------------------------------- SEARCH in SQL
+
+
+def _leaves(key: Match) -> Iterator[Match]:
+    """The keys of a query that are not NOT, OR or AND."""
+    stack: list[Match] = [key]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, MatchNot):
+            stack.append(node.key)
+        elif isinstance(node, MatchOr):
+            stack.extend((node.left, node.right))
+        elif isinstance(node, MatchAnd):
+            stack.extend(node.keys)
+        else:
+            yield node
+
+
+def _query_fields(key: Match) -> set[str]:
+    """Header fields (lower case) a query looks into."""
+    return {n.field for n in _leaves(key) if isinstance(n, MatchHeader)}
+
+
+def _query_columns(key: Match) -> set[str]:
+    """Columns (``sent``: the Date header; ``body``) a query needs in Python (header fields
+    are extracted from ``meta``: see ``_query_fields``)."""
+    out: set[str] = set()
+    for node in _leaves(key):
+        if isinstance(node, MatchFlag):
+            out.update(("flags", "keywords"))
+        elif isinstance(node, MatchInternalDate):
+            out.add("internal_date")
+        elif isinstance(node, MatchSentDate):
+            out.add("sent")
+        elif isinstance(node, MatchLarger | MatchSmaller):
+            out.add("size")
+        elif isinstance(node, MatchBody):
+            out.add("body")
+        elif isinstance(node, MatchText):
+            out.update(("body", "meta"))
+    return out
+
+
+def _sql_condition(key: Match, indexed: bool) -> Any:
+    """A WHERE clause deciding ``key`` exactly, or None when Python must decide (keywords,
+    dates, bodies, other header fields, many UID ranges). ``indexed``: the search joins
+    ``blob_search`` (FROM/TO/CC/BCC/SUBJECT, case-folded like the needle)."""
+    m = t.message.c
+    if isinstance(key, MatchAll):
+        return true()
+    if isinstance(key, MatchHeader):
+        column = SEARCH_COLUMNS.get(key.field)
+        if not indexed or column is None:
+            return None
+        # both sides case-folded: LIKE is a plain substring test (SQLite's LIKE only folds
+        # ASCII, which case-folded text no longer has in upper case)
+        return and_(column.is_not(None),
+                    column.contains(key.value.casefold(), autoescape=True))
+    if isinstance(key, MatchFlag):
+        if key.flag not in SYSTEM_FLAG_BITS:
+            return None
+        condition = m.flags.op("&")(SYSTEM_FLAG_BITS[key.flag]) != 0
+        return condition if key.present else not_(condition)
+    if isinstance(key, MatchUids):
+        if len(key.ranges) > _MAX_SEARCH_RANGES:
+            return None
+        return or_(false(), *(m.uid.between(low, high) for low, high in key.ranges))
+    if isinstance(key, MatchLarger):
+        return m.size > key.size
+    if isinstance(key, MatchSmaller):
+        return m.size < key.size
+    if isinstance(key, MatchNot):
+        inner = _sql_condition(key.key, indexed)
+        return None if inner is None else not_(inner)
+    if isinstance(key, MatchOr | MatchAnd):
+        keys = (key.left, key.right) if isinstance(key, MatchOr) else key.keys
+        parts = [_sql_condition(k, indexed) for k in keys]
+        if any(p is None for p in parts):
+            return None
+        return or_(*parts) if isinstance(key, MatchOr) else and_(true(), *parts)
+    return None
+
+
+#: What :class:`MessageRow` and :class:`SearchRow` hold for a column that was not asked for.
+_NOT_READ: dict[str, ColumnElement[Any]] = {
+    "flags": literal_column("0"), "keywords": literal_column("''"), "size": literal_column("0"),
+    "internal_date": null(), "meta": null(),
+}
+
+
+def _row_columns(wanted: Collection[str]) -> list[ColumnElement[Any]]:
+    """The columns of :class:`MessageRow` after ``uid``, in order: the ``message`` column when
+    ``wanted``, else a constant (no column read, index-only scans stay possible)."""
+    return [t.message.c[name] if name in wanted else _NOT_READ[name].label(name)
+            for name in MessageRow._fields[1:]]
 
 
 def validate_name(name: str) -> str:
@@ -662,24 +912,24 @@ class PatientMailStore:
 
     async def fetch_rows(
         self, mailbox_id: int, uids: Sequence[int], columns: Iterable[str]
-    ) -> list[Any]:
-        """Rows (``uid`` + ``columns``) of the sorted ``uids`` that still exist, by UID."""
-        wanted = [getattr(t.message.c, name) for name in sorted(set(columns) & ROW_COLUMNS)]
+    ) -> list[MessageRow]:
+        """Rows (``uid`` + ``columns``, see :data:`ROW_COLUMNS`) of the sorted ``uids`` that
+        still exist, by UID."""
         conditions, filter_after = self._uid_filter(uids)
         async with self._store.read() as conn:
             rows = (await conn.execute(
-                select(t.message.c.uid, *wanted)
+                select(t.message.c.uid, *_row_columns(set(columns)))
                 .where(self._in_mailbox(mailbox_id), *conditions)
                 .order_by(t.message.c.uid)
             )).all()
         if filter_after:
             keep = set(uids)
-            rows = [r for r in rows if r.uid in keep]
-        return list(rows)
+            return [MessageRow._make(r) for r in rows if r[0] in keep]
+        return [MessageRow._make(r) for r in rows]
 
     async def flag_rows(
         self, mailbox_id: int, ranges: Sequence[tuple[int, int]]
-    ) -> tuple[list[Any], dict[int, str]]:
+    ) -> tuple[Sequence[tuple[int, int]], dict[int, str]]:
         """FETCH FLAGS, the most frequent FETCH: ``(uid, flags)`` rows with a UID in the sorted
         inclusive ``ranges`` (or between the first and the last when there are many: callers
         filter), by UID, and ``{uid: keywords}`` of those that have keywords; from the indexes
@@ -692,7 +942,7 @@ class PatientMailStore:
             condition = t.message.c.uid.between(ranges[0][0], ranges[-1][1])
         in_box = self._in_mailbox(mailbox_id)
         async with self._store.read() as conn:
-            rows = (await conn.execute(
+            rows: Sequence[tuple[int, int]] = (await conn.execute(
                 _flags_hint(select(t.message.c.uid, t.message.c.flags)
                             .where(in_box, condition).order_by(t.message.c.uid))
             )).all()
@@ -700,34 +950,69 @@ class PatientMailStore:
                 select(t.message.c.uid, t.message.c.keywords)
                 .where(in_box, _HAS_KEYWORDS, condition)
             )}
-        return list(rows), keywords
+        return rows, keywords
 
-    async def search_rows(
-        self, mailbox_id: int, where: ColumnElement[bool] | None, columns: Iterable[str],
-        headers: Iterable[str] = (), *, indexed: bool = False,
-    ) -> list[Any] | None:
-        """SEARCH: ``uid`` + ``columns`` of the messages matching ``where`` (a condition on
-        ``message`` columns and, when ``indexed``, on :data:`SEARCH_COLUMNS`), by UID.
-        ``headers`` (lower-case field names) come as ``h0``, ``h1``... from ``meta``'s search
-        headers, and ``"sent"`` in ``columns`` as ``sent`` (``meta``'s Date), extracted by the
-        database; when it cannot (an invalid ``meta``), ``meta`` itself comes instead and
-        ``h0`` ... are absent.
+    async def search(self, mailbox_id: int, query: Match) -> SearchResult:
+        """SEARCH (RFC 3501 §6.4.4): what the database can decide exactly (flags, UIDs, sizes,
+        and FROM/TO/CC/BCC/SUBJECT through ``blob_search``) is a WHERE clause over the
+        top-level keys; the rest (other header fields, dates, keywords, bodies) is checked in
+        Python on the rows it leaves, with the header fields and the Date extracted from
+        ``meta`` by the database. Bodies are read only for BODY/TEXT.
 
-        ``indexed``: messages without a ``blob_search`` row get one first (once: Dovecot fills
-        its cache file the same way); None if some still have none (the caller searches
-        without ``blob_search``)."""
-        if indexed:
-            if not isinstance(self._store.blobs, DatabaseBlobStore):
-                return None
+        Messages without a ``blob_search`` row get one first (once: Dovecot fills its cache
+        file the same way); if some still have none, header keys are checked in Python."""
+        conjuncts = query.keys if isinstance(query, MatchAnd) else (query,)
+        indexed = bool(_query_fields(query) & SEARCH_COLUMNS.keys()) and isinstance(
+            self._store.blobs, DatabaseBlobStore)
+        while True:
+            conditions: list[Any] = []
+            residual: list[Match] = []
+            for key in conjuncts:
+                condition = _sql_condition(key, indexed)
+                if condition is None:
+                    residual.append(key)
+                else:
+                    conditions.append(condition)
+            rest = MatchAnd(tuple(residual)) if residual else None
+            where = and_(*conditions) if conditions else None
+            if not indexed:
+                found, _missing = await self._search_rows(mailbox_id, where, rest, False)
+                return await self._check(mailbox_id, found)
             for _attempt in range(2):
-                rows = await self._search_rows(mailbox_id, where, columns, headers, True)
-                missing = {row.blob_id for row in rows if row.unindexed}
+                found, missing = await self._search_rows(mailbox_id, where, rest, True)
                 if not missing:
-                    return rows
+                    return await self._check(mailbox_id, found)
                 if not await self._fill_search(missing):
-                    return None
-            return None
-        return await self._search_rows(mailbox_id, where, columns, headers, False)
+                    break
+            indexed = False  # some messages have no blob_search row: headers in Python
+
+    async def _check(self, mailbox_id: int, found: _Candidates) -> SearchResult:
+        """The candidates for which the rest of the query holds; bodies read in batches of
+        :data:`_SEARCH_BODY_BATCH` bytes, only when it looks into them."""
+        if found.rest is None:
+            return SearchResult(found.uids)
+        matcher = _Matcher(found)
+        matches = matcher.compile(found.rest)
+        uids: list[int] = []
+        bodies: dict[int, bytes] = {}
+        rows = found.rows
+        for index, row in enumerate(rows):
+            matcher.row, matcher.meta, matcher.text = row, None, None
+            if found.bodies:
+                uid = row.uid
+                if uid not in bodies:
+                    batch: list[int] = []
+                    batch_bytes = 0
+                    for other in rows[index:]:
+                        if batch and batch_bytes + other.size > _SEARCH_BODY_BATCH:
+                            break
+                        batch.append(other.uid)
+                        batch_bytes += other.size
+                    bodies = await self.bodies(mailbox_id, batch)
+                matcher.raw = bodies.get(uid, b"")
+            if matches():
+                uids.append(row.uid)
+        return SearchResult(uids, found.bodies)
 
     async def _fill_search(self, blob_ids: Iterable[int]) -> bool:
         """Write the ``blob_search`` rows of ``blob_ids`` (from their ``meta``)."""
@@ -766,50 +1051,69 @@ class PatientMailStore:
         return postgresql.insert(t.blob_search).on_conflict_do_nothing()
 
     async def _search_rows(
-        self, mailbox_id: int, where: ColumnElement[bool] | None, columns: Iterable[str],
-        headers: Iterable[str], indexed: bool,
-    ) -> list[Any]:
-        wanted = sorted(set(columns) & ROW_COLUMNS)
-        extracted: list[ColumnElement[Any]] = []
-        fields = list(headers)
-        if not all(_FIELD_NAME.fullmatch(name) for name in fields):
-            wanted = sorted(set(wanted) | {"meta"})  # odd field names: the JSON in Python
-            fields = []
-            columns = set(columns) - {"sent"}
-        for index, name in enumerate(fields):
-            extracted.append(self._meta_text("search_headers", name).label(f"h{index}"))
-        if "sent" in columns:
-            extracted.append(self._meta_text("date").label("sent"))
+        self, mailbox_id: int, where: ColumnElement[bool] | None, rest: Match | None,
+        indexed: bool,
+    ) -> tuple[_Candidates, set[int]]:
+        """The messages matching ``where`` (on ``message`` and, when ``indexed``, on
+        :data:`SEARCH_COLUMNS`) with the columns ``rest`` needs, by UID, and the ids of the
+        blobs without a ``blob_search`` row among them (``indexed`` only: those match
+        ``where`` whatever their header fields are)."""
+        columns = _query_columns(rest) if rest is not None else set()
+        bodies = "body" in columns
+        if bodies:
+            columns.add("size")
+        wanted = columns & ROW_COLUMNS
+        fields = sorted(_query_fields(rest)) if rest is not None else []
+        sent = "sent" in columns
+        if "meta" in wanted:
+            fields, sent = [], False  # both are read from ``meta``
+        elif not all(_FIELD_NAME.fullmatch(name) for name in fields):
+            wanted.add("meta")  # odd field names: the JSON in Python
+            fields, sent = [], False
         conditions = [self._in_mailbox(mailbox_id)]
+        extra: list[ColumnElement[Any]] = []
         if indexed:
             unindexed = t.blob_search.c.blob_id.is_(None)
-            extracted += [t.message.c.blob_id, unindexed.label("unindexed")]
+            extra = [t.message.c.blob_id, unindexed.label("unindexed")]
             if where is not None:
                 conditions.append(or_(unindexed, where))
         elif where is not None:
             conditions.append(where)
-        only_flags = not extracted and set(wanted) <= {"flags"}
 
-        def query(cols: list[Any]) -> Any:
-            statement = select(t.message.c.uid, *cols).where(*conditions)
+        def query(wanted: set[str], fields: Sequence[str], sent: bool) -> Any:
+            cols: list[ColumnElement[Any]] = []
+            if rest is not None:  # the columns of SearchRow
+                cols = _row_columns(wanted)
+                cols.append(self._meta_text("date").label("sent") if sent
+                            else null().label("sent"))
+                cols += [self._meta_text("search_headers", name).label(f"h{index}")
+                         for index, name in enumerate(fields)]
+            statement = select(t.message.c.uid, *cols, *extra).where(*conditions)
             if indexed:
                 statement = statement.select_from(t.message.outerjoin(
                     t.blob_search, t.blob_search.c.blob_id == t.message.c.blob_id))
             statement = statement.order_by(t.message.c.uid)
+            only_flags = not fields and not sent and wanted <= {"flags"}
             return _flags_hint(statement) if only_flags or indexed else statement
 
-        plain = [getattr(t.message.c, name) for name in wanted]
-        if extracted:
+        rows: Sequence[Any] | None = None
+        if fields or sent:
             try:
                 async with self._store.read() as conn:
-                    return list((await conn.execute(query(plain + extracted))).all())
-            except DBAPIError:
-                plain = [getattr(t.message.c, name) for name in sorted(set(wanted) | {"meta"})]
-                if indexed:
-                    plain += [t.message.c.blob_id, t.blob_search.c.blob_id.is_(None)
-                              .label("unindexed")]
-        async with self._store.read() as conn:
-            return list((await conn.execute(query(plain))).all())
+                    rows = (await conn.execute(query(wanted, fields, sent))).all()
+            except DBAPIError:  # an invalid ``meta``: the JSON in Python
+                wanted, fields, sent = wanted | {"meta"}, [], False
+        if rows is None:
+            async with self._store.read() as conn:
+                rows = (await conn.execute(query(wanted, fields, sent))).all()
+        missing = {row.blob_id for row in rows if row.unindexed} if indexed else set()
+        if rest is None:
+            return _Candidates([row[0] for row in rows]), missing
+        end = 7 + len(fields)
+        found = [SearchRow(row[0], row[1], row[2], row[3], row[4], row[5], row[6],
+                           tuple(row[7:end]) if fields else ()) for row in rows]
+        return _Candidates([], found, rest, bodies, "meta" not in wanted,
+                           tuple(fields)), missing
 
     async def bodies(
         self, mailbox_id: int, uids: Sequence[int], *, header_only: bool = False
@@ -1047,3 +1351,155 @@ def _flags_hint(statement: Any) -> Any:
     """Have SQLite read (uid, flags) from ``ix_message_mailbox_uid_flags`` alone (its planner
     would pick the unique (mailbox_id, uid) index and read every wide row for the flags)."""
     return statement.with_hint(t.message, "INDEXED BY ix_message_mailbox_uid_flags", "sqlite")
+
+
+# --------------------------------------------------------------------------- SEARCH in Python
+
+
+@dataclass(slots=True)
+class _Candidates:
+    """What the database left of a query: the answer (``uids``) when it decided every key
+    (``rest`` None), else the ``rows`` for which ``rest`` must still hold. ``bodies``: ``rest``
+    looks into bodies. ``extracted``: the Date came as ``SearchRow.sent`` and the header
+    fields ``fields`` as ``SearchRow.headers``; if not, both are read from ``meta``."""
+
+    uids: list[int]
+    rows: list[SearchRow] = field(default_factory=list)
+    rest: Match | None = None
+    bodies: bool = False
+    extracted: bool = False
+    fields: tuple[str, ...] = ()
+
+
+_NO_ROW = SearchRow(0, 0, "", 0, None, None, None, ())
+
+
+def _compare(relation: str, value: date, wanted: date) -> bool:
+    if relation == "BEFORE":
+        return value < wanted
+    if relation == "ON":
+        return value == wanted
+    return value >= wanted
+
+
+class _Matcher:
+    """Evaluates a query against one row at a time (:attr:`row`, and :attr:`raw`, the
+    message, when the query looks into bodies)."""
+
+    __slots__ = ("extracted", "fields", "meta", "raw", "row", "text")
+
+    def __init__(self, found: _Candidates) -> None:
+        self.row = _NO_ROW
+        self.meta: dict[str, Any] | None = None
+        self.raw = b""
+        self.text: str | None = None
+        self.extracted = found.extracted
+        # header field -> its position in SearchRow.headers
+        self.fields = {name: index for index, name in enumerate(found.fields)
+                       if found.extracted}
+
+    def compile(self, key: Match) -> Callable[[], bool]:
+        """``key`` as a function of the current row: the tree is walked once per SEARCH, not
+        once per message, for the frequent keys."""
+        if isinstance(key, MatchAnd):
+            parts = [self.compile(k) for k in key.keys]
+            if len(parts) == 1:
+                return parts[0]
+            return lambda: all(part() for part in parts)
+        if isinstance(key, MatchOr):
+            left, right = self.compile(key.left), self.compile(key.right)
+            return lambda: left() or right()
+        if isinstance(key, MatchNot):
+            inner = self.compile(key.key)
+            return lambda: not inner()
+        if isinstance(key, MatchFlag) and key.flag in SYSTEM_FLAG_BITS:
+            bit, present = SYSTEM_FLAG_BITS[key.flag], key.present
+            return lambda: bool(self.row.flags & bit) is present
+        if isinstance(key, MatchHeader) and key.field in self.fields:
+            position, needle = self.fields[key.field], key.value.casefold()
+
+            def header() -> bool:
+                text = self.row.headers[position]
+                return text is not None and needle in text.casefold()
+
+            return header
+        return lambda: self.match(key)
+
+    def _header(self, name: str) -> Any:
+        position = self.fields.get(name)
+        if position is not None:
+            return self.row.headers[position]
+        return self._headers().get(name)
+
+    def _sent(self) -> Any:
+        if self.extracted:
+            return self.row.sent
+        return self._meta().get("date")
+
+    def _meta(self) -> dict[str, Any]:
+        if self.meta is None:
+            try:
+                value = json.loads(self.row.meta or "{}")
+            except ValueError:
+                value = {}
+            self.meta = value if isinstance(value, dict) else {}
+        return self.meta
+
+    def _body_text(self) -> str:
+        if self.text is None:
+            self.text = text_for_search(self.raw).casefold()
+        return self.text
+
+    def _headers(self) -> dict[str, str]:
+        headers = self._meta().get("search_headers") or {}
+        return headers if isinstance(headers, dict) else {}
+
+    def match(self, key: Match) -> bool:
+        row = self.row
+        if isinstance(key, MatchAll):
+            return True
+        if isinstance(key, MatchAnd):
+            return all(self.match(k) for k in key.keys)
+        if isinstance(key, MatchOr):
+            return self.match(key.left) or self.match(key.right)
+        if isinstance(key, MatchNot):
+            return not self.match(key.key)
+        if isinstance(key, MatchFlag):
+            if key.flag in SYSTEM_FLAG_BITS:
+                present = bool(row.flags & SYSTEM_FLAG_BITS[key.flag])
+            else:
+                present = key.flag.casefold() in (k.casefold() for k in row.keywords.split())
+            return present == key.present
+        if isinstance(key, MatchUids):
+            index = bisect_left(key.ranges, (row.uid + 1,)) - 1
+            return index >= 0 and key.ranges[index][0] <= row.uid <= key.ranges[index][1]
+        if isinstance(key, MatchLarger):
+            return row.size > key.size
+        if isinstance(key, MatchSmaller):
+            return row.size < key.size
+        if isinstance(key, MatchInternalDate):
+            if row.internal_date is None:
+                return False
+            return _compare(key.relation, row.internal_date.date(), key.day)
+        if isinstance(key, MatchSentDate):
+            sent = self._sent()
+            if not sent:
+                return False
+            try:
+                day = datetime.fromisoformat(sent).date()
+            except ValueError:
+                return False
+            return _compare(key.relation, day, key.day)
+        if isinstance(key, MatchHeader):
+            text = self._header(key.field)
+            if text is None:
+                return False
+            return key.value.casefold() in text.casefold()
+        if isinstance(key, MatchBody):
+            return key.value.casefold() in self._body_text()
+        if isinstance(key, MatchText):
+            wanted = key.value.casefold()
+            if any(wanted in f"{k}: {v}".casefold() for k, v in self._headers().items()):
+                return True
+            return wanted in self._body_text()
+        return False

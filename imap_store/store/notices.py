@@ -45,10 +45,13 @@ class Notices:
                             patient_name=patient_name, professional_name=professional_name)
 
     def bounce(self, *, patient_name: str, address: str, recipient: str, reason: str,
-               original_subject: str | None, in_reply_to: str | None) -> bytes:
-        """A patient's message that could not be delivered (SPEC §6.1), in French."""
+               original_subject: str | None, in_reply_to: str | None,
+               references: str | None = None) -> bytes:
+        """A patient's message that could not be delivered (SPEC §6.1), in French, threaded
+        to it (so it shows in that conversation)."""
         return self._render("bounce", to=address, subject=BOUNCE_SUBJECT,
-                            in_reply_to=in_reply_to, patient_name=patient_name,
+                            in_reply_to=in_reply_to, references=references,
+                            patient_name=patient_name,
                             recipient=recipient, reason=reason,
                             original_subject=original_subject or "(sans objet)")
 

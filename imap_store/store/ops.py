@@ -112,9 +112,11 @@ _ALLOCATE_UID_BY_NAME = Stmt(
 _INSERT_MESSAGE = Stmt(
     'INSERT INTO message (mailbox_id, uid, modseq, flags, keywords, internal_date, size, '
     'blob_id, message_id, in_reply_to, "references", subject, from_addr, sent_date, '
-    "thread_id, meta) VALUES (:mailbox_id, :uid, :modseq, :flags, :keywords, "
-    ":internal_date, :size, :blob_id, :message_id, :in_reply_to, :references, :subject, "
-    ":from_addr, :sent_date, :thread_id, :meta)", datetimes=("internal_date", "sent_date"))
+    "thread_id, has_attachments, from_name, meta) VALUES (:mailbox_id, :uid, :modseq, "
+    ":flags, :keywords, :internal_date, :size, :blob_id, :message_id, :in_reply_to, "
+    ":references, :subject, :from_addr, :sent_date, :thread_id, :has_attachments, "
+    ":from_name, :meta)",
+    datetimes=("internal_date", "sent_date"))
 _EXCHANGE = Stmt(
     "SELECT id, state, professional_name FROM exchange "
     "WHERE patient_id = :patient_id AND professional_address = :address")
@@ -279,7 +281,9 @@ def _insert_message(conn: Connection, mailbox: int, uid: int, modseq: int, raw: 
         "blob_id": blob_id, "message_id": fields.message_id,
         "in_reply_to": fields.in_reply_to, "references": fields.references,
         "subject": fields.subject, "from_addr": fields.from_addr,
-        "sent_date": fields.sent_date, "thread_id": fields.message_id, "meta": fields.meta,
+        "sent_date": fields.sent_date, "thread_id": fields.thread_id,
+        "has_attachments": int(fields.has_attachments), "from_name": fields.from_name,
+        "meta": fields.meta,
     })
     return StoredMessage(mailbox, uid, modseq, blob_id)
 

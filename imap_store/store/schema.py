@@ -11,6 +11,7 @@ from sqlalchemy import (
     BigInteger,
     Column,
     DateTime,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -70,6 +71,8 @@ patient = Table(
     Column("state", String(12), nullable=False, default="open"),
     Column("password_hash", String(200), nullable=True),
     Column("created_at", DateTime(timezone=True), nullable=False),
+    # Where the portal's one-time code may go by SMS (migration 0004).
+    Column("phone", String(20), nullable=True),
 )
 
 # One row per (patient, professional) who wrote to them (R2); ended by R5 or an admin.
@@ -144,6 +147,10 @@ message = Table(
     Column("from_addr", String(254), nullable=True),
     Column("sent_date", DateTime(timezone=True), nullable=True),
     Column("thread_id", String(998), nullable=True),
+    # Migration 0004: 1 when the message has attachments (the portal's list reads it in SQL).
+    Column("has_attachments", Integer, nullable=False, default=0, server_default="0"),
+    # Migration 0004: the decoded display name of the first From: address (the portal's list).
+    Column("from_name", String(200), nullable=True),
     Column("meta", Text, nullable=True),  # JSON: envelope, bodystructure, search headers
     UniqueConstraint("mailbox_id", "uid", name="uq_message_mailbox_uid"),
 )
@@ -156,6 +163,8 @@ Index("ix_message_mailbox_uid_flags", message.c.mailbox_id, message.c.uid, messa
 Index("ix_message_mailbox_keywords", message.c.mailbox_id, message.c.uid,
       sqlite_where=message.c.keywords != "", postgresql_where=message.c.keywords != "")
 Index("ix_message_blob_id", message.c.blob_id)
+# Migration 0004: a conversation's messages (thread_id = its first Message-ID).
+Index("ix_message_thread_id", message.c.thread_id)
 
 # SEARCH FROM/TO/CC/BCC/SUBJECT (migration 0003): a body's decoded header fields, case-folded
 # (``str.casefold``; NULL when the message has no such field), in narrow rows. Written at APPEND
@@ -216,3 +225,39 @@ audit = Table(
     Column("prev_hash", String(64), nullable=False),
     Column("hash", String(64), nullable=False),
 )
+
+# Portal sessions (migration 0004): the cookie's token is never stored, only its SHA-256.
+# ``stage``: "password" (identifier and password checked), "code" (a one-time code was sent),
+# "ok" (logged in). The code is kept as its SHA-256 with its expiry and the tries left.
+web_session = Table(
+    "web_session",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("patient_id", Integer, ForeignKey("patient.id", ondelete="CASCADE"), nullable=False),
+    Column("stage", String(12), nullable=False),
+    Column("csrf", String(64), nullable=False),
+    Column("code_hash", String(64), nullable=True),
+    Column("code_channel", String(10), nullable=True),
+    Column("code_expires", DateTime(timezone=True), nullable=True),
+    Column("code_tries", Integer, nullable=False, default=0, server_default="0"),
+    Column("codes_sent", Integer, nullable=False, default=0, server_default="0"),
+    Column("ip", String(64), nullable=False, default="", server_default=""),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("last_seen", DateTime(timezone=True), nullable=False),
+)
+Index("ix_web_session_patient_id", web_session.c.patient_id)
+
+# Failed logins (migration 0005), shared by every ``serve`` process (policy/throttle.py): one row
+# per account (resolved identity) or client address, keyed by the SHA-256 of its name (a login
+# typed by mistake, a password in the user field, is never stored). Times are Unix seconds; rows
+# past ``expires_at`` are forgotten and deleted from time to time.
+login_failure = Table(
+    "login_failure",
+    metadata,
+    Column("key", String(64), primary_key=True),
+    Column("failures", Integer, nullable=False),
+    Column("first_at", Float, nullable=False),
+    Column("last_at", Float, nullable=False),
+    Column("expires_at", Float, nullable=False),
+)
+Index("ix_login_failure_expires_at", login_failure.c.expires_at)

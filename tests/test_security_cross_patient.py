@@ -1,5 +1,9 @@
 """Security regressions: a patient reaches only their own mailboxes over IMAP, whatever name,
-pattern, number or UID they try (SPEC §5 "a patient never sees another patient's data")."""
+pattern, number or UID they try (SPEC §5 "a patient never sees another patient's data").
+
+A refusal counts only as a tagged NO or BAD with the connection still alive afterwards (or, for
+LIST and SEARCH, an OK with nothing of hers): a server that crashes or drops the connection on
+such a request fails these tests instead of passing them."""
 
 from __future__ import annotations
 
@@ -19,6 +23,26 @@ def client(gw: Gateway, ins: str) -> imaplib.IMAP4_SSL:
                              timeout=30)
     conn.login(ins, PATIENT_PASSWORD)
     return conn
+
+
+def refused(conn: imaplib.IMAP4, command: str, *args: object,
+            answers: tuple[str, ...] = ("NO", "BAD")) -> None:
+    """``conn.<command>(*args)`` gets a tagged answer in ``answers`` (imaplib returns NO and
+    raises IMAP4.error on BAD), then the connection still answers NOOP. A dropped connection
+    (IMAP4.abort, a BYE included) fails."""
+    try:
+        typ, data = getattr(conn, command)(*args)
+    except imaplib.IMAP4.abort as exc:
+        pytest.fail(f"{command} {args!r}: the connection was dropped ({exc})")
+    except imaplib.IMAP4.error as exc:
+        assert "BAD" in answers and " command error: BAD " in str(exc), (command, args, exc)
+    else:
+        assert typ in answers and typ != "OK", (command, args, typ, data)
+    try:
+        typ, data = conn.noop()
+    except imaplib.IMAP4.abort as exc:
+        pytest.fail(f"{command} {args!r}: the connection died after the answer ({exc})")
+    assert typ == "OK", (command, args, typ, data)
 
 
 NAMES = [
@@ -47,18 +71,10 @@ def test_other_patients_mailboxes_cannot_be_named(two_patients: Gateway) -> None
     conn = client(two_patients, INAYA)
     for name in NAMES:
         quoted = '"' + name + '"'
-        for command, args in ((conn.select, (quoted,)), (conn.select, (quoted, True)),
-                              (conn.status, (quoted, "(MESSAGES UIDNEXT)"))):
-            try:
-                typ, data = command(*args)  # type: ignore[operator]
-            except imaplib.IMAP4.error:
-                continue
-            assert typ != "OK", (name, data)
-        try:
-            typ, data = conn.append(quoted, None, None, b"Subject: x\r\n\r\ny\r\n")
-        except imaplib.IMAP4.error:
-            continue
-        assert typ != "OK", (name, data)
+        for command, args in (("select", (quoted,)), ("select", (quoted, True)),
+                              ("status", (quoted, "(MESSAGES UIDNEXT)")),
+                              ("append", (quoted, None, None, b"Subject: x\r\n\r\ny\r\n"))):
+            refused(conn, command, *args)
     martine_box = mailbox(two_patients.directory, MARTINE, "Martine secret")
     assert len(martine_box) == 1  # nothing was appended to her mailbox
     conn.logout()
@@ -70,31 +86,35 @@ def test_listing_and_searching_never_show_other_patients(two_patients: Gateway) 
     for ref, pattern in (("", "*"), ("", "%"), ("#shared", "*"), ("..", "*"), ("", "*/*"),
                          (MARTINE, "*"), ("", "%/%"), ("", "Martine*")):
         typ, data = conn.list(f'"{ref}"', f'"{pattern}"')
+        assert typ == "OK", (ref, pattern, data)
         seen.extend(d for d in data if isinstance(d, bytes))
         typ, data = conn.lsub(f'"{ref}"', f'"{pattern}"')
+        assert typ == "OK", (ref, pattern, data)
         seen.extend(d for d in data if isinstance(d, bytes))
     listed = b"\n".join(seen)
+    assert b'"INBOX"' in listed, listed  # her own mailboxes are listed: the answers were real
     assert b"Martine" not in listed and MARTINE.encode() not in listed
     for box in ("INBOX", "Drafts", "Sent", "Trash"):
-        conn.select(box)
+        assert conn.select(box)[0] == "OK", box
         typ, data = conn.search(None, "TEXT", SECRET.decode())
-        assert data == [b""], box
+        assert typ == "OK" and data == [b""], box
         typ, data = conn.uid("SEARCH", "ALL")
+        assert typ == "OK", (box, data)
         uids = data[0].split()
         for probe in ("1:*", "1:4294967295", "4294967295", "2147483648:*"):
             typ, data = conn.uid("FETCH", probe, "(BODY.PEEK[])")
+            assert typ == "OK", (box, probe, data)
             assert SECRET not in b"".join(
                 p[1] if isinstance(p, tuple) else (p or b"") for p in data), (box, probe)
         assert len(uids) <= 1
-    conn.select("INBOX")
+    assert conn.select("INBOX")[0] == "OK"
     for target in (MARTINE, "Martine secret", f"../{MARTINE}/INBOX"):
         typ, data = conn.copy("1", f'"{target}"')
         assert typ == "NO" and b"TRYCREATE" in data[0], (target, data)
         typ, data = conn.uid("MOVE", "1", f'"{target}"')
         assert typ == "NO", (target, data)
     for bad in ("-1", "0", "4294967296", "99999999999"):
-        with pytest.raises(imaplib.IMAP4.error):
-            conn.fetch(bad, "(BODY[])")
+        refused(conn, "fetch", bad, "(BODY[])", answers=("BAD",))
     conn.logout()
     # Martine's data are intact and Inaya's mailbox holds nothing of hers
     assert all(SECRET not in m for m in mailbox(two_patients.directory, INAYA))

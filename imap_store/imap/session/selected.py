@@ -1,0 +1,168 @@
+"""Selecting a mailbox and following it (RFC 3501 §6.3.1-6.3.2, §6.4.2-6.4.3, §7.3-7.4,
+RFC 3691 UNSELECT, RFC 4315 UID EXPUNGE, RFC 2177 IDLE): SELECT/EXAMINE, CLOSE, UNSELECT,
+EXPUNGE, IDLE, and the report of other sessions' changes (:func:`sync`)."""
+
+from __future__ import annotations
+
+from array import array
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from imap_store.imap import responses as r
+from imap_store.imap.commands import Close, Expunge, Idle, Select, Unselect
+from imap_store.imap.session.state import Action, Selected, State
+from imap_store.store.mailboxes import MailStoreError, merge_ranges
+
+if TYPE_CHECKING:
+    from imap_store.imap.session.core import Session
+
+
+async def select(s: Session, cmd: Select) -> Action:
+    """SELECT and EXAMINE (``cmd.readonly``)."""
+    s.unselect()
+    mail = s.require_mail()
+    view = await mail.open(cmd.mailbox)
+    if view is None:
+        await s.emit(r.NO_NONEXISTENT.tagged(cmd.tag))
+        return Action.NONE
+    info = view.mailbox
+    sel = Selected(info.id, info.name, cmd.readonly, info.uidvalidity, view.uids,
+                   info.highestmodseq)
+    last = view.uids[-1] if view.uids else 0
+    if not cmd.readonly and info.recent_uid < last and await mail.claim_recent(
+        info.id, info.recent_uid, last
+    ):
+        sel.recent.append((info.recent_uid, last))
+    s.selected = sel
+    s.state = State.SELECTED
+    s.watcher.watch(info.id, info.highestmodseq, s.listener)
+    keywords = b"".join(b" " + k.encode("ascii", "replace") for k in view.keywords)
+    await s.emit(b"* FLAGS (" + r.SYSTEM_FLAGS_TEXT + keywords + b")\r\n")
+    if cmd.readonly:
+        await s.emit(b"* OK [PERMANENTFLAGS ()] Read-only mailbox\r\n")
+    else:
+        await s.emit(b"* OK [PERMANENTFLAGS (" + r.SYSTEM_FLAGS_TEXT + keywords
+                     + b" \\*)] Flags permitted\r\n")
+    await s.emit(b"* %d EXISTS\r\n* %d RECENT\r\n" % (len(sel.uids), sel.recent_count()))
+    if view.first_unseen:
+        await s.emit(b"* OK [UNSEEN %d] First unseen\r\n" % view.first_unseen)
+    await s.emit(b"* OK [UIDVALIDITY %d] UIDs valid\r\n" % info.uidvalidity)
+    await s.emit(b"* OK [UIDNEXT %d] Predicted next UID\r\n" % info.uidnext)
+    mode = "READ-ONLY" if cmd.readonly else "READ-WRITE"
+    await s.emit(f"{cmd.tag} OK [{mode}] {cmd.name} completed\r\n".encode())
+    return Action.NONE
+
+
+async def close(s: Session, cmd: Close) -> Action:
+    """CLOSE: expunge silently (unless read-only), then leave the selected state."""
+    sel = s.require_selected()
+    if not sel.readonly:
+        modseq, _uids = await s.require_mail().expunge(sel.mailbox_id)
+        if modseq:
+            s.watcher.touched(sel.mailbox_id, modseq)
+    s.unselect()
+    return await s.complete(cmd)
+
+
+async def unselect(s: Session, cmd: Unselect) -> Action:
+    s.unselect()
+    return await s.complete(cmd)
+
+
+async def expunge(s: Session, cmd: Expunge) -> Action:
+    """EXPUNGE, or UID EXPUNGE of the messages of ``cmd.uid_set`` only."""
+    sel = s.require_selected()
+    if sel.readonly:
+        raise MailStoreError(r.NO_READ_ONLY.text, r.NO_READ_ONLY.code)
+    ranges = None
+    if cmd.uid_set is not None:
+        ranges = merge_ranges(part.bounds(sel.uids[-1] if sel.uids else 0)
+                              for part in cmd.uid_set.ranges)
+    modseq, uids = await s.require_mail().expunge(sel.mailbox_id, ranges)
+    if uids:
+        own_change(s, sel, modseq)
+        await send_expunges(s, sel, uids)
+        s.audit_patient("imap.expunge", {"mailbox": sel.mailbox_id, "messages": len(uids)})
+    return await s.complete(cmd)
+
+
+async def idle(s: Session, cmd: Idle) -> Action:
+    await s.emit(b"+ idling\r\n")
+    s.idle_tag = cmd.tag
+    await sync(s, allow_expunge=True)
+    return Action.EXPECT_LINE
+
+
+async def idle_done(s: Session, tag: str, line: bytes) -> Action:
+    """The line that ends IDLE: ``DONE``, anything else is BAD."""
+    if line.strip().upper() != b"DONE":
+        return await s.bad_reply(tag, r.BAD_EXPECTED_DONE)
+    if s.selected is not None:
+        await sync(s, allow_expunge=True)
+    await s.emit(r.Reply("OK", "IDLE terminated").tagged(tag))
+    return Action.NONE
+
+
+# --------------------------------------------------------------------------- changes
+
+
+async def sync(s: Session, *, allow_expunge: bool, force: bool = False) -> None:
+    """Report other sessions' changes: EXPUNGE (when allowed), EXISTS, RECENT, FETCH."""
+    sel = s.selected
+    if sel is None:
+        return
+    if not force and s.watcher.latest(sel.mailbox_id) <= sel.modseq:
+        if allow_expunge and sel.pending_expunge:
+            await send_expunges(s, sel, sel.pending_expunge)
+            sel.pending_expunge = []
+        return
+    mail = s.require_mail()
+    changes = await mail.changes(sel.mailbox_id, sel.modseq)
+    if not changes.exists:
+        return
+    sel.modseq = changes.highestmodseq
+    for uid in changes.expunged:
+        if sel.seq_of(uid):
+            sel.pending_expunge.append(uid)
+    if allow_expunge and sel.pending_expunge:
+        await send_expunges(s, sel, sorted(set(sel.pending_expunge)))
+        sel.pending_expunge = []
+    last = sel.uids[-1] if sel.uids else 0
+    new = [c.uid for c in changes.changed if c.uid > last]
+    if new:
+        sel.uids.extend(new)
+        await s.emit(b"* %d EXISTS\r\n" % len(sel.uids))
+        if not sel.readonly and changes.recent_uid < new[-1] and await mail.claim_recent(
+                sel.mailbox_id, changes.recent_uid, new[-1]):
+            sel.recent.append((changes.recent_uid, new[-1]))
+        await s.emit(b"* %d RECENT\r\n" % sel.recent_count())
+    for change in changes.changed:
+        if change.uid > last or change.modseq in sel.own_modseqs:
+            continue
+        seq = sel.seq_of(change.uid)
+        if seq:
+            await s.emit(b"* %d FETCH (UID %d FLAGS %s)\r\n" % (
+                seq, change.uid,
+                r.render_flags(change.flags, change.keywords, sel.is_recent(change.uid))))
+    sel.own_modseqs = {m for m in sel.own_modseqs if m > sel.modseq}
+
+
+async def send_expunges(s: Session, sel: Selected, uids: Sequence[int]) -> None:
+    """``* n EXPUNGE`` for each UID still in the view, ascending (each one shifts the
+    following sequence numbers down, RFC 3501 §7.4.1), then drop them from the view."""
+    gone = set(uids)
+    kept: array[int] = array("L")
+    removed = 0
+    for index, uid in enumerate(sel.uids):
+        if uid in gone:
+            await s.emit(b"* %d EXPUNGE\r\n" % (index + 1 - removed))
+            removed += 1
+        else:
+            kept.append(uid)
+    sel.uids = kept
+
+
+def own_change(s: Session, sel: Selected, modseq: int) -> None:
+    """This session made the change of ``modseq``: not reported back to it, told to others."""
+    sel.own_modseqs.add(modseq)
+    s.watcher.touched(sel.mailbox_id, modseq)

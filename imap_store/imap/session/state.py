@@ -1,0 +1,177 @@
+"""What every part of the session shares: the connection states and what is allowed where
+(:data:`ALLOWED`, checked in one function, :func:`check_state`), the edge's interfaces and the
+selected mailbox (:class:`Selected`: an ``array('L')`` of UIDs in sequence order, the MODSEQ
+last seen, the UID ranges this session announced as \\Recent)."""
+
+from __future__ import annotations
+
+import enum
+from array import array
+from bisect import bisect_left, bisect_right
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from imap_store.imap import responses as r
+from imap_store.imap.commands import (
+    Append,
+    Authenticate,
+    Capability,
+    Check,
+    Close,
+    Command,
+    Copy,
+    Create,
+    Delete,
+    Enable,
+    Expunge,
+    Fetch,
+    Id,
+    Idle,
+    List,
+    Login,
+    Logout,
+    Lsub,
+    Move,
+    Namespace,
+    Noop,
+    Rename,
+    Search,
+    Select,
+    SequenceSet,
+    StartTls,
+    Status,
+    Store,
+    Subscribe,
+    Unselect,
+    Unsubscribe,
+)
+from policy.authn import LoginResult
+
+
+class State(enum.Enum):
+    """RFC 3501 §3 connection states."""
+
+    NOT_AUTHENTICATED = "not authenticated"
+    AUTHENTICATED = "authenticated"
+    SELECTED = "selected"
+    LOGOUT = "logout"
+
+
+class Action(enum.Enum):
+    """What the edge must do after an event."""
+
+    NONE = "none"
+    EXPECT_LINE = "expect line"  # call parser.expect_line(): SASL response or IDLE's DONE
+    REJECT_LITERAL = "reject literal"  # call parser.reject_literal()
+    STARTTLS = "starttls"  # handshake now (the OK was sent)
+    CLOSE = "close"  # close the connection (the BYE was sent)
+
+
+_ANY = frozenset(State) - {State.LOGOUT}
+_NOT_AUTH = frozenset({State.NOT_AUTHENTICATED})
+#: The states of a logged-in session.
+AUTH_STATES = frozenset({State.AUTHENTICATED, State.SELECTED})
+_SELECTED = frozenset({State.SELECTED})
+
+#: RFC 3501 §6.1-6.4: in which states each command is valid.
+ALLOWED: dict[type, frozenset[State]] = {
+    Capability: _ANY, Noop: _ANY, Logout: _ANY, Id: _ANY,
+    StartTls: _NOT_AUTH, Authenticate: _NOT_AUTH, Login: _NOT_AUTH,
+    Select: AUTH_STATES, Create: AUTH_STATES, Delete: AUTH_STATES, Rename: AUTH_STATES,
+    Subscribe: AUTH_STATES, Unsubscribe: AUTH_STATES, List: AUTH_STATES, Lsub: AUTH_STATES,
+    Status: AUTH_STATES, Append: AUTH_STATES, Namespace: AUTH_STATES, Enable: AUTH_STATES,
+    Idle: AUTH_STATES,
+    Check: _SELECTED, Close: _SELECTED, Unselect: _SELECTED, Expunge: _SELECTED,
+    Search: _SELECTED, Fetch: _SELECTED, Store: _SELECTED, Copy: _SELECTED, Move: _SELECTED,
+}
+
+
+def check_state(state: State, command: Command) -> r.Reply | None:
+    """The one place where the state table is consulted: None if allowed, else the BAD."""
+    allowed = ALLOWED.get(type(command), frozenset())
+    if state in allowed:
+        return None
+    if allowed is _SELECTED:
+        return r.BAD_STATE_SELECTED
+    if allowed is _NOT_AUTH:
+        return r.BAD_STATE_NOT_AUTH
+    return r.BAD_STATE_AUTH
+
+
+class Output(Protocol):
+    async def write(self, data: bytes) -> None: ...
+
+
+class Watcher(Protocol):
+    """Tells sessions that a mailbox changed (implemented by the edge, shared per process)."""
+
+    def watch(self, mailbox_id: int, modseq: int, listener: Callable[[], None]) -> None: ...
+
+    def unwatch(self, mailbox_id: int, listener: Callable[[], None]) -> None: ...
+
+    def latest(self, mailbox_id: int) -> int: ...
+
+    def touched(self, mailbox_id: int, modseq: int) -> None: ...
+
+
+LoginFn = Callable[[str, str], Awaitable[LoginResult]]
+AuditFn = Callable[[str, str, str, dict[str, object]], None]
+
+
+@dataclass(slots=True)
+class Selected:
+    """The selected mailbox, as this session sees it (RFC 3501 §2.3.1)."""
+
+    mailbox_id: int
+    name: str
+    readonly: bool
+    uidvalidity: int
+    uids: array[int]
+    modseq: int
+    recent: list[tuple[int, int]] = field(default_factory=list)  # (low, high] UID ranges
+    pending_expunge: list[int] = field(default_factory=list)
+    own_modseqs: set[int] = field(default_factory=set)
+
+    def is_recent(self, uid: int) -> bool:
+        return any(low < uid <= high for low, high in self.recent)
+
+    def recent_count(self) -> int:
+        return sum(
+            bisect_right(self.uids, high) - bisect_right(self.uids, low)
+            for low, high in self.recent
+        )
+
+    def seq_of(self, uid: int) -> int:
+        """1-based sequence number of ``uid``, 0 if not in the view."""
+        index = bisect_left(self.uids, uid)
+        return index + 1 if index < len(self.uids) and self.uids[index] == uid else 0
+
+    def slices(self, seq_set: SequenceSet, uid: bool) -> list[tuple[int, int]] | None:
+        """Index ranges ``[start, end)`` of the view named by a set, ascending; None when a
+        sequence number does not exist (BAD, RFC 3501 §9). Unknown UIDs are ignored
+        (§2.3.1.1)."""
+        uids = self.uids
+        if uid:
+            if not uids:
+                return []
+            out = []
+            for low, high in seq_set.resolve(uids[-1]).intervals:
+                start, end = bisect_left(uids, low), bisect_right(uids, high)
+                if start < end:
+                    out.append((start, end))
+            return out
+        if seq_set.highest_number > len(uids):
+            return None
+        return [(low - 1, high) for low, high in seq_set.resolve(len(uids)).intervals]
+
+    def targets(self, seq_set: SequenceSet, uid: bool,
+                build: bool = True) -> list[tuple[int, int]] | None:
+        """``(sequence number, UID)`` pairs named by a set, ascending; None when a sequence
+        number does not exist (BAD, RFC 3501 §9). Unknown UIDs are ignored (§2.3.1.1).
+        ``build=False``: only check the set (an empty list when it is valid)."""
+        slices = self.slices(seq_set, uid)
+        if slices is None or not build:
+            return slices if slices is None else []
+        uids = self.uids
+        return [(index + 1, uids[index]) for start, end in slices for index in range(start, end)]
