@@ -323,3 +323,29 @@ def test_a_login_asks_for_three_codes_at_most(gateway: Gateway) -> None:
     page = client.get("/connexion/code")
     refused = client.post("/connexion/code", {"csrf": page.csrf(), "canal": "sms"})
     assert refused.status == 400 and "Trop de codes demandés" in refused.text
+
+
+def test_the_session_token_changes_once_logged_in(gateway: Gateway) -> None:
+    """The cookie issued after the password step is worth nothing after the code step
+    (no session fixation), and a new password step ends the older login in progress."""
+    client = PortalClient(gateway)
+    page = client.get("/connexion")
+    page = client.post("/connexion", {"csrf": page.csrf(), "identifiant": INAYA,
+                                      "mot_de_passe": PATIENT_PASSWORD})
+    assert page.url.endswith("/connexion/code")
+    other = PortalClient(gateway)  # a second login in progress for the same patient
+    other_page = other.get("/connexion")
+    other_page = other.post("/connexion", {"csrf": other_page.csrf(), "identifiant": INAYA,
+                                           "mot_de_passe": PATIENT_PASSWORD})
+    assert client.get("/connexion/code").url.endswith("/connexion")  # ended by the other
+    before = {c.name: c.value for c in other.jar}["mss_session"]
+    page = other.post("/connexion/code", {"csrf": other_page.csrf(), "canal": "sms"})
+    done = other.post("/connexion/code/saisie", {"csrf": page.csrf(),
+                                                 "code": other.last_sms_code()})
+    assert done.url.endswith("/messagerie")
+    after = {c.name: c.value for c in other.jar}["mss_session"]
+    assert after != before
+    assert other.get("/messagerie").status == 200
+    stale = PortalClient(gateway, follow=False)
+    assert stale.request("/messagerie", headers={"Cookie": f"mss_session={before}"}
+                         ).status == 303

@@ -14,9 +14,10 @@ import hmac
 import json
 import logging
 import math
+import re
 import secrets
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from email.message import EmailMessage
 from email.utils import format_datetime, formataddr, make_msgid
 from pathlib import Path
@@ -25,7 +26,7 @@ from urllib.parse import quote
 from zoneinfo import ZoneInfo
 
 import aiosmtplib
-from sqlalchemy import desc, select
+from sqlalchemy import desc, func, select
 from starlette.applications import Starlette
 from starlette.datastructures import FormData, UploadFile
 from starlette.exceptions import HTTPException
@@ -37,8 +38,10 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from imap_store.mime import parse_message
+from imap_store.store import ops
 from imap_store.store import schema as t
 from imap_store.store.directory import Store
+from imap_store.store.fields import utcnow
 from imap_store.store.mailboxes import SqlMailStores
 from imap_store.store.portal import (
     DRAFTS,
@@ -64,6 +67,8 @@ PRE_COOKIE = "mss_pre"  # double-submit CSRF token of the login form (before any
 PAGE_SIZE = 50
 #: One-time codes one login (password step) may ask for.
 MAX_CODES = 3
+#: One-time codes one patient may be sent in an hour, whatever the number of logins.
+MAX_CODES_PER_HOUR = 10
 #: Largest request body (a reply with its attachments): R6's 10 MB plus MIME overhead.
 MAX_BODY = 15 * 1024 * 1024
 PARIS = ZoneInfo("Europe/Paris")
@@ -278,6 +283,22 @@ class Portal:
     def _audit(self, actor: str, action: str, subject: str, detail: dict[str, object]) -> None:
         self.writer.audit_later(actor, action, subject, detail)
 
+    async def _audit_now(self, actor: str, action: str, subject: str,
+                         detail: dict[str, object]) -> None:
+        """An audit row committed before the response (what a limit counts)."""
+        await self.writer.submit_sync(lambda conn: ops.audit(conn, actor, action, subject,
+                                                              detail))
+
+    async def _codes_last_hour(self, patient_id: int) -> int:
+        async with self.store.read() as conn:
+            ins = (await conn.execute(select(t.patient.c.ins).where(
+                t.patient.c.id == patient_id))).scalar_one()
+            return int((await conn.execute(
+                select(func.count()).select_from(t.audit)
+                .where(t.audit.c.actor == patient_address(ins, self.settings.patient_domain),
+                       t.audit.c.action == "login.code.sent",
+                       t.audit.c.at > utcnow() - timedelta(hours=1)))).scalar_one())
+
     # --- login ------------------------------------------------------------------------------
 
     async def home(self, request: Request) -> Response:
@@ -330,11 +351,12 @@ class Portal:
         if request.method == "POST":
             form = await self._form(request, session.csrf)
             channel = form.get("canal")
-            if session.codes_sent >= MAX_CODES:
-                error = ("Trop de codes demandés : reconnectez-vous avec votre identifiant "
-                         "et votre mot de passe.")
-            elif channel not in {c for c, _ in channels}:
+            if channel not in {c for c, _ in channels}:
                 error = "Choisissez où recevoir votre code."
+            elif (await self._codes_last_hour(session.patient_id) >= MAX_CODES_PER_HOUR
+                  or not await self.sessions.reserve_code(session, MAX_CODES)):
+                error = ("Trop de codes demandés : reconnectez-vous plus tard avec votre "
+                         "identifiant et votre mot de passe.")
             else:
                 code = new_code()
                 try:
@@ -354,6 +376,10 @@ class Portal:
                 else:
                     await self.sessions.code_sent(session, code, str(channel),
                                                   self.settings.code_ttl)
+                    await self._audit_now(patient_address(session.ins,
+                                                          self.settings.patient_domain),
+                                          "login.code.sent", "web",
+                                          {"ip": self._ip(request), "channel": str(channel)})
                     return RedirectResponse("/connexion/code/saisie", 303)
         return self._render(request, "code_choice", 400 if error else 200, page=None,
                             csrf=session.csrf, channels=channels, error=error)
@@ -366,21 +392,21 @@ class Portal:
         if request.method == "POST":
             form = await self._form(request, session.csrf)
             code = str(form.get("code") or "")
-            outcome = "wrong"
-            if len(code.strip()) == 6 and code.strip().isascii() and code.strip().isdigit():
-                outcome = await self.sessions.check_code(session, code,
-                                                         self.settings.code_tries)
-            else:
-                outcome = await self.sessions.check_code(session, "not-a-code",
-                                                         self.settings.code_tries)
+            if not (len(code.strip()) == 6 and code.strip().isascii()
+                    and code.strip().isdigit()):
+                code = "not-a-code"  # still counts as a try
+            outcome, token = await self.sessions.check_code(session, code,
+                                                            self.settings.code_tries)
             async with self.store.read() as conn:
                 ins = (await conn.execute(select(t.patient.c.ins).where(
                     t.patient.c.id == session.patient_id))).scalar_one()
             address = patient_address(ins, self.settings.patient_domain)
-            if outcome == "ok":
+            if outcome == "ok" and token is not None:
                 self._audit(address, "login.code", "web", {"ip": self._ip(request),
                                                            "channel": session.code_channel})
-                return RedirectResponse("/messagerie", 303)
+                redirect = RedirectResponse("/messagerie", 303)
+                self._set_cookie(redirect, COOKIE, token)  # a new token once logged in
+                return redirect
             self._audit(address, "login.code.failed", "web",
                         {"ip": self._ip(request), "reason": outcome})
             error = {"wrong": "Code incorrect.",
@@ -599,8 +625,9 @@ class Portal:
                 x for x in (parent.references or parent.in_reply_to, parent.message_id) if x)
         msg.set_content(text or "", charset="utf-8", cte="quoted-printable")
         for filename, media, data in uploads:
-            maintype, _, subtype = media.partition("/")
-            if not subtype or maintype == "multipart":
+            maintype, _, subtype = media.partition(";")[0].strip().lower().partition("/")
+            if maintype not in {"application", "image", "text", "audio", "video"} \
+                    or not re.fullmatch(r"[a-z0-9][a-z0-9.+-]{0,100}", subtype):
                 maintype, subtype = "application", "octet-stream"
             msg.add_attachment(data, maintype=maintype, subtype=subtype, filename=filename)
         # Long Message-IDs stay as they are (never folded into encoded words).
@@ -635,6 +662,7 @@ class Portal:
         labels = {"login": "Connexion", "login.failed": "Échec de connexion (mot de passe)",
                   "login.throttled": "Connexion bloquée (trop de tentatives)",
                   "login.code": "Connexion (code à usage unique)",
+                  "login.code.sent": "Code de connexion envoyé",
                   "login.code.failed": "Échec de connexion (code)"}
         entries = []
         for r in rows:

@@ -14,13 +14,17 @@ log = logging.getLogger(__name__)
 
 #: Seconds requests in flight get to finish when the gateway stops.
 DRAIN_SECONDS = 30
+#: Connections and requests at once before new ones get 503 (the process serves SMTP and IMAP
+#: too: the portal may not take all its descriptors).
+MAX_CONNECTIONS = 1000
 
 
 class WebServer:
     def __init__(self, app: Starlette, tls: ssl.SSLContext) -> None:
         self.config = uvicorn.Config(app, lifespan="off", log_config=None, access_log=False,
                                      proxy_headers=False, server_header=False,
-                                     timeout_graceful_shutdown=DRAIN_SECONDS)
+                                     timeout_graceful_shutdown=DRAIN_SECONDS,
+                                     limit_concurrency=MAX_CONNECTIONS, timeout_keep_alive=15)
         self.config.load()
         self.server = uvicorn.Server(self.config)
         self.server.lifespan = self.config.lifespan_class(self.config)

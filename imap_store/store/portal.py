@@ -92,6 +92,9 @@ class Sessions:
         async with self.store.write() as conn:
             await conn.execute(delete(t.web_session).where(
                 t.web_session.c.last_seen < now - self.lifetime))
+            # One login in progress per patient: a new password step ends the others.
+            await conn.execute(delete(t.web_session).where(
+                t.web_session.c.patient_id == patient_id, t.web_session.c.stage != "ok"))
             await conn.execute(t.web_session.insert().values(**values))
             row = (await conn.execute(_SESSION, {"sid": values["id"]})).one()
         return token, _session(row)
@@ -117,37 +120,54 @@ class Sessions:
                                    .values(last_seen=now))
         return session
 
+    async def reserve_code(self, session: WebSession, max_codes: int) -> bool:
+        """Count one more code for this login, atomically; False once ``max_codes`` were
+        sent (parallel requests cannot pass the limit together)."""
+        async with self.store.write() as conn:
+            result = await conn.execute(
+                update(t.web_session)
+                .where(t.web_session.c.id == session.id,
+                       t.web_session.c.codes_sent < max_codes)
+                .values(codes_sent=t.web_session.c.codes_sent + 1))
+            return bool(result.rowcount)
+
     async def code_sent(self, session: WebSession, code: str, channel: str,
                         ttl_seconds: int) -> None:
         async with self.store.write() as conn:
             await conn.execute(update(t.web_session).where(t.web_session.c.id == session.id)
                                .values(stage="code", code_hash=_digest(code),
                                        code_channel=channel, code_tries=0,
-                                       codes_sent=t.web_session.c.codes_sent + 1,
                                        code_expires=utcnow() + timedelta(seconds=ttl_seconds)))
 
-    async def check_code(self, session: WebSession, code: str, max_tries: int) -> str:
-        """``"ok"`` (logged in, the code is used up), ``"wrong"``, ``"expired"`` or
-        ``"exhausted"`` (too many tries: a new code must be asked for)."""
+    async def check_code(self, session: WebSession, code: str,
+                         max_tries: int) -> tuple[str, str | None]:
+        """``("ok", new token)``: logged in, the code is used up and the session gets a new
+        token (the one issued before the code step is worthless from now on); else
+        ``("wrong" | "expired" | "exhausted", None)``. Each try is counted atomically before
+        the code is compared, so parallel guesses cannot pass ``max_tries`` together."""
+        now = utcnow()
         async with self.store.write() as conn:
+            counted = await conn.execute(
+                update(t.web_session)
+                .where(t.web_session.c.id == session.id, t.web_session.c.stage == "code",
+                       t.web_session.c.code_tries < max_tries)
+                .values(code_tries=t.web_session.c.code_tries + 1))
             row = (await conn.execute(select(t.web_session).where(
                 t.web_session.c.id == session.id))).first()
             if row is None or row.stage != "code" or row.code_hash is None:
-                return "expired"
-            if row.code_tries >= max_tries:
-                return "exhausted"
-            if row.code_expires is None or as_utc(row.code_expires) < utcnow():
-                return "expired"
+                return "expired", None
+            if not counted.rowcount:
+                return "exhausted", None
+            if row.code_expires is None or as_utc(row.code_expires) < now:
+                return "expired", None
             if hmac.compare_digest(row.code_hash, _digest(code.strip())):
+                token = secrets.token_urlsafe(32)
                 await conn.execute(update(t.web_session).where(
                     t.web_session.c.id == session.id).values(
-                        stage="ok", code_hash=None, csrf=secrets.token_urlsafe(24),
-                        last_seen=utcnow()))
-                return "ok"
-            tries = row.code_tries + 1
-            await conn.execute(update(t.web_session).where(t.web_session.c.id == session.id)
-                               .values(code_tries=tries))
-            return "exhausted" if tries >= max_tries else "wrong"
+                        id=_digest(token), stage="ok", code_hash=None,
+                        csrf=secrets.token_urlsafe(24), last_seen=now))
+                return "ok", token
+            return ("exhausted" if row.code_tries >= max_tries else "wrong"), None
 
     async def close(self, token: str) -> None:
         async with self.store.write() as conn:

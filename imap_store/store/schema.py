@@ -261,3 +261,5 @@ login_failure = Table(
     Column("expires_at", Float, nullable=False),
 )
 Index("ix_login_failure_expires_at", login_failure.c.expires_at)
+# Migration 0004: a patient's own access history (portal) and the code-sending limit.
+Index("ix_audit_actor_action", audit.c.actor, audit.c.action)

@@ -70,6 +70,7 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint('id', name='pk_web_session'),
     )
     op.create_index('ix_web_session_patient_id', 'web_session', ['patient_id'], unique=False)
+    op.create_index('ix_audit_actor_action', 'audit', ['actor', 'action'], unique=False)
     with op.batch_alter_table('patient', schema=None) as batch_op:
         batch_op.add_column(sa.Column('phone', sa.String(length=20), nullable=True))
     with op.batch_alter_table('message', schema=None) as batch_op:
@@ -104,5 +105,6 @@ def downgrade() -> None:
         batch_op.drop_column('from_name')
     with op.batch_alter_table('patient', schema=None) as batch_op:
         batch_op.drop_column('phone')
+    op.drop_index('ix_audit_actor_action', table_name='audit')
     op.drop_index('ix_web_session_patient_id', table_name='web_session')
     op.drop_table('web_session')
