@@ -5,13 +5,11 @@ the message itself) and the portal's one-time login code (SPEC §11)."""
 from __future__ import annotations
 
 import ssl
-from datetime import UTC, datetime
-from email.message import EmailMessage
-from email.utils import format_datetime, formataddr, make_msgid
 
 import aiosmtplib
 import dkim
 
+from imap_store.store.notices import alternative_mail
 from outbound.settings import NotifierSettings
 from policy.addresses import domain_of
 from templates import Templates
@@ -34,18 +32,10 @@ def render_patient_mail(settings: NotifierSettings, templates: Templates, templa
     cfg = settings
     ctx = {"service_name": cfg.service_name, "login_url": cfg.login_url, "subject": subject,
            **context}
-    msg = EmailMessage()
-    msg["From"] = formataddr((cfg.service_name, cfg.system_sender))
-    msg["To"] = to
-    msg["Subject"] = subject
-    msg["Date"] = format_datetime(datetime.now(UTC))
-    msg["Message-ID"] = make_msgid(domain=cfg.service_domain)
-    msg["Auto-Submitted"] = "auto-generated"
-    msg.set_content(templates.render(f"{template}.txt.j2", **ctx), subtype="plain",
-                    charset="utf-8", cte="quoted-printable")
-    msg.add_alternative(templates.render(f"{template}.html.j2", **ctx),
-                        subtype="html", charset="utf-8", cte="quoted-printable")
-    data = msg.as_bytes(policy=msg.policy.clone(linesep="\r\n"))
+    data = alternative_mail(
+        sender=(cfg.service_name, cfg.system_sender), to=to, subject=subject,
+        domain=cfg.service_domain, text=templates.render(f"{template}.txt.j2", **ctx),
+        html=templates.render(f"{template}.html.j2", **ctx))
     if cfg.dkim_key is not None:
         signature = dkim.sign(
             data, cfg.dkim_selector.encode(), domain_of(cfg.system_sender).encode(),

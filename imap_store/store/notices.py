@@ -61,16 +61,27 @@ class Notices:
         ctx = {"subject": subject, "service_name": s.service_name, **context}
         text = self.templates.render(f"{name}.txt.j2", **ctx)
         html = self.templates.render(f"{name}.html.j2", **ctx)
-        msg = EmailMessage()
-        msg["From"] = formataddr((s.service_name, s.system_sender))
-        msg["To"] = to
-        msg["Subject"] = subject
-        msg["Date"] = format_datetime(datetime.now(UTC))
-        msg["Message-ID"] = make_msgid(domain=s.service_domain)
-        msg["Auto-Submitted"] = "auto-generated"
-        if in_reply_to:
-            msg["In-Reply-To"] = in_reply_to
-            msg["References"] = references or in_reply_to
-        msg.set_content(text, subtype="plain", charset="utf-8", cte="quoted-printable")
-        msg.add_alternative(html, subtype="html", charset="utf-8", cte="quoted-printable")
-        return msg.as_bytes(policy=msg.policy.clone(linesep="\r\n"))
+        return alternative_mail(
+            sender=(s.service_name, s.system_sender), to=to, subject=subject,
+            domain=s.service_domain, text=text, html=html, in_reply_to=in_reply_to,
+            references=references)
+
+
+def alternative_mail(*, sender: tuple[str, str], to: str, subject: str, domain: str, text: str,
+                     html: str, in_reply_to: str | None = None,
+                     references: str | None = None) -> bytes:
+    """A French multipart/alternative mail (text, then HTML) from the system sender, marked
+    ``Auto-Submitted``: the shape of every mail the gateway writes itself."""
+    msg = EmailMessage()
+    msg["From"] = formataddr(sender)
+    msg["To"] = to
+    msg["Subject"] = subject
+    msg["Date"] = format_datetime(datetime.now(UTC))
+    msg["Message-ID"] = make_msgid(domain=domain)
+    msg["Auto-Submitted"] = "auto-generated"
+    if in_reply_to:
+        msg["In-Reply-To"] = in_reply_to
+        msg["References"] = references or in_reply_to
+    msg.set_content(text, subtype="plain", charset="utf-8", cte="quoted-printable")
+    msg.add_alternative(html, subtype="html", charset="utf-8", cte="quoted-printable")
+    return msg.as_bytes(policy=msg.policy.clone(linesep="\r\n"))
