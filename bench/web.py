@@ -592,10 +592,17 @@ async def web_phase(spec: Spec) -> dict[str, Any]:
     browsers = [Browser(spec.host, spec.web_port, ctx) for _ in range(spec.clients)]
     login_ms: list[float] = []
     cpu0 = bi.server_cpu(spec.pids)
-    for b in browsers:  # one after the other: the code is the outbox's last one
-        t0 = time.perf_counter()
-        page = await login(b, spec)
-        login_ms.append((time.perf_counter() - t0) * 1000)
+    # Logins one after the other (the code is the outbox's last one); the portal sends one
+    # patient at most 10 codes an hour, so 3 real logins and the other clients share the last
+    # session (as tabs of one browser do).
+    for i, b in enumerate(browsers):
+        if i >= 3:
+            b.cookies = dict(browsers[2].cookies)
+            page = await b.request("GET", "/messagerie")
+        else:
+            t0 = time.perf_counter()
+            page = await login(b, spec)
+            login_ms.append((time.perf_counter() - t0) * 1000)
         problem = checks.page1(page)
         if problem:
             raise HttpError(f"the list after login: {problem}")

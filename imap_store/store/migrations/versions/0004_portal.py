@@ -77,7 +77,8 @@ def upgrade() -> None:
         batch_op.add_column(sa.Column('has_attachments', sa.Integer(), nullable=False,
                                       server_default='0'))
         batch_op.add_column(sa.Column('from_name', sa.String(length=200), nullable=True))
-        batch_op.create_index('ix_message_thread_id', ['thread_id'], unique=False)
+        batch_op.create_index('ix_message_mailbox_thread', ['mailbox_id', 'thread_id'],
+                              unique=False)
     conn = op.get_bind()
     message = sa.table('message', sa.column('id', sa.Integer), sa.column('thread_id'),
                        sa.column('message_id'), sa.column('in_reply_to'),
@@ -100,7 +101,7 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     with op.batch_alter_table('message', schema=None) as batch_op:
-        batch_op.drop_index('ix_message_thread_id')
+        batch_op.drop_index('ix_message_mailbox_thread')
         batch_op.drop_column('has_attachments')
         batch_op.drop_column('from_name')
     with op.batch_alter_table('patient', schema=None) as batch_op:
