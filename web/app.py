@@ -245,9 +245,10 @@ class Portal:
         response.set_cookie(name, value, httponly=True, secure=True, samesite="strict",
                             path="/")
 
-    async def _session(self, request: Request, stage: str = "ok") -> WebSession | None:
+    async def _session(self, request: Request, *stages: str) -> WebSession | None:
+        """The cookie's live session when it is at one of ``stages`` (default: logged in)."""
         session = await self.sessions.find(request.cookies.get(COOKIE))
-        if session is None or session.stage != stage:
+        if session is None or session.stage not in (stages or ("ok",)):
             return None
         return session
 
@@ -289,13 +290,14 @@ class Portal:
         await self.writer.submit_sync(lambda conn: ops.audit(conn, actor, action, subject,
                                                               detail))
 
-    async def _codes_last_hour(self, patient_id: int) -> int:
+    async def _codes_last_hour(self, session: WebSession) -> int:
+        """Codes sent to the session's patient in the last hour (the session carries the INS:
+        no second patient read)."""
+        address = patient_address(session.ins, self.settings.patient_domain)
         async with self.store.read() as conn:
-            ins = (await conn.execute(select(t.patient.c.ins).where(
-                t.patient.c.id == patient_id))).scalar_one()
             return int((await conn.execute(
                 select(func.count()).select_from(t.audit)
-                .where(t.audit.c.actor == patient_address(ins, self.settings.patient_domain),
+                .where(t.audit.c.actor == address,
                        t.audit.c.action == "login.code.sent",
                        t.audit.c.at > utcnow() - timedelta(hours=1)))).scalar_one())
 
@@ -337,8 +339,7 @@ class Portal:
         return row.name, row.notify_email, row.phone
 
     async def code_choice(self, request: Request) -> Response:
-        session = await self._session(request, "password") or \
-            await self._session(request, "code")
+        session = await self._session(request, "password", "code")
         if session is None:
             return self._to_login()
         name, email, phone = await self._patient_contact(session.patient_id)
@@ -353,7 +354,7 @@ class Portal:
             channel = form.get("canal")
             if channel not in {c for c, _ in channels}:
                 error = "Choisissez où recevoir votre code."
-            elif (await self._codes_last_hour(session.patient_id) >= MAX_CODES_PER_HOUR
+            elif (await self._codes_last_hour(session) >= MAX_CODES_PER_HOUR
                   or not await self.sessions.reserve_code(session, MAX_CODES)):
                 error = ("Trop de codes demandés : reconnectez-vous plus tard avec votre "
                          "identifiant et votre mot de passe.")
@@ -397,10 +398,7 @@ class Portal:
                 code = "not-a-code"  # still counts as a try
             outcome, token = await self.sessions.check_code(session, code,
                                                             self.settings.code_tries)
-            async with self.store.read() as conn:
-                ins = (await conn.execute(select(t.patient.c.ins).where(
-                    t.patient.c.id == session.patient_id))).scalar_one()
-            address = patient_address(ins, self.settings.patient_domain)
+            address = patient_address(session.ins, self.settings.patient_domain)
             if outcome == "ok" and token is not None:
                 self._audit(address, "login.code", "web", {"ip": self._ip(request),
                                                            "channel": session.code_channel})
