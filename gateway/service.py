@@ -55,6 +55,17 @@ def return_large_buffers_to_the_os() -> None:
         pass
 
 
+#: How long a thread may keep the GIL while another wants it (CPython's default is 5 ms). The
+#: event loop gives up the GIL at every socket operation; while a worker thread analyses a
+#: large message, each of those waited up to 5 ms to get it back, so a NOOP of another session
+#: took 55-90 ms during a 1 MB message (tests/test_security_event_loop.py); at 1 ms, 20-45 ms.
+GIL_SWITCH_INTERVAL = 0.001
+
+
+def keep_the_loop_responsive() -> None:
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL)
+
+
 async def _listen(name: str, listen: Listen, start: Awaitable[asyncio.Server]) -> asyncio.Server:
     try:
         return await start
@@ -66,6 +77,7 @@ async def _listen(name: str, listen: Listen, start: Awaitable[asyncio.Server]) -
 async def serve(config: Config) -> int:
     setup_logging()
     return_large_buffers_to_the_os()
+    keep_the_loop_responsive()
     await migrate(config.storage_url)
     store = Store.from_url(config.storage_url)
     writer = GroupWriter(store)

@@ -26,7 +26,7 @@ from typing import Any
 
 from aiosmtpd.smtp import MISSING, AuthResult, Envelope, Session, syntax
 
-from imap_store.mime import MessageInfo, parse_message
+from imap_store.mime import MessageInfo, parse_message_async
 from imap_store.store import ops
 from imap_store.store.directory import Store
 from imap_store.store.fields import utcnow
@@ -450,8 +450,7 @@ class GatewaySMTP(AdaptedSMTP):
         stored = reader.message(prefix=self._received_header())
         if b"\x00" in stored:  # RFC 5322 and 8BITMIME text: no NUL (there is no BINARYMIME)
             return str(replies.NUL_BYTE)
-        info = await asyncio.to_thread(parse_message, stored) if len(stored) > 1 << 20 \
-            else parse_message(stored)
+        info = await parse_message_async(stored)
         # RFC 5322 §3.6: a second From: (To:, Subject: ...) would escape the rules below.
         decision = decide_unique_fields(unique_field_names(stored, info))
         if not decision.allowed:

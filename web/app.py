@@ -37,7 +37,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from imap_store.mime import parse_message
+from imap_store.mime import parse_message_async
 from imap_store.store import ops
 from imap_store.store import schema as t
 from imap_store.store.directory import Store
@@ -580,7 +580,7 @@ class Portal:
                          "pour envoyer le message.")
             else:
                 raw = self._compose(page, recipients, everyone, subject, text, last, uploads)
-                info = parse_message(raw)
+                info = await parse_message_async(raw)
                 outcome = await submit(self.store, self.writer, page.identity,
                                        self.settings.patient_domain, recipients, raw, info,
                                        [page.address])

@@ -46,11 +46,19 @@ Design notes
 from __future__ import annotations
 
 from imap_store.mime.headers import decode_rfc2047
-from imap_store.mime.message import Attachment, MessageInfo, parse_message, text_for_search
+from imap_store.mime.message import (
+    INLINE_PARSE_MAX,
+    Attachment,
+    MessageInfo,
+    parse_message,
+    parse_message_async,
+    text_for_search,
+)
 from imap_store.mime.sections import decode_section, get_section
 from imap_store.mime.structure import MAX_DEPTH, MAX_PARTS
 
 __all__ = [
+    "INLINE_PARSE_MAX",
     "MAX_DEPTH",
     "MAX_PARTS",
     "Attachment",
@@ -59,5 +67,6 @@ __all__ = [
     "decode_section",
     "get_section",
     "parse_message",
+    "parse_message_async",
     "text_for_search",
 ]

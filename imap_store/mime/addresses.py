@@ -265,6 +265,36 @@ def _addr_specs(addrs: Sequence[Address] | None) -> list[str]:
     return out
 
 
+#: Addresses (group markers included) kept per address field in the ENVELOPE and for SEARCH.
+#: A header of tens of thousands of addresses would otherwise be stored several times over
+#: (1 MB of address groups made 7 MB of envelope) and rendered again at every FETCH; mail with
+#: more recipients than this in one field is not a real exchange (Postfix likewise bounds the
+#: address tokens of a header it rewrites). Beyond it the list is cut, an open group closed.
+MAX_ENVELOPE_ADDRESSES = 1000
+#: Characters of one address field that are parsed (the general parser costs about 1 µs per
+#: character): the first :data:`MAX_ENVELOPE_ADDRESSES` addresses of any real header fit.
+MAX_ADDRESS_FIELD = 64 * 1024
+
+
+def _capped(parsed: list[Address]) -> list[Address]:
+    if len(parsed) <= MAX_ENVELOPE_ADDRESSES:
+        return parsed
+    kept = parsed[:MAX_ENVELOPE_ADDRESSES]
+    depth = 0
+    for entry in kept:
+        if entry[2] is not None and entry[3] is None:  # group start
+            depth = 1
+        elif entry[2] is None and entry[3] is None:  # group end
+            depth = 0
+    if depth:  # close the group the cut left open (an empty one is dropped)
+        last = kept[-1]
+        if last[2] is not None and last[3] is None:
+            kept.pop()
+        else:
+            kept[-1] = [None, None, None, None]
+    return kept
+
+
 _ENVELOPE_FIELDS = (
     "date",
     "subject",
@@ -301,7 +331,10 @@ def _envelope_of(vals: dict[str, str], lists: dict[str, list[Address]]) -> list[
         v = vals.get(name)
         if v is None:
             return None
-        parsed = lists[name] = _parse_address_list(v)
+        if len(v) > MAX_ADDRESS_FIELD:  # cut after the last whole address that fits
+            cut = v.rfind(",", 0, MAX_ADDRESS_FIELD)
+            v = v[:cut if cut > 0 else MAX_ADDRESS_FIELD]
+        parsed = lists[name] = _capped(_parse_address_list(v))
         return parsed or None
 
     from_ = addrs("from")

@@ -15,7 +15,6 @@ without advertising CONDSTORE). Bodies are read only when a body is asked for.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import re
@@ -50,7 +49,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from imap_store.mime import MessageInfo, parse_message, text_for_search
+from imap_store.mime import MessageInfo, parse_message_async, text_for_search
 from imap_store.store import schema as t
 from imap_store.store.deliver import SEARCH_FIELDS, deliver, search_values
 from imap_store.store.directory import DatabaseBlobStore, Store, new_uidvalidity
@@ -85,8 +84,6 @@ _MAX_RANGES = 20
 _MAX_SEARCH_RANGES = 50
 #: Message bodies read in one query by SEARCH BODY/TEXT (at least one message per query).
 _SEARCH_BODY_BATCH = 8 * 1024 * 1024
-#: Messages parsed in a worker thread above this size (keeps the event loop responsive).
-_THREAD_PARSE_SIZE = 256 * 1024
 
 SYSTEM_FLAG_BITS: dict[str, int] = {
     "\\Seen": t.FLAG_SEEN,
@@ -1289,10 +1286,7 @@ class PatientMailStore:
         internal_date: datetime | None,
     ) -> tuple[int, int, int, int]:
         """APPEND (RFC 3501 §6.3.11): ``(mailbox id, UIDVALIDITY, UID, MODSEQ)``."""
-        if len(raw) > _THREAD_PARSE_SIZE:
-            info: MessageInfo = await asyncio.to_thread(parse_message, raw)
-        else:
-            info = parse_message(raw)
+        info: MessageInfo = await parse_message_async(raw)
         kw_text = " ".join(list(dict.fromkeys(keywords))[:MAX_KEYWORDS])
 
         async def job(conn: AsyncConnection) -> tuple[int, int, int, int]:

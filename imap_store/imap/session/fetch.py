@@ -13,7 +13,7 @@ from imap_store.imap.commands import Fetch, FetchAttr, Store
 from imap_store.imap.session.selected import own_change
 from imap_store.imap.session.state import Action, Selected
 from imap_store.imap.wire import render_bodystructure, render_envelope
-from imap_store.mime import get_section, parse_message
+from imap_store.mime import get_section, parse_message_async
 from imap_store.store.mailboxes import (
     SYSTEM_FLAG_BITS,
     FlagState,
@@ -224,7 +224,7 @@ async def _meta(mail: MailStore, sel: Selected, uid: int, text: str | None) -> d
         except ValueError:
             pass
     raw = await mail.body(sel.mailbox_id, uid) or b""
-    return parse_message(raw).to_dict()
+    return (await parse_message_async(raw)).to_dict()
 
 
 def _render_fetch(sel: Selected, seq: int, uid: int, row: MessageRow, attrs: list[FetchAttr],
