@@ -170,6 +170,45 @@ def _header(value: str) -> str:
     return "\r\n ".join(f"=?UTF-8?B?{base64.b64encode(w.encode()).decode()}?=" for w in words)
 
 
+def content(rng: random.Random, budget: int) -> tuple[list[str], bytes]:
+    """Content headers and a body of about ``budget`` bytes: 55 % text/plain (8bit or
+    quoted-printable), 15 % text + HTML, 30 % text + a PDF-like attachment."""
+    kind = rng.random()
+    if kind < 0.55:
+        cte, body = _encode_text(rng, _text(rng, budget * 10 // 11))
+        return (["Content-Type: text/plain; charset=utf-8; format=flowed",
+                 f"Content-Transfer-Encoding: {cte}"], body)
+    boundary = f"----=_Part_{rng.getrandbits(64):016x}"
+    parts: list[bytes] = []
+    if kind < 0.70:
+        text = _text(rng, budget * 2 // 5)
+        cte, tbody = _encode_text(rng, text)
+        html = "<html><body>" + "".join(
+            f"<p>{line}</p>\r\n" for line in text.split("\r\n\r\n") if line) + "</body></html>"
+        hcte, hbody = _encode_text(rng, html)
+        parts.append(f"Content-Type: text/plain; charset=utf-8\r\n"
+                     f"Content-Transfer-Encoding: {cte}\r\n\r\n".encode() + tbody)
+        parts.append(f"Content-Type: text/html; charset=utf-8\r\n"
+                     f"Content-Transfer-Encoding: {hcte}\r\n\r\n".encode() + hbody)
+        content_type = f'Content-Type: multipart/alternative; boundary="{boundary}"'
+    else:
+        pdf_size = rng.randrange(900, max(1000, budget // 2))
+        cte, tbody = _encode_text(rng, _text(rng, budget - pdf_size * 4 // 3 - 400))
+        filename = rng.choice(("compte-rendu.pdf", "resultats_analyses.pdf", "ordonnance.pdf",
+                               "courrier_liaison.pdf"))
+        parts.append(f"Content-Type: text/plain; charset=utf-8\r\n"
+                     f"Content-Transfer-Encoding: {cte}\r\n\r\n".encode() + tbody)
+        parts.append(f'Content-Type: application/pdf; name="{filename}"\r\n'
+                     f'Content-Disposition: attachment; filename="{filename}"\r\n'
+                     f"Content-Transfer-Encoding: base64\r\n\r\n".encode()
+                     + _b64_lines(_pdf_like(rng, pdf_size)))
+        content_type = f'Content-Type: multipart/mixed; boundary="{boundary}"'
+    sep = f"--{boundary}\r\n".encode()
+    body = (b"This is a multi-part message in MIME format.\r\n\r\n"
+            + b"".join(sep + p + b"\r\n" for p in parts) + f"--{boundary}--\r\n".encode())
+    return [content_type], body
+
+
 def make_message(rng: random.Random, seq: int, now: datetime, tag: str = "m") -> BenchMessage:
     """One message; ``seq`` and ``tag`` make the Message-ID unique."""
     name, address = SENDERS[rng.randrange(len(SENDERS))]
@@ -202,41 +241,8 @@ def make_message(rng: random.Random, seq: int, now: datetime, tag: str = "m") ->
         ref = f"<{tag}{max(0, seq - rng.randrange(1, 50))}.thread@{domain}>"
         headers += [f"In-Reply-To: {ref}", f"References: {ref}"]
     headers += ["MIME-Version: 1.0", f"User-Agent: {rng.choice(USER_AGENTS)}"]
-    budget = max(300, size - 1500)  # the headers above take ~1.5 KB
-    kind = rng.random()
-    if kind < 0.55:
-        cte, body = _encode_text(rng, _text(rng, budget * 10 // 11))
-        headers += ["Content-Type: text/plain; charset=utf-8; format=flowed",
-                    f"Content-Transfer-Encoding: {cte}"]
-    else:
-        boundary = f"----=_Part_{rng.getrandbits(64):016x}"
-        parts: list[bytes] = []
-        if kind < 0.70:
-            text = _text(rng, budget * 2 // 5)
-            cte, tbody = _encode_text(rng, text)
-            html = "<html><body>" + "".join(
-                f"<p>{line}</p>\r\n" for line in text.split("\r\n\r\n") if line) + "</body></html>"
-            hcte, hbody = _encode_text(rng, html)
-            parts.append(f"Content-Type: text/plain; charset=utf-8\r\n"
-                         f"Content-Transfer-Encoding: {cte}\r\n\r\n".encode() + tbody)
-            parts.append(f"Content-Type: text/html; charset=utf-8\r\n"
-                         f"Content-Transfer-Encoding: {hcte}\r\n\r\n".encode() + hbody)
-            headers.append(f'Content-Type: multipart/alternative; boundary="{boundary}"')
-        else:
-            pdf_size = rng.randrange(900, max(1000, budget // 2))
-            cte, tbody = _encode_text(rng, _text(rng, budget - pdf_size * 4 // 3 - 400))
-            filename = rng.choice(("compte-rendu.pdf", "resultats_analyses.pdf",
-                                   "ordonnance.pdf", "courrier_liaison.pdf"))
-            parts.append(f"Content-Type: text/plain; charset=utf-8\r\n"
-                         f"Content-Transfer-Encoding: {cte}\r\n\r\n".encode() + tbody)
-            parts.append(f'Content-Type: application/pdf; name="{filename}"\r\n'
-                         f'Content-Disposition: attachment; filename="{filename}"\r\n'
-                         f"Content-Transfer-Encoding: base64\r\n\r\n".encode()
-                         + _b64_lines(_pdf_like(rng, pdf_size)))
-            headers.append(f'Content-Type: multipart/mixed; boundary="{boundary}"')
-        sep = f"--{boundary}\r\n".encode()
-        body = (b"This is a multi-part message in MIME format.\r\n\r\n"
-                + b"".join(sep + p + b"\r\n" for p in parts) + f"--{boundary}--\r\n".encode())
+    content_headers, body = content(rng, max(300, size - 1500))  # headers: ~1.5 KB
+    headers += content_headers
     raw = "\r\n".join(headers).encode() + b"\r\n\r\n" + body
     return BenchMessage(raw, date, rng.random() < 0.7)
 

@@ -22,10 +22,7 @@ import ssl
 import subprocess
 import sys
 import tempfile
-import threading
-import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 
 from benchlib import (
@@ -37,6 +34,8 @@ from benchlib import (
     set_key,
     start_gateway,
 )
+
+from tests.helpers import noop_probe  # the probe of tests/test_security_event_loop.py
 
 PASSWORD = "bench loop hold"
 LIMIT = 1_000_000 - 4096  # room for the fixed fields around the hostile one
@@ -73,35 +72,6 @@ def shapes(sender: str, rcpt: str) -> dict[str, bytes]:
     }
 
 
-@contextmanager
-def neighbour(port: int, ctx: ssl.SSLContext, login: str) -> Iterator[list[float]]:
-    client = imaplib.IMAP4_SSL("127.0.0.1", port, ssl_context=ctx, timeout=60)
-    client.login(login, PASSWORD)
-    client.select("INBOX")
-    for _ in range(5):
-        client.noop()
-    waits: list[float] = []
-    stop = threading.Event()
-
-    def loop() -> None:
-        while not stop.is_set():
-            start = time.perf_counter()
-            client.noop()
-            waits.append(time.perf_counter() - start)
-            time.sleep(0.002)
-
-    thread = threading.Thread(target=loop, daemon=True)
-    thread.start()
-    try:
-        time.sleep(0.05)
-        yield waits
-        time.sleep(0.1)
-    finally:
-        stop.set()
-        thread.join(30)
-        client.logout()
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--db", choices=("sqlite", "postgresql"), default="sqlite")
@@ -131,7 +101,7 @@ def main() -> int:
             for name, raw in shapes(pro.address, gw.patient_address(0)).items():
                 if args.only and name != args.only:
                     continue
-                with neighbour(imaps, ctx, probe) as waits:
+                with noop_probe(imaps, ctx, probe, PASSWORD) as waits:
                     with smtplib.SMTP("127.0.0.1", gw.smtp_port, timeout=120) as smtp:
                         smtp.starttls(context=pro_ctx)
                         try:

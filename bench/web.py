@@ -77,11 +77,8 @@ from imap_workload import (  # noqa: E402
     SUBJECTS,
     USER_AGENTS,
     BenchMessage,
-    _b64_lines,
-    _encode_text,
     _header,
-    _pdf_like,
-    _text,
+    content,
 )
 
 
@@ -121,43 +118,8 @@ def log(text: str) -> None:
 
 
 def _body(rng: random.Random, size: int) -> tuple[list[str], bytes]:
-    """Content headers and body of about ``size`` bytes, the mix of ``imap_workload``: 55 %
-    text/plain, 15 % text + HTML, 30 % text + a PDF-like attachment."""
-    budget = max(300, size - 1200)
-    kind = rng.random()
-    if kind < 0.55:
-        cte, body = _encode_text(rng, _text(rng, budget * 10 // 11))
-        return (["Content-Type: text/plain; charset=utf-8; format=flowed",
-                 f"Content-Transfer-Encoding: {cte}"], body)
-    boundary = f"----=_Part_{rng.getrandbits(64):016x}"
-    parts: list[bytes] = []
-    if kind < 0.70:
-        text = _text(rng, budget * 2 // 5)
-        cte, tbody = _encode_text(rng, text)
-        html = "<html><body>" + "".join(
-            f"<p>{line}</p>\r\n" for line in text.split("\r\n\r\n") if line) + "</body></html>"
-        hcte, hbody = _encode_text(rng, html)
-        parts.append(f"Content-Type: text/plain; charset=utf-8\r\n"
-                     f"Content-Transfer-Encoding: {cte}\r\n\r\n".encode() + tbody)
-        parts.append(f"Content-Type: text/html; charset=utf-8\r\n"
-                     f"Content-Transfer-Encoding: {hcte}\r\n\r\n".encode() + hbody)
-        content = f'Content-Type: multipart/alternative; boundary="{boundary}"'
-    else:
-        pdf_size = rng.randrange(900, max(1000, budget // 2))
-        cte, tbody = _encode_text(rng, _text(rng, budget - pdf_size * 4 // 3 - 400))
-        filename = rng.choice(("compte-rendu.pdf", "resultats_analyses.pdf", "ordonnance.pdf",
-                               "courrier_liaison.pdf"))
-        parts.append(f"Content-Type: text/plain; charset=utf-8\r\n"
-                     f"Content-Transfer-Encoding: {cte}\r\n\r\n".encode() + tbody)
-        parts.append(f'Content-Type: application/pdf; name="{filename}"\r\n'
-                     f'Content-Disposition: attachment; filename="{filename}"\r\n'
-                     f"Content-Transfer-Encoding: base64\r\n\r\n".encode()
-                     + _b64_lines(_pdf_like(rng, pdf_size)))
-        content = f'Content-Type: multipart/mixed; boundary="{boundary}"'
-    sep = f"--{boundary}\r\n".encode()
-    body = (b"This is a multi-part message in MIME format.\r\n\r\n"
-            + b"".join(sep + p + b"\r\n" for p in parts) + f"--{boundary}--\r\n".encode())
-    return [content], body
+    """Content headers and body of about ``size`` bytes, the mix of ``imap_workload``."""
+    return content(rng, max(300, size - 1200))
 
 
 def make_threads(n: int, conversations: int, seed: int = SEED) -> list[BenchMessage]:

@@ -5,10 +5,14 @@ command parser, the SMTP DATA reader)."""
 from __future__ import annotations
 
 import asyncio
+import imaplib
 import smtplib
 import socket
 import ssl
-from collections.abc import Callable
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from sqlalchemy import select
@@ -97,6 +101,43 @@ def body_after_received(stored: bytes) -> bytes:
     while lines[i][:1] in (b" ", b"\t"):
         i += 1
     return b"\r\n".join(lines[i:])
+
+
+@contextmanager
+def noop_probe(port: int, ctx: ssl.SSLContext, login: str, password: str) -> Iterator[list[float]]:
+    """A patient's IMAP session (implicit TLS on ``port``) sending NOOP after NOOP, 2 ms
+    apart, while the block runs; yields the list of its answer times in seconds (complete
+    when the block has ended). Used by tests/test_security_event_loop.py and
+    bench/loop_hold.py to see how long other work holds the server's event loop."""
+    client = imaplib.IMAP4_SSL("127.0.0.1", port, ssl_context=ctx, timeout=60)
+    client.login(login, password)
+    client.select("INBOX")
+    for _ in range(5):  # warm: the first commands of a session read its state
+        client.noop()
+    waits: list[float] = []
+    failures: list[object] = []
+    stop = threading.Event()
+
+    def loop() -> None:
+        while not stop.is_set():
+            start = time.perf_counter()
+            typ, data = client.noop()
+            waits.append(time.perf_counter() - start)
+            if typ != "OK":
+                failures.append(data)
+            time.sleep(0.002)
+
+    thread = threading.Thread(target=loop, daemon=True)
+    thread.start()
+    try:
+        time.sleep(0.05)
+        yield waits
+        time.sleep(0.1)
+    finally:
+        stop.set()
+        thread.join(30)
+        client.logout()
+    assert not failures, failures
 
 
 # --------------------------------------------------------------------------- raw SMTP

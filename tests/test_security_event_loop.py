@@ -10,8 +10,6 @@ from __future__ import annotations
 import imaplib
 import smtplib
 import socket
-import threading
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -19,49 +17,18 @@ import pytest
 
 from tests.conftest import CHRISTELLE, INAYA, MARTINE, PATIENT_PASSWORD
 from tests.gateway_proc import Gateway
-from tests.helpers import smtp, tls_context
+from tests.helpers import noop_probe, smtp, tls_context
 
 #: How long the other session may wait for an answer while the hostile input is handled.
 MAX_WAIT = 0.100
 MARTINE_ADDRESS = f"{MARTINE}@patient.mssante.fr"
 
 
-def _probe_session(gw: Gateway) -> imaplib.IMAP4_SSL:
-    client = imaplib.IMAP4_SSL("127.0.0.1", gw.ports["imaps"], ssl_context=tls_context(gw),
-                               timeout=30)
-    client.login(INAYA, PATIENT_PASSWORD)
-    client.select("INBOX")
-    return client
-
-
 @contextmanager
 def busy_neighbour(gw: Gateway) -> Iterator[list[float]]:
-    """Another patient's session sending NOOP after NOOP while the block runs; yields the
-    list its answer times are collected in (filled when the block ends)."""
-    client = _probe_session(gw)
-    waits: list[float] = []
-    stop = threading.Event()
-
-    def loop() -> None:
-        while not stop.is_set():
-            start = time.perf_counter()
-            typ, _ = client.noop()
-            waits.append(time.perf_counter() - start)
-            assert typ == "OK"
-            time.sleep(0.002)
-
-    thread = threading.Thread(target=loop, daemon=True)
-    for _ in range(5):  # warm: the first commands of a session read its state
-        client.noop()
-    thread.start()
-    try:
-        time.sleep(0.05)
+    """Another patient's session sending NOOP after NOOP while the block runs."""
+    with noop_probe(gw.ports["imaps"], tls_context(gw), INAYA, PATIENT_PASSWORD) as waits:
         yield waits
-        time.sleep(0.1)
-    finally:
-        stop.set()
-        thread.join(10)
-        client.logout()
 
 
 def _check(waits: list[float], what: str) -> None:
