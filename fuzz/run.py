@@ -59,6 +59,8 @@ class Report:
     name: str
     executions: int = 0
     seconds: float = 0.0
+    #: atheris only: libFuzzer's edge coverage and feature count at the end of the run.
+    coverage: str = ""
     findings: list[Path] = field(default_factory=list)
 
 
@@ -190,6 +192,9 @@ def run_atheris(name: str, seconds: float, findings: Path) -> Report:
     report = Report(name, seconds=time.monotonic() - started)
     match = re.search(r"stat::number_of_executed_units:\s*(\d+)", proc.stderr)
     report.executions = int(match[1]) if match else 0
+    progress = re.findall(r"\bcov: (\d+) ft: (\d+)", proc.stderr)
+    if progress:
+        report.coverage = f"cov {progress[-1][0]} ft {progress[-1][1]}"
     after = set((findings / name).glob("*.bin")) if (findings / name).is_dir() else set()
     report.findings = sorted(after - before)
     if proc.returncode != 0 and not report.findings:
@@ -254,8 +259,9 @@ def main(argv: list[str] | None = None) -> int:
         reports.append(report)
         rate = report.executions / report.seconds if report.seconds else 0.0
         status = f"{len(report.findings)} FINDING(S)" if report.findings else "ok"
+        coverage = f"; {report.coverage}" if report.coverage else ""
         print(f"{name:12} {report.executions:9d} executions in {report.seconds:6.1f} s "
-              f"({rate:,.0f}/s): {status}", flush=True)
+              f"({rate:,.0f}/s){coverage}: {status}", flush=True)
         for path in report.findings:
             print(f"    saved {path}")
     return 1 if any(r.findings for r in reports) else 0
