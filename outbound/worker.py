@@ -33,6 +33,7 @@ from imap_store.store.directory import Store
 from imap_store.store.fields import utcnow
 from imap_store.store.notices import Notices
 from imap_store.store.outbound import NOTIFICATION, RELAY, QueueItem, any_due, queue_item
+from outbound import metrics
 from outbound.notification import render_notification
 from outbound.settings import OutboundSettings, Relay
 from policy.addresses import domain_of, patient_address
@@ -74,6 +75,11 @@ class QueueWorker:
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="queue-worker")
+
+    @property
+    def alive(self) -> bool:
+        """The worker's task runs (for ``/readyz``)."""
+        return self._task is not None and not self._task.done()
 
     def poke(self) -> None:
         self.wakeup.set()
@@ -183,6 +189,7 @@ class QueueWorker:
                 await self.store.audit(conn, "queue", f"{item.kind}.sent", str(item.id),
                                        {"recipient": item.recipient})
             log.info("queue item %d (%s) sent", item.id, item.kind)
+            metrics.sent(item.kind)
 
     async def _failed(self, item: QueueItem, reason: str, permanent: bool) -> None:
         attempts = item.attempts + 1
@@ -204,6 +211,7 @@ class QueueWorker:
                     next_attempt_at=utcnow() + timedelta(seconds=delay)))
         log.info("queue item %d (%s) %s: %s", item.id, item.kind,
                  "gave up" if give_up else "will retry", reason[:200])
+        metrics.failed(item.kind, permanent, give_up)
 
     # --- relay ------------------------------------------------------------------------------
 

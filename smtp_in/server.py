@@ -46,7 +46,7 @@ from policy.rules import (
     decide_size,
     decide_unique_fields,
 )
-from smtp_in import replies
+from smtp_in import metrics, replies
 from smtp_in.aiosmtpd_adapter import AdaptedSMTP
 from smtp_in.data import DataReader, DataState, max_line_for
 from smtp_in.delivery import (
@@ -261,6 +261,7 @@ class GatewaySMTP(AdaptedSMTP):
                 self._greeted = True
             elif not self._in_ehlo:
                 status = replies.with_enhanced(status)
+            metrics.replied(self.listener, status)
             status = status.encode("utf-8")
         response = status + b"\r\n"
         self._replies += 1
@@ -431,6 +432,7 @@ class GatewaySMTP(AdaptedSMTP):
             self.flush_audit()  # what the delivery did not carry (refused, failed, vanished)
         self.set_post_data_state()
         self.new_transaction()
+        metrics.data_answered(self.listener, reply)
         await self.push(reply)
 
     async def _finish_data(self, reader: DataReader) -> str:

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, cast
@@ -37,7 +38,7 @@ from typing import Any, TypeVar, cast
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from imap_store.store import ops
+from imap_store.store import metrics, ops
 from imap_store.store.db import write_transaction
 from imap_store.store.directory import Store
 
@@ -166,6 +167,7 @@ class GroupWriter:
             del batch, first  # do not keep the last batch's messages alive while idle
 
     async def _write(self, batch: list[_Pending]) -> None:
+        started = time.perf_counter()
         try:
             if self.store.sync_engine is not None and all(p.sync for p in batch):
                 results = await self._write_sqlite(batch)
@@ -179,6 +181,7 @@ class GroupWriter:
             return
         self.batches += 1
         self.jobs += len(batch)
+        metrics.batch_written(len(batch), time.perf_counter() - started)
         for pending, (ok, value) in zip(batch, results, strict=True):
             pending.job = None
             if pending.future is None:
