@@ -111,6 +111,14 @@ class WebConfig:
 
 
 @dataclass(frozen=True)
+class DocumentsConfig:
+    """The patients' health documents in the portal (issue 12)."""
+
+    #: Bytes of documents one patient may keep.
+    quota_bytes: int = 200_000_000
+
+
+@dataclass(frozen=True)
 class Config:
     path: Path
     storage_url: str
@@ -127,6 +135,7 @@ class Config:
     limits: LimitsConfig
     templates_dir: Path | None
     web: WebConfig = field(default_factory=WebConfig)
+    documents: DocumentsConfig = field(default_factory=DocumentsConfig)
 
     @property
     def base_dir(self) -> Path:
@@ -216,7 +225,7 @@ def parse_listen(value: str, key: str) -> Listen | None:
 
 
 _LISTENERS = ("smtp", "submission", "submissions", "imap", "imaps")
-_SECTIONS = {"server", "storage", "tls", "domains", "notifier", "outbound", "limits",
+_SECTIONS = {"server", "storage", "tls", "domains", "notifier", "outbound", "limits", "documents",
              "templates", "web", *_LISTENERS}
 
 
@@ -336,6 +345,11 @@ def build_config(raw: Mapping[str, Any], path: Path) -> Config:
     )
     web.finish()
 
+    documents = _Section("documents", raw.get("documents"), base)
+    documents_cfg = DocumentsConfig(quota_bytes=documents.integer(
+        "quota_bytes", DocumentsConfig.quota_bytes, minimum=1_000_000))
+    documents.finish()
+
     return Config(
         path=path,
         storage_url=url,
@@ -352,6 +366,7 @@ def build_config(raw: Mapping[str, Any], path: Path) -> Config:
         limits=limits_cfg,
         templates_dir=templates_dir,
         web=web_cfg,
+        documents=documents_cfg,
     )
 
 
@@ -399,6 +414,9 @@ session_idle = 900               # seconds without a request before a session en
 sms_command = ""                 # program run as PROGRAM NUMBER TEXT to send the code by SMS
 sms_outbox = "sms-outbox.txt"    # development: SMS written to this file instead ("" = none)
 trash_days = 30                  # days deleted conversations stay in Trash
+
+[documents]
+quota_bytes = 200000000          # bytes of health documents one patient may keep
 
 [tls]
 cert = "certs/server.pem"

@@ -81,4 +81,5 @@ def web_settings(config: Config) -> WebSettings | None:
     return WebSettings(
         host=w.listen.host, port=w.listen.port, patient_domain=config.domains.patient,
         service_name=config.notifier.service_name, session_idle=w.session_idle,
-        sms_command=w.sms_command, sms_outbox=w.sms_outbox, trash_days=w.trash_days)
+        sms_command=w.sms_command, sms_outbox=w.sms_outbox, trash_days=w.trash_days,
+        documents_quota=config.documents.quota_bytes)

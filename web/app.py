@@ -19,6 +19,7 @@ import secrets
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from email.message import EmailMessage
+from email.parser import BytesHeaderParser
 from email.utils import format_datetime, formataddr, make_msgid
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,7 @@ from imap_store.mime import parse_message_async
 from imap_store.store import ops
 from imap_store.store import schema as t
 from imap_store.store.directory import Store
+from imap_store.store.documents import ADMIN_CATEGORY, CATEGORIES
 from imap_store.store.fields import utcnow
 from imap_store.store.mailboxes import SqlMailStores
 from imap_store.store.portal import (
@@ -58,6 +60,9 @@ from policy.rules import MAX_PATIENT_ATTACHMENTS, Identity, Role
 from templates import Templates
 from web import content
 from web.codes import CodeMailer, mask_email, mask_phone, new_code, send_sms, sms_available
+from web.documents_pages import DocumentPages
+from web.profile_pdf import filename as profile_filename
+from web.profile_pdf import profile_pdf
 from web.settings import WebSettings
 
 log = logging.getLogger(__name__)
@@ -73,6 +78,12 @@ MAX_CODES_PER_HOUR = 10
 MAX_BODY = 15 * 1024 * 1024
 PARIS = ZoneInfo("Europe/Paris")
 STATIC_DIR = Path(__file__).resolve().parent / "static"
+#: Draft headers keeping the documents chosen in the reply form and whether the medical
+#: profile's summary is attached (the files themselves are added when the reply is sent).
+DRAFT_DOCUMENTS = "X-MSSante-Documents"
+DRAFT_PROFILE = "X-MSSante-Profil-Medical"
+#: Documents the reply form offers (health and administrative ones, each).
+REPLY_DOCUMENTS = 200
 
 CSP = ("default-src 'none'; style-src 'self'; script-src 'self'; img-src 'self'; "
        "frame-src 'self'; form-action 'self'; base-uri 'none'; frame-ancestors 'none'")
@@ -162,6 +173,16 @@ def _one_line(text: str) -> str:
     return "".join(" " if ord(c) < 32 or ord(c) == 127 else c for c in text).strip()
 
 
+def _ids(values: Any) -> list[int]:
+    """Document ids from a form or a draft header (anything else is dropped)."""
+    out = []
+    for v in values:
+        v = v.strip() if isinstance(v, str) else ""
+        if v.isascii() and v.isdigit() and len(v) < 10:
+            out.append(int(v))
+    return list(dict.fromkeys(out))[:REPLY_DOCUMENTS]
+
+
 def _size(n: int) -> str:
     if n >= 1_000_000:
         return f"{n / 1_000_000:.1f} Mo".replace(".", ",")
@@ -180,6 +201,7 @@ class Portal:
         self.templates = templates
         self.sessions = Sessions(store, settings.session_idle)
         self.mail = SqlMailStores(store, writer.submit)
+        self.docs = DocumentPages(self)
         env = templates.env
         env.filters.setdefault("date_fr", _date)
         env.filters.setdefault("size_fr", _size)
@@ -202,6 +224,19 @@ class Portal:
                   methods=["GET", "POST"]),
             Route("/messagerie/conversations/{key:int}/messages/{mid:int}/"
                   "pieces-jointes/{index:int}", self.attachment),
+            Route("/messagerie/conversations/{key:int}/messages/{mid:int}/"
+                  "pieces-jointes/{index:int}/documents", self.docs.from_attachment,
+                  methods=["GET", "POST"]),
+            Route("/documents", self.docs.list),
+            Route("/documents/ajouter", self.docs.upload, methods=["GET", "POST"]),
+            Route("/documents/{doc:int}", self.docs.download),
+            Route("/documents/{doc:int}/modifier", self.docs.edit, methods=["GET", "POST"]),
+            Route("/documents/{doc:int}/supprimer", self.docs.delete, methods=["GET", "POST"]),
+            Route("/profil-medical", self.docs.profile_page, methods=["GET", "POST"]),
+            Route("/profil-medical/{entry:int}/modifier", self.docs.profile_edit,
+                  methods=["GET", "POST"]),
+            Route("/profil-medical/{entry:int}/supprimer", self.docs.profile_delete,
+                  methods=["POST"]),
             Route("/historique", self.history),
             Mount("/static", StaticFiles(directory=STATIC_DIR), name="static"),
         ]
@@ -493,7 +528,8 @@ class Portal:
         everyone, allowed, ended = await self._correspondents(page, messages)
         return self._render(request, "conversation", page=page, key=key, views=views,
                             subject=messages[0].subject, everyone=everyone, allowed=allowed,
-                            ended=ended, sent=request.query_params.get("envoye") == "1")
+                            ended=ended, sent=request.query_params.get("envoye") == "1",
+                            document_added=request.query_params.get("document") == "1")
 
     async def end_explained(self, request: Request) -> Response:
         page = await self._page(request)
@@ -530,7 +566,9 @@ class Portal:
     async def reply(self, request: Request) -> Response:
         """Reply / reply to all (walkthrough "Je réponds à un message"). The text is kept as
         a draft in the IMAP ``Drafts`` mailbox (saved by the page's script while typing and
-        on leaving, or with "Enregistrer le brouillon"), resumed here and removed once sent."""
+        on leaving, or with "Enregistrer le brouillon"), resumed here and removed once sent.
+        Documents of the patient's space and the medical profile's PDF summary may be
+        attached (walkthrough "J'ajoute un document à mon message"), within R6's 10 MB."""
         page = await self._page(request)
         key = int(request.path_params["key"])
         messages = await self._conversation(page, key)
@@ -543,56 +581,111 @@ class Portal:
         subject = last.subject if last.subject.lower().startswith(("re:", "re :")) \
             else f"RE: {last.subject}"
         drafts = [m for m in messages if m.draft]
+        docs = self.docs.documents(page)
         error = None
         text = ""
+        chosen: list[int] = []
+        with_profile = False
+        doc_category = request.query_params.get("doc_categorie", "")
+        doc_newest = request.query_params.get("doc_tri") != "anciens"
         if drafts:
             raw = await Conversations(self.store, page.identity.account_id).body(drafts[-1].id)
             text = content.body(raw or b"", drafts[-1].meta).text or ""
+            headers = BytesHeaderParser().parsebytes(raw or b"")
+            chosen = _ids(str(headers.get(DRAFT_DOCUMENTS) or "").split(","))
+            with_profile = str(headers.get(DRAFT_PROFILE) or "") == "1"
+        saved = draft_kept = False
         if request.method == "POST":
             form = await self._form(request, page.session.csrf, files=True)
             action = form.get("action")
             text = str(form.get("message") or "")[:100_000]
-            chosen = [a for a in form.getlist("destinataires") if isinstance(a, str)]
-            recipients = [a for _n, a in offered if a in chosen]
+            recipients = [a for _n, a in offered
+                          if a in [x for x in form.getlist("destinataires")
+                                   if isinstance(x, str)]]
+            chosen = _ids(form.getlist("documents"))
+            with_profile = form.get("profil") == "1"
+            doc_category = str(form.get("doc_categorie") or "")
+            doc_newest = form.get("doc_tri") != "anciens"
             if action == "supprimer-brouillon":
                 await self._drop_drafts(page, drafts)
                 return RedirectResponse(f"/messagerie/conversations/{key}", 303)
-            if action == "brouillon":
-                raw = self._compose(page, recipients, everyone, subject, text, last, [])
+            if action in {"profil", "retirer-profil"}:
+                with_profile = action == "profil"
+            selected = await docs.many(chosen)
+            chosen = [d.id for d in selected]
+            marks = {DRAFT_DOCUMENTS: ",".join(map(str, chosen)),
+                     DRAFT_PROFILE: "1" if with_profile else "0"}
+            if action in {"brouillon", "profil", "retirer-profil", "filtrer"}:
+                raw = self._compose(page, recipients, everyone, subject, text, last, [],
+                                    marks)
                 await self._save_draft(page, raw, drafts)
-                if request.headers.get("x-requested-with") == "fetch":
+                if action == "brouillon" and request.headers.get("x-requested-with") == "fetch":
                     return Response(status_code=204)
-                return self._render(request, "reply", page=page, key=key, offered=offered,
-                                    subject=subject, text=text, error=None, saved=True,
-                                    room=MAX_PATIENT_ATTACHMENTS, to_all=to_all,
-                                    has_draft=True)
-            files = [f for f in form.getlist("fichiers") if isinstance(f, UploadFile)
-                     and f.filename]
-            uploads = [(f.filename or "piece-jointe", f.content_type or
-                        "application/octet-stream", await f.read()) for f in files]
-            total = sum(len(d) for _n, _t, d in uploads)
-            if not recipients:
-                error = "Choisissez au moins un destinataire."
-            elif not text.strip() and not uploads:
-                error = "Votre message est vide."
-            elif total > MAX_PATIENT_ATTACHMENTS:
-                error = (f"Les pièces jointes dépassent 10 Mo ({_size(total)}) : retirez-en "
-                         "pour envoyer le message.")
+                saved = action == "brouillon"
+                draft_kept = True
             else:
-                raw = self._compose(page, recipients, everyone, subject, text, last, uploads)
-                info = await parse_message_async(raw)
-                outcome = await submit(self.store, self.writer, page.identity,
-                                       self.settings.patient_domain, recipients, raw, info,
-                                       [page.address])
-                if outcome.refusal is None:
-                    await self._drop_drafts(page, drafts)
-                    return RedirectResponse(
-                        f"/messagerie/conversations/{key}?envoye=1", 303)
-                error = f"Message refusé : {outcome.refusal.text}"
+                files = [f for f in form.getlist("fichiers") if isinstance(f, UploadFile)
+                         and f.filename]
+                uploads = [(f.filename or "piece-jointe", f.content_type or
+                            "application/octet-stream", await f.read()) for f in files]
+                for d in selected:
+                    data = await docs.data(d.id)
+                    if data is not None:
+                        uploads.append((d.filename, d.media, data))
+                entries = await self.docs.profile(page).entries() if with_profile else []
+                if with_profile:
+                    uploads.append((profile_filename(page.name), "application/pdf",
+                                    profile_pdf(page.name, entries, datetime.now(PARIS))))
+                total = sum(len(d) for _n, _t, d in uploads)
+                if not recipients:
+                    error = "Choisissez au moins un destinataire."
+                elif not text.strip() and not uploads:
+                    error = "Votre message est vide."
+                elif total > MAX_PATIENT_ATTACHMENTS:
+                    error = (f"Les pièces jointes dépassent 10 Mo ({_size(total)}) : "
+                             "retirez-en pour envoyer le message.")
+                else:
+                    raw = self._compose(page, recipients, everyone, subject, text, last,
+                                        uploads)
+                    info = await parse_message_async(raw)
+                    outcome = await submit(self.store, self.writer, page.identity,
+                                           self.settings.patient_domain, recipients, raw, info,
+                                           [page.address])
+                    if outcome.refusal is None:
+                        docs.audit_attached(selected, recipients)
+                        if with_profile:
+                            self.docs.profile(page).audit_attached(recipients, len(entries))
+                        await self._drop_drafts(page, drafts)
+                        return RedirectResponse(
+                            f"/messagerie/conversations/{key}?envoye=1", 303)
+                    error = f"Message refusé : {outcome.refusal.text}"
+        if doc_category not in CATEGORIES or doc_category == ADMIN_CATEGORY:
+            doc_category = ""
+        _n, health = await docs.page(administrative=False, category=doc_category or None,
+                                     newest_first=doc_newest, limit=REPLY_DOCUMENTS)
+        _n, admin = await docs.page(administrative=True, newest_first=doc_newest,
+                                    limit=REPLY_DOCUMENTS)
+        selected = await docs.many(chosen)
+        shown = {d.id for d in (*health, *admin)}
+        profile_size = 0
+        if with_profile:
+            profile_size = len(profile_pdf(page.name, await self.docs.profile(page).entries(),
+                                           datetime.now(PARIS)))
+        used = sum(d.size for d in selected) + profile_size
         return self._render(request, "reply", 400 if error else 200, page=page, key=key,
                             offered=offered, subject=subject, text=text, error=error,
-                            saved=False, room=MAX_PATIENT_ATTACHMENTS, to_all=to_all,
-                            has_draft=bool(drafts))
+                            saved=saved, room=MAX_PATIENT_ATTACHMENTS - used,
+                            room_text=_size(abs(MAX_PATIENT_ATTACHMENTS - used)),
+                            to_all=to_all, has_draft=bool(drafts) or draft_kept,
+                            health=health, admin=admin,
+                            chosen=set(chosen), hidden_chosen=[d for d in selected
+                                                                if d.id not in shown],
+                            with_profile=with_profile,
+                            profile_name=profile_filename(page.name),
+                            profile_size=profile_size, doc_category=doc_category,
+                            doc_newest=doc_newest,
+                            health_categories={k: v for k, v in CATEGORIES.items()
+                                               if k != ADMIN_CATEGORY})
 
     async def _save_draft(self, page: Page, raw: bytes, old: list[MessageSummary]) -> None:
         """The new draft in ``Drafts`` (\\Draft \\Seen), then the previous ones removed."""
@@ -608,7 +701,8 @@ class Portal:
 
     def _compose(self, page: Page, recipients: list[str], everyone: list[tuple[str, str]],
                  subject: str, text: str, parent: MessageSummary,
-                 uploads: list[tuple[str, str, bytes]]) -> bytes:
+                 uploads: list[tuple[str, str, bytes]],
+                 marks: dict[str, str] | None = None) -> bytes:
         names = dict((a, n) for n, a in everyone)
         msg = EmailMessage()
         msg["From"] = formataddr((_one_line(page.name), page.address))
@@ -621,6 +715,8 @@ class Portal:
             msg["In-Reply-To"] = parent.message_id
             msg["References"] = " ".join(
                 x for x in (parent.references or parent.in_reply_to, parent.message_id) if x)
+        for name, value in (marks or {}).items():  # a draft's chosen documents
+            msg[name] = value
         msg.set_content(text or "", charset="utf-8", cte="quoted-printable")
         for filename, media, data in uploads:
             maintype, _, subtype = media.partition(";")[0].strip().lower().partition("/")

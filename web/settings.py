@@ -23,3 +23,5 @@ class WebSettings:
     sms_outbox: Path | None = None
     #: Days a deleted conversation stays in Trash before it is purged.
     trash_days: int = 30
+    #: Bytes of health documents one patient may keep (``[documents] quota_bytes``).
+    documents_quota: int = 200_000_000

@@ -1242,6 +1242,8 @@ class PatientMailStore:
                     t.blob.c.id.in_(ids[start : start + _CHUNK]),
                     ~exists().where(t.message.c.blob_id == t.blob.c.id),
                     ~exists().where(t.outbound.c.blob_id == t.blob.c.id),
+                    # A health document kept from an attachment (documents.py) keeps its body.
+                    ~exists().where(t.document.c.blob_id == t.blob.c.id),
                 )
             )
 

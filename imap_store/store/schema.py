@@ -10,6 +10,7 @@ from __future__ import annotations
 from sqlalchemy import (
     BigInteger,
     Column,
+    Date,
     DateTime,
     Float,
     ForeignKey,
@@ -264,3 +265,45 @@ login_failure = Table(
 Index("ix_login_failure_expires_at", login_failure.c.expires_at)
 # Migration 0004: a patient's own access history (portal) and the code-sending limit.
 Index("ix_audit_actor_action", audit.c.actor, audit.c.action)
+
+# A patient's health documents (migration 0006, issue 12). ``blob_id`` is the message's blob for
+# a document kept from an attachment (``part``: the attachment's MIME part path as JSON, decoded
+# when read; the bytes are never copied) or a blob of its own for an upload (``part`` NULL).
+# ``source_message_id`` is informative only (no foreign key: deleting the message keeps the
+# document, whose blob the mailbox code then keeps too).
+document = Table(
+    "document",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("patient_id", Integer, ForeignKey("patient.id", ondelete="CASCADE"), nullable=False),
+    Column("name", String(100), nullable=False),
+    Column("doc_date", Date, nullable=False),
+    Column("category", String(12), nullable=False),
+    Column("visibility", String(10), nullable=False),
+    Column("size", BigInteger, nullable=False),
+    Column("media", String(60), nullable=False),
+    Column("blob_id", Integer, ForeignKey("blob.id"), nullable=False),
+    Column("part", String(200), nullable=True),
+    Column("source_message_id", Integer, nullable=True),
+    Column("added_by", String(200), nullable=False),
+    Column("added_at", DateTime(timezone=True), nullable=False),
+)
+Index("ix_document_patient_category_date", document.c.patient_id, document.c.category,
+      document.c.doc_date)
+Index("ix_document_blob_id", document.c.blob_id)
+
+# The patient's medical profile (migration 0006): typed entries with an optional date.
+# ``section``: maladie | traitement | allergie | vaccination | mesure.
+profile_entry = Table(
+    "profile_entry",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("patient_id", Integer, ForeignKey("patient.id", ondelete="CASCADE"), nullable=False),
+    Column("section", String(20), nullable=False),
+    Column("label", String(200), nullable=False),
+    Column("detail", Text, nullable=False, default=""),
+    Column("entry_date", Date, nullable=True),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+)
+Index("ix_profile_entry_patient_id", profile_entry.c.patient_id)

@@ -1,0 +1,372 @@
+"""The portal's "Documents" and "Profil médical" pages (issue 12; walkthroughs "Ajouter une pièce
+jointe aux documents de Mon espace santé", "J'ajoute un document à mon message", "Ajouter mon
+profil médical"): the health documents (administrative ones apart), upload, rename, delete, keep
+an attachment, and the medical profile's entries. Every id is looked up within the logged-in
+patient (another patient's id is a 404); every form carries the CSRF token."""
+
+from __future__ import annotations
+
+import math
+from datetime import date
+from typing import TYPE_CHECKING, Any
+from urllib.parse import quote, urlencode
+from zoneinfo import ZoneInfo
+
+from starlette.datastructures import FormData, UploadFile
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import RedirectResponse, Response
+
+from imap_store.store.documents import (
+    ADMIN_CATEGORY,
+    CATEGORIES,
+    FORBIDDEN_NAME_CHARS,
+    MAX_DOCUMENT_BYTES,
+    MAX_NAME_CHARS,
+    PROFILE_SECTIONS,
+    VISIBILITIES,
+    Document,
+    Documents,
+    Profile,
+    ProfileEntry,
+    entry_problem,
+    name_problem,
+)
+from imap_store.store.portal import Conversations
+from web import content
+from web.sniff import check_document
+
+if TYPE_CHECKING:
+    from web.app import Page, Portal
+
+PARIS = ZoneInfo("Europe/Paris")
+#: Documents a page of the list shows.
+DOCUMENTS_PAGE = 20
+#: Date bounds a form accepts (a typo like 0202 or 20201 is refused).
+_MIN_DATE = date(1900, 1, 1)
+_MAX_DATE = date(2100, 12, 31)
+
+
+def parse_date(value: str) -> date | None:
+    """``AAAA-MM-JJ`` (the date input) or ``JJ/MM/AAAA`` (typed by hand), within bounds."""
+    value = value.strip()
+    try:
+        if "/" in value:
+            d, m, y = (int(x) for x in value.split("/"))
+            parsed = date(y, m, d)
+        else:
+            parsed = date.fromisoformat(value)
+    except ValueError:
+        return None
+    return parsed if _MIN_DATE <= parsed <= _MAX_DATE else None
+
+
+def default_name(filename: str) -> str:
+    """An attachment's name as a document name: without extension nor forbidden characters,
+    cut to 50 characters (the patient may change it)."""
+    stem = filename.rsplit(".", 1)[0] if "." in filename[1:] else filename
+    cleaned = "".join("_" if c in FORBIDDEN_NAME_CHARS or ord(c) < 32 or ord(c) == 127
+                      else c for c in stem).strip()
+    return (cleaned or "Document")[:MAX_NAME_CHARS]
+
+
+class DocumentPages:
+    """The pages, over the portal's plumbing (session, forms, templates)."""
+
+    def __init__(self, portal: Portal) -> None:
+        self.portal = portal
+
+    def documents(self, page: Page) -> Documents:
+        p = self.portal
+        return Documents(p.store, p.writer, page.identity.account_id, page.address,
+                         p.settings.documents_quota)
+
+    def profile(self, page: Page) -> Profile:
+        p = self.portal
+        return Profile(p.store, p.writer, page.identity.account_id, page.address)
+
+    def _render(self, request: Request, name: str, status: int = 200, **context: Any
+                ) -> Response:
+        context = {"filename": "", "download": "", "reason": None, "cancel": "", **context}
+        return self.portal._render(request, name, status, categories=CATEGORIES,
+                                   visibilities=VISIBILITIES, max_name=MAX_NAME_CHARS,
+                                   **context)
+
+    async def _document(self, page: Page, request: Request) -> Document:
+        document = await self.documents(page).get(int(request.path_params["doc"]))
+        if document is None:
+            raise HTTPException(404)
+        return document
+
+    @staticmethod
+    def _fields(form: FormData) -> tuple[str, str, str, str]:
+        return (str(form.get("nom") or "")[:200], str(form.get("date") or "")[:20],
+                str(form.get("categorie") or ""), str(form.get("visibilite") or ""))
+
+    @staticmethod
+    def _field_problem(name: str, when: str, category: str, visibility: str) -> str | None:
+        return (name_problem(name)
+                or (None if parse_date(when) else "Indiquez la date du document (JJ/MM/AAAA).")
+                or (None if category in CATEGORIES else "Choisissez le type de document.")
+                or (None if visibility in VISIBILITIES else "Choisissez la confidentialité."))
+
+    # --- the list -------------------------------------------------------------------------
+
+    async def list(self, request: Request) -> Response:
+        page = await self.portal._page(request)
+        q = request.query_params
+        category = q.get("categorie") or ""
+        if category not in CATEGORIES or category == ADMIN_CATEGORY:
+            category = ""
+        newest = q.get("tri") != "anciens"
+        try:
+            number = max(1, int(q.get("page", "1")))
+        except ValueError:
+            number = 1
+        docs = self.documents(page)
+        total, items = await docs.page(administrative=False, category=category or None,
+                                       newest_first=newest,
+                                       offset=(number - 1) * DOCUMENTS_PAGE, limit=DOCUMENTS_PAGE)
+        pages = max(1, math.ceil(total / DOCUMENTS_PAGE))
+        if number > pages:
+            number = pages
+            total, items = await docs.page(administrative=False, category=category or None,
+                                           newest_first=newest,
+                                           offset=(number - 1) * DOCUMENTS_PAGE,
+                                           limit=DOCUMENTS_PAGE)
+        admin_total, admin = await docs.page(administrative=True, newest_first=newest,
+                                             limit=200)
+        first = (number - 1) * DOCUMENTS_PAGE + 1 if items else 0
+
+        def link(n: int) -> str:
+            return "/documents?" + urlencode({k: v for k, v in (
+                ("categorie", category), ("tri", "" if newest else "anciens"),
+                ("page", str(n))) if v})
+
+        return self._render(request, "documents", page=page, items=items, total=total,
+                            first=first, last=first + len(items) - 1 if items else 0,
+                            number=number, pages=pages, prev=link(number - 1),
+                            next=link(number + 1), category=category, newest=newest,
+                            admin=admin, admin_total=admin_total,
+                            health_categories={k: v for k, v in CATEGORIES.items()
+                                               if k != ADMIN_CATEGORY},
+                            notice={"ajoute": "Document ajouté", "modifie": "Document modifié",
+                                    "supprime": "Document supprimé"}.get(q.get("fait", "")))
+
+    # --- upload, rename, delete, download ---------------------------------------------------
+
+    async def upload(self, request: Request) -> Response:
+        page = await self.portal._page(request)
+        values = {"nom": "", "date": date.today().isoformat(), "categorie": "",
+                  "visibilite": "N"}
+        error = None
+        if request.method == "POST":
+            form = await self.portal._form(request, page.session.csrf, files=True)
+            name, when, category, visibility = self._fields(form)
+            upload = form.get("fichier")
+            values = {"nom": name, "date": when, "categorie": category,
+                      "visibilite": visibility}
+            data = b""
+            if isinstance(upload, UploadFile) and upload.filename:
+                data = await upload.read(MAX_DOCUMENT_BYTES + 1)
+                if not name.strip():
+                    name = values["nom"] = default_name(upload.filename)
+            if not data:
+                error = "Choisissez un fichier sur votre appareil."
+            else:
+                error = self._field_problem(name, when, category, visibility)
+            if error is None:
+                verdict = check_document(data)
+                if verdict.media is None:
+                    error = verdict.reason
+                else:
+                    doc_date = parse_date(when)
+                    assert doc_date is not None
+                    added = await self.documents(page).add_upload(
+                        data, name=name, doc_date=doc_date, category=category,
+                        visibility=visibility, media=verdict.media, added_by=page.name)
+                    if added.document_id is not None:
+                        return RedirectResponse("/documents?fait=ajoute", 303)
+                    error = added.refusal
+        return self._render(request, "document_form", 400 if error else 200, page=page,
+                            mode="upload", values=values, error=error, back="/documents",
+                            title="Ajouter un document")
+
+    async def edit(self, request: Request) -> Response:
+        page = await self.portal._page(request)
+        document = await self._document(page, request)
+        values = {"nom": document.name, "date": document.doc_date.isoformat(),
+                  "categorie": document.category, "visibilite": document.visibility}
+        error = None
+        if request.method == "POST":
+            form = await self.portal._form(request, page.session.csrf)
+            name, when, category, visibility = self._fields(form)
+            values = {"nom": name, "date": when, "categorie": category,
+                      "visibilite": visibility}
+            error = self._field_problem(name, when, category, visibility)
+            if error is None:
+                doc_date = parse_date(when)
+                assert doc_date is not None
+                if not await self.documents(page).update(
+                        document.id, name=name, doc_date=doc_date, category=category,
+                        visibility=visibility):
+                    raise HTTPException(404)
+                return RedirectResponse("/documents?fait=modifie", 303)
+        return self._render(request, "document_form", 400 if error else 200, page=page,
+                            mode="edit", values=values, error=error, back="/documents",
+                            title="Modifier le document")
+
+    async def delete(self, request: Request) -> Response:
+        page = await self.portal._page(request)
+        document = await self._document(page, request)
+        if request.method == "POST":
+            await self.portal._form(request, page.session.csrf)
+            if not await self.documents(page).delete(document.id):
+                raise HTTPException(404)
+            return RedirectResponse("/documents?fait=supprime", 303)
+        return self._render(request, "document_delete", page=page, document=document)
+
+    async def download(self, request: Request) -> Response:
+        page = await self.portal._page(request)
+        document = await self._document(page, request)
+        data = await self.documents(page).data(document.id)
+        if data is None:
+            raise HTTPException(404)
+        media = content.sniff(data)
+        preview = request.query_params.get("apercu") == "1" and media is not None
+        name = document.filename
+        quoted = "".join(c if c.isascii() and c.isprintable() and c not in '"\\' else "_"
+                         for c in name)
+        disposition = (f"{'inline' if preview else 'attachment'}; filename=\"{quoted}\"; "
+                       f"filename*=UTF-8''{quote(name)}")
+        csp = ("default-src 'none'; frame-ancestors 'self'" if media == "application/pdf"
+               else "default-src 'none'; img-src 'self'; frame-ancestors 'self'; sandbox")
+        return Response(data, media_type=media if preview and media else
+                        "application/octet-stream",
+                        headers={"content-disposition": disposition,
+                                 "content-security-policy": csp})
+
+    # --- an attachment kept as a document -----------------------------------------------------
+
+    async def from_attachment(self, request: Request) -> Response:
+        """"Ajouter à mes documents santé": the form prefilled with the attachment's name and
+        the message's date; refused (only "Télécharger" stays) when its content is not one of
+        the accepted types or is too large."""
+        page = await self.portal._page(request)
+        key, mid = int(request.path_params["key"]), int(request.path_params["mid"])
+        index = int(request.path_params["index"])
+        messages = await self.portal._conversation(page, key)
+        message = next((m for m in messages if m.id == mid), None)
+        views = content.attachments(message.meta) if message is not None else []
+        if message is None or not 0 <= index < len(views):
+            raise HTTPException(404)
+        raw = await Conversations(self.portal.store, page.identity.account_id).body(mid)
+        data = content.attachment_bytes(raw or b"", message.meta, index)
+        if data is None:
+            raise HTTPException(404)
+        download = f"/messagerie/conversations/{key}/messages/{mid}/pieces-jointes/{index}"
+        back = f"/messagerie/conversations/{key}"
+        verdict = check_document(data)
+        values = {"nom": default_name(views[index].filename),
+                  "date": message.date.astimezone(PARIS).date().isoformat(), "categorie": "",
+                  "visibilite": "N"}
+        if verdict.media is None:
+            return self._render(request, "document_form", 200, page=page, mode="refused",
+                                values=values, error=None, reason=verdict.reason,
+                                download=download, back=back, filename=views[index].filename,
+                                title="Ajouter à mes documents santé")
+        error = None
+        if request.method == "POST":
+            form = await self.portal._form(request, page.session.csrf)
+            name, when, category, visibility = self._fields(form)
+            values = {"nom": name, "date": when, "categorie": category,
+                      "visibilite": visibility}
+            error = self._field_problem(name, when, category, visibility)
+            if error is None:
+                doc_date = parse_date(when)
+                assert doc_date is not None
+                part = message.meta["attachment_parts"][index]
+                added = await self.documents(page).add_from_attachment(
+                    mid, [int(n) for n in part], name=name, doc_date=doc_date,
+                    category=category, visibility=visibility, size=len(data),
+                    media=verdict.media, added_by=message.from_name or message.from_addr
+                    or page.name)
+                if added.document_id is not None:
+                    return RedirectResponse(f"{back}?document=1", 303)
+                error = added.refusal
+        return self._render(request, "document_form", 400 if error else 200, page=page,
+                            mode="attachment", values=values, error=error, back=back,
+                            filename=views[index].filename, download=download,
+                            title="Ajouter à mes documents santé")
+
+    # --- the medical profile ------------------------------------------------------------------
+
+    async def profile_page(self, request: Request) -> Response:
+        page = await self.portal._page(request)
+        profile = self.profile(page)
+        error = None
+        values = {"rubrique": request.query_params.get("rubrique", ""), "intitule": "",
+                  "detail": "", "date": ""}
+        if request.method == "POST":
+            form = await self.portal._form(request, page.session.csrf)
+            values, when, error = self._entry_fields(form)
+            if error is None:
+                entry_id = await profile.add(values["rubrique"], values["intitule"],
+                                             values["detail"], when)
+                if entry_id is None:
+                    error = "Votre profil médical est complet : supprimez des informations."
+                else:
+                    return RedirectResponse("/profil-medical?fait=ajoute", 303)
+        entries = await profile.entries()
+        sections = [(code, title, [e for e in entries if e.section == code])
+                    for code, title in PROFILE_SECTIONS.items()]
+        notice = {"ajoute": "Information ajoutée", "modifie": "Information modifiée",
+                  "supprime": "Information supprimée"}.get(request.query_params.get("fait", ""))
+        return self._render(request, "profile", 400 if error else 200, page=page,
+                            sections=sections, values=values, error=error, notice=notice,
+                            profile_sections=PROFILE_SECTIONS)
+
+    @staticmethod
+    def _entry_fields(form: FormData) -> tuple[dict[str, str], date | None, str | None]:
+        values = {"rubrique": str(form.get("rubrique") or ""),
+                  "intitule": str(form.get("intitule") or "")[:400].strip(),
+                  "detail": str(form.get("detail") or "")[:2000].strip(),
+                  "date": str(form.get("date") or "")[:20]}
+        when = parse_date(values["date"]) if values["date"].strip() else None
+        error = entry_problem(values["rubrique"], values["intitule"], values["detail"])
+        if error is None and values["date"].strip() and when is None:
+            error = "Indiquez une date valide (JJ/MM/AAAA)."
+        return values, when, error
+
+    async def _entry(self, page: Page, request: Request) -> ProfileEntry:
+        entry = await self.profile(page).get(int(request.path_params["entry"]))
+        if entry is None:
+            raise HTTPException(404)
+        return entry
+
+    async def profile_edit(self, request: Request) -> Response:
+        page = await self.portal._page(request)
+        entry = await self._entry(page, request)
+        values = {"rubrique": entry.section, "intitule": entry.label, "detail": entry.detail,
+                  "date": entry.entry_date.isoformat() if entry.entry_date else ""}
+        error = None
+        if request.method == "POST":
+            form = await self.portal._form(request, page.session.csrf)
+            values, when, error = self._entry_fields(form)
+            if error is None:
+                if not await self.profile(page).update(entry.id, values["rubrique"],
+                                                       values["intitule"], values["detail"],
+                                                       when):
+                    raise HTTPException(404)
+                return RedirectResponse("/profil-medical?fait=modifie", 303)
+        return self._render(request, "profile_entry", 400 if error else 200, page=page,
+                            entry=entry, values=values, error=error,
+                            profile_sections=PROFILE_SECTIONS)
+
+    async def profile_delete(self, request: Request) -> Response:
+        page = await self.portal._page(request)
+        entry = await self._entry(page, request)
+        await self.portal._form(request, page.session.csrf)
+        if not await self.profile(page).delete(entry.id):
+            raise HTTPException(404)
+        return RedirectResponse("/profil-medical?fait=supprime", 303)
