@@ -202,15 +202,15 @@ async def dispatch(args: argparse.Namespace, config: Config, store: Store) -> in
             record["mailboxes"] = [
                 {"name": c.name, "messages": c.messages, "unseen": c.unseen} for c in counts
             ]
+            docs = await store.run_read(document_counts, pat.id)  # counts, never content
+            record["documents"] = {"health": docs.documents, "administrative":
+                                   docs.administrative, "bytes": docs.bytes}
             emit(record, as_json, lambda _: _patient_text(pat, record["address"]) + "\n\n"
                  + table([(c.name, c.messages, c.unseen) for c in counts],
                          ("MAILBOX", "MESSAGES", "UNSEEN"))
                  + f"\n\ndocuments: {docs.documents} health, {docs.administrative} "
                  f"administrative, {docs.bytes} bytes")
         elif action == "set-password":
-            docs = await store.run_read(document_counts, pat.id)  # counts, never content
-            record["documents"] = {"health": docs.documents, "administrative":
-                                   docs.administrative, "bytes": docs.bytes}
             ins = validate_ins(args.ins)
             await store.set_patient_password(who, ins, hash_password(read_password_stdin()))
             emit({"ins": ins, "password": "set"}, as_json, lambda _: f"password set for {ins}")
