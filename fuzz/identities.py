@@ -155,7 +155,7 @@ def _near_valid(draw: st.DrawFn) -> str:
     elif kind == 2:
         text = draw(st.sampled_from(["289057512345621@", ""])) + PATIENT_DOMAIN
     else:
-        text = draw(st.sampled_from(["12345678901", "+33612345678"]))
+        text = draw(st.sampled_from(["12345678903", "+33612345678"]))
     chars = list(text)
     for _ in range(draw(st.integers(0, 3))):
         at = draw(st.integers(0, len(chars)))

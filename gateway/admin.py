@@ -30,6 +30,7 @@ from imap_store.store import ops
 from imap_store.store.directory import Contact, Patient, Professional, Store
 from imap_store.store.documents import counts as document_counts
 from policy.addresses import (
+    domain_of,
     normalize_address,
     normalize_domain,
     normalize_phone,
@@ -181,6 +182,9 @@ async def dispatch(args: argparse.Namespace, config: Config, store: Store) -> in
         if action == "add":
             ins = validate_ins(args.ins)
             email = normalize_address(args.notify_email)
+            if domain_of(email) == domain:
+                raise CliError(f"--notify-email: {email} is a mailbox of this gateway; the "
+                               "notifications go to the patient's personal address")
             pw = hash_password(read_password_stdin()) if args.password_stdin else None
             address = patient_address(ins, domain)
             welcome = notices(config).welcome(patient_name=args.name.strip(),
@@ -283,7 +287,7 @@ async def dispatch(args: argparse.Namespace, config: Config, store: Store) -> in
                 if not as_json:
                     print(f"{PROG}: error: audit chain broken at row {row}", file=sys.stderr)
                 return EXIT_REFUSED
-            emit({"ok": True, "rows": count}, as_json,
+            emit({"ok": True, "rows": count, "first_broken_row": None, "reason": None}, as_json,
                  lambda _: f"audit chain intact ({count} rows)")
             return EXIT_OK
         if args.limit < 1:

@@ -11,13 +11,15 @@ import getpass
 import json
 import sys
 from collections.abc import Callable, Coroutine, Sequence
+from pathlib import Path
 from typing import Any, NoReturn
 
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
 from gateway.config import Config, ConfigError, ListenError, config_path, load_config
 from gateway.tls import TlsConfigError
-from imap_store.store.db import StorageError, migrate
+from imap_store.store.db import StorageConfigError, StorageError, describe_target, migrate
 from imap_store.store.directory import Conflict, NotFound, Store
 from policy.addresses import InvalidIdentity
 from policy.passwords import WeakPassword
@@ -60,8 +62,26 @@ def load(args: argparse.Namespace) -> Config:
     return load_config(config_path(getattr(args, "config", None)))
 
 
-async def open_store(config: Config) -> Store:
-    """Apply pending migrations (safe when several processes start at once), then open."""
+def sqlite_file(url: str) -> Path | None:
+    """The file of a ``sqlite:///`` URL, None for another database."""
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        return None
+    if parsed.get_backend_name() != "sqlite" or not parsed.database:
+        return None
+    return Path(parsed.database)
+
+
+async def open_store(config: Config, create: bool = False) -> Store:
+    """Apply pending migrations (safe when several processes start at once), then open.
+
+    A SQLite file is created only when ``create`` (``init``, ``serve``, ``restore``): an admin
+    command on a mistyped path must not leave an empty database behind and list nothing."""
+    path = sqlite_file(config.storage_url)
+    if path is not None and not create and not path.exists():
+        raise CliError(f"{describe_target(config.storage_url)} does not exist ([storage] url in "
+                       f"{config.path}; 'mssante-gateway init' creates it)", EXIT_USAGE)
     await migrate(config.storage_url)
     return Store.from_url(config.storage_url)
 
@@ -103,6 +123,8 @@ def run(prog: str, main: Callable[[], Coroutine[Any, Any, int]]) -> int:
         fail(prog, str(exc), EXIT_REFUSED)
     except ConfigError as exc:
         fail(prog, f"configuration: {exc}", EXIT_USAGE)
+    except StorageConfigError as exc:
+        fail(prog, f"storage: {exc}", EXIT_USAGE)
     except StorageError as exc:
         fail(prog, f"storage: {exc}", EXIT_REFUSED)
     except ListenError as exc:

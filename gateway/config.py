@@ -7,6 +7,7 @@ relative to the configuration file. ``--config``, else ``$MSSANTE_CONFIG``, else
 
 from __future__ import annotations
 
+import json
 import os
 import tomllib
 from collections.abc import Mapping
@@ -128,7 +129,9 @@ class Config:
     submissions: Listen | None
     imap: Listen | None
     imaps: Listen | None
-    tls: TlsConfig
+    #: None when the file has no ``[tls]`` keys: enough for the admin commands; ``tls``
+    #: refuses then (the listeners and relays need it).
+    tls_keys: TlsConfig | None
     domains: DomainsConfig
     notifier: NotifierConfig
     outbound: OutboundConfig
@@ -136,6 +139,12 @@ class Config:
     templates_dir: Path | None
     web: WebConfig = field(default_factory=WebConfig)
     documents: DocumentsConfig = field(default_factory=DocumentsConfig)
+
+    @property
+    def tls(self) -> TlsConfig:
+        if self.tls_keys is None:
+            raise ConfigError(f"{self.path}: {_TLS_REQUIRED}")
+        return self.tls_keys
 
     @property
     def base_dir(self) -> Path:
@@ -225,6 +234,7 @@ def parse_listen(value: str, key: str) -> Listen | None:
 
 
 _LISTENERS = ("smtp", "submission", "submissions", "imap", "imaps")
+_TLS_REQUIRED = "tls.cert, tls.key and tls.client_ca are required (TLS is mandatory)"
 _SECTIONS = {"server", "storage", "tls", "domains", "notifier", "outbound", "limits", "documents",
              "templates", "web", *_LISTENERS}
 
@@ -270,8 +280,11 @@ def build_config(raw: Mapping[str, Any], path: Path) -> Config:
     tls = _Section("tls", raw.get("tls"), base)
     cert, key, ca = tls.path("cert"), tls.path("key"), tls.path("client_ca")
     tls.finish()
-    if cert is None or key is None or ca is None:
-        raise ConfigError("tls.cert, tls.key and tls.client_ca are required (TLS is mandatory)")
+    tls_keys = None
+    if cert is not None and key is not None and ca is not None:
+        tls_keys = TlsConfig(cert=cert, key=key, client_ca=ca)
+    elif cert is not None or key is not None or ca is not None:
+        raise ConfigError(_TLS_REQUIRED)
 
     domains = _Section("domains", raw.get("domains"), base)
     try:
@@ -359,7 +372,7 @@ def build_config(raw: Mapping[str, Any], path: Path) -> Config:
         submissions=listeners["submissions"],
         imap=listeners["imap"],
         imaps=listeners["imaps"],
-        tls=TlsConfig(cert=cert, key=key, client_ca=ca),
+        tls_keys=tls_keys,
         domains=DomainsConfig(patient=patient_domain, service=service_domain),
         notifier=notifier_cfg,
         outbound=outbound_cfg,
@@ -380,8 +393,10 @@ def _resolve_sqlite_path(url: str, base: Path) -> str:
     return url
 
 
-def render_default_config(*, domain: str, hostname: str) -> str:
+def render_default_config(*, domain: str, hostname: str,
+                          storage_url: str = "sqlite:///gateway.db") -> str:
     """The TOML written by ``mssante-gateway init`` (dev ports of SPEC §4.1 and §5)."""
+    url = json.dumps(storage_url)  # a JSON string is a TOML basic string
     return f"""\
 # mssante-gateway configuration (see README.md, "Configuration reference").
 # Relative paths are relative to this file.
@@ -391,7 +406,7 @@ hostname = "{hostname}"
 
 [storage]
 # sqlite:///PATH (one file, no server) or postgresql://USER@HOST/DB[?schema=NAME]
-url = "sqlite:///gateway.db"
+url = {url}
 
 [smtp]
 listen = "127.0.0.1:2525"        # intake from professionals and operators (STARTTLS)

@@ -91,7 +91,22 @@ def validate_rpps(value: str) -> str:
     rpps = value.strip()
     if len(rpps) != RPPS_LENGTH or not _ascii_digits(rpps):
         raise InvalidIdentity(f"invalid RPPS {value!r}: an RPPS is {RPPS_LENGTH} digits")
+    if not luhn_valid(rpps):
+        raise InvalidIdentity(f"invalid RPPS {value!r}: its last digit is not the Luhn check "
+                              "digit of the others (a mistyped number?)")
     return rpps
+
+
+def luhn_valid(digits: str) -> bool:
+    """The Luhn (mod 10) check an RPPS number carries in its last digit: from the right,
+    every second digit is doubled (minus 9 above 9) and the sum is a multiple of 10."""
+    total = 0
+    for position, char in enumerate(reversed(digits)):
+        digit = ord(char) - ord("0")
+        if position % 2:
+            digit = digit * 2 - 9 if digit > 4 else digit * 2
+        total += digit
+    return total % 10 == 0
 
 
 def normalize_address(value: str) -> str:

@@ -72,8 +72,8 @@ def gw_dir(tmp_path: Path, db_url: str) -> Path:
     from gateway.cli import main as gateway_main
 
     directory = tmp_path / "gw"
-    assert gateway_main(["init", "--dir", str(directory), "--domain", "mssante.test"]) == 0
-    set_storage_url(directory / "gateway.toml", db_url)
+    assert gateway_main(["init", "--dir", str(directory), "--domain", "mssante.test",
+                         "--storage-url", db_url]) == 0
     return directory
 
 

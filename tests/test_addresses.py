@@ -57,15 +57,28 @@ def test_wrong_key_message_gives_expected_key() -> None:
         validate_ins("289456789012345")
 
 
-@pytest.mark.parametrize("value", ["12345678901", " 12345678901 "])
+@pytest.mark.parametrize("value", ["12345678903", " 12345678903 "])
 def test_rpps_valid(value: str) -> None:
-    assert validate_rpps(value) == "12345678901"
+    assert validate_rpps(value) == "12345678903"
 
 
-@pytest.mark.parametrize("value", ["1234567890", "123456789012", "1234567890a"])
+@pytest.mark.parametrize("value", ["1234567890", "123456789032", "1234567890a"])
 def test_rpps_invalid(value: str) -> None:
     with pytest.raises(InvalidIdentity, match="11 digits"):
         validate_rpps(value)
+
+
+@pytest.mark.parametrize("value", ["12345678901", "10001234567", "10001234566", "12345678930"])
+def test_rpps_with_a_wrong_luhn_digit_is_refused(value: str) -> None:
+    """The last digit of an RPPS is its Luhn check digit: one mistyped or swapped digit is
+    caught (12345678930: the last two digits of a valid number swapped)."""
+    with pytest.raises(InvalidIdentity, match="Luhn"):
+        validate_rpps(value)
+
+
+@pytest.mark.parametrize("value", ["10001234565", "10000000009", "12345678903", "10101010105"])
+def test_rpps_luhn_valid(value: str) -> None:
+    assert validate_rpps(value) == value
 
 
 @pytest.mark.parametrize(

@@ -101,10 +101,10 @@ def test_professionals(policy) -> None:  # type: ignore[no-untyped-def]
     r = policy("professional", "add", "a@medecin.mssante.fr", "--name", "A", "--rpps", "123")
     assert r.code == 1 and "11 digits" in r.err
     r = policy("--json", "professional", "add", "b@medecin.mssante.fr", "--name", "B",
-               "--rpps", "10001234567", "--password-stdin", stdin="long enough password\n")
+               "--rpps", "10001234565", "--password-stdin", stdin="long enough password\n")
     assert r.code == 0
     record = r.json()
-    assert record["rpps"] == "10001234567" and record["has_password"] is True
+    assert record["rpps"] == "10001234565" and record["has_password"] is True
     assert "password" not in json.dumps({k: v for k, v in record.items() if k != "has_password"})
     assert policy("professional", "suspend", MARIE).code == 0
     shown = policy("professional", "show", MARIE, "--json").json()
@@ -295,11 +295,36 @@ def test_subprocess_exit_codes_and_env_config(gw_dir: Path, tmp_path: Path) -> N
 
 
 def test_concurrent_first_start_migrates_once(gw_dir: Path) -> None:
-    """Several processes pointed at an empty database at once all succeed (the fixture's
-    database is empty: ``init`` migrated its own SQLite file, not this one)."""
-    env = {**os.environ, "MSSANTE_CONFIG": str(gw_dir / "gateway.toml")}
+    """Several processes pointed at an empty database at once all succeed: a new PostgreSQL
+    schema, or an empty SQLite file (one that exists: mssante-policy creates none)."""
+    cfg = gw_dir / "gateway.toml"
+    url = load_config(cfg).storage_url
+    if url.startswith("sqlite"):
+        fresh = gw_dir / "fresh.db"
+        fresh.touch()
+        new_url = f"sqlite:///{fresh}"
+    else:
+        new_url = url.replace("?schema=", "?schema=f")
+    cfg.write_text(cfg.read_text("utf-8").replace(f'url = "{url}"', f'url = "{new_url}"'),
+                   "utf-8")
+    assert load_config(cfg).storage_url == new_url
+    env = {**os.environ, "MSSANTE_CONFIG": str(cfg)}
     exe = Path(sys.executable).parent / "mssante-policy"
-    procs = [subprocess.Popen([exe, "domain", "list"], env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for _ in range(4)]
-    results = [(*p.communicate(timeout=120), p.returncode) for p in procs]
-    assert all(code == 0 for _out, _err, code in results), results
+    try:
+        procs = [subprocess.Popen([exe, "domain", "list"], env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True) for _ in range(4)]
+        results = [(*p.communicate(timeout=120), p.returncode) for p in procs]
+        assert all(code == 0 for _out, _err, code in results), results
+    finally:
+        if not new_url.startswith("sqlite"):
+            asyncio.run(_drop_schema(new_url))
+
+
+async def _drop_schema(url: str) -> None:
+    store = Store.from_url(url.split("?")[0])
+    schema = url.split("?schema=")[1]
+    try:
+        async with store.write() as conn:
+            await conn.execute(text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
+    finally:
+        await store.close()

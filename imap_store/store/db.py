@@ -21,7 +21,7 @@ from sqlalchemy import create_engine as sa_create_engine
 from sqlalchemy import event, text
 from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.engine.url import URL
-from sqlalchemy.exc import ArgumentError
+from sqlalchemy.exc import ArgumentError, DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
@@ -35,18 +35,53 @@ class StorageError(Exception):
     """The storage URL is unusable or the database cannot be reached."""
 
 
+class StorageConfigError(StorageError):
+    """The URL itself is wrong: bad syntax, a missing directory or database, a refused user
+    (the command lines exit 2 on it, as on any configuration error)."""
+
+
+def describe_target(url: str) -> str:
+    """``PostgreSQL database 'gw' on db.example:5432`` or ``SQLite file /srv/gw.db``, for
+    error messages (never the password)."""
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        return "the database"
+    if parsed.get_backend_name() == "sqlite":
+        return f"SQLite file {parsed.database}"
+    return (f"PostgreSQL database {parsed.database or parsed.username or ''!r} on "
+            f"{parsed.host or 'localhost'}:{parsed.port or 5432}")
+
+
+def _explain_connect_failure(url: str, exc: BaseException) -> StorageError:
+    """Name what failed: the server (unreachable), the database (missing) or the user."""
+    target = describe_target(url)
+    cause = getattr(exc, "orig", None) or exc
+    cause = cause.__cause__ or cause  # the driver's own exception under SQLAlchemy's adapter
+    name = type(cause).__name__
+    if isinstance(cause, OSError) or name in ("ConnectionDoesNotExistError", "TimeoutError"):
+        detail = getattr(cause, "strerror", None) or str(cause) or name
+        return StorageError(f"cannot reach the server of the {target}: {detail}")
+    if name == "InvalidCatalogNameError":
+        return StorageConfigError(f"the {target} does not exist (create it, or fix "
+                                  f"[storage] url)")
+    if name in ("InvalidAuthorizationSpecificationError", "InvalidPasswordError"):
+        return StorageConfigError(f"the {target} refused the login: {cause}")
+    return StorageError(f"the {target} failed: {name}: {str(cause)[:200]}")
+
+
 def async_url(url: str) -> tuple[URL, dict[str, Any], str | None]:
     """Map a user URL onto an asyncio driver URL, its connect args and the PG schema."""
     try:
         parsed = make_url(url)
     except ArgumentError:
-        raise StorageError(f"storage.url: not a database URL: {url!r}") from None
+        raise StorageConfigError(f"storage.url: not a database URL: {url!r}") from None
     backend = parsed.get_backend_name()
     connect_args: dict[str, Any] = {}
     schema: str | None = None
     if backend == "sqlite":
         if parsed.database in (None, "", ":memory:"):
-            raise StorageError("storage.url: SQLite needs a file path (sqlite:///PATH)")
+            raise StorageConfigError("storage.url: SQLite needs a file path (sqlite:///PATH)")
         parsed = parsed.set(drivername="sqlite+aiosqlite")
     elif backend in ("postgresql", "postgres"):
         query = dict(parsed.query)
@@ -55,12 +90,12 @@ def async_url(url: str) -> tuple[URL, dict[str, Any], str | None]:
             raw_schema = raw_schema[0]
         if raw_schema:
             if not _SCHEMA_RE.fullmatch(raw_schema):
-                raise StorageError(f"storage.url: invalid schema name {raw_schema!r}")
+                raise StorageConfigError(f"storage.url: invalid schema name {raw_schema!r}")
             schema = raw_schema
             connect_args["server_settings"] = {"search_path": schema}
         parsed = parsed.set(drivername="postgresql+asyncpg", query=query)
     else:
-        raise StorageError(
+        raise StorageConfigError(
             f"storage.url: unsupported database {backend!r} (use sqlite:/// or postgresql://)"
         )
     return parsed, connect_args, schema
@@ -76,7 +111,7 @@ def create_engine(url: str, *, pool_size: int = 20) -> AsyncEngine:
     if parsed.get_backend_name() == "sqlite":
         db_path = Path(parsed.database or "")
         if not db_path.parent.exists():
-            raise StorageError(f"storage.url: directory {db_path.parent} does not exist")
+            raise StorageConfigError(f"storage.url: directory {db_path.parent} does not exist")
         engine = create_async_engine(parsed, connect_args=connect_args, pool_size=pool_size,
                                      max_overflow=pool_size)
         _configure_sqlite(engine)
@@ -151,8 +186,8 @@ async def migrate(url: str) -> None:
                 if schema:
                     await conn.execute(text(f'CREATE SCHEMA IF NOT EXISTS "{schema}"'))
             await conn.run_sync(_upgrade)
-    except OSError as exc:
-        raise StorageError(f"cannot reach the database: {exc.strerror or exc}") from None
+    except (OSError, DBAPIError) as exc:
+        raise _explain_connect_failure(url, exc) from None
     finally:
         await engine.dispose()
 

@@ -314,6 +314,11 @@ class Store:
             domain = address.rpartition("@")[2]
             if not await self.is_trusted_domain(conn, domain):
                 raise Conflict(f"{domain} is not a trusted domain (add it with 'domain add')")
+            if rpps is not None:  # one person, one RPPS number
+                holder = (await conn.execute(select(t.professional.c.address).where(
+                    t.professional.c.rpps == rpps).limit(1))).scalar()
+                if holder is not None:
+                    raise Conflict(f"RPPS {rpps} is already the number of {holder}")
             try:
                 await conn.execute(
                     insert(t.professional).values(
