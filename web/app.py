@@ -183,6 +183,14 @@ def _ids(values: Any) -> list[int]:
     return list(dict.fromkeys(out))[:REPLY_DOCUMENTS]
 
 
+def _room(n: int) -> str:
+    """Room left (or the excess when negative) in megabytes, rounded down: never more room
+    than there is."""
+    if n < 0:
+        return _size(-n)
+    return f"{math.floor(n / 100_000) / 10:.1f} Mo".replace(".", ",")
+
+
 def _size(n: int) -> str:
     if n >= 1_000_000:
         return f"{n / 1_000_000:.1f} Mo".replace(".", ",")
@@ -675,7 +683,7 @@ class Portal:
         return self._render(request, "reply", 400 if error else 200, page=page, key=key,
                             offered=offered, subject=subject, text=text, error=error,
                             saved=saved, room=MAX_PATIENT_ATTACHMENTS - used,
-                            room_text=_size(abs(MAX_PATIENT_ATTACHMENTS - used)),
+                            room_text=_room(MAX_PATIENT_ATTACHMENTS - used),
                             to_all=to_all, has_draft=bool(drafts) or draft_kept,
                             health=health, admin=admin,
                             chosen=set(chosen), hidden_chosen=[d for d in selected
@@ -683,6 +691,9 @@ class Portal:
                             with_profile=with_profile,
                             profile_name=profile_filename(page.name),
                             profile_size=profile_size, doc_category=doc_category,
+                            max_total=MAX_PATIENT_ATTACHMENTS,
+                            fixed_size=profile_size + sum(d.size for d in selected
+                                                          if d.id not in shown),
                             doc_newest=doc_newest,
                             health_categories={k: v for k, v in CATEGORIES.items()
                                                if k != ADMIN_CATEGORY})

@@ -42,6 +42,21 @@ document.addEventListener("DOMContentLoaded", () => {
     form.addEventListener("submit", () => { dirty = false; clearTimeout(timer); });
     window.addEventListener("pagehide", () => save(true));
   }
+  // Documents chosen for a reply: the room left under 10 MB follows the boxes ticked.
+  const place = document.getElementById("place-documents");
+  const boxes = document.querySelectorAll("input[name=documents][data-size]");
+  if (place && boxes.length) {
+    const fixed = Number(place.dataset.fixed || 0);
+    const update = () => {
+      let used = fixed;
+      for (const b of boxes) if (b.checked) used += Number(b.dataset.size);
+      const left = Number(place.dataset.max) - used;
+      place.textContent = left >= 0
+        ? `Place restante : ${(Math.floor(left / 1e5) / 10).toFixed(1).replace(".", ",")} Mo sur 10 Mo.`
+        : "La sélection dépasse 10 Mo : retirez des documents pour envoyer le message.";
+    };
+    for (const b of boxes) b.addEventListener("change", update);
+  }
   for (const input of document.querySelectorAll("input[type=file][data-room]")) {
     const room = Number(input.dataset.room);
     const hint = document.getElementById(input.getAttribute("aria-describedby"));
