@@ -1256,7 +1256,10 @@ def _original_parse(raw: bytes) -> MessageInfo:
         in_reply_to=addresses._first_msgid(value("in-reply-to")),
         references=references,
         date=addresses._parse_date(value("date")),
-        search_headers={k: "\n".join(v) for k, v in search.items()},
+        # SEARCH's address fields also spell each address as mailbox@host (issue 13)
+        search_headers=message._with_addresses(search, {
+            name: addresses._parse_address_list(headers._hval(raw, first[name]))
+            for name in ("from", "to", "cc", "bcc") if name in first}),
         attachments=attachments,
         attachment_parts=parts,
         attachments_total_size=sum(a.size for a in attachments),

@@ -989,8 +989,10 @@ class InvalidCommand:
     """A command the parser refused; the edge answers ``<tag> <status> [<code>] <text>``.
 
     ``tag`` is ``None`` when no valid tag could be read (answer with ``*``). ``status`` is
-    ``"BAD"`` for syntax errors (RFC 3501 §7.1.3) and ``"NO"`` only for an unsupported SEARCH
-    charset, with ``code`` ``"BADCHARSET (UTF-8 US-ASCII)"`` (RFC 3501 §6.4.4, §7.1). ``text``
+    ``"BAD"`` for syntax errors (RFC 3501 §7.1.3) and ``"NO"`` for an unsupported SEARCH
+    charset, with ``code`` ``"BADCHARSET (UTF-8 US-ASCII)"`` (RFC 3501 §6.4.4, §7.1), and for a
+    mailbox name that cannot exist (not modified UTF-7, §5.1.3), ``NONEXISTENT`` or ``CANNOT``
+    (RFC 5530). ``text``
     is short, fixed text of our own, safe to echo.
     """
 

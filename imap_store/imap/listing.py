@@ -59,3 +59,26 @@ def with_parents(names: Iterable[str], delimiter: str = "/") -> dict[str, bool]:
         for depth in range(1, len(parts)):
             result.setdefault(delimiter.join(parts[:depth]), False)
     return result
+
+
+def lsub_names(subscribed: Iterable[str], pattern: str,
+               delimiter: str = "/") -> list[tuple[str, bool]]:
+    """LSUB's answer (RFC 3501 §6.3.9), INBOX first then by name: ``(name, noselect)`` for
+    each subscribed name the pattern matches (``noselect`` False), and for each unsubscribed
+    ancestor of a subscribed name that the pattern matches while that subscribed name lies
+    below what it reaches (``%`` stops at a delimiter): ``noselect`` True."""
+    chosen = set(subscribed)
+    out: dict[str, bool] = {}
+    for name in chosen:
+        if matches(pattern, name, delimiter):
+            out[name] = False
+            continue
+        if "%" not in pattern:
+            continue
+        parts = name.split(delimiter)
+        for depth in range(len(parts) - 1, 0, -1):
+            parent = delimiter.join(parts[:depth])
+            if parent not in chosen and matches(pattern, parent, delimiter):
+                out.setdefault(parent, True)
+                break
+    return sorted(out.items(), key=lambda item: (item[0] != "INBOX", item[0]))

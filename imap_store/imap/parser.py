@@ -300,6 +300,16 @@ class _SyntaxError(Exception):
         self.text = text
 
 
+class _NameError(_SyntaxError):
+    """Internal: a mailbox argument that is a valid ``astring`` but no mailbox name we can
+    hold (not canonical modified UTF-7, RFC 3501 §5.1.3; control characters). The grammar
+    allows it, so the answer is a NO with ``code``, not a BAD (the command was understood)."""
+
+    def __init__(self, text: str, code: str) -> None:
+        super().__init__(text)
+        self.code = code
+
+
 class _Reader:
     """Cursor over one assembled command: its lines joined without CRLF, plus the literals,
     keyed by the offset just after their ``{n}`` announcement (RFC 3501 §4.3)."""
@@ -464,19 +474,26 @@ class _Reader:
 
     # -- IMAP data types
 
-    def mailbox(self) -> str:
-        """RFC 3501 §9 ``mailbox``: modified UTF-7 decoded, ``INBOX`` case-normalised (§5.1)."""
-        name = _decode_name(self.astring())
+    def mailbox(self, *, new: bool = False) -> str:
+        """RFC 3501 §9 ``mailbox``: modified UTF-7 decoded, ``INBOX`` case-normalised (§5.1).
+        A name that cannot be decoded names no mailbox: NO [NONEXISTENT], or NO [CANNOT] for
+        a name to be created (``new``)."""
+        try:
+            name = _decode_name(self.astring())
+        except _NameError as exc:
+            if new:
+                raise _NameError(exc.text, "CANNOT") from None
+            raise
         return "INBOX" if name.upper() == "INBOX" else name
 
     def list_mailbox(self) -> str:
         """RFC 3501 §9 ``list-mailbox`` (wildcards ``%`` and ``*`` allowed unquoted)."""
         if self.peek() in (_DQUOTE, _LBRACE):
-            return _decode_name(self.string())
+            return _decode_pattern(self.string())
         raw = self.run(_LIST_CHARS)
         if not raw:
             raise _SyntaxError("Missing argument" if self.at_end() else "Invalid mailbox pattern")
-        return _decode_name(raw)
+        return _decode_pattern(raw)
 
     def sequence_set(self) -> SequenceSet:
         raw = self.run(_SEQ_CHARS)
@@ -500,13 +517,25 @@ class _Reader:
 
 
 def _decode_name(raw: bytes) -> str:
+    if not raw.isascii():  # 8-bit in a string: outside the grammar (RFC 3501 §9 CHAR)
+        raise _SyntaxError("Invalid mailbox name")
     try:
         name = decode_mailbox_name(raw)
     except ValueError:
-        raise _SyntaxError("Invalid mailbox name") from None
+        raise _NameError("No such mailbox (invalid name)", "NONEXISTENT") from None
     if any(ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0 for c in name):
-        raise _SyntaxError("Invalid mailbox name")
+        raise _NameError("No such mailbox (invalid name)", "NONEXISTENT")
     return name
+
+
+def _decode_pattern(raw: bytes) -> str:
+    """A LIST/LSUB reference or pattern: decoded like a name; one that is not valid modified
+    UTF-7 is kept as its characters (it then matches no stored name, and LIST answers an
+    empty list as for any pattern that matches nothing)."""
+    try:
+        return _decode_name(raw)
+    except _NameError:
+        return raw.decode("ascii")
 
 
 # -- command handlers: each reads the arguments after the command name (no trailing check)
@@ -571,7 +600,7 @@ def _special_use_attr(reader: _Reader) -> str:
 
 def _create(reader: _Reader, tag: str, uid: bool) -> Command:
     reader.sp()
-    mailbox = reader.mailbox()
+    mailbox = reader.mailbox(new=True)
     special_use: list[str] = []
     if not reader.at_end():
         reader.sp()
@@ -601,7 +630,7 @@ def _rename(reader: _Reader, tag: str, uid: bool) -> Command:
     reader.sp()
     old = reader.mailbox()
     reader.sp()
-    return Rename(tag, old, reader.mailbox())
+    return Rename(tag, old, reader.mailbox(new=True))
 
 
 def _option(reader: _Reader) -> str:
@@ -615,7 +644,7 @@ def _list(reader: _Reader, tag: str, uid: bool) -> Command:
     if reader.peek() == _LPAREN:
         selection = reader.paren_list(lambda: _option(reader))
         reader.sp()
-    reference = _decode_name(reader.astring())
+    reference = _decode_pattern(reader.astring())
     reader.sp()
     if reader.peek() == _LPAREN:
         patterns = reader.paren_list(reader.list_mailbox, allow_empty=False)
@@ -639,7 +668,7 @@ def _list(reader: _Reader, tag: str, uid: bool) -> Command:
 
 def _lsub(reader: _Reader, tag: str, uid: bool) -> Command:
     reader.sp()
-    reference = _decode_name(reader.astring())
+    reference = _decode_pattern(reader.astring())
     reader.sp()
     return Lsub(tag, reference, reader.list_mailbox())
 
@@ -1032,6 +1061,8 @@ def parse_command(tag: str, text: bytes, literals: dict[int, bytes]) -> Command 
         if not reader.at_end():
             raise _SyntaxError("Unexpected extra arguments")
         return command
+    except _NameError as exc:
+        return InvalidCommand(tag, exc.text, "NO", exc.code)
     except _SyntaxError as exc:
         return InvalidCommand(tag, exc.text)
     except (ValueError, RecursionError):  # defensive: never let a parse error escape
@@ -1103,11 +1134,21 @@ class CommandParser:
         ``+`` (RFC 3501 §6.2.2) or ``DONE`` ending IDLE (RFC 2177 §3).
 
         Only valid between commands, i.e. right after the AUTHENTICATE/IDLE event (or a previous
-        RawLine). An over-long raw line is reported as ``LineTooLong(None)``.
+        RawLine), or after a ``LineTooLong`` (the line after the over-long one is then raw).
+        An over-long raw line is reported as ``LineTooLong(None)``.
         """
-        if self._lines or self._state is not _State.LINE:
+        if self._lines or self._state not in (_State.LINE, _State.DRAIN_LINE):
             raise RuntimeError("expect_line() called in the middle of a command")
         self._raw = True
+
+    def unread(self, line: bytes) -> None:
+        """Put a line read as a :class:`RawLine` back in front of the input, to be read as a
+        command (the session expected ``DONE`` after an IDLE it already ended, and got a
+        command instead)."""
+        if self._lines or self._state is not _State.LINE:
+            raise RuntimeError("unread() called in the middle of a command")
+        self._buf[self._pos : self._pos] = line + b"\r\n"
+        self._scan = 0
 
     def reject_literal(self) -> None:
         """Refuse the synchronising literal just announced by :class:`NeedContinuation`.

@@ -306,7 +306,13 @@ class _Connection:
                 parser.expect_line()
             elif action is Action.REJECT_LITERAL:
                 parser.reject_literal()
+            elif action is Action.REPLAY:
+                parser.unread(session.take_replay())
             elif action is Action.STARTTLS:
+                # asyncio marks the stream as TLS only once start_tls returns: a close_notify
+                # that came with the client's Finished logged an asyncio warning ("returning
+                # true from eof_received() has no effect when using ssl"). Mark it before.
+                self.writer.transport.get_protocol()._over_ssl = True  # type: ignore[attr-defined]
                 await self.writer.start_tls(self.service.tls,
                                             ssl_handshake_timeout=HANDSHAKE_TIMEOUT)
                 session.tls_started()

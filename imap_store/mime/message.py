@@ -196,13 +196,35 @@ def _parse(raw: bytes) -> MessageInfo:
         in_reply_to=_first_msgid(envelope[8]),
         references=references,
         date=_parse_date(envelope[0]),
-        search_headers={k: "\n".join(v) for k, v in search.items()},
+        search_headers=_with_addresses(search, addr_lists),
         attachments=attachments,
         attachment_parts=parts,
         attachments_total_size=sum(a.size for a in attachments),
         has_attachments=bool(attachments),
         _tree=root,
     )
+
+
+#: Address fields whose SEARCH text also holds each address as ``mailbox@host`` (RFC 3501
+#: §6.4.4 FROM/TO/CC/BCC): ``<user (comment)@ (comment) domain.org>`` is user@domain.org.
+_SEARCH_ADDRESS_FIELDS = ("from", "to", "cc", "bcc")
+
+
+def _with_addresses(search: dict[str, list[str]],
+                    addr_lists: dict[str, list[Address]]) -> dict[str, str]:
+    """Each field's decoded values, one per line; an address field's text is followed by the
+    ``mailbox@host`` of each of its addresses that the text does not already spell."""
+    out = {k: "\n".join(v) for k, v in search.items()}
+    for name in _SEARCH_ADDRESS_FIELDS:
+        text = out.get(name)
+        if text is None:
+            continue
+        folded = text.casefold()
+        missing = [spec for spec in _addr_specs(addr_lists.get(name))
+                   if spec.casefold() not in folded]
+        if missing:
+            out[name] = text + "\n" + " ".join(missing)
+    return out
 
 
 def _degraded_info(raw: bytes) -> MessageInfo:

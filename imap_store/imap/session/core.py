@@ -80,9 +80,9 @@ class Session:
     """One client connection's IMAP state; see the module docstring."""
 
     __slots__ = (
-        "_bad", "_buf", "address", "audit", "conn_id", "idle_tag", "listener", "login_fn",
-        "mail", "mail_factory", "out", "sasl_tag", "selected", "starttls_available", "state",
-        "tls", "wake", "watcher",
+        "_bad", "_buf", "_replay", "address", "audit", "conn_id", "idle_tag", "listener",
+        "login_fn", "mail", "mail_factory", "out", "sasl_tag", "selected",
+        "starttls_available", "state", "stray_done", "tls", "wake", "watcher",
     )
 
     def __init__(
@@ -105,6 +105,10 @@ class Session:
         self.wake: Callable[[], None] | None = None  # set by the edge while idling
         self.sasl_tag: str | None = None  # AUTHENTICATE waiting for its response line
         self.idle_tag: str | None = None  # IDLE waiting for DONE
+        # IDLE was ended by an over-long line: the client's DONE may still come, and is not
+        # a command (a line that is not DONE is replayed as one).
+        self.stray_done = False
+        self._replay = b""
         self.listener = self._on_change  # given to the watcher for the selected mailbox
         self._buf = bytearray()
         self._bad = 0
@@ -166,6 +170,7 @@ class Session:
     async def _handle(self, event: Event) -> Action:
         if isinstance(event, RawLine):
             return await self._raw_line(event.line)
+        self.stray_done = False
         if isinstance(event, NeedContinuation):
             if event.command == "APPEND" and not self.authenticated:
                 await self.emit(r.BAD_STATE_AUTH.tagged(event.tag))
@@ -175,6 +180,8 @@ class Session:
         if isinstance(event, LiteralTooLarge):
             return await self.bad_reply(event.tag, r.NO_TOOBIG)
         if isinstance(event, LineTooLong):
+            if event.tag is None and (self.sasl_tag or self.idle_tag):
+                return await self._continuation_too_long()
             return await self.bad_reply(event.tag, r.BAD_LINE_TOO_LONG)
         if isinstance(event, InvalidCommand):
             reply = r.Reply(event.status, event.text, event.code)
@@ -191,8 +198,32 @@ class Session:
             await self.emit(r.Reply("NO", exc.text, exc.code).tagged(event.tag))
             return Action.NONE
 
+    async def _continuation_too_long(self) -> Action:
+        """An over-long line where AUTHENTICATE or IDLE waited for one: the command ends with
+        its tagged BAD (RFC 3501 §7.1.3), not an untagged one that leaves it hanging."""
+        if self.sasl_tag is not None:
+            tag, self.sasl_tag = self.sasl_tag, None
+            return await self.bad_reply(tag, r.BAD_LINE_TOO_LONG)
+        idle_tag, self.idle_tag = self.idle_tag, None
+        action = await self.bad_reply(idle_tag, r.BAD_LINE_TOO_LONG)
+        if action is Action.CLOSE:
+            return action
+        self.stray_done = True
+        return Action.EXPECT_LINE
+
+    def take_replay(self) -> bytes:
+        """The line of :attr:`Action.REPLAY`, to be read again as a command."""
+        line, self._replay = self._replay, b""
+        return line
+
     async def _raw_line(self, line: bytes) -> Action:
         """A line read after :attr:`Action.EXPECT_LINE`: a SASL response or IDLE's DONE."""
+        if self.stray_done:
+            self.stray_done = False
+            if line.strip().upper() == b"DONE":
+                return Action.NONE  # the DONE of the IDLE already answered
+            self._replay = line
+            return Action.REPLAY
         if self.sasl_tag is not None:
             tag, self.sasl_tag = self.sasl_tag, None
             return await auth.sasl_response(self, tag, line)

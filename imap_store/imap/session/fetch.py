@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from imap_store.imap import responses as r
 from imap_store.imap.commands import Fetch, FetchAttr, Store
-from imap_store.imap.session.selected import own_change
+from imap_store.imap.session.selected import announce_keywords, own_change
 from imap_store.imap.session.state import Action, Selected
 from imap_store.imap.wire import render_bodystructure, render_envelope
 from imap_store.mime import get_section, parse_message_async
@@ -65,6 +65,7 @@ async def store(s: Session, cmd: Store) -> Action:
         modseq, states = await s.require_mail().store_flags(
             sel.mailbox_id, [uid for _seq, uid in targets], str(cmd.mode), bits, keywords)
         own_change(s, sel, modseq)
+        await announce_keywords(s, sel, (state.keywords for state in states))
         if not cmd.silent:
             for state in states:
                 seq = sel.seq_of(state.uid)
@@ -131,8 +132,11 @@ async def _fetch_rows(s: Session, sel: Selected, cmd: Fetch, attrs: list[FetchAt
         modseq, states = await mail.store_flags(sel.mailbox_id, uids, "+FLAGS", _SEEN, ())
         own_change(s, sel, modseq)
         seen_now = {state.uid: state for state in states if state.modseq == modseq}
+        await announce_keywords(s, sel, (state.keywords for state in seen_now.values()))
     rows = await mail.fetch_rows(sel.mailbox_id, uids, columns)
     by_uid = {row.uid: row for row in rows}
+    if "keywords" in columns:
+        await announce_keywords(s, sel, (row.keywords for row in rows))
     bodies: dict[int, bytes] = {}
     batch: list[int] = []
     batch_bytes = 0
@@ -175,6 +179,8 @@ async def _fetch_flags(s: Session, sel: Selected, slices: list[tuple[int, int]],
     count = len(uids)
     rows, keywords = await s.require_mail().flag_rows(
         sel.mailbox_id, [(uids[start], uids[end - 1]) for start, end in slices])
+    if keywords:
+        await announce_keywords(s, sel, keywords.values())
     recent = sel.recent
     rendered: dict[int | tuple[int, str, bool], bytes] = {}
     lines: list[bytes] = []

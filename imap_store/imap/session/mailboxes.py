@@ -59,13 +59,24 @@ async def unsubscribe(s: Session, cmd: Unsubscribe) -> Action:
 
 
 async def list_(s: Session, cmd: List) -> Action:
-    await _list(s, cmd.reference, cmd.patterns, cmd.selection_options, cmd.return_options,
-                lsub=False)
+    await _list(s, cmd.reference, cmd.patterns, cmd.selection_options, cmd.return_options)
     return await s.complete(cmd)
 
 
 async def lsub(s: Session, cmd: Lsub) -> Action:
-    await _list(s, cmd.reference, (cmd.pattern,), ("SUBSCRIBED",), (), lsub=True)
+    """LSUB (RFC 3501 §6.3.9): the subscribed names the pattern matches; where ``%`` stops
+    above a subscribed name, its unsubscribed ancestor at that level, as ``\\Noselect``."""
+    delimiter = b'"' + DELIMITER.encode() + b'"'
+    if cmd.pattern == "":
+        await s.emit(b"* LSUB (\\Noselect) " + delimiter + b' ""\r\n')
+        return await s.complete(cmd)
+    pattern = listing.canonical_pattern(cmd.reference, cmd.pattern)
+    if len(pattern) > listing.MAX_PATTERN:
+        raise MailStoreError(r.NO_PATTERN_TOO_LONG.text, r.NO_PATTERN_TOO_LONG.code)
+    subscribed = [b.name for b in await s.require_mail().mailboxes() if b.subscribed]
+    for name, noselect in listing.lsub_names(subscribed, pattern, DELIMITER):
+        attrs = b"(\\Noselect)" if noselect else b"()"
+        await s.emit(b"* LSUB " + attrs + b" " + delimiter + b" " + r.quote(name) + b"\r\n")
     return await s.complete(cmd)
 
 
@@ -103,10 +114,10 @@ async def namespace(s: Session, cmd: Namespace) -> Action:
 
 
 async def _list(s: Session, reference: str, patterns: Sequence[str], selection: Sequence[str],
-                returns: Sequence[str], *, lsub: bool) -> None:
-    """LIST/LSUB with wildcards, CHILDREN and SPECIAL-USE attributes (RFC 3501 §6.3.8,
+                returns: Sequence[str]) -> None:
+    """LIST with wildcards, CHILDREN and SPECIAL-USE attributes (RFC 3501 §6.3.8,
     RFC 3348, RFC 6154 §2)."""
-    verb = b"LSUB" if lsub else b"LIST"
+    verb = b"LIST"
     delimiter = b'"' + DELIMITER.encode() + b'"'
     if len(patterns) == 1 and patterns[0] == "":
         await s.emit(b"* " + verb + b" (\\Noselect) " + delimiter + b' ""\r\n')
@@ -132,11 +143,10 @@ async def _list(s: Session, reference: str, patterns: Sequence[str], selection: 
         attrs: list[str] = []
         if box is None:
             attrs.append("\\Noselect")
-        if not lsub:
-            attrs.append("\\HasChildren" if name in parents else "\\HasNoChildren")
-            if box is not None and box.special_use:
-                attrs.append(box.special_use)
-            if show_subscribed and box is not None and box.subscribed:
-                attrs.append("\\Subscribed")
+        attrs.append("\\HasChildren" if name in parents else "\\HasNoChildren")
+        if box is not None and box.special_use:
+            attrs.append(box.special_use)
+        if show_subscribed and box is not None and box.subscribed:
+            attrs.append("\\Subscribed")
         await s.emit(b"* " + verb + b" (" + " ".join(attrs).encode() + b") "
                      + delimiter + b" " + r.quote(name) + b"\r\n")

@@ -5,7 +5,7 @@ EXPUNGE, IDLE, and the report of other sessions' changes (:func:`sync`)."""
 from __future__ import annotations
 
 from array import array
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
 from imap_store.imap import responses as r
@@ -27,22 +27,18 @@ async def select(s: Session, cmd: Select) -> Action:
         return Action.NONE
     info = view.mailbox
     sel = Selected(info.id, info.name, cmd.readonly, info.uidvalidity, view.uids,
-                   info.highestmodseq)
+                   info.highestmodseq, keywords=set(view.keywords))
     last = view.uids[-1] if view.uids else 0
-    if not cmd.readonly and info.recent_uid < last and await mail.claim_recent(
+    if info.recent_uid < last and (cmd.readonly or await mail.claim_recent(
         info.id, info.recent_uid, last
-    ):
+    )):
+        # EXAMINE shows the messages no session has claimed as \Recent without claiming
+        # them: the next SELECT still gets them (RFC 3501 §6.3.2 changes no state).
         sel.recent.append((info.recent_uid, last))
     s.selected = sel
     s.state = State.SELECTED
     s.watcher.watch(info.id, info.highestmodseq, s.listener)
-    keywords = b"".join(b" " + k.encode("ascii", "replace") for k in view.keywords)
-    await s.emit(b"* FLAGS (" + r.SYSTEM_FLAGS_TEXT + keywords + b")\r\n")
-    if cmd.readonly:
-        await s.emit(b"* OK [PERMANENTFLAGS ()] Read-only mailbox\r\n")
-    else:
-        await s.emit(b"* OK [PERMANENTFLAGS (" + r.SYSTEM_FLAGS_TEXT + keywords
-                     + b" \\*)] Flags permitted\r\n")
+    await emit_flags(s, sel)
     await s.emit(b"* %d EXISTS\r\n* %d RECENT\r\n" % (len(sel.uids), sel.recent_count()))
     if view.first_unseen:
         await s.emit(b"* OK [UNSEEN %d] First unseen\r\n" % view.first_unseen)
@@ -51,6 +47,28 @@ async def select(s: Session, cmd: Select) -> Action:
     mode = "READ-ONLY" if cmd.readonly else "READ-WRITE"
     await s.emit(f"{cmd.tag} OK [{mode}] {cmd.name} completed\r\n".encode())
     return Action.NONE
+
+
+async def emit_flags(s: Session, sel: Selected) -> None:
+    """``FLAGS`` and ``OK [PERMANENTFLAGS]`` with the keywords announced to this session."""
+    keywords = b"".join(b" " + k.encode("ascii", "replace") for k in sorted(sel.keywords))
+    await s.emit(b"* FLAGS (" + r.SYSTEM_FLAGS_TEXT + keywords + b")\r\n")
+    if sel.readonly:
+        await s.emit(b"* OK [PERMANENTFLAGS ()] Read-only mailbox\r\n")
+    else:
+        await s.emit(b"* OK [PERMANENTFLAGS (" + r.SYSTEM_FLAGS_TEXT + keywords
+                     + b" \\*)] Flags permitted\r\n")
+
+
+async def announce_keywords(s: Session, sel: Selected, texts: Iterable[str]) -> None:
+    """Before any FETCH shows a keyword this session was not told of, a new ``FLAGS`` (and
+    ``PERMANENTFLAGS``): a client's flag list must hold every flag it is shown (RFC 3501
+    §7.2.6). ``texts``: space-separated keyword lists, as stored."""
+    known = sel.keywords
+    new = {k for text in texts if text for k in text.split() if k not in known}
+    if new:
+        known.update(new)
+        await emit_flags(s, sel)
 
 
 async def close(s: Session, cmd: Close) -> Action:
@@ -127,12 +145,17 @@ async def sync(s: Session, *, allow_expunge: bool, force: bool = False) -> None:
     if allow_expunge and sel.pending_expunge:
         await send_expunges(s, sel, sorted(set(sel.pending_expunge)))
         sel.pending_expunge = []
+    await announce_keywords(s, sel, (c.keywords for c in changes.changed))
     last = sel.uids[-1] if sel.uids else 0
     new = [c.uid for c in changes.changed if c.uid > last]
     if new:
         sel.uids.extend(new)
         await s.emit(b"* %d EXISTS\r\n" % len(sel.uids))
-        if not sel.readonly and changes.recent_uid < new[-1] and await mail.claim_recent(
+        if sel.readonly:  # shown as \Recent, left to a SELECT to claim (see select)
+            low = max(changes.recent_uid, last)
+            if low < new[-1]:
+                sel.recent.append((low, new[-1]))
+        elif changes.recent_uid < new[-1] and await mail.claim_recent(
                 sel.mailbox_id, changes.recent_uid, new[-1]):
             sel.recent.append((changes.recent_uid, new[-1]))
         await s.emit(b"* %d RECENT\r\n" % sel.recent_count())

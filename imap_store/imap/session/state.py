@@ -66,6 +66,7 @@ class Action(enum.Enum):
     REJECT_LITERAL = "reject literal"  # call parser.reject_literal()
     STARTTLS = "starttls"  # handshake now (the OK was sent)
     CLOSE = "close"  # close the connection (the BYE was sent)
+    REPLAY = "replay"  # call parser.unread(session.take_replay()): a raw line is a command
 
 
 _ANY = frozenset(State) - {State.LOGOUT}
@@ -132,6 +133,7 @@ class Selected:
     recent: list[tuple[int, int]] = field(default_factory=list)  # (low, high] UID ranges
     pending_expunge: list[int] = field(default_factory=list)
     own_modseqs: set[int] = field(default_factory=set)
+    keywords: set[str] = field(default_factory=set)  # announced in FLAGS (RFC 3501 §7.2.6)
 
     def is_recent(self, uid: int) -> bool:
         return any(low < uid <= high for low, high in self.recent)
