@@ -103,7 +103,8 @@ async def serve(config: Config) -> int:
         mailer = CodeMailer(wiring.notifier_settings(config), notices.templates,
                             config.hostname, client_context(config.tls.client_ca))
         portal = Portal(web_settings, store, writer, authenticator, mailer, notices.templates)
-        web = WebServer(portal.app(), server_context(config.tls.cert, config.tls.key, None))
+        web = WebServer(portal.app(), server_context(config.tls.cert, config.tls.key, None),
+                        config.limits.connections_per_ip)
     servers: list[asyncio.Server] = []
     try:
         for name, listen, implicit in (("smtp", config.smtp, False),
