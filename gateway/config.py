@@ -120,6 +120,24 @@ class DocumentsConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    """Prometheus metrics, ``/healthz`` and ``/readyz`` over plain HTTP; ``listen`` None = off."""
+
+    listen: Listen | None = None
+
+
+#: ``[logging] format``: one line of ``key=value`` text, or one JSON object per line.
+LOG_FORMATS = ("text", "json")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    format: str = "text"
+    level: str = "info"
+
+
+@dataclass(frozen=True)
 class Config:
     path: Path
     storage_url: str
@@ -139,6 +157,8 @@ class Config:
     templates_dir: Path | None
     web: WebConfig = field(default_factory=WebConfig)
     documents: DocumentsConfig = field(default_factory=DocumentsConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     @property
     def tls(self) -> TlsConfig:
@@ -236,7 +256,7 @@ def parse_listen(value: str, key: str) -> Listen | None:
 _LISTENERS = ("smtp", "submission", "submissions", "imap", "imaps")
 _TLS_REQUIRED = "tls.cert, tls.key and tls.client_ca are required (TLS is mandatory)"
 _SECTIONS = {"server", "storage", "tls", "domains", "notifier", "outbound", "limits", "documents",
-             "templates", "web", *_LISTENERS}
+             "templates", "web", "metrics", "logging", *_LISTENERS}
 
 
 def load_config(path: Path) -> Config:
@@ -363,6 +383,21 @@ def build_config(raw: Mapping[str, Any], path: Path) -> Config:
         "quota_bytes", DocumentsConfig.quota_bytes, minimum=1_000_000))
     documents.finish()
 
+    metrics = _Section("metrics", raw.get("metrics"), base)
+    metrics_cfg = MetricsConfig(listen=metrics.listen("listen"))
+    metrics.finish()
+
+    logging_ = _Section("logging", raw.get("logging"), base)
+    log_format = logging_.text("format", LoggingConfig.format)
+    log_level = logging_.text("level", LoggingConfig.level)
+    if log_format not in LOG_FORMATS:
+        raise ConfigError(f"logging.format: expected one of {', '.join(LOG_FORMATS)}, "
+                          f"got {log_format!r}")
+    if log_level not in LOG_LEVELS:
+        raise ConfigError(f"logging.level: expected one of {', '.join(LOG_LEVELS)}, "
+                          f"got {log_level!r}")
+    logging_.finish()
+
     return Config(
         path=path,
         storage_url=url,
@@ -380,6 +415,8 @@ def build_config(raw: Mapping[str, Any], path: Path) -> Config:
         templates_dir=templates_dir,
         web=web_cfg,
         documents=documents_cfg,
+        metrics=metrics_cfg,
+        logging=LoggingConfig(format=log_format, level=log_level),
     )
 
 
@@ -448,6 +485,13 @@ from = "ne-pas-repondre@{domain}"
 dkim_selector = "mssante"
 dkim_key = "certs/dkim.key"
 login_url = "https://{domain}/"
+
+[metrics]
+listen = ""                      # "127.0.0.1:9464": Prometheus /metrics, /healthz, /readyz
+
+[logging]
+format = "text"                  # "text" (key=value) or "json" (one object per line)
+level = "info"
 
 [outbound]
 default_relay = ""               # "host:port" for professionals' domains without a route

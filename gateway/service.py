@@ -17,6 +17,8 @@ from collections.abc import Awaitable
 
 from gateway import wiring
 from gateway.config import Config, Listen, ListenError
+from gateway.logsetup import setup_logging
+from gateway.metrics import MeteredAuthenticator, OpsListener, ops_listener
 from gateway.tls import client_context, server_context
 from imap_store.imap.server import ImapService
 from imap_store.store.db import migrate
@@ -25,22 +27,11 @@ from imap_store.store.throttle import StoreFailureCounts
 from imap_store.store.writer import GroupWriter
 from outbound.notification import CodeMailer
 from outbound.worker import QueueWorker
-from policy.authn import Authenticator
 from smtp_in.server import DataBudget, IntakeContext, drain_sessions, start_listener
 from web.app import Portal
 from web.server import WebServer
 
 log = logging.getLogger(__name__)
-
-
-def setup_logging(level: int = logging.INFO) -> None:
-    """Structured one-line logs on stderr; aiosmtpd's own logger (which would log envelope
-    addresses, i.e. INS) is kept to warnings."""
-    logging.basicConfig(
-        level=level, stream=sys.stderr,
-        format="ts=%(asctime)s level=%(levelname)s logger=%(name)s msg=%(message)s",
-    )
-    logging.getLogger("mail.log").setLevel(logging.WARNING)
 
 
 def return_large_buffers_to_the_os() -> None:
@@ -75,17 +66,20 @@ async def _listen(name: str, listen: Listen, start: Awaitable[asyncio.Server]) -
 
 
 async def serve(config: Config) -> int:
-    setup_logging()
+    setup_logging(config.logging.format, config.logging.level)
     return_large_buffers_to_the_os()
     keep_the_loop_responsive()
+    if config.notifier.relay is None:  # said once, at start (README: [notifier] relay)
+        log.warning("notifications off: [notifier] relay is empty, patients get no e-mail "
+                    "at their personal address when a message arrives")
     await migrate(config.storage_url)
     store = Store.from_url(config.storage_url)
     writer = GroupWriter(store)
     writer.start()
     tls = server_context(config.tls.cert, config.tls.key, config.tls.client_ca)
     throttle = wiring.login_throttle(config, StoreFailureCounts(store))
-    authenticator = Authenticator(store, throttle, config.domains.patient,
-                                  audit=writer.audit_later)
+    authenticator = MeteredAuthenticator(store, throttle, config.domains.patient,
+                                         audit=writer.audit_later)
     notices = wiring.notices(config)
     queue = QueueWorker(wiring.outbound_settings(config), store, notices.templates, notices)
     smtp_settings = wiring.smtp_settings(config)
@@ -106,6 +100,7 @@ async def serve(config: Config) -> int:
         web = WebServer(portal.app(), server_context(config.tls.cert, config.tls.key, None),
                         config.limits.connections_per_ip)
     servers: list[asyncio.Server] = []
+    ops: OpsListener | None = None
     try:
         for name, listen, implicit in (("smtp", config.smtp, False),
                                        ("submission", config.submission, False),
@@ -120,6 +115,10 @@ async def serve(config: Config) -> int:
         if web is not None and config.web.listen is not None:
             listen = config.web.listen
             servers.append(await _listen("web", listen, web.start(listen.host, listen.port)))
+        if config.metrics.listen is not None:  # last: its /readyz checks the others
+            listen = config.metrics.listen
+            ops = ops_listener(store, servers, queue, ctx, imap)
+            await _listen("metrics", listen, ops.start(listen.host, listen.port))
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
 
@@ -135,10 +134,14 @@ async def serve(config: Config) -> int:
             f"{n}={lst}" for n, lst in (("smtp", config.smtp), ("submission", config.submission),
                                         ("submissions", config.submissions),
                                         ("imap", config.imap), ("imaps", config.imaps),
-                                        ("web", config.web.listen))
+                                        ("web", config.web.listen),
+                                        ("metrics", config.metrics.listen))
             if lst is not None)
-        log.info("ready %s", listening)
-        print(f"mssante-gateway ready: {listening}", file=sys.stderr, flush=True)
+        if config.logging.format == "json":  # one object per line: the banner is a record
+            log.info("mssante-gateway ready: %s", listening)
+        else:
+            log.info("ready %s", listening)
+            print(f"mssante-gateway ready: {listening}", file=sys.stderr, flush=True)
         await stop.wait()
         log.info("stopping: no new connections, draining transactions in flight")
         for server in servers:
@@ -149,6 +152,8 @@ async def serve(config: Config) -> int:
         for server in servers:
             await server.wait_closed()
     finally:
+        if ops is not None:  # open while draining: /readyz says 503 meanwhile
+            await ops.close()
         for server in servers:
             server.close()
         await queue.stop()

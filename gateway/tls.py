@@ -17,6 +17,8 @@ from __future__ import annotations
 import ssl
 from pathlib import Path
 
+from gateway.tlslog import log_refused_handshakes
+
 __all__ = [
     "MINIMUM_VERSION",
     "TLS12_CIPHERS",
@@ -101,6 +103,7 @@ def server_context(cert: Path, key: Path, client_ca: Path | None) -> ssl.SSLCont
         ctx.verify_mode = ssl.CERT_OPTIONAL
     else:
         ctx.verify_mode = ssl.CERT_NONE
+    log_refused_handshakes(ctx)
     return ctx
 
 

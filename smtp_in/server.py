@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from email.utils import formatdate
 from typing import Any
 
-from aiosmtpd.smtp import MISSING, AuthResult, Envelope, Session, syntax
+from aiosmtpd.smtp import MISSING, AuthResult, Envelope, Session, TLSSetupException, syntax
 
 from imap_store.mime import MessageInfo, parse_message_async
 from imap_store.store import ops
@@ -614,6 +614,10 @@ class Handler:
         return "250 2.0.0 reset"
 
     async def handle_exception(self, error: Exception) -> str:
+        if isinstance(error, TLSSetupException):  # aiosmtpd closes the connection
+            if not isinstance(error.__cause__, ssl.SSLError):  # else logged by the context
+                log.info("STARTTLS handshake failed (%s)", error.__cause__.__class__.__name__)
+            return str(replies.INTERNAL_ERROR)
         log.error("SMTP session error: %s", error.__class__.__name__, exc_info=error)
         return str(replies.INTERNAL_ERROR)
 
