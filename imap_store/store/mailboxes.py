@@ -53,6 +53,7 @@ from imap_store.mime import MessageInfo, parse_message_async, text_for_search
 from imap_store.store import schema as t
 from imap_store.store.deliver import SEARCH_FIELDS, deliver, search_values
 from imap_store.store.directory import DatabaseBlobStore, Store, new_uidvalidity
+from imap_store.store.sent_copies import server_filed_copy
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -1295,6 +1296,9 @@ class PatientMailStore:
             mailbox = await self._lookup(conn, name)
             if mailbox is None:
                 raise TryCreate()
+            filed = await conn.run_sync(server_filed_copy, mailbox.id, info.message_id)
+            if filed is not None:  # the client's copy of what the gateway put in Sent
+                return mailbox.id, mailbox.uidvalidity, filed.uid, filed.modseq
             stored = (await conn.run_sync(deliver, [mailbox.id], raw, info, flags=bits,
                                           keywords=kw_text, internal_date=internal_date))[0]
             return mailbox.id, mailbox.uidvalidity, stored.uid, stored.modseq
