@@ -81,3 +81,21 @@ def test_invalid_toml_is_clear(tmp_path: Path) -> None:
     path.write_text("[storage\n", "utf-8")
     with pytest.raises(ConfigError, match="invalid TOML"):
         load_config(path)
+
+
+def test_no_tls_keys_is_enough_for_admin_but_tls_refuses(tmp_path: Path) -> None:
+    """The admin commands need only [storage]; whatever needs TLS asks for ``config.tls``."""
+    cfg = build_config({"storage": {"url": "sqlite:///x.db"}}, tmp_path / "gateway.toml")
+    assert cfg.tls_keys is None
+    with pytest.raises(ConfigError, match=r"tls\.cert, tls\.key and tls\.client_ca are required"):
+        cfg.tls  # noqa: B018
+
+
+@pytest.mark.parametrize("url", ["postgresql://gw@db.example/gw?schema=s1",
+                                 'sqlite:///odd "name\\with".db', "sqlite:///données.db"])
+def test_init_config_keeps_the_storage_url(tmp_path: Path, url: str) -> None:
+    path = tmp_path / "gateway.toml"
+    path.write_text(render_default_config(domain="mssante.test", hostname="h", storage_url=url),
+                    "utf-8")
+    expected = url.replace("sqlite:///", f"sqlite:///{tmp_path}/")
+    assert load_config(path).storage_url == expected
