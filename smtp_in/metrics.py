@@ -12,6 +12,7 @@ composition root from ``DataBudget``.
 
 from __future__ import annotations
 
+import functools
 import re
 
 from prometheus_client import Counter
@@ -30,13 +31,21 @@ def rule_of(reply: str) -> str:
     return match.group(1) if match else "none"
 
 
+# The labelled children, looked up once (``labels()`` validates and locks at every call).
+_message = functools.cache(MESSAGES.labels)
+_refusal = functools.cache(REFUSALS.labels)
+
+
 def data_answered(listener: str, reply: str) -> None:
     """Count the reply to a message's data."""
-    outcome = "accepted" if reply[:1] == "2" else "deferred" if reply[:1] == "4" else "refused"
-    MESSAGES.labels(listener, outcome, rule_of(reply)).inc()
+    first = reply[:1]
+    if first == "2":
+        _message(listener, "accepted", "none").inc()
+        return
+    _message(listener, "deferred" if first == "4" else "refused", rule_of(reply)).inc()
 
 
 def replied(listener: str, reply: str) -> None:
     """Count a reply if it refuses (cheap for the others: one comparison)."""
     if reply[:1] in ("4", "5"):
-        REFUSALS.labels(listener, reply[:3], rule_of(reply)).inc()
+        _refusal(listener, reply[:3], rule_of(reply)).inc()
