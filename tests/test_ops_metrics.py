@@ -25,7 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from gateway.config import ConfigError, build_config
 from gateway.health import Readiness
 from imap_store.store.directory import Store
-from tests.conftest import CHRISTELLE, DUPOND, INAYA, PATIENT_PASSWORD, prepare_gateway
+from tests.conftest import CHRISTELLE, DUPOND, INAYA, MARTINE, PATIENT_PASSWORD, prepare_gateway
 from tests.gateway_proc import Gateway, free_port, set_listen
 from tests.helpers import sample, smtp, tls_context
 from tests.relay import Relay
@@ -139,6 +139,13 @@ def test_counters_move_with_real_traffic(world: World) -> None:
     failed = imaplib.IMAP4_SSL("127.0.0.1", gw.ports["imaps"], ssl_context=tls_context(gw))
     with pytest.raises(imaplib.IMAP4.error):
         failed.login(INAYA, "not the password")
+    # Martine: five failures (login_failures), then an attempt during the wait is throttled.
+    for _ in range(5):
+        with pytest.raises(imaplib.IMAP4.error, match="AUTHENTICATIONFAILED"):
+            failed.login(MARTINE, "not the password either")
+    with pytest.raises(imaplib.IMAP4.error) as throttled:
+        failed.login(MARTINE, "not the password either")
+    assert "AUTHENTICATIONFAILED" not in str(throttled.value), throttled.value
     failed.logout()
     imap = imaplib.IMAP4_SSL("127.0.0.1", gw.ports["imaps"], ssl_context=tls_context(gw))
     imap.login(INAYA, PATIENT_PASSWORD)
@@ -170,7 +177,8 @@ def test_counters_move_with_real_traffic(world: World) -> None:
     logins = "mssante_logins_total"
     assert delta(logins, channel="smtp", outcome="failed") == 1
     assert delta(logins, channel="smtp", outcome="ok") == 1
-    assert delta(logins, channel="imap", outcome="failed") == 1
+    assert delta(logins, channel="imap", outcome="failed") == 6
+    assert delta(logins, channel="imap", outcome="throttled") == 1
     assert delta(logins, channel="imap", outcome="ok") == 1
     assert delta("mssante_outbound_deliveries_total", kind="relay", outcome="sent") == 1
     assert delta("mssante_outbound_deliveries_total", kind="relay", outcome="retry") == 1
