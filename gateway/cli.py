@@ -194,7 +194,12 @@ async def cmd_serve(args: argparse.Namespace) -> int:
     from gateway.service import serve
 
     config = load_config(config_path(args.config))
-    config.tls  # noqa: B018 - the listeners need [tls]: refused here, before anything starts
+    # Configuration errors are refused here, in one line, before serve logs anything.
+    config.tls  # noqa: B018 - the listeners need [tls]
+    async_url(config.storage_url)
+    path = sqlite_file(config.storage_url)
+    if path is not None and not path.parent.is_dir():
+        raise CliError(f"storage.url: directory {path.parent} does not exist", EXIT_USAGE)
     code: int = await serve(config)
     return code
 

@@ -131,8 +131,11 @@ def run(prog: str, main: Callable[[], Coroutine[Any, Any, int]]) -> int:
         fail(prog, str(exc), EXIT_REFUSED)
     except TlsConfigError as exc:
         fail(prog, f"tls: {exc}", EXIT_USAGE)
-    except (SQLAlchemyError, OSError) as exc:
+    except SQLAlchemyError as exc:
         fail(prog, f"storage: database unavailable or failing ({exc.__class__.__name__})",
              EXIT_REFUSED)
+    except OSError as exc:  # a file or a socket, not the database (that is StorageError)
+        where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
+        fail(prog, f"{where}{exc.strerror or exc.__class__.__name__}", EXIT_REFUSED)
     except KeyboardInterrupt:
         fail(prog, "interrupted", 130)

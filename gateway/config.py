@@ -366,6 +366,8 @@ def build_config(raw: Mapping[str, Any], path: Path) -> Config:
     templates = _Section("templates", raw.get("templates"), base)
     templates_dir = templates.path("dir")
     templates.finish()
+    if templates_dir is not None and not templates_dir.is_dir():
+        raise ConfigError(f"templates.dir: {templates_dir} is not a directory")
 
     web = _Section("web", raw.get("web"), base)
     w = WebConfig()

@@ -3,7 +3,7 @@ composition root wires settings into the edges; no edge imports ``gateway/``).""
 
 from __future__ import annotations
 
-from gateway.config import Config, Listen
+from gateway.config import Config, ConfigError, Listen
 from gateway.tls import client_context
 from imap_store.imap.settings import ImapListener, ImapSettings
 from imap_store.store.notices import Notices, NoticeSettings
@@ -53,8 +53,13 @@ def _relay(listen: Listen | None) -> Relay | None:
 
 def notifier_settings(config: Config) -> NotifierSettings:
     n = config.notifier
-    dkim_key = n.dkim_key.read_bytes() if n.dkim_key is not None and n.dkim_key.exists() \
-        else None
+    dkim_key = None
+    if n.dkim_key is not None:  # a key named but missing was ignored: mail went unsigned
+        try:
+            dkim_key = n.dkim_key.read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"notifier.dkim_key: cannot read {n.dkim_key} "
+                              f"({exc.strerror or exc}); \"\" sends unsigned") from None
     return NotifierSettings(
         relay=_relay(n.relay), system_sender=config.system_sender,
         service_name=n.service_name, service_domain=config.domains.service,

@@ -79,8 +79,10 @@ def test_policy_never_creates_a_sqlite_file(sqlite_gw: Path, tmp_path: Path) -> 
         (lambda t: t.replace("[tls]\ncert", "[tls]\n#cert"), "tls.cert, tls.key and tls.client_ca"),
         (lambda t: t.replace("[smtp]", "[smtp"), "invalid TOML"),
         (lambda t: t.replace("trash_days = 30", "trash_days = 0"), "web.trash_days"),
+        (lambda t: t + '\n[templates]\ndir = "no-such-templates"\n', "templates.dir"),
     ],
-    ids=["section", "key", "database", "sqlite-dir", "partial-tls", "toml", "value"],
+    ids=["section", "key", "database", "sqlite-dir", "partial-tls", "toml", "value",
+         "templates"],
 )
 def test_every_configuration_error_exits_2(sqlite_gw: Path, tmp_path: Path, edit, message: str  # type: ignore[no-untyped-def]
                                            ) -> None:
@@ -96,6 +98,22 @@ def test_every_configuration_error_exits_2(sqlite_gw: Path, tmp_path: Path, edit
         r = cli(prog, "--config", str(config), *args, cwd=tmp_path)
         assert r.returncode == 2, (prog, args, r.stderr)
         assert message in one_line_error(r, prog)
+
+
+def test_serve_refuses_a_missing_dkim_key(sqlite_gw: Path, tmp_path: Path) -> None:
+    """A key named but missing used to send the notifications unsigned without a word."""
+    config = tmp_path / "gateway.toml"
+    text = (sqlite_gw / "gateway.toml").read_text("utf-8")
+    text = text.replace('"certs/', f'"{sqlite_gw}/certs/').replace(
+        'url = "sqlite:///gateway.db"', f'url = "sqlite:///{sqlite_gw / "gateway.db"}"')
+    for name in ("smtp", "submission", "submissions", "imap", "imaps", "web"):
+        text = text.replace(f"[{name}]\nlisten = ", f"[{name}]\nlisten = \"\"\n#")
+    config.write_text(text.replace("certs/dkim.key", "certs/no-dkim.key"), "utf-8")
+    r = cli("mssante-gateway", "--config", str(config), "serve")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    last = r.stderr.strip().splitlines()[-1]  # after serve's first log lines
+    assert last.startswith("mssante-gateway: error: configuration: notifier.dkim_key: "
+                           "cannot read"), r.stderr
 
 
 def test_missing_config_file_exits_2(tmp_path: Path) -> None:
