@@ -1,8 +1,8 @@
 """``demo.sh`` end to end: the settings it prints work as printed, and a patient's reply reaches
 the demo operator, which prints it (issue 15, "First contact"). Runs the real script (with
 the existing .venv: ``DEMO_SKIP_INSTALL=1``) on free ports, then the printed swaks command,
-a reply over the printed submissions port, mbsync with the ready-made configuration and
-neomutt in batch mode."""
+a reply over the printed submissions port, mbsync with the ready-made configuration, and
+neomutt: batch mode to send, under ``script`` (a pseudo-terminal) to open the INBOX."""
 
 from __future__ import annotations
 
@@ -191,3 +191,20 @@ def test_neomutt_sends_with_the_ready_made_settings(demo: Demo) -> None:
                        env={**os.environ, "HOME": str(home), "TERM": "dumb"})
     assert r.returncode == 0, r.stdout + r.stderr
     demo.wait_for(rf"Subject:\s+Re: Bonjour \({marker}\)", 60)
+
+
+def test_neomutt_opens_the_inbox_with_the_ready_made_settings(demo: Demo) -> None:
+    neomutt, script = tool("neomutt"), tool("script")
+    if neomutt is None or script is None:
+        pytest.skip("neomutt or script (util-linux) not installed")
+    home = demo.directory.parent / "home-imap"
+    home.mkdir(exist_ok=True)
+    typescript = demo.directory.parent / "neomutt.typescript"
+    command = f"{neomutt} -F {demo.directory / 'neomuttrc'} -e 'push <quit>y'"
+    r = subprocess.run([script, "-qfc", command, str(typescript)], capture_output=True,
+                       timeout=120, env={**os.environ, "HOME": str(home), "TERM": "xterm"})
+    screen = typescript.read_text(errors="replace")
+    assert r.returncode == 0, screen
+    assert f"Reading imaps://{INS}@localhost:{demo.base + 4}/INBOX" in screen
+    assert "Fetching message headers" in screen, screen
+    assert "rror" not in screen and "ertificate" not in screen, screen
