@@ -45,7 +45,13 @@ PATIENT_PASSWORD=demo-patient
 HOST=localhost  # a name the dev certificate carries and every client checks (not an IP)
 
 if [ ! -f "$DEMO_DIR/.ready" ]; then
-  rm -rf "$DEMO_DIR"  # a set-up that did not finish is started again
+  # A set-up that did not finish is started again; never remove a folder that is not ours.
+  if [ -d "$DEMO_DIR" ] && [ -n "$(ls -A "$DEMO_DIR")" ] && [ ! -f "$DEMO_DIR/gateway.toml" ]
+  then
+    echo "$DEMO_DIR exists and is not a demo folder: choose another DEMO_DIR" >&2
+    exit 2
+  fi
+  rm -rf "$DEMO_DIR"
   mssante-gateway init --dir "$DEMO_DIR" --domain mssante.example
   mssante-policy domain import tests/samples/whitelist.xml
   echo "$PRO_PASSWORD" | mssante-policy professional add "$PRO" --name "Dr Marie Chanteau" \

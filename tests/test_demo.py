@@ -208,3 +208,13 @@ def test_neomutt_opens_the_inbox_with_the_ready_made_settings(demo: Demo) -> Non
     assert f"Reading imaps://{INS}@localhost:{demo.base + 4}/INBOX" in screen
     assert "Fetching message headers" in screen, screen
     assert "rror" not in screen and "ertificate" not in screen, screen
+
+
+def test_demo_never_removes_a_folder_that_is_not_its_own(tmp_path: Path) -> None:
+    precious = tmp_path / "notes.txt"
+    precious.write_text("keep me")
+    env = {**os.environ, "DEMO_DIR": str(tmp_path), "DEMO_SKIP_INSTALL": "1"}
+    r = subprocess.run(["bash", str(ROOT / "demo.sh")], env=env, capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 2 and "not a demo folder" in r.stderr
+    assert precious.read_text() == "keep me"
