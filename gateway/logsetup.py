@@ -58,7 +58,8 @@ def setup_logging(kind: str = "text", level: str = "info",
                   stream: TextIO | None = None) -> None:
     """Send every log record of the process to ``stream`` (stderr) in ``kind`` format.
     aiosmtpd's own logger (which would log envelope addresses, i.e. INS) is kept to
-    warnings."""
+    warnings. Python's warnings (``warnings.warn``) become records of the ``py.warnings``
+    logger, so that in ``json`` every line stays an object."""
     handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
     handler.setFormatter(formatter(kind))
     root = logging.getLogger()
@@ -67,3 +68,4 @@ def setup_logging(kind: str = "text", level: str = "info",
     root.addHandler(handler)
     root.setLevel(level.upper())
     logging.getLogger("mail.log").setLevel(logging.WARNING)
+    logging.captureWarnings(True)

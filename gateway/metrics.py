@@ -50,6 +50,8 @@ disable_created_metrics()  # type: ignore[no-untyped-call]
 MAX_CONNECTIONS = 32
 #: Seconds an idle keep-alive connection of a scraper stays open.
 KEEP_ALIVE_SECONDS = 5
+#: Seconds a scrape in flight gets when the listener closes (the last step of a stop).
+CLOSE_SECONDS = 1
 #: Seconds the queue query of a scrape may take before the scrape goes on without it.
 QUEUE_QUERY_TIMEOUT = 2.0
 
@@ -115,7 +117,7 @@ class OpsListener:
                                      proxy_headers=False, server_header=False,
                                      limit_concurrency=MAX_CONNECTIONS,
                                      timeout_keep_alive=KEEP_ALIVE_SECONDS,
-                                     timeout_graceful_shutdown=1)
+                                     timeout_graceful_shutdown=CLOSE_SECONDS)
         self.config.load()
         self.server = uvicorn.Server(self.config)
         self.server.lifespan = self.config.lifespan_class(self.config)
