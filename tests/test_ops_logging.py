@@ -171,11 +171,14 @@ def test_no_asyncio_warning_when_tls_ends_with_the_handshake(gateway_with: Gatew
         close_right_after_handshake(gw, gw.ports["imap"], [b"a STARTTLS\r\n"], b"")
         close_right_after_handshake(gw, gw.ports["smtp"], [b"EHLO x\r\n", b"STARTTLS\r\n"],
                                     b"EHLO x\r\n")
-    time.sleep(0.5)
+    deadline = time.monotonic() + 10
+    while len(lines_with(gw.log(), "TLS started")) < 6:  # the IMAP sessions did start TLS
+        assert time.monotonic() < deadline, gw.log()
+        time.sleep(0.05)
+    time.sleep(0.3)  # and ended
     log = gw.log()
     assert "eof_received" not in log, log
     assert "logger=asyncio" not in log, log
-    assert len(lines_with(log, "TLS started")) == 6  # the IMAP sessions did start TLS
 
 
 @pytest.mark.parametrize("gateway_with", ["json"], indirect=True)
