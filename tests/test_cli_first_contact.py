@@ -234,3 +234,48 @@ def test_audit_verify_json_has_the_documented_fields(sqlite_gw: Path) -> None:
     r = cli("mssante-policy", "--json", "audit", "verify", config=sqlite_gw / "gateway.toml")
     assert r.returncode == 0
     assert set(json.loads(r.stdout)) == {"ok", "rows", "first_broken_row", "reason"}
+
+
+def test_one_rpps_one_professional_even_at_once(gw_dir: Path) -> None:
+    """Four admins adding four addresses with one RPPS at the same moment: one wins."""
+    config = gw_dir / "gateway.toml"
+    assert cli("mssante-policy", "domain", "add", "medecin.mssante.fr",
+               config=config).returncode == 0
+    env = {**os.environ, "MSSANTE_CONFIG": str(config)}
+    procs = [subprocess.Popen([str(BIN / "mssante-policy"), "professional", "add",
+                               f"dr{i}@medecin.mssante.fr", "--name", f"Dr {i}", "--rpps",
+                               "10001234565"], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for i in range(4)]
+    results = [(p.wait(timeout=120), p.stderr.read() if p.stderr else "") for p in procs]
+    for p in procs:
+        for stream in (p.stdout, p.stderr):
+            if stream is not None:
+                stream.close()
+    assert sorted(code for code, _ in results) == [0, 1, 1, 1], results
+    assert all("is already the number of" in err for code, err in results if code == 1)
+    listed = json.loads(cli("mssante-policy", "--json", "professional", "list",
+                            config=config).stdout)
+    assert [p["rpps"] for p in listed] == ["10001234565"]
+
+
+def test_one_rpps_one_professional_concurrent_transactions(gw_dir: Path) -> None:
+    """The same through one store, ten transactions interleaved on the event loop."""
+    import asyncio
+
+    from gateway.config import load_config
+    from imap_store.store.directory import Conflict, Store
+
+    async def scenario() -> list[object]:
+        store = Store.from_url(load_config(gw_dir / "gateway.toml").storage_url)
+        try:
+            await store.add_domains("test", ["medecin.mssante.fr"], "test")
+            return await asyncio.gather(*(
+                store.add_professional("test", f"dr{i}@medecin.mssante.fr", f"Dr {i}",
+                                       "10001234565", None) for i in range(10)),
+                return_exceptions=True)
+        finally:
+            await store.close()
+
+    results = asyncio.run(scenario())
+    assert sum(not isinstance(r, BaseException) for r in results) == 1, results
+    assert all(isinstance(r, Conflict) for r in results if isinstance(r, BaseException))

@@ -15,19 +15,27 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol, TypeVar
 
-from sqlalchemy import Integer, and_, delete, func, insert, select, update
+from sqlalchemy import Integer, and_, delete, func, insert, select, text, update
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from imap_store.store import ops
 from imap_store.store import schema as t
-from imap_store.store.db import create_engine, create_sync_sqlite_engine, write_transaction
+from imap_store.store.db import (
+    create_engine,
+    create_sync_sqlite_engine,
+    is_sqlite,
+    write_transaction,
+)
 from imap_store.store.deliver import deliver
 from imap_store.store.fields import as_utc, utcnow
 from policy.audit import AuditRecord, first_broken
 
 T = TypeVar("T")
+#: PostgreSQL advisory lock keys ``_RPPS_LOCK_BASE + RPPS``, held while a professional with
+#: that RPPS is added (two concurrent adds of one number: the second sees the first).
+_RPPS_LOCK_BASE = 0x52505053 << 32  # "RPPS"
 
 #: Special-use mailboxes every patient has (RFC 6154), created with the patient.
 DEFAULT_MAILBOXES: tuple[tuple[str, str | None], ...] = (
@@ -315,6 +323,9 @@ class Store:
             if not await self.is_trusted_domain(conn, domain):
                 raise Conflict(f"{domain} is not a trusted domain (add it with 'domain add')")
             if rpps is not None:  # one person, one RPPS number
+                if not is_sqlite(self.engine):  # SQLite: BEGIN IMMEDIATE serialises writers
+                    await conn.execute(text("SELECT pg_advisory_xact_lock(:k)"),
+                                       {"k": _RPPS_LOCK_BASE + int(rpps)})
                 holder = (await conn.execute(select(t.professional.c.address).where(
                     t.professional.c.rpps == rpps).limit(1))).scalar()
                 if holder is not None:
