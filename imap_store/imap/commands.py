@@ -36,6 +36,7 @@ from typing import ClassVar, Literal
 __all__ = [
     "FETCH_MACROS",
     "FETCH_NAMES",
+    "MAX_MODSEQ",
     "MAX_NUMBER",
     "SEARCH_CHARSETS",
     "SYSTEM_FLAGS",
@@ -63,6 +64,7 @@ __all__ = [
     "Move",
     "Namespace",
     "Noop",
+    "QResync",
     "Rename",
     "ResolvedSet",
     "Search",
@@ -74,6 +76,7 @@ __all__ = [
     "SearchInternalDate",
     "SearchKey",
     "SearchLarger",
+    "SearchModseq",
     "SearchNot",
     "SearchOr",
     "SearchSentDate",
@@ -398,8 +401,12 @@ FETCH_NAMES = frozenset(
         "BODY",
         "BODYSTRUCTURE",
         "UID",
+        "MODSEQ",  # RFC 7162 §3.1.4.1
     }
 )
+
+#: RFC 7162 §7: mod-sequence-value, a positive unsigned 63-bit integer.
+MAX_MODSEQ = 2**63 - 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -594,6 +601,15 @@ class SearchOr:
 
 
 @dataclass(frozen=True, slots=True)
+class SearchModseq:
+    """``MODSEQ [entry type] n`` (RFC 7162 §3.1.5): messages whose mod-sequence is at least
+    ``modseq`` (the entry name and type are accepted and ignored: one mod-sequence per
+    message here)."""
+
+    modseq: int
+
+
+@dataclass(frozen=True, slots=True)
 class SearchAnd:
     """All of ``keys`` (a parenthesised list, or several top-level keys)."""
 
@@ -612,6 +628,7 @@ SearchKey = (
     | SearchSmaller
     | SearchSequence
     | SearchUid
+    | SearchModseq
     | SearchNot
     | SearchOr
     | SearchAnd
@@ -703,10 +720,22 @@ class Select(_Command):
 
     mailbox: str
     readonly: bool = False
+    condstore: bool = False  # the CONDSTORE select parameter (RFC 7162 §3.1.8)
+    qresync: QResync | None = None  # the QRESYNC select parameter (RFC 7162 §3.2.5)
 
     @property
     def name(self) -> str:
         return "EXAMINE" if self.readonly else "SELECT"
+
+
+@dataclass(frozen=True, slots=True)
+class QResync:
+    """``QRESYNC (uidvalidity modseq [known-uids [(seq-match seq-uids)]])`` of SELECT."""
+
+    uidvalidity: int
+    modseq: int
+    known_uids: SequenceSet | None = None
+    seq_match: tuple[SequenceSet, SequenceSet] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -885,6 +914,9 @@ class Search(_UidCommand):
     charset: str | None
     criteria: SearchKey
     uid: bool = False
+    #: RFC 4731 ``RETURN (...)``: MIN, MAX, ALL, COUNT (``RETURN ()`` is ALL); None for a
+    #: plain SEARCH answered with ``* SEARCH``.
+    returns: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -901,6 +933,8 @@ class Fetch(_UidCommand):
     seq_set: SequenceSet
     attributes: tuple[FetchAttr, ...]
     uid: bool = False
+    changedsince: int | None = None  # CHANGEDSINCE modifier (RFC 7162 §3.1.4.1)
+    vanished: bool = False  # VANISHED modifier of UID FETCH (RFC 7162 §3.2.6)
 
 
 class StoreMode(enum.StrEnum):
@@ -922,6 +956,7 @@ class Store(_UidCommand):
     silent: bool
     flags: tuple[str, ...]
     uid: bool = False
+    unchangedsince: int | None = None  # UNCHANGEDSINCE modifier (RFC 7162 §3.1.3)
 
 
 @dataclass(frozen=True, slots=True)

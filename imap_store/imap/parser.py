@@ -52,6 +52,7 @@ from typing import TypeVar
 from imap_store.imap.commands import (
     FETCH_MACROS,
     FETCH_NAMES,
+    MAX_MODSEQ,
     MAX_NUMBER,
     SEARCH_CHARSETS,
     SYSTEM_FLAGS,
@@ -79,6 +80,7 @@ from imap_store.imap.commands import (
     Move,
     Namespace,
     Noop,
+    QResync,
     Rename,
     Search,
     SearchAll,
@@ -89,6 +91,7 @@ from imap_store.imap.commands import (
     SearchInternalDate,
     SearchKey,
     SearchLarger,
+    SearchModseq,
     SearchNot,
     SearchOr,
     SearchSentDate,
@@ -237,7 +240,8 @@ _SPECIAL_USE = {
     attr.upper(): attr
     for attr in ("\\All", "\\Archive", "\\Drafts", "\\Flagged", "\\Junk", "\\Sent", "\\Trash")
 }
-_STATUS_ITEMS = frozenset({"MESSAGES", "RECENT", "UIDNEXT", "UIDVALIDITY", "UNSEEN", "APPENDLIMIT"})
+_STATUS_ITEMS = frozenset({"MESSAGES", "RECENT", "UIDNEXT", "UIDVALIDITY", "UNSEEN", "APPENDLIMIT",
+                           "HIGHESTMODSEQ"})
 
 #: Literal announcement at the end of a line: "{" digits ["+"] "}" (RFC 3501 §9, RFC 7888 §8).
 _MARKER = re.compile(rb"\{([0-9]+)(\+?)\}")
@@ -371,6 +375,18 @@ class _Reader:
         value = int(digits)
         if nonzero and (value == 0 or digits[0] == 0x30):
             raise _SyntaxError("Expected a non-zero number")
+        return value
+
+    def modseq(self, *, allow_zero: bool = False) -> int:
+        """RFC 7162 §7 ``mod-sequence-value`` (``mod-sequence-valzer`` if ``allow_zero``)."""
+        digits = self.run(_DIGITS)
+        if not digits:
+            raise _SyntaxError("Expected a mod-sequence")
+        if len(digits) > 19 or int(digits) > MAX_MODSEQ:
+            raise _SyntaxError("Mod-sequence out of range")
+        value = int(digits)
+        if value == 0 and not allow_zero:
+            raise _SyntaxError("Expected a non-zero mod-sequence")
         return value
 
     def quoted(self) -> bytes:
@@ -587,9 +603,53 @@ def _login(reader: _Reader, tag: str, uid: bool) -> Command:
 def _select(readonly: bool) -> Callable[[_Reader, str, bool], Command]:
     def handler(reader: _Reader, tag: str, uid: bool) -> Command:
         reader.sp()
-        return Select(tag, reader.mailbox(), readonly)
+        mailbox = reader.mailbox()
+        condstore = False
+        qresync: QResync | None = None
+        if not reader.at_end():
+            # RFC 4466 §2.1 select-params: CONDSTORE (RFC 7162 §3.1.8), QRESYNC (§3.2.5)
+            reader.sp()
+
+            def param() -> None:
+                nonlocal condstore, qresync
+                name = reader.atom("Invalid SELECT parameter").decode("ascii").upper()
+                if name == "CONDSTORE":
+                    condstore = True
+                elif name == "QRESYNC":
+                    reader.sp()
+                    qresync = _qresync_param(reader)
+                else:
+                    raise _SyntaxError("Unknown SELECT parameter")
+
+            reader.paren_list(param, allow_empty=False)
+        return Select(tag, mailbox, readonly, condstore, qresync)
 
     return handler
+
+
+def _qresync_param(reader: _Reader) -> QResync:
+    """``(uidvalidity mod-sequence-value [SP known-uids] [SP seq-match-data])``."""
+    reader.expect(_LPAREN, "Expected '('")
+    uidvalidity = reader.number(nonzero=True)
+    reader.sp()
+    modseq = reader.modseq()
+    known: SequenceSet | None = None
+    match: tuple[SequenceSet, SequenceSet] | None = None
+    if reader.peek() == _SP:
+        reader.pos += 1
+        if reader.peek() != _LPAREN:
+            known = reader.sequence_set()
+            if reader.peek() == _SP:
+                reader.pos += 1
+        if reader.peek() == _LPAREN:
+            reader.pos += 1
+            seqs = reader.sequence_set()
+            reader.sp()
+            uids = reader.sequence_set()
+            reader.expect(_RPAREN, "Expected ')'")
+            match = (seqs, uids)
+    reader.expect(_RPAREN, "Expected ')'")
+    return QResync(uidvalidity, modseq, known, match)
 
 
 def _special_use_attr(reader: _Reader) -> str:
@@ -808,7 +868,27 @@ def _fetch(reader: _Reader, tag: str, uid: bool) -> Command:
             attrs.extend(group)
     else:
         attrs.extend(_fetch_attr(reader, True))
-    return Fetch(tag, seq_set, tuple(dict.fromkeys(attrs)), uid)
+    changedsince: int | None = None
+    vanished = False
+    if not reader.at_end():
+        # RFC 4466 §2.4 fetch-modifiers: CHANGEDSINCE (RFC 7162 §3.1.4.1), VANISHED (§3.2.6)
+        reader.sp()
+
+        def modifier() -> None:
+            nonlocal changedsince, vanished
+            name = reader.atom("Invalid FETCH modifier").decode("ascii").upper()
+            if name == "CHANGEDSINCE":
+                reader.sp()
+                changedsince = reader.modseq(allow_zero=True)
+            elif name == "VANISHED":
+                vanished = True
+            else:
+                raise _SyntaxError("Unknown FETCH modifier")
+
+        reader.paren_list(modifier, allow_empty=False)
+        if vanished and (not uid or changedsince is None):
+            raise _SyntaxError("VANISHED needs UID FETCH with CHANGEDSINCE")
+    return Fetch(tag, seq_set, tuple(dict.fromkeys(attrs)), uid, changedsince, vanished)
 
 
 def _store(reader: _Reader, tag: str, uid: bool) -> Command:
@@ -817,6 +897,19 @@ def _store(reader: _Reader, tag: str, uid: bool) -> Command:
     reader.sp()
     seq_set = reader.sequence_set()
     reader.sp()
+    unchangedsince: int | None = None
+    if reader.peek() == _LPAREN:
+        # RFC 4466 §2.5 store-modifiers: UNCHANGEDSINCE (RFC 7162 §3.1.3)
+        def modifier() -> None:
+            nonlocal unchangedsince
+            name = reader.atom("Invalid STORE modifier").decode("ascii").upper()
+            if name != "UNCHANGEDSINCE":
+                raise _SyntaxError("Unknown STORE modifier")
+            reader.sp()
+            unchangedsince = reader.modseq(allow_zero=True)
+
+        reader.paren_list(modifier, allow_empty=False)
+        reader.sp()
     item = reader.word(_STORE_ITEM_CHARS, "Invalid STORE item")
     silent = item.endswith(".SILENT")
     base = item.removesuffix(".SILENT")
@@ -833,7 +926,7 @@ def _store(reader: _Reader, tag: str, uid: bool) -> Command:
             reader.pos += 1
             found.append(reader.flag())
         flags = tuple(dict.fromkeys(found))
-    return Store(tag, seq_set, mode, silent, flags, uid)
+    return Store(tag, seq_set, mode, silent, flags, uid, unchangedsince)
 
 
 def _copy_or_move(cls: type[Copy | Move]) -> Callable[[_Reader, str, bool], Command]:
@@ -957,6 +1050,15 @@ class _SearchParser:
             return SearchSmaller(reader.number())
         if name == "UID":
             return SearchUid(reader.sequence_set())
+        if name == "MODSEQ":
+            if reader.peek() == _DQUOTE:  # entry-name entry-type-req: one mod-sequence here
+                reader.quoted()
+                reader.sp()
+                entry_type = reader.atom("Invalid entry type").decode("ascii").lower()
+                if entry_type not in ("priv", "shared", "all"):
+                    raise _SyntaxError("Invalid entry type")
+                reader.sp()
+            return SearchModseq(reader.modseq(allow_zero=True))
         if name == "NOT":
             return SearchNot(self.key(depth + 1))
         if name == "OR":
@@ -977,8 +1079,24 @@ _FLAG_SEARCH_KEYS: dict[str, tuple[str, bool]] = {
 }
 
 
+#: RFC 4731 §3.1 search-return-opts.
+_SEARCH_RETURN = frozenset({"MIN", "MAX", "ALL", "COUNT"})
+
+
 def _search(reader: _Reader, tag: str, uid: bool) -> Command | InvalidCommand:
     reader.sp()
+    returns: tuple[str, ...] | None = None
+    if reader.keyword_ahead(b"RETURN"):  # RFC 4731 §3.1: ESEARCH
+        reader.sp()
+
+        def option() -> str:
+            name = reader.atom("Invalid RETURN option").decode("ascii").upper()
+            if name not in _SEARCH_RETURN:
+                raise _SyntaxError("Unknown RETURN option")
+            return name
+
+        returns = tuple(dict.fromkeys(reader.paren_list(option))) or ("ALL",)
+        reader.sp()
     charset: str | None = None
     if reader.keyword_ahead(b"CHARSET"):
         reader.sp()
@@ -992,7 +1110,7 @@ def _search(reader: _Reader, tag: str, uid: bool) -> Command | InvalidCommand:
             )
         reader.sp()
     criteria = _SearchParser(reader, charset).keys()
-    return Search(tag, charset, criteria, uid)
+    return Search(tag, charset, criteria, uid, returns)
 
 
 _Handler = Callable[[_Reader, str, bool], Command | InvalidCommand]

@@ -72,6 +72,12 @@ NO_EMPTY_MESSAGE = Reply("NO", "Empty message", "CANNOT")
 NO_NUL_IN_MESSAGE = Reply("NO", "Message contains a NUL octet (RFC 3501 CHAR8)", "CANNOT")
 NO_NONEXISTENT = Reply("NO", "No such mailbox", "NONEXISTENT")
 NO_PATTERN_TOO_LONG = Reply("NO", "Pattern too long", "LIMIT")
+BAD_QRESYNC_NOT_ENABLED = Reply("BAD", "ENABLE QRESYNC first (RFC 7162 §3.2.5)")
+
+
+def modseq_value(modseq: int) -> int:
+    """A mod-sequence as sent (RFC 7162 §7: positive): a mailbox never changed answers 1."""
+    return max(modseq, 1)
 
 
 def quote(text: str) -> bytes:
@@ -105,7 +111,8 @@ def render_date(value: datetime) -> bytes:
 
 def capabilities(*, tls: bool, starttls: bool, authenticated: bool) -> bytes:
     """CAPABILITY list for the connection's state (RFC 3501 §6.1.1, §6.2.1, §6.2.3)."""
-    caps = ["IMAP4rev1", "LITERAL+", "ID", "ENABLE", "IDLE", "NAMESPACE", "UNSELECT"]
+    caps = ["IMAP4rev1", "LITERAL+", "ID", "ENABLE", "IDLE", "NAMESPACE", "UNSELECT",
+            "CONDSTORE", "QRESYNC", "ESEARCH"]
     if not tls:
         caps += ["STARTTLS", "LOGINDISABLED"] if starttls else ["LOGINDISABLED"]
     elif not authenticated:

@@ -202,6 +202,7 @@ class StatusCounts:
     recent: int
     uidnext: int
     uidvalidity: int
+    highestmodseq: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -225,6 +226,7 @@ class MessageRow(NamedTuple):
     size: int
     internal_date: datetime | None
     meta: str | None  # MessageInfo.to_dict() as JSON
+    modseq: int  # of the message's last change (RFC 7162 §3.1)
 
 
 #: Columns the session may ask :meth:`MailStore.fetch_rows` for (``uid`` always comes).
@@ -312,6 +314,13 @@ class MatchSmaller:
 
 
 @dataclass(frozen=True, slots=True)
+class MatchModseq:
+    """A MODSEQ of at least ``modseq`` (RFC 7162 §3.1.5)."""
+
+    modseq: int
+
+
+@dataclass(frozen=True, slots=True)
 class MatchNot:
     key: Match
 
@@ -329,7 +338,7 @@ class MatchAnd:
 
 Match = (
     MatchAll | MatchUids | MatchFlag | MatchHeader | MatchBody | MatchText | MatchInternalDate
-    | MatchSentDate | MatchLarger | MatchSmaller | MatchNot | MatchOr | MatchAnd
+    | MatchSentDate | MatchLarger | MatchSmaller | MatchModseq | MatchNot | MatchOr | MatchAnd
 )
 
 
@@ -352,6 +361,7 @@ class SearchRow(NamedTuple):
     size: int
     internal_date: datetime | None
     meta: str | None  # read when the header fields could not be extracted by the database
+    modseq: int
     sent: str | None  # the Date header (ISO 8601), extracted from ``meta`` by the database
     headers: tuple[str | None, ...]  # header fields, extracted likewise (see _Candidates)
 
@@ -389,7 +399,8 @@ class MailStore(Protocol):
 
     async def store_flags(
         self, mailbox_id: int, uids: Sequence[int], mode: str, bits: int,
-        keywords: Sequence[str],
+        keywords: Sequence[str], unchanged_since: int | None = None,
+        modified: list[int] | None = None,
     ) -> tuple[int, list[FlagState]]: ...
 
     async def expunge(
@@ -414,6 +425,9 @@ class MailStore(Protocol):
     async def subscribe(self, name: str, subscribed: bool) -> None: ...
 
     async def status(self, name: str) -> StatusCounts: ...
+
+    async def vanished(self, mailbox_id: int, since: int,
+                       ranges: Sequence[tuple[int, int]] | None = None) -> list[int]: ...
 
 
 # --------------------------------------------------------------------------- helpers
@@ -482,6 +496,8 @@ def _query_columns(key: Match) -> set[str]:
             out.add("sent")
         elif isinstance(node, MatchLarger | MatchSmaller):
             out.add("size")
+        elif isinstance(node, MatchModseq):
+            out.add("modseq")
         elif isinstance(node, MatchBody):
             out.add("body")
         elif isinstance(node, MatchText):
@@ -517,6 +533,8 @@ def _sql_condition(key: Match, indexed: bool) -> Any:
         return m.size > key.size
     if isinstance(key, MatchSmaller):
         return m.size < key.size
+    if isinstance(key, MatchModseq):
+        return m.modseq >= key.modseq
     if isinstance(key, MatchNot):
         inner = _sql_condition(key.key, indexed)
         return None if inner is None else not_(inner)
@@ -532,7 +550,7 @@ def _sql_condition(key: Match, indexed: bool) -> Any:
 #: What :class:`MessageRow` and :class:`SearchRow` hold for a column that was not asked for.
 _NOT_READ: dict[str, ColumnElement[Any]] = {
     "flags": literal_column("0"), "keywords": literal_column("''"), "size": literal_column("0"),
-    "internal_date": null(), "meta": null(),
+    "internal_date": null(), "meta": null(), "modseq": literal_column("0"),
 }
 
 
@@ -783,6 +801,27 @@ class PatientMailStore:
             expunged = tuple(int(r[0]) for r in gone)
         return Changes(highest, int(row[1]), changed, expunged)
 
+    async def vanished(self, mailbox_id: int, since: int,
+                       ranges: Sequence[tuple[int, int]] | None = None) -> list[int]:
+        """UIDs expunged from the mailbox after MODSEQ ``since`` (RFC 7162 §3.2.5-6 VANISHED),
+        ascending, within the inclusive UID ``ranges`` when given. Every expunge is kept in
+        ``expunged`` with its MODSEQ (never pruned), so the answer is exact, not a superset."""
+        if ranges is not None and not ranges:
+            return []
+        conditions = [t.expunged.c.mailbox_id == self._mailbox_id(mailbox_id),
+                      t.expunged.c.modseq > since]
+        if ranges is not None and len(ranges) <= _MAX_RANGES:
+            conditions.append(or_(*(t.expunged.c.uid.between(lo, hi) for lo, hi in ranges)))
+        async with self._store.read() as conn:
+            rows = await conn.execute(
+                select(t.expunged.c.uid).where(*conditions).order_by(t.expunged.c.uid))
+            uids = sorted({int(r[0]) for r in rows})
+        if ranges is not None and len(ranges) > _MAX_RANGES:
+            starts = [lo for lo, _hi in ranges]
+            uids = [u for u in uids
+                    if (i := bisect_left(starts, u + 1) - 1) >= 0 and u <= ranges[i][1]]
+        return uids
+
     async def status(self, name: str) -> StatusCounts:
         async with self._store.read() as conn:
             info = await self._lookup(conn, name)
@@ -797,7 +836,7 @@ class PatientMailStore:
                 ).where(self._in_mailbox(info.id))
             )).one()
         return StatusCounts(int(row[0]), int(row[1]), int(row[2]), info.uidnext,
-                            info.uidvalidity)
+                            info.uidvalidity, info.highestmodseq)
 
     async def create(self, name: str) -> None:
         name = validate_name(name)
@@ -1107,9 +1146,9 @@ class PatientMailStore:
         missing = {row.blob_id for row in rows if row.unindexed} if indexed else set()
         if rest is None:
             return _Candidates([row[0] for row in rows]), missing
-        end = 7 + len(fields)
-        found = [SearchRow(row[0], row[1], row[2], row[3], row[4], row[5], row[6],
-                           tuple(row[7:end]) if fields else ()) for row in rows]
+        end = 8 + len(fields)
+        found = [SearchRow(row[0], row[1], row[2], row[3], row[4], row[5], row[6], row[7],
+                           tuple(row[8:end]) if fields else ()) for row in rows]
         return _Candidates([], found, rest, bodies, "meta" not in wanted,
                            tuple(fields)), missing
 
@@ -1163,11 +1202,14 @@ class PatientMailStore:
 
     async def store_flags(
         self, mailbox_id: int, uids: Sequence[int], mode: str, bits: int,
-        keywords: Sequence[str],
+        keywords: Sequence[str], unchanged_since: int | None = None,
+        modified: list[int] | None = None,
     ) -> tuple[int, list[FlagState]]:
         """STORE (RFC 3501 §6.4.6): ``mode`` is ``FLAGS``, ``+FLAGS`` or ``-FLAGS``. Returns the
         MODSEQ of the change and the resulting flags of every message of ``uids`` that
-        exists; rows whose flags changed carry that MODSEQ."""
+        exists; rows whose flags changed carry that MODSEQ. With ``unchanged_since``
+        (RFC 7162 §3.1.3 UNCHANGEDSINCE), a message whose MODSEQ is above it is left alone
+        and its UID appended to ``modified``, in the same transaction as the others' change."""
         wanted_keywords = list(dict.fromkeys(keywords))
 
         async def job(conn: AsyncConnection) -> tuple[int, list[FlagState]]:
@@ -1184,6 +1226,10 @@ class PatientMailStore:
             updates: list[dict[str, Any]] = []
             for uid, flags, kw_text, old_modseq in rows:
                 if keep is not None and uid not in keep:
+                    continue
+                if unchanged_since is not None and int(old_modseq) > unchanged_since:
+                    if modified is not None:
+                        modified.append(int(uid))
                     continue
                 current = split_keywords(kw_text)
                 if mode == "+FLAGS":
@@ -1371,7 +1417,7 @@ class _Candidates:
     fields: tuple[str, ...] = ()
 
 
-_NO_ROW = SearchRow(0, 0, "", 0, None, None, None, ())
+_NO_ROW = SearchRow(0, 0, "", 0, None, None, 0, None, ())
 
 
 def _compare(relation: str, value: date, wanted: date) -> bool:
@@ -1477,6 +1523,8 @@ class _Matcher:
             return row.size > key.size
         if isinstance(key, MatchSmaller):
             return row.size < key.size
+        if isinstance(key, MatchModseq):
+            return row.modseq >= key.modseq
         if isinstance(key, MatchInternalDate):
             if row.internal_date is None:
                 return False

@@ -56,8 +56,20 @@ async def id_(s: Session, cmd: Id) -> Action:
 
 
 async def enable(s: Session, cmd: Enable) -> Action:
-    """No extension needs enabling here: an empty ENABLED (RFC 5161 §3.1)."""
-    await s.emit(b"* ENABLED\r\n")
+    """ENABLE (RFC 5161 §3.1): CONDSTORE and QRESYNC (RFC 7162 §3.1, §3.2; QRESYNC implies
+    CONDSTORE); ENABLED lists what this command newly enabled, unknown names are ignored."""
+    newly: list[str] = []
+    for name in cmd.capabilities:
+        if name == "CONDSTORE" and not s.condstore:
+            s.condstore = True
+            newly.append(name)
+        elif name == "QRESYNC" and not s.qresync:
+            s.qresync = True
+            if not s.condstore:
+                s.condstore = True
+                newly.append("CONDSTORE")
+            newly.append(name)
+    await s.emit(b"* ENABLED" + b"".join(b" " + n.encode() for n in newly) + b"\r\n")
     return await s.complete(cmd)
 
 

@@ -80,9 +80,9 @@ class Session:
     """One client connection's IMAP state; see the module docstring."""
 
     __slots__ = (
-        "_bad", "_buf", "_replay", "address", "audit", "conn_id", "idle_tag", "listener",
-        "login_fn", "mail", "mail_factory", "out", "sasl_tag", "selected",
-        "starttls_available", "state", "stray_done", "tls", "wake", "watcher",
+        "_bad", "_buf", "_replay", "address", "audit", "condstore", "conn_id", "idle_tag",
+        "listener", "login_fn", "mail", "mail_factory", "out", "qresync", "sasl_tag",
+        "selected", "starttls_available", "state", "stray_done", "tls", "wake", "watcher",
     )
 
     def __init__(
@@ -109,6 +109,10 @@ class Session:
         # a command (a line that is not DONE is replayed as one).
         self.stray_done = False
         self._replay = b""
+        # RFC 7162: CONDSTORE enabled (ENABLE, or a CONDSTORE-enabling command), QRESYNC
+        # enabled (ENABLE QRESYNC only; it implies CONDSTORE)
+        self.condstore = False
+        self.qresync = False
         self.listener = self._on_change  # given to the watcher for the selected mailbox
         self._buf = bytearray()
         self._bad = 0

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from imap_store.imap import responses as r
-from imap_store.imap.commands import Fetch, FetchAttr, Store
+from imap_store.imap.commands import Fetch, FetchAttr, SequenceSet, Store
 from imap_store.imap.session.selected import announce_keywords, own_change
 from imap_store.imap.session.state import Action, Selected
 from imap_store.imap.wire import render_bodystructure, render_envelope
@@ -20,6 +20,7 @@ from imap_store.store.mailboxes import (
     MailStore,
     MailStoreError,
     MessageRow,
+    merge_ranges,
 )
 
 if TYPE_CHECKING:
@@ -61,22 +62,32 @@ async def store(s: Session, cmd: Store) -> Action:
         await s.bad_reply(cmd.tag, r.BAD_SEQUENCE)
         return Action.NONE
     bits, keywords = split_flags(cmd.flags)
+    if cmd.unchangedsince is not None:
+        s.condstore = True  # a CONDSTORE-enabling command (RFC 7162 §3.1)
+    modified: list[int] = []
     if targets:
         modseq, states = await s.require_mail().store_flags(
-            sel.mailbox_id, [uid for _seq, uid in targets], str(cmd.mode), bits, keywords)
+            sel.mailbox_id, [uid for _seq, uid in targets], str(cmd.mode), bits, keywords,
+            cmd.unchangedsince, modified)
         own_change(s, sel, modseq)
         await announce_keywords(s, sel, (state.keywords for state in states))
-        if not cmd.silent:
-            for state in states:
-                seq = sel.seq_of(state.uid)
-                if not seq:
-                    continue
+        for state in states:
+            seq = sel.seq_of(state.uid)
+            if not seq:
+                continue
+            uid_item = b"UID %d " % state.uid if cmd.uid else b""
+            if not cmd.silent:
                 flags = r.render_flags(state.flags, state.keywords, sel.is_recent(state.uid))
-                if cmd.uid:
-                    await s.emit(b"* %d FETCH (UID %d FLAGS %s)\r\n" % (seq, state.uid, flags))
-                else:
-                    await s.emit(b"* %d FETCH (FLAGS %s)\r\n" % (seq, flags))
-    return await s.complete(cmd, allow_expunge=cmd.uid)
+                mod = b" MODSEQ (%d)" % state.modseq if s.condstore else b""
+                await s.emit(b"* %d FETCH (%sFLAGS %s%s)\r\n" % (seq, uid_item, flags, mod))
+            elif s.condstore and state.modseq == modseq:
+                # RFC 7162 §3.1.3: the new MODSEQ of a changed message, even with .SILENT
+                await s.emit(b"* %d FETCH (%sMODSEQ (%d))\r\n" % (seq, uid_item, modseq))
+    code = None
+    if modified:
+        numbers = modified if cmd.uid else [sel.seq_of(uid) for uid in modified]
+        code = f"MODIFIED {SequenceSet.from_values(n for n in numbers if n)}"
+    return await s.complete(cmd, code, allow_expunge=cmd.uid)
 
 
 async def fetch(s: Session, cmd: Fetch) -> Action:
@@ -89,6 +100,21 @@ async def fetch(s: Session, cmd: Fetch) -> Action:
     attrs = list(cmd.attributes)
     if cmd.uid and not any(a.name == "UID" and a.section is None for a in attrs):
         attrs.insert(0, FetchAttr("UID"))
+    if cmd.changedsince is not None or any(a.name == "MODSEQ" for a in attrs):
+        s.condstore = True  # CONDSTORE-enabling (RFC 7162 §3.1)
+    if s.condstore and not any(a.name == "MODSEQ" for a in attrs) and (
+            cmd.changedsince is not None or any(a.name == "FLAGS" for a in attrs)):
+        attrs.append(FetchAttr("MODSEQ"))  # RFC 7162 §3.1.4.1, §3.2 (FLAGS with MODSEQ)
+    if cmd.vanished and cmd.changedsince is not None:
+        if not s.qresync:
+            return await s.bad_reply(cmd.tag, r.BAD_QRESYNC_NOT_ENABLED)
+        highest = max(sel.uids[-1] if sel.uids else 0, 1)
+        gone = await s.require_mail().vanished(
+            sel.mailbox_id, cmd.changedsince,
+            merge_ranges(part.bounds(highest) for part in cmd.seq_set.ranges))
+        if gone:
+            await s.emit(b"* VANISHED (EARLIER) %s\r\n"
+                         % str(SequenceSet.from_values(gone)).encode())
     names = tuple(a.name if a.section is None else "" for a in attrs)
     if names in _FLAG_FETCHES:
         slices = sel.slices(cmd.seq_set, cmd.uid)
@@ -123,6 +149,8 @@ async def _fetch_rows(s: Session, sel: Selected, cmd: Fetch, attrs: list[FetchAt
             columns.add("internal_date")
         elif attr.name == "RFC822.SIZE":
             columns.add("size")
+        elif attr.name == "MODSEQ":
+            columns.add("modseq")
         elif attr.name in ("ENVELOPE", "BODY", "BODYSTRUCTURE"):
             columns.add("meta")
             reads = True
@@ -133,7 +161,12 @@ async def _fetch_rows(s: Session, sel: Selected, cmd: Fetch, attrs: list[FetchAt
         own_change(s, sel, modseq)
         seen_now = {state.uid: state for state in states if state.modseq == modseq}
         await announce_keywords(s, sel, (state.keywords for state in seen_now.values()))
+    if cmd.changedsince is not None:
+        columns.add("modseq")
     rows = await mail.fetch_rows(sel.mailbox_id, uids, columns)
+    if cmd.changedsince is not None:
+        since = cmd.changedsince
+        rows = [row for row in rows if (seen_now.get(row.uid) or row).modseq > since]
     by_uid = {row.uid: row for row in rows}
     if "keywords" in columns:
         await announce_keywords(s, sel, (row.keywords for row in rows))
@@ -259,6 +292,8 @@ def _render_fetch(sel: Selected, seq: int, uid: int, row: MessageRow, attrs: lis
             parts.append(b"INTERNALDATE " + r.render_date(row.internal_date))
         elif name == "RFC822.SIZE":
             parts.append(b"RFC822.SIZE %d" % row.size)
+        elif name == "MODSEQ":
+            parts.append(b"MODSEQ (%d)" % (seen.modseq if seen else row.modseq))
         elif name == "ENVELOPE":
             parts.append(b"ENVELOPE " + render_envelope((meta or {}).get("envelope") or []))
         elif name in ("BODY", "BODYSTRUCTURE"):

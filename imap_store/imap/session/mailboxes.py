@@ -85,8 +85,10 @@ async def status(s: Session, cmd: Status) -> Action:
     values = {
         "MESSAGES": counts.messages, "RECENT": counts.recent, "UIDNEXT": counts.uidnext,
         "UIDVALIDITY": counts.uidvalidity, "UNSEEN": counts.unseen,
-        "APPENDLIMIT": r.APPEND_LIMIT,
+        "APPENDLIMIT": r.APPEND_LIMIT, "HIGHESTMODSEQ": r.modseq_value(counts.highestmodseq),
     }
+    if "HIGHESTMODSEQ" in cmd.items:
+        s.condstore = True  # a CONDSTORE-enabling command (RFC 7162 §3.1)
     items = " ".join(f"{item} {values[item]}" for item in cmd.items)
     await s.emit(b"* STATUS " + r.quote(cmd.mailbox) + f" ({items})\r\n".encode())
     return await s.complete(cmd)

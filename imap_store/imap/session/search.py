@@ -18,6 +18,7 @@ from imap_store.imap.commands import (
     SearchInternalDate,
     SearchKey,
     SearchLarger,
+    SearchModseq,
     SearchNot,
     SearchOr,
     SearchSentDate,
@@ -25,6 +26,7 @@ from imap_store.imap.commands import (
     SearchSmaller,
     SearchText,
     SearchUid,
+    SequenceSet,
 )
 from imap_store.imap.session.state import Action, Selected
 from imap_store.store.mailboxes import (
@@ -36,6 +38,7 @@ from imap_store.store.mailboxes import (
     MatchHeader,
     MatchInternalDate,
     MatchLarger,
+    MatchModseq,
     MatchNot,
     MatchOr,
     MatchSentDate,
@@ -59,10 +62,56 @@ async def search(s: Session, cmd: Search) -> Action:
         if position == count or view[position] != uid:
             continue  # not (or no longer) in this session's view
         found.append(uid if by_uid else position + 1)
-    await s.emit(b"* SEARCH" + b"".join(b" %d" % n for n in found) + b"\r\n")
+    highest = 0
+    if _uses_modseq(cmd.criteria):
+        s.condstore = True  # a CONDSTORE-enabling command (RFC 7162 §3.1)
+        if found:  # RFC 7162 §3.1.5: the highest MODSEQ of the messages found
+            uids = found if by_uid else [view[n - 1] for n in found]
+            rows = await s.require_mail().fetch_rows(sel.mailbox_id, uids, ("modseq",))
+            highest = max((row.modseq for row in rows), default=0)
+    if cmd.returns is not None:
+        await s.emit(_esearch(cmd, found, highest))
+    else:
+        modseq = b" (MODSEQ %d)" % highest if highest else b""
+        await s.emit(b"* SEARCH" + b"".join(b" %d" % n for n in found) + modseq + b"\r\n")
     if result.bodies and found:
         s.audit_patient("imap.search", {"mailbox": sel.mailbox_id, "messages": len(found)})
     return await s.complete(cmd, allow_expunge=cmd.uid)
+
+
+def _esearch(cmd: Search, found: list[int], highest: int) -> bytes:
+    """``* ESEARCH (TAG "t") [UID] ...`` (RFC 4731 §3.1): only the data asked for, none of
+    MIN, MAX, ALL when nothing matched; MODSEQ too when the criteria used it (RFC 7162
+    §3.1.5)."""
+    out = b'* ESEARCH (TAG "%s")' % cmd.tag.encode()
+    if cmd.uid:
+        out += b" UID"
+    returns = cmd.returns or ()
+    if found:
+        if "MIN" in returns:
+            out += b" MIN %d" % found[0]
+        if "MAX" in returns:
+            out += b" MAX %d" % found[-1]
+    if "COUNT" in returns:
+        out += b" COUNT %d" % len(found)
+    if found and "ALL" in returns:
+        out += b" ALL " + str(SequenceSet.from_values(found)).encode()
+    if highest:
+        out += b" MODSEQ %d" % highest
+    return out + b"\r\n"
+
+
+def _uses_modseq(key: SearchKey) -> bool:
+    match key:
+        case SearchModseq():
+            return True
+        case SearchAnd(keys):
+            return any(_uses_modseq(k) for k in keys)
+        case SearchOr(left, right):
+            return _uses_modseq(left) or _uses_modseq(right)
+        case SearchNot(inner):
+            return _uses_modseq(inner)
+    return False
 
 
 def query(key: SearchKey, sel: Selected) -> Match:
@@ -106,3 +155,5 @@ def query(key: SearchKey, sel: Selected) -> Match:
             return MatchLarger(size)
         case SearchSmaller(size):
             return MatchSmaller(size)
+        case SearchModseq(modseq):
+            return MatchModseq(modseq)

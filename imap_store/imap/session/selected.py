@@ -9,7 +9,7 @@ from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
 from imap_store.imap import responses as r
-from imap_store.imap.commands import Close, Expunge, Idle, Select, Unselect
+from imap_store.imap.commands import Close, Expunge, Idle, Select, SequenceSet, Unselect
 from imap_store.imap.session.state import Action, Selected, State
 from imap_store.store.mailboxes import MailStoreError, merge_ranges
 
@@ -18,7 +18,12 @@ if TYPE_CHECKING:
 
 
 async def select(s: Session, cmd: Select) -> Action:
-    """SELECT and EXAMINE (``cmd.readonly``)."""
+    """SELECT and EXAMINE (``cmd.readonly``), with the CONDSTORE and QRESYNC parameters
+    (RFC 7162 §3.1.8, §3.2.5)."""
+    if cmd.qresync is not None and not s.qresync:
+        return await s.bad_reply(cmd.tag, r.BAD_QRESYNC_NOT_ENABLED)
+    if cmd.condstore:
+        s.condstore = True
     s.unselect()
     mail = s.require_mail()
     view = await mail.open(cmd.mailbox)
@@ -44,9 +49,37 @@ async def select(s: Session, cmd: Select) -> Action:
         await s.emit(b"* OK [UNSEEN %d] First unseen\r\n" % view.first_unseen)
     await s.emit(b"* OK [UIDVALIDITY %d] UIDs valid\r\n" % info.uidvalidity)
     await s.emit(b"* OK [UIDNEXT %d] Predicted next UID\r\n" % info.uidnext)
+    await s.emit(b"* OK [HIGHESTMODSEQ %d] Highest\r\n" % r.modseq_value(info.highestmodseq))
+    if cmd.qresync is not None and cmd.qresync.uidvalidity == info.uidvalidity:
+        await _resync(s, sel, cmd.qresync.modseq, cmd.qresync.known_uids)
     mode = "READ-ONLY" if cmd.readonly else "READ-WRITE"
     await s.emit(f"{cmd.tag} OK [{mode}] {cmd.name} completed\r\n".encode())
     return Action.NONE
+
+
+async def _resync(s: Session, sel: Selected, since: int, known: SequenceSet | None) -> None:
+    """QRESYNC (RFC 7162 §3.2.5.1): the known UIDs expunged since ``since`` as one
+    ``VANISHED (EARLIER)``, then a FETCH of UID, FLAGS and MODSEQ for every message changed
+    since. Expunges are all remembered (``expunged``), so the answer is exact."""
+    mail = s.require_mail()
+    highest = sel.uids[-1] if sel.uids else 0
+    ranges = None
+    if known is not None:
+        ranges = merge_ranges(part.bounds(max(highest, 1)) for part in known.ranges)
+    gone = await mail.vanished(sel.mailbox_id, since, ranges)
+    if gone:
+        await s.emit(b"* VANISHED (EARLIER) %s\r\n" % str(SequenceSet.from_values(gone)).encode())
+    if not sel.uids:
+        return
+    rows = await mail.fetch_rows(sel.mailbox_id, sel.uids, ("flags", "keywords", "modseq"))
+    changed = [row for row in rows if row.modseq > since]
+    await announce_keywords(s, sel, (row.keywords for row in changed))
+    for row in changed:
+        seq = sel.seq_of(row.uid)
+        if seq:
+            await s.emit(b"* %d FETCH (UID %d FLAGS %s MODSEQ (%d))\r\n" % (
+                seq, row.uid, r.render_flags(row.flags, row.keywords, sel.is_recent(row.uid)),
+                row.modseq))
 
 
 async def emit_flags(s: Session, sel: Selected) -> None:
@@ -164,24 +197,30 @@ async def sync(s: Session, *, allow_expunge: bool, force: bool = False) -> None:
             continue
         seq = sel.seq_of(change.uid)
         if seq:
-            await s.emit(b"* %d FETCH (UID %d FLAGS %s)\r\n" % (
+            modseq = b" MODSEQ (%d)" % change.modseq if s.condstore else b""
+            await s.emit(b"* %d FETCH (UID %d FLAGS %s%s)\r\n" % (
                 seq, change.uid,
-                r.render_flags(change.flags, change.keywords, sel.is_recent(change.uid))))
+                r.render_flags(change.flags, change.keywords, sel.is_recent(change.uid)),
+                modseq))
     sel.own_modseqs = {m for m in sel.own_modseqs if m > sel.modseq}
 
 
 async def send_expunges(s: Session, sel: Selected, uids: Sequence[int]) -> None:
     """``* n EXPUNGE`` for each UID still in the view, ascending (each one shifts the
-    following sequence numbers down, RFC 3501 §7.4.1), then drop them from the view."""
+    following sequence numbers down, RFC 3501 §7.4.1), or one ``* VANISHED uids`` once QRESYNC
+    is enabled (RFC 7162 §3.2.10); then drop them from the view."""
     gone = set(uids)
     kept: array[int] = array("L")
-    removed = 0
+    removed: list[int] = []
     for index, uid in enumerate(sel.uids):
         if uid in gone:
-            await s.emit(b"* %d EXPUNGE\r\n" % (index + 1 - removed))
-            removed += 1
+            if not s.qresync:
+                await s.emit(b"* %d EXPUNGE\r\n" % (index + 1 - len(removed)))
+            removed.append(uid)
         else:
             kept.append(uid)
+    if s.qresync and removed:
+        await s.emit(b"* VANISHED %s\r\n" % str(SequenceSet.from_values(removed)).encode())
     sel.uids = kept
 
 
