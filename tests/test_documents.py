@@ -240,6 +240,36 @@ async def test_store_quota_scope_and_delete(db_url: str) -> None:
         await store.close()
 
 
+async def test_store_pages_by_date_and_category(db_url: str) -> None:
+    await migrate(db_url)
+    store = Store.from_url(db_url)
+    writer = GroupWriter(store)
+    writer.start()
+    try:
+        mine, _theirs = await _patients(store)
+        docs = Documents(store, writer, mine, "me@patient")
+        for i in range(23):
+            category = "BIOLOGIE" if i % 3 == 0 else "ORD_SOIN"
+            await docs.add_upload(f"document {i}".encode(), name=f"Document {i}",
+                                  doc_date=date(2020, 1 + i % 12, 1 + i),
+                                  category=category, visibility="N", media="text/plain",
+                                  added_by="Moi")
+        total, first = await docs.page(administrative=False, limit=20)
+        assert total == 23 and len(first) == 20
+        dates = [d.doc_date for d in first]
+        assert dates == sorted(dates, reverse=True)
+        _total, rest = await docs.page(administrative=False, offset=20, limit=20)
+        assert len(rest) == 3 and max(d.doc_date for d in rest) <= min(dates)
+        _total, oldest = await docs.page(administrative=False, newest_first=False, limit=5)
+        assert [d.doc_date for d in oldest] == sorted(d.doc_date for d in [*first, *rest])[:5]
+        bio_total, bio = await docs.page(administrative=False, category="BIOLOGIE")
+        assert bio_total == 8 and {d.category for d in bio} == {"BIOLOGIE"}
+        assert (await docs.page(administrative=True))[0] == 0
+    finally:
+        await writer.close()
+        await store.close()
+
+
 # --- the portal over HTTPS -----------------------------------------------------------------
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from PIL import Image
 from pypdf import PdfReader
 
-from tests.conftest import DUPOND, INAYA, PATIENT_PASSWORD
+from tests.conftest import DUPOND, INAYA, LABO, PATIENT_PASSWORD
 from tests.gateway_proc import Gateway
 from tests.helpers import mailbox, sample
 from tests.test_portal import deliver
@@ -55,6 +55,7 @@ def test_documents_walkthrough_in_chromium(gateway: Gateway, browser: object,  #
     from selenium.webdriver.support.select import Select
 
     deliver(gateway, DUPOND, sample("02"))  # results with three PDFs
+    deliver(gateway, LABO, sample("03"))  # a JPEG and a spreadsheet
     shots = Path(os.environ.get("MSSANTE_SCREENSHOTS") or tmp_path / "screens")
     shots.mkdir(parents=True, exist_ok=True)
     print(f"\nscreenshots: {shots}")
@@ -107,6 +108,29 @@ def test_documents_walkthrough_in_chromium(gateway: Gateway, browser: object,  #
     w.click(w.find("form.filters button[type=submit]"))
     assert "Je n'ai pas de documents de santé dans cette catégorie" in w.text()
     w.screen("documents-filtres")
+
+    # An attachment that is no accepted type keeps only "Télécharger", with the reason.
+    w.click(d.find_element(By.LINK_TEXT, "Messagerie"))  # type: ignore[attr-defined]
+    w.click(d.find_element(By.PARTIAL_LINK_TEXT, "Labo BioPCR"))  # type: ignore[attr-defined]
+    w.click(d.find_element(By.XPATH, "//a[contains(@href, '/pieces-jointes/1/documents')]"))  # type: ignore[attr-defined]
+    text = w.text()
+    assert "Ce type de fichier n'est pas accepté" in text and "Télécharger" in text
+    assert not d.find_elements(By.ID, "categorie")  # type: ignore[attr-defined]
+    w.screen("piece-jointe-refusee")
+
+    # Delete a document (a second copy of the results), with the confirmation.
+    w.go("/messagerie")
+    w.click(d.find_element(By.PARTIAL_LINK_TEXT, "Vos résultats"))  # type: ignore[attr-defined]
+    w.click(d.find_elements(By.PARTIAL_LINK_TEXT, "Ajouter à mes documents santé")[2])  # type: ignore[attr-defined]
+    Select(w.find("#categorie")).select_by_value("ORD_SOIN")
+    w.click(w.find("form.card button[type=submit]"))
+    w.go("/documents")
+    w.click(d.find_element(  # type: ignore[attr-defined]
+        By.XPATH, "//a[contains(@href, '/supprimer')][span[contains(., 'Ordonnance')]]"))
+    assert "Voulez-vous vraiment supprimer le document" in w.text()
+    w.screen("supprimer-document")
+    w.click(w.find("form.card button[type=submit]"))
+    assert "Document supprimé" in w.text() and "Ordonnance_MLeguellec" not in w.text()
 
     # The medical profile: one entry per section, then one edited.
     w.click(d.find_element(By.LINK_TEXT, "Profil médical"))  # type: ignore[attr-defined]

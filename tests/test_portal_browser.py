@@ -173,7 +173,8 @@ def test_walkthrough_in_chromium(gateway: Gateway, browser: object, tmp_path: Pa
     w.click(d.find_element(By.LINK_TEXT, "Répondre à tous"))  # type: ignore[attr-defined]
     w.screen("reponse")
     w.find("#message").send_keys("Merci, je serai présente au rendez-vous.")  # type: ignore[attr-defined]
-    w.click(w.find("form.card button[type=submit]"))
+    # The form has other buttons (documents, the medical profile): "Envoyer" by its text.
+    w.click(d.find_element(By.XPATH, "//button[normalize-space()='Envoyer']"))  # type: ignore[attr-defined]
     assert "Message envoyé" in w.text()
     w.screen("message-envoye")
     assert len(mailbox(gateway.directory, INAYA, "Sent")) == 1

@@ -10,6 +10,7 @@ the logged-in patient (another patient's id is a 404).
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
@@ -643,7 +644,8 @@ class Portal:
                 entries = await self.docs.profile(page).entries() if with_profile else []
                 if with_profile:
                     uploads.append((profile_filename(page.name), "application/pdf",
-                                    profile_pdf(page.name, entries, datetime.now(PARIS))))
+                                    await asyncio.to_thread(profile_pdf, page.name, entries,
+                                                            datetime.now(PARIS))))
                 total = sum(len(d) for _n, _t, d in uploads)
                 if not recipients:
                     error = "Choisissez au moins un destinataire."
@@ -677,8 +679,9 @@ class Portal:
         shown = {d.id for d in (*health, *admin)}
         profile_size = 0
         if with_profile:
-            profile_size = len(profile_pdf(page.name, await self.docs.profile(page).entries(),
-                                           datetime.now(PARIS)))
+            profile_size = len(await asyncio.to_thread(
+                profile_pdf, page.name, await self.docs.profile(page).entries(),
+                datetime.now(PARIS)))
         used = sum(d.size for d in selected) + profile_size
         return self._render(request, "reply", 400 if error else 200, page=page, key=key,
                             offered=offered, subject=subject, text=text, error=error,

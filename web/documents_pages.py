@@ -6,9 +6,12 @@ patient (another patient's id is a 404); every form carries the CSRF token."""
 
 from __future__ import annotations
 
+import asyncio
 import math
+from collections import OrderedDict
+from collections.abc import Callable
 from datetime import date
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import quote, urlencode
 from zoneinfo import ZoneInfo
 
@@ -34,11 +37,12 @@ from imap_store.store.documents import (
 )
 from imap_store.store.portal import Conversations
 from web import content
-from web.sniff import check_document
+from web.sniff import Verdict, check_document
 
 if TYPE_CHECKING:
     from web.app import Page, Portal
 
+T = TypeVar("T")
 PARIS = ZoneInfo("Europe/Paris")
 #: Documents a page of the list shows.
 DOCUMENTS_PAGE = 20
@@ -68,6 +72,43 @@ def default_name(filename: str) -> str:
     cleaned = "".join("_" if c in FORBIDDEN_NAME_CHARS or ord(c) < 32 or ord(c) == 127
                       else c for c in stem).strip()
     return (cleaned or "Document")[:MAX_NAME_CHARS]
+
+
+#: Attachments already checked (verdict, size), by the SHA-256 of their message's stored bytes
+#: and their index: the form's view checks, its post reuses (equal bytes, equal verdict).
+_CHECKED: OrderedDict[tuple[str, int], tuple[Verdict, int]] = OrderedDict()
+_CHECKED_KEPT = 4096
+
+
+def _checked(digest: str, index: int) -> tuple[Verdict, int] | None:
+    found = _CHECKED.get((digest, index))
+    if found is not None:
+        _CHECKED.move_to_end((digest, index))
+    return found
+
+
+def _remember(digest: str, index: int, checked: tuple[Verdict, int]) -> None:
+    _CHECKED[(digest, index)] = checked
+    while len(_CHECKED) > _CHECKED_KEPT:
+        _CHECKED.popitem(last=False)
+
+
+#: Work on more bytes than this runs in a worker thread (the event loop serves the others).
+OFF_LOOP_BYTES = 64 * 1024
+
+
+async def _off_loop(size: int, fn: Callable[..., T], *args: Any) -> T:
+    if size > OFF_LOOP_BYTES:
+        return await asyncio.to_thread(fn, *args)
+    return fn(*args)
+
+
+def _decode_and_check(raw: bytes, meta: dict[str, Any], index: int
+                      ) -> tuple[Verdict, int] | None:
+    data = content.attachment_bytes(raw, meta, index)
+    if data is None:
+        return None
+    return check_document(data), len(data)
 
 
 class DocumentPages:
@@ -176,7 +217,7 @@ class DocumentPages:
             else:
                 error = self._field_problem(name, when, category, visibility)
             if error is None:
-                verdict = check_document(data)
+                verdict = await _off_loop(len(data), check_document, data)
                 if verdict.media is None:
                     error = verdict.reason
                 else:
@@ -260,13 +301,19 @@ class DocumentPages:
         views = content.attachments(message.meta) if message is not None else []
         if message is None or not 0 <= index < len(views):
             raise HTTPException(404)
-        raw = await Conversations(self.portal.store, page.identity.account_id).body(mid)
-        data = content.attachment_bytes(raw or b"", message.meta, index)
-        if data is None:
-            raise HTTPException(404)
+        checked = _checked(message.digest, index)
+        if checked is None:  # the form's first view: decode and check the attachment once
+            raw = await Conversations(self.portal.store, page.identity.account_id).body(mid)
+            # Decoding and pypdf take tens of milliseconds for megabytes: off the event loop.
+            found = await _off_loop(len(raw or b""), _decode_and_check, raw or b"",
+                                    message.meta, index)
+            if found is None:
+                raise HTTPException(404)
+            checked = found
+            _remember(message.digest, index, checked)
+        verdict, size = checked
         download = f"/messagerie/conversations/{key}/messages/{mid}/pieces-jointes/{index}"
         back = f"/messagerie/conversations/{key}"
-        verdict = check_document(data)
         values = {"nom": default_name(views[index].filename),
                   "date": message.date.astimezone(PARIS).date().isoformat(), "categorie": "",
                   "visibilite": "N"}
@@ -288,7 +335,7 @@ class DocumentPages:
                 part = message.meta["attachment_parts"][index]
                 added = await self.documents(page).add_from_attachment(
                     mid, [int(n) for n in part], name=name, doc_date=doc_date,
-                    category=category, visibility=visibility, size=len(data),
+                    category=category, visibility=visibility, size=size,
                     media=verdict.media, added_by=message.from_name or message.from_addr
                     or page.name)
                 if added.document_id is not None:

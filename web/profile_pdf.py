@@ -45,6 +45,41 @@ def _fr(value: date) -> str:
     return f"{value:%d/%m/%Y}"
 
 
+def _lines(pdf: FPDF, text: str, width: float) -> list[str]:
+    """``text`` wrapped to ``width`` at spaces (a word wider than a line is cut), measuring
+    each word once: fpdf2's multi_cell re-measures the line at every character, which made
+    a 50-entry profile cost 70 ms instead of a few."""
+    space = pdf.get_string_width(" ")
+    lines: list[str] = []
+    for paragraph in text.split("\n"):
+        current: list[str] = []
+        used = 0.0
+        for word in paragraph.split(" "):
+            w = pdf.get_string_width(word)
+            while w > width:  # cut a word longer than a line
+                cut = len(word)
+                while cut > 1 and pdf.get_string_width(word[:cut]) > width:
+                    cut = max(1, cut * 3 // 4)
+                if current:
+                    lines.append(" ".join(current))
+                    current, used = [], 0.0
+                lines.append(word[:cut])
+                word = word[cut:]
+                w = pdf.get_string_width(word)
+            if current and used + space + w > width:
+                lines.append(" ".join(current))
+                current, used = [], 0.0
+            used += (space if current else 0.0) + w
+            current.append(word)
+        lines.append(" ".join(current))
+    return lines
+
+
+def _write(pdf: FPDF, text: str, height: float) -> None:
+    for line in _lines(pdf, _latin1(text), pdf.epw):
+        pdf.cell(pdf.epw, height, line, new_x="LMARGIN", new_y="NEXT")
+
+
 def profile_pdf(patient_name: str, entries: Sequence[ProfileEntry], generated: datetime) -> bytes:
     """The summary: title, the patient's name, every section with its entries, the date."""
     pdf = FPDF(format="A4")
@@ -53,26 +88,22 @@ def profile_pdf(patient_name: str, entries: Sequence[ProfileEntry], generated: d
     pdf.set_creator("mssante-gateway")
     pdf.set_auto_page_break(auto=True, margin=15)
     pdf.add_page()
-    width = pdf.epw
     pdf.set_font("Helvetica", "B", 18)
-    pdf.multi_cell(width, 10, _latin1("Synthèse de mon profil médical"),
-                   new_x="LMARGIN", new_y="NEXT")
+    _write(pdf, "Synthèse de mon profil médical", 10)
     pdf.set_font("Helvetica", "", 12)
-    pdf.multi_cell(width, 7, _latin1(patient_name), new_x="LMARGIN", new_y="NEXT")
-    pdf.multi_cell(width, 7, _latin1(f"Générée le {_fr(generated.date())} à "
-                                     f"{generated:%H:%M}"), new_x="LMARGIN", new_y="NEXT")
+    _write(pdf, patient_name, 7)
+    _write(pdf, f"Générée le {_fr(generated.date())} à {generated:%H:%M}", 7)
     for section, title in PROFILE_SECTIONS.items():
         pdf.ln(4)
         pdf.set_font("Helvetica", "B", 14)
-        pdf.multi_cell(width, 8, _latin1(title), new_x="LMARGIN", new_y="NEXT")
+        _write(pdf, title, 8)
         pdf.set_font("Helvetica", "", 11)
         rows = [e for e in entries if e.section == section]
         if not rows:
-            pdf.multi_cell(width, 6, _latin1("Aucune information renseignée."),
-                           new_x="LMARGIN", new_y="NEXT")
+            _write(pdf, "Aucune information renseignée.", 6)
         for e in rows:
             line = e.label + (f" ({_fr(e.entry_date)})" if e.entry_date else "")
             if e.detail:
                 line += f" : {e.detail}"
-            pdf.multi_cell(width, 6, _latin1(f"- {line}"), new_x="LMARGIN", new_y="NEXT")
+            _write(pdf, f"- {line}", 6)
     return bytes(pdf.output())

@@ -14,6 +14,7 @@ entry id selects nothing. Every add, rename, delete and attach is audited in the
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -58,6 +59,9 @@ MAX_NAME_CHARS = 50
 FORBIDDEN_NAME_CHARS = '\\/:*?"<>|'
 #: Default per-patient quota of documents (``[documents] quota_bytes``).
 DEFAULT_QUOTA_BYTES = 200_000_000
+
+#: A document kept from a message larger than this is decoded in a worker thread.
+OFF_LOOP_BYTES = 64 * 1024
 
 #: Medical profile sections (code → title), in the walkthrough's order.
 PROFILE_SECTIONS: dict[str, str] = {
@@ -239,7 +243,10 @@ class Documents:
         raw = bytes(row.data)
         if row.part is None:
             return raw
-        return decode_section(raw, tuple(int(n) for n in json.loads(row.part)))
+        part = tuple(int(n) for n in json.loads(row.part))
+        if len(raw) > OFF_LOOP_BYTES:  # megabytes of base64: decoded off the event loop
+            return await asyncio.to_thread(decode_section, raw, part)
+        return decode_section(raw, part)
 
     # --- writes -------------------------------------------------------------------------
 
