@@ -38,6 +38,7 @@ from imap_store.imap.commands import (
     Move,
     Namespace,
     Noop,
+    QResync,
     Rename,
     Search,
     SearchAll,
@@ -48,6 +49,7 @@ from imap_store.imap.commands import (
     SearchInternalDate,
     SearchKey,
     SearchLarger,
+    SearchModseq,
     SearchNot,
     SearchOr,
     SearchSentDate,
@@ -1068,3 +1070,41 @@ def test_reject_literal_only_before_its_first_byte() -> None:
         parser.reject_literal()
     parser.feed(b"cde pw\r\n")
     assert parser.next_event() == Login("a", "abcde", b"pw")
+
+
+# --------------------------------------------------------------------------- RFC 7162, 4731
+
+
+def test_condstore_qresync_and_esearch_syntax() -> None:
+    big = 2**63 - 1
+    assert one(b"a SELECT INBOX (CONDSTORE)\r\n") == Select("a", "INBOX", condstore=True)
+    assert one(b"a EXAMINE INBOX (QRESYNC (7 %d 1:5,9 (1:3 2:4)))\r\n" % big) == Select(
+        "a", "INBOX", True, qresync=QResync(7, big, seq("1:5,9"), (seq("1:3"), seq("2:4"))))
+    assert one(b"a SELECT INBOX (QRESYNC (7 12 (1 2)))\r\n") == Select(
+        "a", "INBOX", qresync=QResync(7, 12, None, (seq("1"), seq("2"))))
+    fetch = one(b"a UID FETCH 1:* (FLAGS) (CHANGEDSINCE 0 VANISHED)\r\n")
+    assert isinstance(fetch, Fetch) and (fetch.changedsince, fetch.vanished) == (0, True)
+    store = one(b"a STORE 1 (UNCHANGEDSINCE 5) -FLAGS.SILENT (x)\r\n")
+    assert isinstance(store, Store) and store.unchangedsince == 5 and store.silent
+    assert one(b'a SEARCH MODSEQ "/flags/\\\\seen" all 4\r\n') == Search(
+        "a", None, SearchModseq(4))
+    assert one(b"a STATUS INBOX (HIGHESTMODSEQ)\r\n") == Status("a", "INBOX", ("HIGHESTMODSEQ",))
+    assert one(b"a SEARCH RETURN () ALL\r\n") == Search("a", None, SearchAll(), returns=("ALL",))
+    assert one(b"a UID SEARCH RETURN (COUNT MIN) ALL\r\n") == Search(
+        "a", None, SearchAll(), True, ("COUNT", "MIN"))
+    for line in (
+        b"a SELECT INBOX (QRESYNC (0 1))",  # UIDVALIDITY is non-zero
+        b"a SELECT INBOX (QRESYNC (1 0))",  # so is the mod-sequence
+        b"a SELECT INBOX (QRESYNC (1 %d))" % (big + 1),
+        b"a SELECT INBOX (FOO)",
+        b"a SELECT INBOX ()",
+        b"a FETCH 1 FLAGS (VANISHED)",  # VANISHED needs UID FETCH and CHANGEDSINCE
+        b"a FETCH 1 FLAGS (CHANGEDSINCE 1 VANISHED)",
+        b"a FETCH 1 FLAGS (CHANGEDSINCE)",
+        b"a STORE 1 (UNCHANGEDSINCE x) FLAGS (a)",
+        b"a STORE 1 (FOO 1) FLAGS (a)",
+        b"a SEARCH MODSEQ \"/flags/x\" nope 4",
+        b"a SEARCH RETURN (SAVE) ALL",
+        b"a SEARCH RETURN ALL",
+    ):
+        assert bad(line + b"\r\n").tag == "a", line
