@@ -186,6 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--db", choices=("sqlite", "postgresql"), default="sqlite")
     parser.add_argument("--entries", type=int, default=50)
     parser.add_argument("--repeat", type=int, default=30)
+    parser.add_argument("--profile", default="",
+                        help="py-spy of serve during the add phase, written to this file")
     args = parser.parse_args(argv)
 
     with tempfile.TemporaryDirectory(prefix="bench-documents-") as tmp:
@@ -223,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
                 if proc.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError((directory / "serve.log").read_text(errors="replace"))
                 time.sleep(0.1)
-            result = run_load(args, port, directory, patients, len(pdf))
+            result = run_load(args, port, directory, patients, len(pdf), proc.pid)
         finally:
             proc.send_signal(signal.SIGTERM)
             try:
@@ -281,7 +283,7 @@ def _drop_schema(schema: str) -> None:
 
 
 def run_load(args: argparse.Namespace, port: int, directory: Path, patients: list[str],
-             size: int) -> dict[str, object]:
+             size: int, pid: int) -> dict[str, object]:
     ca = directory / "certs" / "ca.pem"
     outbox = directory / "sms-outbox.txt"
     lock = threading.Lock()
@@ -343,7 +345,16 @@ def run_load(args: argparse.Namespace, port: int, directory: Path, patients: lis
             th.join()
 
     phase("download")
+    spy = None
+    if args.profile:
+        spy = subprocess.Popen([str(BIN / "py-spy"), "record", "--format", "raw", "--output",
+                                str(Path(args.profile).resolve()), "--pid", str(pid),
+                                "--duration", str(int(args.seconds) + 2)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(1)
     phase("add")
+    if spy is not None:
+        spy.wait(timeout=60)
     return {"download": results["download"], "add": results["add"],
             "form_first_view": results["form_first_view"],
             "download_errors": errors["download"], "add_errors": errors["add"]}

@@ -15,6 +15,7 @@ import json
 import re
 import zipfile
 from datetime import date, datetime
+from pathlib import Path
 
 import pytest
 from fpdf import FPDF
@@ -154,6 +155,26 @@ def test_profile_pdf_holds_every_entry() -> None:
             assert e.entry_date.strftime("%d/%m/%Y") in text
     assert profile_filename("Inaya Michel") == "Profil_medical_InayaMichel.pdf"
     assert profile_filename("Anne-Sophie d'Arc") == "Profil_medical_Anne-SophiedArc.pdf"
+
+
+def test_quota_config_key(tmp_path: Path) -> None:
+    from gateway.config import ConfigError, build_config, render_default_config
+    from gateway.wiring import web_settings
+
+    path = tmp_path / "gateway.toml"
+    path.write_text(render_default_config(domain="mssante.test", hostname="h"), "utf-8")
+    cfg = load_config(path)
+    assert cfg.documents.quota_bytes == 200_000_000
+    settings = web_settings(cfg)
+    assert settings is not None and settings.documents_quota == 200_000_000
+    base = {"storage": {"url": "sqlite:///x.db"},
+            "tls": {"cert": "a.pem", "key": "a.key", "client_ca": "ca.pem"}}
+    assert build_config({**base, "documents": {"quota_bytes": 50_000_000}},
+                        path).documents.quota_bytes == 50_000_000
+    with pytest.raises(ConfigError, match=r"documents\.quota_bytes: must be at least"):
+        build_config({**base, "documents": {"quota_bytes": 10}}, path)
+    with pytest.raises(ConfigError, match=r"unknown key documents\.quota$"):
+        build_config({**base, "documents": {"quota": 10}}, path)
 
 
 # --- the store -----------------------------------------------------------------------------
@@ -397,6 +418,11 @@ def test_attachment_to_documents_upload_rename_delete(gateway: Gateway) -> None:
         "categorie": "ORD_SOIN", "visibilite": "N"}, [("fichier", "ordonnance.pdf",
                                                         "application/pdf", zipped)])
     assert liar.status == 400 and "n'est pas accepté" in liar.text
+    big = client.post_multipart("/documents/ajouter", {
+        "csrf": form.csrf(), "nom": "gros", "date": "2021-01-04", "categorie": "AUTR_DOC",
+        "visibilite": "N"}, [("fichier", "gros.txt", "text/plain",
+                              b"a" * (MAX_DOCUMENT_BYTES + 1))])
+    assert big.status == 400 and "dépasse 5 Mo" in big.text
     rename = client.get(f"/documents/{doc_id}/modifier")
     renamed = client.post(f"/documents/{doc_id}/modifier", {
         "csrf": rename.csrf(), "nom": "Analyses février", "date": "2021-02-16",
