@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/imap.py [--messages 10000] [--clients 10] [--seconds 20]
         [--target gateway|dovecot|both] [--db sqlite|postgresql] [--keep]
+    .venv/bin/python bench/imap.py --sessions [--messages 500] [--seconds 20] [--profile F]
 
 The mailbox: ``--messages`` French health mails from ``bench/imap_workload.py`` (2-20 KB,
 30 % with a PDF-like attachment, deterministic seed) plus the gateway's welcome message, so
@@ -38,6 +39,23 @@ that skips literals without parsing them), which reports its own CPU use. Per se
 Last line: ``ratio=<gateway/dovecot> gateway=<n>/s dovecot=<n>/s p99=<ms>ms`` (p99 over all
 commands of the gateway run). A server that cannot be reached or fails gets 0 and an
 ``error:`` line; the script still ends with that line.
+
+``--sessions`` measures whole sessions instead, a login per cycle (issue 13, "Speed"):
+``SESSION_USERS`` (20) mailboxes, patients in the gateway (the benchmark's patient, then INS
+of its own, each ``patient add --password-stdin`` with the same password: same argon2id
+parameters, own salt) and users of Dovecot's passwd-file with the very hash the gateway
+stored, each with its own maildir. Each mailbox holds ``--messages`` messages, **500 by
+default in this mode** (the same 500 in every mailbox, plus its welcome message), loaded as
+above (``load_gateway`` per patient, the maildir writer per user). After a warm-up that
+opens every mailbox once (EXISTS and the bytes of UIDs 1-5 are compared between the
+servers), ``--clients`` clients loop for ``--seconds``, client i on mailboxes i, i+clients,
+... in turn, each cycle: connect + TLS (implicit TLS port), LOGIN, SELECT INBOX, FETCH 1:*
+(FLAGS), UID FETCH <5 random UIDs> BODY.PEEK[], UID STORE <3> +FLAGS (\\Seen), APPEND,
+UID STORE <it> +FLAGS (\\Deleted), UID EXPUNGE <it>, LOGOUT. The cycle in progress at the
+deadline is finished and counted. Printed: cycles/s, latency per step and per cycle, server
+CPU per cycle. ``--profile`` records serve during this phase (``bench/pyspy_top.py
+--drop-idle --group`` summarises it). Last line: ``sessions_ratio=<gateway/dovecot>
+gateway=<n>/s dovecot=<n>/s p99=<ms>ms`` (cycles/s; p99 over every step of the gateway run).
 """
 
 from __future__ import annotations
@@ -70,7 +88,7 @@ for _p in (str(ROOT), str(ROOT / "bench")):
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
-from benchlib import cleanup, set_key  # noqa: E402
+from benchlib import cleanup, make_ins, set_key  # noqa: E402
 from imap_workload import (  # noqa: E402
     EPOCH,
     FROM_TERMS,
@@ -96,6 +114,13 @@ BODIES_PER_FETCH = 50
 COMMAND_TIMEOUT = 60.0
 KINDS = ("select", "fetch_flags", "uid_fetch_bodies", "search", "store_seen", "append",
          "store_deleted", "uid_expunge")
+#: ``--sessions``: mailboxes (patients / Dovecot users), messages per mailbox by default, bodies
+#: per UID FETCH, and the steps of one cycle ("connect" is TCP + TLS + greeting).
+SESSION_USERS = 20
+SESSION_MESSAGES = 500
+SESSION_BODIES = 5
+SESSION_KINDS = ("connect", "login", "select", "fetch_flags", "uid_fetch_bodies", "store_seen",
+                 "append", "store_deleted", "uid_expunge", "logout")
 
 
 def log(text: str) -> None:
@@ -281,14 +306,20 @@ class Spec:
     user: str = INS
     password: str = PASSWORD
     profile: str = ""  # py-spy record of pids[0] during the load, to this file
+    py_spy_args: str = ""  # more ``py-spy record`` options
+    users: list[str] = field(default_factory=list)  # --sessions: every mailbox's login
 
 
 @dataclass
 class Stats:
-    latencies: dict[str, list[float]] = field(default_factory=lambda: {k: [] for k in KINDS})
+    kinds: tuple[str, ...] = KINDS
+    latencies: dict[str, list[float]] = field(default_factory=dict)
     errors: dict[str, int] = field(default_factory=dict)
     first_errors: list[str] = field(default_factory=list)
     bytes_in_bodies: int = 0
+
+    def __post_init__(self) -> None:
+        self.latencies = {k: [] for k in self.kinds}
 
     def error(self, kind: str, exc: BaseException) -> None:
         self.errors[kind] = self.errors.get(kind, 0) + 1
@@ -574,19 +605,24 @@ async def client_loop(index: int, conn: Imap, spec: Spec, deadline: float,
     return ops
 
 
+async def start_profiler(spec: Spec) -> asyncio.subprocess.Process | None:
+    """``py-spy record`` of the server for the measured phase, when asked for."""
+    if not spec.profile:
+        return None
+    fmt = {".svg": "flamegraph", ".json": "speedscope"}.get(Path(spec.profile).suffix, "raw")
+    return await asyncio.create_subprocess_exec(
+        str(BIN / "py-spy"), "record", "--pid", str(spec.pids[0]), "--output", spec.profile,
+        "--format", fmt, "--duration", str(round(spec.seconds)), *spec.py_spy_args.split(),
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+
+
 async def load(spec: Spec, ctx: ssl.SSLContext) -> dict[str, Any]:
     conns = list(await asyncio.gather(*(open_session(spec, ctx) for _ in range(spec.clients))))
     stats = Stats()
     machine0 = machine_busy()
     cpu_server0 = server_cpu(spec.pids)
     cpu_client0 = time.process_time()
-    spy = None
-    if spec.profile:
-        fmt = {".svg": "flamegraph", ".json": "speedscope"}.get(Path(spec.profile).suffix, "raw")
-        spy = await asyncio.create_subprocess_exec(
-            str(BIN / "py-spy"), "record", "--pid", str(spec.pids[0]), "--output", spec.profile,
-            "--format", fmt, "--duration", str(round(spec.seconds)),
-            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+    spy = await start_profiler(spec)
     t0 = time.perf_counter()
     deadline = t0 + spec.seconds
     results = await asyncio.gather(*(client_loop(i, c, spec, deadline, stats)
@@ -617,13 +653,147 @@ async def load(spec: Spec, ctx: ssl.SSLContext) -> dict[str, Any]:
     }
 
 
+# --- --sessions: whole sessions, a login per cycle -------------------------------------------
+
+
+async def sessions_warm_up(spec: Spec, ctx: ssl.SSLContext) -> dict[str, Any]:
+    """Every mailbox once (Dovecot builds its index and cache here): its EXISTS, and a digest
+    of the bytes of its UIDs 1..SESSION_BODIES, which both servers must agree on."""
+    sem = asyncio.Semaphore(LOGIN_CONCURRENCY)
+    t0 = time.perf_counter()
+
+    async def one(user: str) -> tuple[int, bytes]:
+        async with sem:
+            conn = await Imap.connect(spec.host, spec.port, ctx)
+            try:
+                await conn.login(user, spec.password)
+                m = _EXISTS.search((await conn.command(b"SELECT INBOX", keep=True)).text)
+                await conn.command(b"FETCH 1:* (FLAGS)")
+                reply = await conn.command(b"UID FETCH 1:%d BODY.PEEK[]" % SESSION_BODIES,
+                                           keep=True)
+            finally:
+                await conn.logout()
+            return (int(m.group(1)) if m else -1), b"".join(literals(reply.text))
+
+    found = await asyncio.gather(*(one(u) for u in spec.users))
+    return {"exists": [n for n, _b in found], "seconds": time.perf_counter() - t0,
+            "bodies_sha256": hashlib.sha256(b"".join(b for _n, b in found)).hexdigest()[:16]}
+
+
+async def one_session(conn: Imap, user: str, turn: int, index: int, spec: Spec,
+                      rng: random.Random, stats: Stats, step_kind: list[str]) -> None:
+    """LOGIN .. LOGOUT on an open connection; each step's latency into ``stats``, the step
+    in progress in ``step_kind[0]`` (for the error count when one fails)."""
+    lat = stats.latencies
+    t0 = time.perf_counter()
+
+    async def step(name: str, line: bytes, **kw: Any) -> Reply:
+        nonlocal t0
+        step_kind[0] = name
+        reply = await conn.command(line, **kw)
+        now = time.perf_counter()
+        lat[name].append((now - t0) * 1000)
+        t0 = now
+        return reply
+
+    await step("login", b'LOGIN "%s" "%s"' % (user.encode(), spec.password.encode()))
+    reply = await step("select", b"SELECT INBOX", keep=True)
+    if not _EXISTS.search(reply.text):
+        raise ImapError("no EXISTS in the SELECT reply")
+    await step("fetch_flags", b"FETCH 1:* (FLAGS)")
+    uids = sorted(rng.sample(range(1, spec.messages + 1), SESSION_BODIES))
+    reply = await step("uid_fetch_bodies",
+                       b"UID FETCH %s BODY.PEEK[]" % ",".join(map(str, uids)).encode())
+    stats.bytes_in_bodies += reply.literal_bytes
+    seen = ",".join(map(str, sorted(rng.sample(range(1, spec.messages + 1), 3))))
+    await step("store_seen", b"UID STORE %s +FLAGS (\\Seen)" % seen.encode())
+    message = make_message(rng, turn, EPOCH, tag=f"session{index}.").raw
+    reply = await step("append", b"APPEND INBOX (\\Seen)", literal=message)
+    m = _APPENDUID.search(reply.status)
+    if m is None:
+        raise ImapError(f"no APPENDUID in {reply.status[:100]!r}")
+    await step("store_deleted", b"UID STORE %s +FLAGS (\\Deleted)" % m.group(1))
+    await step("uid_expunge", b"UID EXPUNGE %s" % m.group(1))
+    await step("logout", b"LOGOUT")
+
+
+async def session_loop(index: int, spec: Spec, ctx: ssl.SSLContext, deadline: float,
+                       stats: Stats, cycle_ms: list[float]) -> int:
+    """One client: whole sessions on the mailboxes in turn until ``deadline`` (the cycle in
+    progress then is finished); returns the cycles it completed."""
+    rng = random.Random(SEED * 1000 + index)
+    cycles = 0
+    turn = 0
+    while time.perf_counter() < deadline:
+        # client i takes mailboxes i, i + clients, ...: two clients rarely share a mailbox
+        user = spec.users[(index + turn * spec.clients) % len(spec.users)]
+        turn += 1
+        step_kind = ["connect"]
+        start = time.perf_counter()
+        try:
+            conn = await Imap.connect(spec.host, spec.port, ctx)
+        except (OSError, TimeoutError, ImapError) as exc:
+            stats.error("connect", exc)
+            continue
+        stats.latencies["connect"].append((time.perf_counter() - start) * 1000)
+        try:
+            await one_session(conn, user, turn, index, spec, rng, stats, step_kind)
+        except (OSError, TimeoutError, ImapError) as exc:
+            stats.error(step_kind[0], exc)
+            continue
+        finally:
+            conn.close()
+        cycle_ms.append((time.perf_counter() - start) * 1000)
+        cycles += 1
+    return cycles
+
+
+async def sessions_load(spec: Spec, ctx: ssl.SSLContext) -> dict[str, Any]:
+    stats = Stats(SESSION_KINDS)
+    cycle_ms: list[float] = []
+    machine0 = machine_busy()
+    cpu_server0 = server_cpu(spec.pids)
+    cpu_client0 = time.process_time()
+    spy = await start_profiler(spec)
+    t0 = time.perf_counter()
+    deadline = t0 + spec.seconds
+    results = await asyncio.gather(*(session_loop(i, spec, ctx, deadline, stats, cycle_ms)
+                                     for i in range(spec.clients)), return_exceptions=True)
+    wall = time.perf_counter() - t0
+    cpu_client = time.process_time() - cpu_client0
+    cpu_server = server_cpu(spec.pids) - cpu_server0
+    busy = machine_busy() - machine0
+    if spy is not None:
+        await spy.wait()
+    cycles = 0
+    for r in results:
+        if isinstance(r, BaseException):
+            stats.error("connection", r)
+        else:
+            cycles += r
+    all_lat = [v for values in stats.latencies.values() for v in values]
+    return {
+        "cycles": cycles, "wall": wall, "cycles_per_s": cycles / wall,
+        "cycle_p50_ms": percentile(cycle_ms, 50), "cycle_p99_ms": percentile(cycle_ms, 99),
+        "p50_ms": percentile(all_lat, 50), "p99_ms": percentile(all_lat, 99),
+        "kinds": {k: {"n": len(v), "p50_ms": percentile(v, 50), "p99_ms": percentile(v, 99),
+                      "sum_ms": sum(v)} for k, v in stats.latencies.items()},
+        "errors": stats.errors, "first_errors": stats.first_errors,
+        "body_mb": stats.bytes_in_bodies / 1e6,
+        "client_cpu_s": cpu_client, "server_cpu_s": cpu_server,
+        "others_cpu_s": busy - cpu_client - cpu_server,
+    }
+
+
 async def worker_main(spec: Spec) -> dict[str, Any]:
     """Every phase for one server; a failing phase is reported and the next ones still run
     (except after a failing warm-up: nothing would work)."""
     ctx = client_context()
     out: dict[str, Any] = {"errors": []}
-    phases = (("warmup", warm_up), ("select_ms", select_latency), ("memory", idle_memory),
-              ("login", login_bench), ("load", load))
+    phases: tuple[tuple[str, Any], ...] = (
+        (("warmup", warm_up), ("select_ms", select_latency), ("memory", idle_memory),
+         ("login", login_bench), ("load", load)) if not spec.users else
+        (("warmup", sessions_warm_up), ("sessions", sessions_load)))
     for name, phase in phases:
         log(f"  [{spec.name}] {name}...")
         try:
@@ -683,7 +853,14 @@ class GatewayDir:
         return self.directory / "gateway.toml"
 
 
-def make_gateway_dir(base: Path, db: str) -> GatewayDir:
+def session_users(n: int) -> list[str]:
+    """The logins of ``--sessions``: the benchmark's patient, then valid INS of its own."""
+    return [INS] + [make_ins(i) for i in range(1, n)]
+
+
+def make_gateway_dir(base: Path, db: str, users: list[str] | None = None) -> GatewayDir:
+    """The gateway directory, the trusted domain and the patients (``users``, default the
+    one patient INS), each with the benchmark's password (its own salt, same parameters)."""
     directory = base / "gw"
     _cli("mssante-gateway", None, "init", "--dir", str(directory), "--domain", SERVICE_DOMAIN)
     schema = None
@@ -700,12 +877,15 @@ def make_gateway_dir(base: Path, db: str) -> GatewayDir:
     set_key(cfg, "imaps", "listen", f"127.0.0.1:{gw.imaps_port}")
     set_key(cfg, "limits", "connections_per_ip", str(IDLE_CONNECTIONS + 100))
     _cli("mssante-policy", cfg, "domain", "add", TRUSTED_DOMAIN)
-    _cli("mssante-policy", cfg, "patient", "add", INS, "--name", "Inaya Michel",
-         "--notify-email", "inaya@example.org", "--password-stdin", stdin=PASSWORD + "\n")
+    for n, ins in enumerate(users or [INS]):
+        _cli("mssante-policy", cfg, "patient", "add", ins,
+             "--name", "Inaya Michel" if n == 0 else f"Patient {n} Bench",
+             "--notify-email", f"patient{n}@example.org" if n else "inaya@example.org",
+             "--password-stdin", stdin=PASSWORD + "\n")
     return gw
 
 
-async def _inbox(gw: GatewayDir) -> tuple[Any, int, bytes, str]:
+async def _inbox(gw: GatewayDir, ins: str = INS) -> tuple[Any, int, bytes, str]:
     """The store, the patient's INBOX id, the welcome message and the stored password hash."""
     from sqlalchemy import select
 
@@ -713,7 +893,7 @@ async def _inbox(gw: GatewayDir) -> tuple[Any, int, bytes, str]:
     from imap_store.store.directory import Store
 
     store = Store.from_url(gw.url)
-    patient = await store.get_patient(INS)
+    patient = await store.get_patient(ins)
     async with store.read() as conn:
         mailbox = await store.mailbox_id(conn, patient.id, "INBOX")
         row = (await conn.execute(
@@ -721,14 +901,14 @@ async def _inbox(gw: GatewayDir) -> tuple[Any, int, bytes, str]:
                                                              t.message.c.blob_id == t.blob.c.id))
             .where(t.message.c.mailbox_id == mailbox).order_by(t.message.c.uid).limit(1)
         )).first()
-    hashed = await store.patient_password_hash(INS)
+    hashed = await store.patient_password_hash(ins)
     assert hashed is not None and hashed[2]
     return store, mailbox, bytes(row[0]) if row else b"", str(hashed[2])
 
 
-def gateway_welcome(gw: GatewayDir) -> tuple[bytes, str]:
+def gateway_welcome(gw: GatewayDir, ins: str = INS) -> tuple[bytes, str]:
     async def run() -> tuple[bytes, str]:
-        store, _mailbox, welcome, hashed = await _inbox(gw)
+        store, _mailbox, welcome, hashed = await _inbox(gw, ins)
         await store.close()
         return welcome, hashed
 
@@ -760,8 +940,9 @@ def _normal(value: Any) -> Any:
     return value
 
 
-def load_gateway(gw: GatewayDir, box: list[BenchMessage]) -> tuple[float, str]:
-    """Write the messages into the patient's INBOX, in big transactions.
+def load_gateway(gw: GatewayDir, box: list[BenchMessage], ins: str = INS
+                 ) -> tuple[float, str]:
+    """Write the messages into the INBOX of patient ``ins``, in big transactions.
 
     The first message goes through ``deliver``; the others are written the same way in
     bulk (one UID/MODSEQ allocation per 2000, executemany for blobs and rows: ~10x faster
@@ -774,7 +955,7 @@ def load_gateway(gw: GatewayDir, box: list[BenchMessage]) -> tuple[float, str]:
     from imap_store.store.deliver import deliver, derive
 
     async def run() -> str:
-        store, mailbox, _welcome, _hash = await _inbox(gw)
+        store, mailbox, _welcome, _hash = await _inbox(gw, ins)
         try:
             fields = [derive(m.raw) for m in box]
             first = box[0]
@@ -864,10 +1045,15 @@ class Server:
         self._log.close()
 
 
-def run_gateway(gw: GatewayDir, box: list[BenchMessage], args: argparse.Namespace
-                ) -> dict[str, Any]:
-    log(f"gateway: loading {len(box)} messages into the store...")
-    loaded, how = load_gateway(gw, box)
+def run_gateway(gw: GatewayDir, box: list[BenchMessage], accounts: list[Account],
+                args: argparse.Namespace) -> dict[str, Any]:
+    log(f"gateway: loading {len(box)} messages into {len(accounts)} INBOX(es)...")
+    loaded, hows = 0.0, set()
+    for account in accounts:
+        seconds, how = load_gateway(gw, box, account.login)
+        loaded += seconds
+        hows.add(how)
+    how = "; ".join(sorted(hows))
     log(f"gateway: loaded in {loaded:.1f}s ({how}); starting mssante-gateway serve")
     env = {**os.environ, "MSSANTE_CONFIG": str(gw.config), "PYTHONUNBUFFERED": "1"}
     server = Server("mssante-gateway serve", [str(BIN / "mssante-gateway"), "serve"],
@@ -879,7 +1065,8 @@ def run_gateway(gw: GatewayDir, box: list[BenchMessage], args: argparse.Namespac
         result = run_worker(Spec("gateway", gw.imaps_port, [server.proc.pid], len(box) + 1,
                                  args.clients, args.seconds,
                                  profile=str(Path(args.profile).resolve()) if args.profile
-                                 else ""))
+                                 else "", py_spy_args=args.py_spy_args,
+                                 users=[a.login for a in accounts] if args.sessions else []))
         result["ready_line"] = ready
         result["load_seconds"] = loaded
         result["load_how"] = how
@@ -945,26 +1132,20 @@ def dovecot_version() -> str:
         return ""
 
 
-def make_dovecot_dir(base: Path, cert: Path, key: Path, box: list[BenchMessage],
-                     welcome: bytes, password_hash: str, fmt: str, extra: list[str]
-                     ) -> tuple[Path, int]:
-    """Config, passwd-file and a maildir with the welcome message then ``box`` (UIDs 1..),
-    written directly, with its ``dovecot-uidlist`` so the UIDs match the gateway's."""
-    import pwd
+@dataclass
+class Account:
+    """One mailbox of both servers: the login, the gateway's stored argon2id hash, and the
+    gateway's welcome message (UID 1)."""
 
-    nobody = pwd.getpwnam("nobody")
-    d = base / "dovecot"
-    home = d / "home"
-    maildir = home / "Maildir"
+    login: str
+    password_hash: str
+    welcome: bytes
+
+
+def _write_maildir(maildir: Path, messages: list[BenchMessage]) -> None:
+    """``messages`` as UIDs 1.. of a maildir, with its ``dovecot-uidlist``."""
     for sub in ("cur", "new", "tmp"):
         (maildir / sub).mkdir(parents=True)
-    port = free_port()
-    location = f"{fmt}:~/{fmt}" if fmt != "maildir" else "maildir:~/Maildir"
-    conf = DOVECOT_CONF.format(d=d, cert=cert, key=key, port=port, location=location)
-    (d / "dovecot.conf").write_text(conf + "".join(f"{line.strip()}\n" for line in extra))
-    (d / "passwd").write_text(f"{INS}:{{ARGON2ID}}{password_hash}:{nobody.pw_uid}:"
-                              f"{nobody.pw_gid}::{home}::\n")
-    messages = ([BenchMessage(welcome, EPOCH, False)] if welcome else []) + box
     uidlist = [f"3 V{int(EPOCH.timestamp())} N{len(messages) + 1} G{secrets.token_hex(16)}"]
     for uid, m in enumerate(messages, 1):
         data = m.raw.replace(b"\r\n", b"\n")
@@ -975,36 +1156,63 @@ def make_dovecot_dir(base: Path, cert: Path, key: Path, box: list[BenchMessage],
         os.utime(path, (stamp, stamp))
         uidlist.append(f"{uid} :{base_name}")
     (maildir / "dovecot-uidlist").write_text("\n".join(uidlist) + "\n")
-    for root, dirs, files in os.walk(home):
+
+
+def make_dovecot_dir(base: Path, cert: Path, key: Path, box: list[BenchMessage],
+                     accounts: list[Account], fmt: str, extra: list[str]) -> tuple[Path, int]:
+    """Config, passwd-file (one line per account, its gateway hash) and per account a
+    maildir with its welcome message then ``box`` (UIDs 1..), written directly, with its
+    ``dovecot-uidlist`` so the UIDs match the gateway's."""
+    import pwd
+
+    nobody = pwd.getpwnam("nobody")
+    d = base / "dovecot"
+    d.mkdir(parents=True)
+    port = free_port()
+    location = f"{fmt}:~/{fmt}" if fmt != "maildir" else "maildir:~/Maildir"
+    conf = DOVECOT_CONF.format(d=d, cert=cert, key=key, port=port, location=location)
+    (d / "dovecot.conf").write_text(conf + "".join(f"{line.strip()}\n" for line in extra))
+    passwd = []
+    for account in accounts:
+        home = d / "home" / account.login
+        passwd.append(f"{account.login}:{{ARGON2ID}}{account.password_hash}:{nobody.pw_uid}:"
+                      f"{nobody.pw_gid}::{home}::\n")
+        _write_maildir(home / "Maildir", ([BenchMessage(account.welcome, EPOCH, False)]
+                                          if account.welcome else []) + box)
+    (d / "passwd").write_text("".join(passwd))
+    for root, dirs, files in os.walk(d / "home"):
         for name in dirs + files:
             os.chown(os.path.join(root, name), nobody.pw_uid, nobody.pw_gid)
-    os.chown(home, nobody.pw_uid, nobody.pw_gid)
+    os.chown(d / "home", nobody.pw_uid, nobody.pw_gid)
     for path in (base, d):
         path.chmod(0o755)
     return d, port
 
 
-def run_dovecot(base: Path, gw: GatewayDir, box: list[BenchMessage], welcome: bytes,
-                password_hash: str, args: argparse.Namespace) -> dict[str, Any]:
+def run_dovecot(base: Path, gw: GatewayDir, box: list[BenchMessage], accounts: list[Account],
+                args: argparse.Namespace) -> dict[str, Any]:
     if shutil.which("dovecot") is None:
         return {"errors": ["dovecot is not installed (apt-get install -y dovecot-imapd)"]}
     d, port = make_dovecot_dir(base, gw.directory / "certs" / "server.pem",
-                               gw.directory / "certs" / "server.key", box, welcome,
-                               password_hash, args.dovecot_format, args.dovecot_setting)
+                               gw.directory / "certs" / "server.key", box, accounts,
+                               args.dovecot_format, args.dovecot_setting)
     server = Server("dovecot", ["dovecot", "-F", "-c", str(d / "dovecot.conf")],
                     d / "stdout.log")
     try:
         server.wait_port(port, 30.0)
         if args.dovecot_format != "maildir":  # same UIDs, UIDVALIDITY, flags and dates
             t0 = time.perf_counter()
-            subprocess.run(["doveadm", "-c", str(d / "dovecot.conf"), "backup", "-R", "-u", INS,
-                            f"maildir:{d / 'home' / 'Maildir'}"], check=True, timeout=300,
-                           capture_output=True)
+            for account in accounts:
+                subprocess.run(["doveadm", "-c", str(d / "dovecot.conf"), "backup", "-R",
+                                "-u", account.login,
+                                f"maildir:{d / 'home' / account.login / 'Maildir'}"],
+                               check=True, timeout=300, capture_output=True)
             log(f"dovecot: maildir copied to {args.dovecot_format} in "
                 f"{time.perf_counter() - t0:.1f}s (doveadm backup)")
-        result = run_worker(Spec("dovecot", port, [server.proc.pid], len(box) + (1 if welcome
-                                                                                 else 0),
-                                 args.clients, args.seconds))
+        result = run_worker(Spec("dovecot", port, [server.proc.pid],
+                                 len(box) + (1 if accounts[0].welcome else 0),
+                                 args.clients, args.seconds,
+                                 users=[a.login for a in accounts] if args.sessions else []))
         if result.get("errors"):
             result["log_tail"] = "\n".join((d / "dovecot.log").read_text(errors="replace")
                                            .splitlines()[-15:])
@@ -1099,13 +1307,66 @@ def tree_state() -> str:
                                                            else "")
 
 
+def report_sessions(name: str, r: dict[str, Any] | None) -> None:
+    if r is None:
+        return
+    for err in r.get("errors", []):
+        print(f"error: {name}: {err}")
+    if r.get("log_tail"):
+        print(f"{name} log (last lines):\n{r['log_tail']}")
+    w = r.get("warmup")
+    if w:
+        print(f"{name}: {len(w['exists'])} mailboxes, EXISTS {min(w['exists'])}.."
+              f"{max(w['exists'])}, warm-up {w['seconds']:.1f}s")
+    if "ready_line" in r:
+        print(f"{name}: store loaded in {r['load_seconds']:.1f}s ({r['load_how']})")
+    ld = r.get("sessions")
+    if not ld:
+        return
+    n = max(ld["cycles"], 1)
+    print(f"{name}: {ld['cycles_per_s']:.1f} cycles/s ({ld['cycles']} whole sessions in "
+          f"{ld['wall']:.1f}s; a cycle p50 {ld['cycle_p50_ms']:.0f}ms p99 "
+          f"{ld['cycle_p99_ms']:.0f}ms); CPU: server {ld['server_cpu_s'] / ld['wall'] * 100:.0f}% "
+          f"= {ld['server_cpu_s'] / n * 1000:.0f}ms per cycle, load client "
+          f"{ld['client_cpu_s'] / ld['wall'] * 100:.0f}%, everything else "
+          f"{ld['others_cpu_s'] / ld['wall'] * 100:.0f}% (100% = one core)")
+    for kind, k in ld["kinds"].items():
+        print(f"{name}:   {kind:17} n={k['n']:6} p50={k['p50_ms']:8.1f}ms "
+              f"p99={k['p99_ms']:8.1f}ms  mean per cycle {k['sum_ms'] / n:7.1f}ms")
+    if ld["errors"]:
+        print(f"error: {name}: failed steps {ld['errors']}: " + " | ".join(ld["first_errors"]))
+
+
+def compare_sessions(g: dict[str, Any] | None, d: dict[str, Any] | None) -> None:
+    """Same mailboxes? (EXISTS of each, bytes of UIDs 1..SESSION_BODIES of each)"""
+    gw, dw = (g or {}).get("warmup"), (d or {}).get("warmup")
+    if not gw or not dw:
+        return
+    diffs = [f"{key}: gateway {gw[key]} dovecot {dw[key]}"
+             for key in ("exists", "bodies_sha256") if gw[key] != dw[key]]
+    if diffs:
+        print("check: the servers answer differently on the same mailboxes: " + "; ".join(diffs))
+    else:
+        print(f"check: same EXISTS in the {len(dw['exists'])} mailboxes and same bytes for their "
+              f"UIDs 1-{SESSION_BODIES} on both servers")
+
+
+def cycles(r: dict[str, Any] | None) -> float:
+    return float(r["sessions"]["cycles_per_s"]) if r and r.get("sessions") else 0.0
+
+
 def ops(r: dict[str, Any] | None) -> float:
     return float(r["load"]["ops_per_s"]) if r and r.get("load") else 0.0
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--messages", type=int, default=10_000)
+    parser.add_argument("--messages", type=int, default=None,
+                        help=f"messages per mailbox (default 10,000; {SESSION_MESSAGES} "
+                             f"with --sessions)")
+    parser.add_argument("--sessions", action="store_true",
+                        help=f"whole sessions (connect, TLS, LOGIN ... LOGOUT) on "
+                             f"{SESSION_USERS} mailboxes: cycles/s")
     parser.add_argument("--clients", type=int, default=10)
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--target", choices=("gateway", "dovecot", "both"), default="both")
@@ -1116,9 +1377,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="one more dovecot.conf line, e.g. 'maildir_very_dirty_syncs = yes'")
     parser.add_argument("--profile", metavar="FILE",
                         help="py-spy record of gateway serve during the load (.svg, .json, raw)")
+    parser.add_argument("--py-spy-args", default="",
+                        help='more py-spy record options, as one argument: '
+                             '--py-spy-args="--gil --threads"')
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.messages is None:
+        args.messages = SESSION_MESSAGES if args.sessions else 10_000
     if args.worker:
         spec = Spec(**json.loads(sys.stdin.read()))
         print(json.dumps(asyncio.run(worker_main(spec))))
@@ -1135,36 +1401,53 @@ def main(argv: list[str] | None = None) -> int:
         box = make_mailbox(args.messages, SEED)
         log(f"generated {len(box)} messages ({sum(len(m.raw) for m in box) / 1e6:.0f} MB) in "
             f"{time.perf_counter() - t0:.1f}s")
+        users = session_users(SESSION_USERS) if args.sessions else [INS]
         try:
-            gw = make_gateway_dir(base, args.db)
-            welcome, password_hash = gateway_welcome(gw)
+            gw = make_gateway_dir(base, args.db, users)
+            accounts = []
+            for ins in users:
+                welcome, password_hash = gateway_welcome(gw, ins)
+                accounts.append(Account(ins, password_hash, welcome))
         except Exception as exc:
             print(f"error: gateway directory: {type(exc).__name__}: {exc}")
-            print("ratio=0.00 gateway=0/s dovecot=0/s p99=0ms")
+            print(f"{'sessions_ratio' if args.sessions else 'ratio'}=0.00 gateway=0/s "
+                  f"dovecot=0/s p99=0ms")
             return 1
         if args.target in ("dovecot", "both"):
-            log(f"dovecot {dovecot_version()}: writing the maildir, starting it")
+            log(f"dovecot {dovecot_version()}: writing {len(accounts)} maildir(s), starting it")
             try:
-                results["dovecot"] = run_dovecot(base, gw, box, welcome, password_hash, args)
+                results["dovecot"] = run_dovecot(base, gw, box, accounts, args)
             except Exception as exc:
                 results["dovecot"] = {"errors": [f"{type(exc).__name__}: {exc}"]}
         if args.target in ("gateway", "both"):
             try:
-                results["gateway"] = run_gateway(gw, box, args)
+                results["gateway"] = run_gateway(gw, box, accounts, args)
             except Exception as exc:
                 results["gateway"] = {"errors": [f"{type(exc).__name__}: {exc}"]}
     finally:
         cleanup(base, gw.pg_schema if gw is not None else None, args.keep)
 
-    print(f"mailbox: {args.messages} messages + welcome, {args.clients} clients, "
+    print(f"mailbox: {args.messages} messages + welcome"
+          + (f" in each of {SESSION_USERS} mailboxes (whole sessions)" if args.sessions else "")
+          + f", {args.clients} clients, "
           f"{args.seconds:.0f}s per server, load average {os.getloadavg()[0]:.2f} at the end; "
           f"Dovecot {dovecot_version()} ({args.dovecot_format}); "
           f"argon2id m=19456 KiB t=2 p=1 on both (the same hash); db={args.db}")
+    if args.sessions:
+        report_sessions("dovecot", results["dovecot"])
+        report_sessions("gateway", results["gateway"])
+        compare_sessions(results["gateway"], results["dovecot"])
+        g, d = cycles(results["gateway"]), cycles(results["dovecot"])
+        p99 = float((results["gateway"] or {})["sessions"]["p99_ms"]) if g else 0.0
+        print(f"(total {time.perf_counter() - started:.0f}s)")
+        print(f"sessions_ratio={g / d if d else 0.0:.2f} gateway={g:.1f}/s dovecot={d:.1f}/s "
+              f"p99={p99:.0f}ms")
+        return 0
     report("dovecot", results["dovecot"])
     report("gateway", results["gateway"])
     compare(results["gateway"], results["dovecot"])
     g, d = ops(results["gateway"]), ops(results["dovecot"])
-    p99 = results["gateway"]["load"]["p99_ms"] if g else 0.0
+    p99 = float((results["gateway"] or {})["load"]["p99_ms"]) if g else 0.0
     ratio = g / d if d else 0.0
     print(f"(total {time.perf_counter() - started:.0f}s)")
     print(f"ratio={ratio:.2f} gateway={g:.0f}/s dovecot={d:.0f}/s p99={p99:.0f}ms")
