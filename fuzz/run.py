@@ -37,7 +37,7 @@ from fuzz.common import (
     save_finding,
 )
 
-HARNESSES = ("imap_parser", "smtp_data", "mime", "identities")
+HARNESSES = ("imap_parser", "smtp_data", "mime", "identities", "documents")
 DEFAULT_FINDINGS = Path(__file__).resolve().parent / "findings"
 #: Examples per Hypothesis run; runs repeat, with new seeds, until the time is up.
 _BATCH = 200

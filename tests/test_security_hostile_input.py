@@ -379,3 +379,14 @@ def test_first_problem_in_the_stream_wins(data: bytes, state: DataState,
     cuts = [] if chunk is None else list(range(chunk, len(data), chunk))
     reader = _fed(data, cuts, max_size=1000, max_line=8)
     assert reader.done and reader.state is state
+
+
+@pytest.mark.parametrize("typed", ["1_0/0_1/2_020", "٣/١/٢٠٢٠", "２６/１１/２０２６", " 1/ 1/2020",
+                                   "2026-1_1-26", "+1/11/2026"])
+def test_document_dates_take_ascii_digits_only(typed: str) -> None:
+    """The portal's document date (fuzz/documents.py found it): int() took underscores and
+    other scripts' digits."""
+    from web.documents_pages import parse_date
+
+    assert parse_date(typed) is None
+    assert parse_date("26/11/2026") == parse_date("2026-11-26") is not None

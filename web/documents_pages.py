@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import re
 from collections import OrderedDict
 from collections.abc import Callable
 from datetime import date
@@ -51,15 +52,22 @@ _MIN_DATE = date(1900, 1, 1)
 _MAX_DATE = date(2100, 12, 31)
 
 
+_DATE_FORMS = re.compile(r"(?P<y>[0-9]{4})-(?P<m>[0-9]{2})-(?P<dd>[0-9]{2})"
+                         r"|(?P<d>[0-9]{1,2})/(?P<m2>[0-9]{1,2})/(?P<y2>[0-9]{4})")
+
+
 def parse_date(value: str) -> date | None:
     """``AAAA-MM-JJ`` (the date input) or ``JJ/MM/AAAA`` (typed by hand), within bounds."""
     value = value.strip()
+    # ASCII digits only: int() would also take "1_0" and other scripts' digits (issue 16).
+    match = _DATE_FORMS.fullmatch(value)
+    if match is None:
+        return None
     try:
-        if "/" in value:
-            d, m, y = (int(x) for x in value.split("/"))
-            parsed = date(y, m, d)
+        if match["d"] is not None:
+            parsed = date(int(match["y2"]), int(match["m2"]), int(match["d"]))
         else:
-            parsed = date.fromisoformat(value)
+            parsed = date(int(match["y"]), int(match["m"]), int(match["dd"]))
     except ValueError:
         return None
     return parsed if _MIN_DATE <= parsed <= _MAX_DATE else None
