@@ -680,10 +680,19 @@ async def sessions_warm_up(spec: Spec, ctx: ssl.SSLContext) -> dict[str, Any]:
             "bodies_sha256": hashlib.sha256(b"".join(b for _n, b in found)).hexdigest()[:16]}
 
 
+#: The parts of a cycle after connect + TLS, for the CPU cost of each (``step_costs``): a
+#: session stops after the first ``n`` of them and logs out.
+COST_PARTS = ("login", "select", "fetch_flags", "uid_fetch_bodies", "store_seen",
+              "append+store_deleted+uid_expunge")
+COST_RUNS = 15  # sequential sessions per prefix
+
+
 async def one_session(conn: Imap, user: str, turn: int, index: int, spec: Spec,
-                      rng: random.Random, stats: Stats, step_kind: list[str]) -> None:
-    """LOGIN .. LOGOUT on an open connection; each step's latency into ``stats``, the step
-    in progress in ``step_kind[0]`` (for the error count when one fails)."""
+                      rng: random.Random, stats: Stats, step_kind: list[str],
+                      parts: int = len(COST_PARTS)) -> None:
+    """LOGIN .. LOGOUT on an open connection (only the first ``parts`` of ``COST_PARTS``,
+    then LOGOUT); each step's latency into ``stats``, the step in progress in
+    ``step_kind[0]`` (for the error count when one fails)."""
     lat = stats.latencies
     t0 = time.perf_counter()
 
@@ -696,25 +705,65 @@ async def one_session(conn: Imap, user: str, turn: int, index: int, spec: Spec,
         t0 = now
         return reply
 
-    await step("login", b'LOGIN "%s" "%s"' % (user.encode(), spec.password.encode()))
-    reply = await step("select", b"SELECT INBOX", keep=True)
-    if not _EXISTS.search(reply.text):
-        raise ImapError("no EXISTS in the SELECT reply")
-    await step("fetch_flags", b"FETCH 1:* (FLAGS)")
-    uids = sorted(rng.sample(range(1, spec.messages + 1), SESSION_BODIES))
-    reply = await step("uid_fetch_bodies",
-                       b"UID FETCH %s BODY.PEEK[]" % ",".join(map(str, uids)).encode())
-    stats.bytes_in_bodies += reply.literal_bytes
-    seen = ",".join(map(str, sorted(rng.sample(range(1, spec.messages + 1), 3))))
-    await step("store_seen", b"UID STORE %s +FLAGS (\\Seen)" % seen.encode())
-    message = make_message(rng, turn, EPOCH, tag=f"session{index}.").raw
-    reply = await step("append", b"APPEND INBOX (\\Seen)", literal=message)
-    m = _APPENDUID.search(reply.status)
-    if m is None:
-        raise ImapError(f"no APPENDUID in {reply.status[:100]!r}")
-    await step("store_deleted", b"UID STORE %s +FLAGS (\\Deleted)" % m.group(1))
-    await step("uid_expunge", b"UID EXPUNGE %s" % m.group(1))
+    async def body() -> None:
+        if parts < 1:
+            return
+        await step("login", b'LOGIN "%s" "%s"' % (user.encode(), spec.password.encode()))
+        if parts < 2:
+            return
+        reply = await step("select", b"SELECT INBOX", keep=True)
+        if not _EXISTS.search(reply.text):
+            raise ImapError("no EXISTS in the SELECT reply")
+        if parts < 3:
+            return
+        await step("fetch_flags", b"FETCH 1:* (FLAGS)")
+        if parts < 4:
+            return
+        uids = sorted(rng.sample(range(1, spec.messages + 1), SESSION_BODIES))
+        reply = await step("uid_fetch_bodies",
+                           b"UID FETCH %s BODY.PEEK[]" % ",".join(map(str, uids)).encode())
+        stats.bytes_in_bodies += reply.literal_bytes
+        if parts < 5:
+            return
+        seen = ",".join(map(str, sorted(rng.sample(range(1, spec.messages + 1), 3))))
+        await step("store_seen", b"UID STORE %s +FLAGS (\\Seen)" % seen.encode())
+        if parts < 6:
+            return
+        message = make_message(rng, turn, EPOCH, tag=f"session{index}.").raw
+        reply = await step("append", b"APPEND INBOX (\\Seen)", literal=message)
+        m = _APPENDUID.search(reply.status)
+        if m is None:
+            raise ImapError(f"no APPENDUID in {reply.status[:100]!r}")
+        await step("store_deleted", b"UID STORE %s +FLAGS (\\Deleted)" % m.group(1))
+        await step("uid_expunge", b"UID EXPUNGE %s" % m.group(1))
+
+    await body()
     await step("logout", b"LOGOUT")
+
+
+async def step_costs(spec: Spec, ctx: ssl.SSLContext) -> dict[str, float]:
+    """Server CPU (ms) of each part of a cycle, one session at a time (no queueing): the
+    CPU per session of ``COST_RUNS`` sessions that stop after the first n parts, minus that of
+    the sessions that stop after n-1 ("connect" = TCP + TLS + greeting + LOGOUT)."""
+    rng = random.Random(SEED)
+    stats = Stats(SESSION_KINDS)
+    per_session: list[float] = []
+    turn = 0
+    for parts in range(len(COST_PARTS) + 1):
+        cpu0 = server_cpu(spec.pids)
+        for _ in range(COST_RUNS):
+            turn += 1
+            conn = await Imap.connect(spec.host, spec.port, ctx)
+            try:
+                await one_session(conn, spec.users[turn % len(spec.users)], turn, 0, spec, rng,
+                                  stats, ["?"], parts)
+            finally:
+                conn.close()
+        await asyncio.sleep(0.3)  # Dovecot: its exited processes reaped, their CPU counted
+        per_session.append((server_cpu(spec.pids) - cpu0) / COST_RUNS * 1000)
+    names = ("connect", *COST_PARTS)
+    return {name: per_session[i] - (per_session[i - 1] if i else 0.0)
+            for i, name in enumerate(names)} | {"whole": per_session[-1]}
 
 
 async def session_loop(index: int, spec: Spec, ctx: ssl.SSLContext, deadline: float,
@@ -793,7 +842,7 @@ async def worker_main(spec: Spec) -> dict[str, Any]:
     phases: tuple[tuple[str, Any], ...] = (
         (("warmup", warm_up), ("select_ms", select_latency), ("memory", idle_memory),
          ("login", login_bench), ("load", load)) if not spec.users else
-        (("warmup", sessions_warm_up), ("sessions", sessions_load)))
+        (("warmup", sessions_warm_up), ("costs", step_costs), ("sessions", sessions_load)))
     for name, phase in phases:
         log(f"  [{spec.name}] {name}...")
         try:
@@ -1320,6 +1369,12 @@ def report_sessions(name: str, r: dict[str, Any] | None) -> None:
               f"{max(w['exists'])}, warm-up {w['seconds']:.1f}s")
     if "ready_line" in r:
         print(f"{name}: store loaded in {r['load_seconds']:.1f}s ({r['load_how']})")
+    c = r.get("costs")
+    if c:
+        print(f"{name}: server CPU per step, one session at a time ({COST_RUNS} sessions per "
+              f"prefix of the cycle, differences): "
+              + ", ".join(f"{k} {v:.1f}" for k, v in c.items() if k != "whole")
+              + f"; whole cycle {c['whole']:.1f} ms")
     ld = r.get("sessions")
     if not ld:
         return
