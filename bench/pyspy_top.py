@@ -26,15 +26,18 @@ from pathlib import Path
 _LINE = re.compile(r"^(.*) (\d+)$")
 _LINENO = re.compile(r":\d+\)$")
 
-#: Innermost frames (as ``frame_key`` gives them, without line) of a thread waiting for work.
+#: Innermost frames of a thread waiting for work, as ``frame_key`` gives them without line
+#: and without ``stdlib/`` (py-spy usually writes stdlib paths short already).
 IDLE_FRAMES = frozenset({
     "_worker (concurrent/futures/thread.py)",
     "_connection_worker_thread (aiosqlite/core.py)",
-    "EpollSelector.select (stdlib/selectors.py)",
     "EpollSelector.select (selectors.py)",
-    "Condition.wait (stdlib/threading.py)",
     "Condition.wait (threading.py)",
 })
+
+
+def is_idle(key: str) -> bool:
+    return _LINENO.sub(")", key).replace("(stdlib/", "(", 1) in IDLE_FRAMES
 
 #: ``--group``: (name, frame substrings), first match wins, in this order.
 GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
@@ -65,7 +68,7 @@ def frame_key(frame: str, keep_line: bool) -> str:
     if not keep_line:
         frame = _LINENO.sub(")", frame)
     frame = re.sub(r"\(.*/site-packages/", "(", frame)
-    frame = re.sub(r"\(/usr/.*/lib/python3\.\d+/", "(stdlib/", frame)
+    frame = re.sub(r"\(/usr/(?:.*/)?lib/python3\.\d+/", "(stdlib/", frame)
     frame = re.sub(r"\(/work/main/", "(", frame)
     return frame
 
@@ -111,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         thread, frames = (frames[0], frames[1:]) if frames[0].startswith(("thread", "process")) \
             else ("?", frames)
         keys = [frame_key(f, args.lines) for f in frames]
-        if args.drop_idle and keys and _LINENO.sub(")", keys[-1]) in IDLE_FRAMES:
+        if args.drop_idle and keys and is_idle(keys[-1]):
             idle += count
             continue
         total += count
