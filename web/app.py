@@ -17,13 +17,14 @@ import logging
 import math
 import re
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from email.message import EmailMessage
 from email.parser import BytesHeaderParser
 from email.utils import format_datetime, formataddr, make_msgid
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import quote
 from zoneinfo import ZoneInfo
 
@@ -61,12 +62,13 @@ from policy.rules import MAX_PATIENT_ATTACHMENTS, Identity, Role
 from templates import Templates
 from web import content
 from web.codes import CodeMailer, mask_email, mask_phone, new_code, send_sms, sms_available
-from web.documents_pages import DocumentPages
+from web.documents_pages import OFF_LOOP_BYTES, DocumentPages
 from web.profile_pdf import filename as profile_filename
 from web.profile_pdf import profile_pdf
 from web.settings import WebSettings
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 COOKIE = "mss_session"
 PRE_COOKIE = "mss_pre"  # double-submit CSRF token of the login form (before any session)
@@ -182,6 +184,10 @@ def _ids(values: Any) -> list[int]:
         if v.isascii() and v.isdigit() and len(v) < 10:
             out.append(int(v))
     return list(dict.fromkeys(out))[:REPLY_DOCUMENTS]
+
+
+async def _now(fn: Callable[..., T], *args: Any) -> T:
+    return fn(*args)
 
 
 def _room(n: int) -> str:
@@ -553,7 +559,11 @@ class Portal:
         if message is None:
             raise HTTPException(404)
         raw = await Conversations(self.store, page.identity.account_id).body(mid)
-        data = content.attachment_bytes(raw or b"", message.meta, index)
+        if len(raw or b"") > OFF_LOOP_BYTES:  # megabytes of base64: off the event loop
+            data = await asyncio.to_thread(content.attachment_bytes, raw or b"", message.meta,
+                                           index)
+        else:
+            data = content.attachment_bytes(raw or b"", message.meta, index)
         views = content.attachments(message.meta)
         if data is None or index >= len(views):
             raise HTTPException(404)
@@ -655,8 +665,10 @@ class Portal:
                     error = (f"Les pièces jointes dépassent 10 Mo ({_size(total)}) : "
                              "retirez-en pour envoyer le message.")
                 else:
-                    raw = self._compose(page, recipients, everyone, subject, text, last,
-                                        uploads)
+                    compose = (asyncio.to_thread if total > OFF_LOOP_BYTES
+                               else _now)  # megabytes encoded off the event loop
+                    raw = await compose(self._compose, page, recipients, everyone, subject,
+                                        text, last, uploads)
                     info = await parse_message_async(raw)
                     outcome = await submit(self.store, self.writer, page.identity,
                                            self.settings.patient_domain, recipients, raw, info,
