@@ -48,14 +48,16 @@ stored, each with its own maildir. Each mailbox holds ``--messages`` messages, *
 default in this mode** (the same 500 in every mailbox, plus its welcome message), loaded as
 above (``load_gateway`` per patient, the maildir writer per user). After a warm-up that
 opens every mailbox once (EXISTS and the bytes of UIDs 1-5 are compared between the
-servers), ``--clients`` clients loop for ``--seconds``, client i on mailboxes i, i+clients,
-... in turn, each cycle: connect + TLS (implicit TLS port), LOGIN, SELECT INBOX, FETCH 1:*
-(FLAGS), UID FETCH <5 random UIDs> BODY.PEEK[], UID STORE <3> +FLAGS (\\Seen), APPEND,
-UID STORE <it> +FLAGS (\\Deleted), UID EXPUNGE <it>, LOGOUT. The cycle in progress at the
-deadline is finished and counted. Printed: cycles/s, latency per step and per cycle, server
-CPU per cycle. ``--profile`` records serve during this phase (``bench/pyspy_top.py
---drop-idle --group`` summarises it). Last line: ``sessions_ratio=<gateway/dovecot>
-gateway=<n>/s dovecot=<n>/s p99=<ms>ms`` (cycles/s; p99 over every step of the gateway run).
+servers) and a phase of one session at a time that gives each step's server CPU and
+latency without queueing (``step_costs``), ``--clients`` clients loop for ``--seconds``,
+client i on mailboxes i, i+clients, ... in turn, each cycle: connect + TLS (implicit TLS
+port), LOGIN, SELECT INBOX, FETCH 1:* (FLAGS), UID FETCH <5 random UIDs> BODY.PEEK[],
+UID STORE <3> +FLAGS (\\Seen), APPEND, UID STORE <it> +FLAGS (\\Deleted), UID EXPUNGE <it>,
+LOGOUT. The cycle in progress at the deadline is finished and counted. Printed: cycles/s,
+latency per step and per cycle, server CPU per cycle. ``--profile`` records serve during
+the loop (``bench/pyspy_top.py --drop-idle --group`` summarises it). Last line:
+``sessions_ratio=<gateway/dovecot> gateway=<n>/s dovecot=<n>/s p99=<ms>ms`` (cycles/s; p99
+over every step of the gateway run).
 """
 
 from __future__ import annotations
@@ -741,10 +743,11 @@ async def one_session(conn: Imap, user: str, turn: int, index: int, spec: Spec,
     await step("logout", b"LOGOUT")
 
 
-async def step_costs(spec: Spec, ctx: ssl.SSLContext) -> dict[str, float]:
+async def step_costs(spec: Spec, ctx: ssl.SSLContext) -> dict[str, Any]:
     """Server CPU (ms) of each part of a cycle, one session at a time (no queueing): the
     CPU per session of ``COST_RUNS`` sessions that stop after the first n parts, minus that of
-    the sessions that stop after n-1 ("connect" = TCP + TLS + greeting + LOGOUT)."""
+    the sessions that stop after n-1 ("connect" = TCP + TLS + greeting + LOGOUT); and the
+    median latency of each step in these sessions (the service time without queueing)."""
     rng = random.Random(SEED)
     stats = Stats(SESSION_KINDS)
     per_session: list[float] = []
@@ -753,7 +756,9 @@ async def step_costs(spec: Spec, ctx: ssl.SSLContext) -> dict[str, float]:
         cpu0 = server_cpu(spec.pids)
         for _ in range(COST_RUNS):
             turn += 1
+            t0 = time.perf_counter()
             conn = await Imap.connect(spec.host, spec.port, ctx)
+            stats.latencies["connect"].append((time.perf_counter() - t0) * 1000)
             try:
                 await one_session(conn, spec.users[turn % len(spec.users)], turn, 0, spec, rng,
                                   stats, ["?"], parts)
@@ -762,8 +767,9 @@ async def step_costs(spec: Spec, ctx: ssl.SSLContext) -> dict[str, float]:
         await asyncio.sleep(0.3)  # Dovecot: its exited processes reaped, their CPU counted
         per_session.append((server_cpu(spec.pids) - cpu0) / COST_RUNS * 1000)
     names = ("connect", *COST_PARTS)
-    return {name: per_session[i] - (per_session[i - 1] if i else 0.0)
-            for i, name in enumerate(names)} | {"whole": per_session[-1]}
+    return {"cpu_ms": {name: per_session[i] - (per_session[i - 1] if i else 0.0)
+                       for i, name in enumerate(names)} | {"whole": per_session[-1]},
+            "alone_p50_ms": {k: percentile(v, 50) for k, v in stats.latencies.items()}}
 
 
 async def session_loop(index: int, spec: Spec, ctx: ssl.SSLContext, deadline: float,
@@ -1371,10 +1377,13 @@ def report_sessions(name: str, r: dict[str, Any] | None) -> None:
         print(f"{name}: store loaded in {r['load_seconds']:.1f}s ({r['load_how']})")
     c = r.get("costs")
     if c:
+        cpu = c["cpu_ms"]
         print(f"{name}: server CPU per step, one session at a time ({COST_RUNS} sessions per "
               f"prefix of the cycle, differences): "
-              + ", ".join(f"{k} {v:.1f}" for k, v in c.items() if k != "whole")
-              + f"; whole cycle {c['whole']:.1f} ms")
+              + ", ".join(f"{k} {v:.1f}" for k, v in cpu.items() if k != "whole")
+              + f"; whole cycle {cpu['whole']:.1f} ms")
+        print(f"{name}: latency p50 per step, one session at a time (no queueing): "
+              + ", ".join(f"{k} {v:.1f}" for k, v in c["alone_p50_ms"].items()) + " ms")
     ld = r.get("sessions")
     if not ld:
         return
@@ -1494,6 +1503,12 @@ def main(argv: list[str] | None = None) -> int:
         compare_sessions(results["gateway"], results["dovecot"])
         g, d = cycles(results["gateway"]), cycles(results["dovecot"])
         p99 = float((results["gateway"] or {})["sessions"]["p99_ms"]) if g else 0.0
+        cpu = {name: r["sessions"]["server_cpu_s"] / r["sessions"]["cycles"] * 1000
+               for name, r in results.items() if r and r.get("sessions", {}).get("cycles")}
+        if len(cpu) == 2:  # cycles/s follow the CPU share each server gets; this does not
+            print(f"server CPU per cycle under the load: gateway {cpu['gateway']:.0f} ms, "
+                  f"dovecot {cpu['dovecot']:.0f} ms (dovecot/gateway "
+                  f"{cpu['dovecot'] / cpu['gateway']:.2f})")
         print(f"(total {time.perf_counter() - started:.0f}s)")
         print(f"sessions_ratio={g / d if d else 0.0:.2f} gateway={g:.1f}/s dovecot={d:.1f}/s "
               f"p99={p99:.0f}ms")
