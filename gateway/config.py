@@ -159,6 +159,8 @@ class Config:
     documents: DocumentsConfig = field(default_factory=DocumentsConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    #: ``[smtp] bare_newline``: ``normalize`` (bare LF taken as CRLF) or ``reject``.
+    smtp_bare_newline: str = "normalize"
 
     @property
     def tls(self) -> TlsConfig:
@@ -292,9 +294,15 @@ def build_config(raw: Mapping[str, Any], path: Path) -> Config:
     storage.finish()
 
     listeners: dict[str, Listen | None] = {}
+    bare_newline = "normalize"
     for name in _LISTENERS:
         section = _Section(name, raw.get(name), base)
         listeners[name] = section.listen("listen")
+        if name == "smtp":  # how every SMTP listener reads DATA (smtp_in.settings)
+            bare_newline = section.text("bare_newline", bare_newline)
+            if bare_newline not in ("normalize", "reject"):
+                raise ConfigError(f"smtp.bare_newline: expected \"normalize\" or \"reject\", "
+                                  f"got {bare_newline!r}")
         section.finish()
 
     tls = _Section("tls", raw.get("tls"), base)
@@ -419,6 +427,7 @@ def build_config(raw: Mapping[str, Any], path: Path) -> Config:
         documents=documents_cfg,
         metrics=metrics_cfg,
         logging=LoggingConfig(format=log_format, level=log_level),
+        smtp_bare_newline=bare_newline,
     )
 
 

@@ -34,7 +34,8 @@ def smtp_settings(config: Config) -> SmtpSettings:
         notify=config.notifier.relay is not None, system_sender=config.system_sender,
         connections_per_ip=config.limits.connections_per_ip,
         line_length=config.limits.smtp_line_length,
-        data_in_flight=config.limits.data_in_flight)
+        data_in_flight=config.limits.data_in_flight,
+        bare_newline=config.smtp_bare_newline)
 
 
 def imap_settings(config: Config) -> ImapSettings:

@@ -5,7 +5,11 @@ and checks, without ever buffering more than the limit:
 
 - line length (RFC 5321 §4.5.3.1.6: 1000 octets with CRLF by default, ``[limits]
   smtp_line_length``; one more for a stuffed dot),
-- bare LF or bare CR (SMTP smuggling, RFC 5321 §2.3.8): the message is refused whole,
+- bare LF or bare CR (SMTP smuggling, RFC 5321 §2.3.8): the message is refused whole; or,
+  with ``normalize_lf`` (``[smtp] bare_newline = "normalize"``), a line ending in a bare LF is
+  taken as ending in CRLF, as Postfix >= 3.9 does. The end of data stays ``CRLF.CRLF`` only,
+  a bare CR is always refused, and a lone ``.`` line next to a bare LF (which a normalizing
+  reader would take for the end of data, the SMTP smuggling trick) is refused whole,
 - the size limit (R7) and a memory budget shared by every session.
 
 Once something is wrong, the rest is *drained*: read and thrown away until the end-of-data,
@@ -34,6 +38,10 @@ MAX_LINE = max_line_for(LINE_LENGTH)
 _END = b"\r\n.\r\n"
 #: A bare CR (followed by something else than LF; a final CR may still get its LF) or a bare LF.
 _BARE_NEWLINE = re.compile(rb"\r(?=[^\n])|(?<!\r)\n")
+#: With bare LFs normalized: a bare CR, or a ``.`` line that starts after a bare LF or ends
+#: with one (a would-be end of data that is not ``CRLF.CRLF``).
+_BARE_CR_OR_DOT = re.compile(rb"\r(?=[^\n])|(?<!\r)\n\.\r?\n|\n\.\n")
+_BARE_LF = re.compile(rb"(?<!\r)\n")
 
 
 class DataState(enum.Enum):
@@ -42,6 +50,8 @@ class DataState(enum.Enum):
     LINE_TOO_LONG = "line too long"
     BARE_NEWLINE = "bare newline"
     NO_MEMORY = "no memory"
+    #: A ``.`` line next to a bare LF (normalizing mode only): an end of data in disguise.
+    DOT_AFTER_BARE_LF = "dot line after bare LF"
 
 
 class DataReader:
@@ -49,8 +59,10 @@ class DataReader:
     bytes and returns False when the budget is exhausted."""
 
     def __init__(self, max_size: int, reserve: Callable[[int], bool] | None = None,
-                 max_line: int = MAX_LINE, reserved: int = 0) -> None:
+                 max_line: int = MAX_LINE, reserved: int = 0,
+                 normalize_lf: bool = False) -> None:
         self.max_size = max_size
+        self.normalize_lf = normalize_lf
         self._reserve = reserve
         self.max_line = max_line
         self.state = DataState.OK
@@ -98,7 +110,7 @@ class DataReader:
         found: tuple[int, DataState] | None = None
         for position, state in (
             (self._first_long_line(scan), DataState.LINE_TOO_LONG),
-            (self._first_bare_newline(scan), DataState.BARE_NEWLINE),
+            self._first_bare_newline(scan),
             (self._first_too_big(), DataState.TOO_BIG),
         ):
             if position is not None and (found is None or position < found[0]):
@@ -130,18 +142,30 @@ class DataReader:
         index = next(i for i, length in enumerate(lengths) if length > limit)
         return scan + sum(lengths[:index]) + index + limit
 
-    def _first_bare_newline(self, scan: int) -> int | None:
-        """Offset of the first byte that shows a bare LF or a bare CR (the byte after it)."""
+    def _first_bare_newline(self, scan: int) -> tuple[int | None, DataState]:
+        """Offset of the first byte that shows a bare LF or a bare CR (the byte after it), or
+        with ``normalize_lf`` a bare CR or a ``.`` line next to a bare LF (its last byte)."""
         buf = self.buf
         # Every LF must follow a CR and every CR precede an LF (a CR at the very end may
-        # still get its LF in the next chunk): counted first, searched only when wrong.
-        crlf = buf.count(b"\r\n", scan)
-        if buf.count(b"\n", scan) == crlf and \
-                buf.count(b"\r", scan) == crlf + (1 if buf.endswith(b"\r") else 0):
-            return None
-        match = _BARE_NEWLINE.search(buf, scan)
-        assert match is not None
-        return match.start() + (1 if match[0] == b"\r" else 0)
+        # still get its LF in the next chunk): counted first, searched only when wrong. When
+        # normalizing, the line break before ``scan`` counts too (a "." line may follow it).
+        start = max(scan - 2, 0) if self.normalize_lf else scan
+        crlf = buf.count(b"\r\n", start)
+        lone_cr = buf.count(b"\r", start) != crlf + (1 if buf.endswith(b"\r") else 0)
+        if buf.count(b"\n", start) == crlf and not lone_cr:
+            return None, DataState.BARE_NEWLINE
+        if not self.normalize_lf:
+            match = _BARE_NEWLINE.search(buf, scan)
+            assert match is not None
+            return match.start() + (1 if match[0] == b"\r" else 0), DataState.BARE_NEWLINE
+        # The LF before a "." line may sit just before ``scan`` (the previous chunk's last
+        # line); the lookbehind sees the byte before it.
+        match = _BARE_CR_OR_DOT.search(buf, max(scan - 1, 0))
+        if match is None:
+            return None, DataState.BARE_NEWLINE
+        if match[0][:1] == b"\r":
+            return match.start() + 1, DataState.BARE_NEWLINE
+        return match.end() - 1, DataState.DOT_AFTER_BARE_LF
 
     def _first_too_big(self) -> int | None:
         """Offset of the first byte that takes the message over ``max_size``. A final ``.`` or
@@ -160,6 +184,8 @@ class DataReader:
         data (call once, when done and OK)."""
         body = self.buf
         self.buf = bytearray()
+        if self.normalize_lf and body.count(b"\n") != body.count(b"\r\n"):
+            body = bytearray(_BARE_LF.sub(b"\r\n", body))
         # RFC 5321 §4.5.2: the first character of a line that starts with a period is
         # deleted (the virtual CRLF makes the first line count too).
         if b"\r\n." in body:

@@ -28,6 +28,9 @@ AUTH_BAD_PLAIN = Reply(501, "5.5.2", "malformed PLAIN response")
 AUTH_REQUIRED = Reply(530, "5.7.0", "authentication required: client certificate or AUTH")
 TLS_REQUIRED = Reply(530, "5.7.0", "must issue a STARTTLS command first")
 BARE_NEWLINE = Reply(554, "5.6.0", "message refused: bare LF or CR in the data (RFC 5321 2.3.8)")
+BARE_CR = Reply(554, "5.6.0", "message refused: bare CR in the data (RFC 5321 2.3.8)")
+DOT_AFTER_BARE_LF = Reply(554, "5.6.0", "message refused: a \".\" line next to a bare LF (only "
+                                        "CRLF.CRLF ends the data, RFC 5321 4.1.1.4)")
 NUL_BYTE = Reply(554, "5.6.0", "message refused: NUL octet in the data (RFC 5322 2.3, "
                              "RFC 6152)")
 NO_MEMORY = Reply(452, "4.3.1", "insufficient system resources, try again later")

@@ -33,6 +33,7 @@ from imap_store.store.fields import utcnow
 from imap_store.store.notices import Notices
 from imap_store.store.submission import check_patient_message, patient_job
 from imap_store.store.writer import GroupWriter
+from policy.addresses import domain_of
 from policy.authn import Authenticator
 from policy.engine import judge_patient_recipient, judge_professional_recipient
 from policy.rules import (
@@ -41,8 +42,11 @@ from policy.rules import (
     Identity,
     ProfessionalFacts,
     Role,
+    allow,
     decide_from_header,
     decide_mail_from,
+    decide_professional_to_patient,
+    decide_relay_denied,
     decide_size,
     decide_unique_fields,
 )
@@ -55,7 +59,7 @@ from smtp_in.delivery import (
     incoming_from_info,
     unique_field_names,
 )
-from smtp_in.identity import describe_tls, peer_identity
+from smtp_in.identity import PeerIdentity, describe_tls, peer_identity
 from smtp_in.settings import SmtpSettings
 
 log = logging.getLogger(__name__)
@@ -157,6 +161,10 @@ class GatewaySMTP(AdaptedSMTP):
         self._peer_ip = ""
         self._reserved = 0  # DATA budget held for the declared SIZE (RFC 1870)
         self._refused_early = False  # turned away at connect (limits, shutdown)
+        #: A verified client certificate that names no directory professional and no operator
+        #: (SPEC §4.2): authenticated but not allowed; its RCPTs are refused (R1, relay).
+        self.unlisted: PeerIdentity | None = None
+        self._cert_read = False  # the certificate was looked at (once per session)
         #: The sending professional's directory facts, read at the transaction's first RCPT.
         self.sender_facts: ProfessionalFacts | None = None
         #: Accepted RCPT decisions not yet audited: written with the delivery, in its
@@ -241,6 +249,21 @@ class GatewaySMTP(AdaptedSMTP):
 
     def release_reservation(self) -> None:
         self.ctx.budget.release(self.take_reservation())
+
+    def refuse_unlisted(self, recipient: str) -> str:
+        """RCPT from a certificate that names no directory professional and no operator:
+        ``550 5.7.1`` naming R1 to a patient (SPEC §4.2), no relay elsewhere; audited."""
+        assert self.unlisted is not None  # MAIL was accepted for no one else
+        if domain_of(recipient) == self.ctx.settings.patient_domain.lower():
+            nobody = ProfessionalFacts(self.envelope.mail_from or "" if self.envelope else "",
+                                       in_directory=False, active=False, trusted_domain=False)
+            decision = decide_professional_to_patient(nobody, None)
+        else:
+            decision = decide_relay_denied()
+        self.ctx.writer.audit_many_later([(
+            f"certificate {self.unlisted.subject[:200]} sha256:{self.unlisted.fingerprint}",
+            "rcpt", recipient, decision.as_dict())])
+        return decision.reply
 
     def parse_path(self, arg: str) -> tuple[str | None, str | None]:
         match = _SIMPLE_PATH.match(arg)
@@ -376,6 +399,7 @@ class GatewaySMTP(AdaptedSMTP):
         peer = peer_identity(ssl_object)
         if peer is None:
             return None
+        self.unlisted = peer  # until the directory names it below
         async with self.ctx.store.read() as conn:
             for email in peer.emails:
                 row = await self.ctx.store.professional_by_address(conn, email)
@@ -383,9 +407,11 @@ class GatewaySMTP(AdaptedSMTP):
                     continue
                 if row.cert_fingerprint and row.cert_fingerprint != peer.fingerprint:
                     continue
+                self.unlisted = None
                 return Identity(Role.PROFESSIONAL, address=email, account_id=row.id,
                                 name=row.name)
         if peer.dns_names:
+            self.unlisted = None
             return Identity(Role.OPERATOR, domains=frozenset(peer.dns_names))
         return None
 
@@ -405,7 +431,8 @@ class GatewaySMTP(AdaptedSMTP):
         self.busy = True
         reader = DataReader(MAX_INBOUND_SIZE, reserve=self.ctx.budget.reserve,
                             max_line=max_line_for(self.ctx.settings.line_length),
-                            reserved=self.take_reservation())
+                            reserved=self.take_reservation(),
+                            normalize_lf=self.ctx.settings.bare_newline == "normalize")
         try:
             await self.push("354 End data with <CR><LF>.<CR><LF>")
             while not reader.done:
@@ -442,7 +469,9 @@ class GatewaySMTP(AdaptedSMTP):
         if state is DataState.LINE_TOO_LONG:
             return str(replies.line_too_long(self.ctx.settings.line_length))
         if state is DataState.BARE_NEWLINE:
-            return str(replies.BARE_NEWLINE)
+            return str(replies.BARE_CR if reader.normalize_lf else replies.BARE_NEWLINE)
+        if state is DataState.DOT_AFTER_BARE_LF:
+            return str(replies.DOT_AFTER_BARE_LF)
         if state is DataState.NO_MEMORY:
             return str(replies.NO_MEMORY)
         identity = self.identity
@@ -548,8 +577,9 @@ class Handler:
     async def handle_MAIL(self, server: GatewaySMTP, session: Session, envelope: Envelope,
                           address: str, mail_options: list[str]) -> str:
         ctx = server.ctx
-        if server.identity is None:
+        if server.identity is None and not server._cert_read:
             server.identity = await server.certificate_identity()
+            server._cert_read = server.tls_active  # a certificate comes with TLS only
         server.release_reservation()
         server.flush_audit()
         declared = 0
@@ -560,7 +590,12 @@ class Handler:
                 decision = decide_size(declared)
                 if not decision.allowed:
                     return decision.reply
-        decision = decide_mail_from(server.identity, address, await ctx.trusted_domains())
+        if server.identity is None and server.unlisted is not None:
+            # Authenticated by a certificate of the trust CA that names nobody allowed here:
+            # no sender to align (R10); every RCPT is refused (R1, or no relay).
+            decision = allow("R10", "sender accepted")
+        else:
+            decision = decide_mail_from(server.identity, address, await ctx.trusted_domains())
         if not decision.allowed:
             if server.identity is not None:
                 ctx.writer.audit_later(server.identity.describe(), "refuse", address,
@@ -578,7 +613,8 @@ class Handler:
                           address: str, rcpt_options: list[str]) -> str:
         ctx = server.ctx
         identity = server.identity
-        assert identity is not None
+        if identity is None:
+            return server.refuse_unlisted(address.strip())
         if len(envelope.rcpt_tos) >= MAX_RECIPIENTS:
             return "452 4.5.3 too many recipients"
         domain = ctx.settings.patient_domain

@@ -7,6 +7,9 @@ from dataclasses import dataclass
 
 from smtp_in.data import LINE_LENGTH
 
+#: ``[smtp] bare_newline``: lines ending in a bare LF taken as CRLF, or the message refused.
+BARE_NEWLINE_MODES = ("normalize", "reject")
+
 
 @dataclass(frozen=True)
 class SmtpSettings:
@@ -26,3 +29,7 @@ class SmtpSettings:
     line_length: int = LINE_LENGTH
     #: Bytes of DATA buffered across all sessions of the process before ``452 4.3.1``.
     data_in_flight: int = 256 * 1024 * 1024
+    #: ``[smtp] bare_newline`` (one of ``BARE_NEWLINE_MODES``): ``normalize`` takes a line
+    #: ending in a bare LF as ending in CRLF (Postfix >= 3.9's default), ``reject`` refuses the
+    #: message with ``554 5.6.0``. A bare CR is refused either way.
+    bare_newline: str = "normalize"
