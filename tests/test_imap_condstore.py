@@ -99,6 +99,14 @@ def test_condstore_and_qresync_with_imaplib(gateway: Gateway) -> None:
     typ, data = conn.uid("FETCH", "1:*", f"(FLAGS) (CHANGEDSINCE {highest} VANISHED)")
     assert typ == "OK" and untagged(conn, "VANISHED") == [b"(EARLIER) 3"], data
     assert sorted(modseqs(data)) == [1, 2], data
+    # the last message expunged: ``*`` still reaches its UID
+    conn.uid("STORE", "4", "+FLAGS.SILENT", "(\\Deleted)")
+    typ, data = conn.uid("EXPUNGE", "4")
+    assert typ == "OK" and untagged(conn, "VANISHED") == [b"4"], data
+    typ, data = conn.uid("FETCH", "1:*", f"(FLAGS) (CHANGEDSINCE {highest} VANISHED)")
+    assert typ == "OK" and untagged(conn, "VANISHED") == [b"(EARLIER) 3:4"], data
+    typ, data = conn.uid("FETCH", "2:*", f"(UID) (CHANGEDSINCE {highest} VANISHED)")
+    assert typ == "OK" and untagged(conn, "VANISHED") == [b"(EARLIER) 3:4"], data
     conn.logout()
 
 
@@ -133,9 +141,10 @@ def test_qresync_select_with_aioimaplib(gateway: Gateway) -> None:
             assert enabled.result == "OK"
             assert b"ENABLED CONDSTORE QRESYNC" in b" ".join(
                 bytes(line) for line in enabled.lines)
+            assert (await imap.select("Sync")).result == "OK"  # aioimaplib's own state
             response = await imap.protocol.execute(aioimaplib.Command(
                 "SELECT", imap.protocol.new_tag(), "Sync",
-                f"(QRESYNC ({uidvalidity} {known} 1:4))", loop=imap.protocol.loop))
+                f"(QRESYNC ({uidvalidity} {known} 1:*))", loop=imap.protocol.loop))
             assert response.result == "OK", response
             lines = [bytes(line) for line in response.lines]
             assert b"VANISHED (EARLIER) 4" in lines, lines
@@ -143,6 +152,12 @@ def test_qresync_select_with_aioimaplib(gateway: Gateway) -> None:
             assert len(fetches) == 1 and b"UID 1 " in fetches[0], lines
             assert b"$lu" in fetches[0] and b"MODSEQ (" in fetches[0], lines
             assert any(line.startswith(b"OK [HIGHESTMODSEQ ") for line in lines), lines
+            # known UIDs that exclude the expunged one: nothing vanished to report
+            response = await imap.protocol.execute(aioimaplib.Command(
+                "SELECT", imap.protocol.new_tag(), "Sync",
+                f"(QRESYNC ({uidvalidity} {known} 1:3))", loop=imap.protocol.loop))
+            lines = [bytes(line) for line in response.lines]
+            assert response.result == "OK" and not any(b"VANISHED" in x for x in lines), lines
             # a stale UIDVALIDITY: a plain SELECT, nothing resynchronised
             response = await imap.protocol.execute(aioimaplib.Command(
                 "SELECT", imap.protocol.new_tag(), "Sync",

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from imap_store.imap import responses as r
-from imap_store.imap.commands import Fetch, FetchAttr, SequenceSet, Store
+from imap_store.imap.commands import MAX_NUMBER, Fetch, FetchAttr, SequenceSet, Store
 from imap_store.imap.session.selected import announce_keywords, own_change
 from imap_store.imap.session.state import Action, Selected
 from imap_store.imap.wire import render_bodystructure, render_envelope
@@ -108,10 +108,10 @@ async def fetch(s: Session, cmd: Fetch) -> Action:
     if cmd.vanished and cmd.changedsince is not None:
         if not s.qresync:
             return await s.bad_reply(cmd.tag, r.BAD_QRESYNC_NOT_ENABLED)
-        highest = max(sel.uids[-1] if sel.uids else 0, 1)
+        # ``*`` reaches every UID ever given (an expunged last message is above the view's)
         gone = await s.require_mail().vanished(
             sel.mailbox_id, cmd.changedsince,
-            merge_ranges(part.bounds(highest) for part in cmd.seq_set.ranges))
+            merge_ranges(part.bounds(MAX_NUMBER) for part in cmd.seq_set.ranges))
         if gone:
             await s.emit(b"* VANISHED (EARLIER) %s\r\n"
                          % str(SequenceSet.from_values(gone)).encode())

@@ -9,7 +9,15 @@ from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
 from imap_store.imap import responses as r
-from imap_store.imap.commands import Close, Expunge, Idle, Select, SequenceSet, Unselect
+from imap_store.imap.commands import (
+    MAX_NUMBER,
+    Close,
+    Expunge,
+    Idle,
+    Select,
+    SequenceSet,
+    Unselect,
+)
 from imap_store.imap.session.state import Action, Selected, State
 from imap_store.store.mailboxes import MailStoreError, merge_ranges
 
@@ -62,10 +70,9 @@ async def _resync(s: Session, sel: Selected, since: int, known: SequenceSet | No
     ``VANISHED (EARLIER)``, then a FETCH of UID, FLAGS and MODSEQ for every message changed
     since. Expunges are all remembered (``expunged``), so the answer is exact."""
     mail = s.require_mail()
-    highest = sel.uids[-1] if sel.uids else 0
     ranges = None
-    if known is not None:
-        ranges = merge_ranges(part.bounds(max(highest, 1)) for part in known.ranges)
+    if known is not None:  # ``*``: every UID ever given (the last ones may be expunged)
+        ranges = merge_ranges(part.bounds(MAX_NUMBER) for part in known.ranges)
     gone = await mail.vanished(sel.mailbox_id, since, ranges)
     if gone:
         await s.emit(b"* VANISHED (EARLIER) %s\r\n" % str(SequenceSet.from_values(gone)).encode())
