@@ -29,6 +29,13 @@ Internals used, and why (checked against aiosmtpd 1.4.6):
 - ``SMTP.command_size_limits`` / ``SMTP.command_size_limit``: the class-level ``defaultdict``
   of command line limits, which ``smtp_EHLO`` raises for MAIL at every EHLO: shared by all
   sessions, it would grow for ever. Each session gets its own (in ``__init__``).
+- What ``SMTP.__init__`` sets (``INIT_ATTRIBUTES``): its tables of command methods
+  (``_smtp_methods``), AUTH mechanisms (``_auth_methods`` of ``_AuthMechAttr``), handler hooks
+  (``_handle_hooks``) and ``_ehlo_hook_ver`` come from ``dir()``/``inspect.getmembers()`` of
+  the session and the handler at *every* connection (about 1 ms of CPU: ``getmembers`` reads
+  every attribute). :class:`AdaptedSMTP` runs aiosmtpd's ``__init__`` once per (class, handler
+  class, settings) and later sessions get the same attributes from the names it found, bound
+  to themselves (``tests/test_smtp_adapter.py`` compares both ways, attribute by attribute).
 
 Behaviour relied on (no attribute, but checked by the tests of the server):
 
@@ -41,14 +48,42 @@ Behaviour relied on (no attribute, but checked by the tests of the server):
 
 from __future__ import annotations
 
+import asyncio
 import collections
-from typing import Any
+from typing import Any, NamedTuple
 
-from aiosmtpd.smtp import SMTP
+from aiosmtpd.smtp import SMTP, _AuthMechAttr, login_always_fail
 
 #: ``SMTP`` methods and class attributes this module uses beyond aiosmtpd's documented API.
 CLASS_INTERNALS = ("_getaddr", "_set_post_data_state", "_cb_client_connected",
                    "command_size_limit", "command_size_limits")
+#: Every attribute aiosmtpd 1.4.6's ``SMTP.__init__`` sets on the instance (beyond those of
+#: ``asyncio.StreamReaderProtocol.__init__``), for the keyword arguments the gateway passes.
+INIT_ATTRIBUTES = frozenset({
+    "__ident__", "loop", "event_handler", "data_size_limit",
+    "enable_SMTPUTF8", "_decode_data", "hostname", "tls_context", "require_starttls",
+    "_timeout_duration", "_timeout_handle", "_tls_handshake_okay", "_tls_protocol",
+    "_original_transport", "session", "envelope", "transport", "_handler_coroutine",
+    "_auth_require_tls", "_proxy_timeout", "_authenticator", "_auth_callback",
+    "_auth_required", "_auth_methods", "_handle_hooks", "_ehlo_hook_ver", "_smtp_methods",
+    "_enforce_call_limit",
+})
+#: The keyword arguments the fast path of :class:`AdaptedSMTP` knows (else aiosmtpd's own).
+_FAST_KWARGS = frozenset({"data_size_limit", "enable_SMTPUTF8", "hostname", "ident",
+                          "tls_context", "require_starttls", "timeout", "auth_require_tls",
+                          "loop"})
+
+
+class _Tables(NamedTuple):
+    """What aiosmtpd's ``__init__`` found by introspection, as names (bound per session)."""
+
+    smtp: tuple[str, ...]  # command names: ``smtp_<NAME>`` methods of the session
+    hooks: tuple[str, ...]  # ``handle_<NAME>`` methods of the handler
+    auth: tuple[tuple[str, str, bool], ...]  # (mechanism, attribute, on the session)
+    ehlo_hook_ver: str | None
+
+
+_TABLES: dict[tuple[type, type, bool], _Tables] = {}
 #: Attributes every connected ``SMTP`` instance has, beyond the documented API.
 INSTANCE_INTERNALS = ("_reader", "_writer", "_tls_protocol")
 #: Attributes of ``asyncio.StreamReader`` used through ``SMTP._reader``.
@@ -58,10 +93,73 @@ READER_INTERNALS = ("_buffer",)
 class AdaptedSMTP(SMTP):
     """aiosmtpd's ``SMTP`` with its internals behind named methods (see the module)."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, handler: Any, **kwargs: Any) -> None:
+        key = (type(self), type(handler), bool(kwargs.get("auth_require_tls", True)))
+        tables = _TABLES.get(key)
+        known = _FAST_KWARGS.issuperset(kwargs) and bool(kwargs.get("hostname")) and \
+            bool(kwargs.get("ident"))
+        if tables is None or not known:
+            super().__init__(handler, **kwargs)
+            if known:
+                _TABLES[key] = self._introspected()
+        else:
+            self._fast_init(handler, tables, **kwargs)
         # A per-session dict instead of the class-level one every session would raise.
         self.command_size_limits = collections.defaultdict(lambda: self.command_size_limit)
+
+    def _introspected(self) -> _Tables:
+        """The names behind the tables aiosmtpd's ``__init__`` just built."""
+        auth = []
+        for mechanism, attr in self._auth_methods.items():
+            func = attr.method
+            name = getattr(func, "__name__", "")
+            auth.append((mechanism, name, attr.is_builtin))
+        return _Tables(
+            smtp=tuple(self._smtp_methods), hooks=tuple(self._handle_hooks),
+            auth=tuple(auth), ehlo_hook_ver=self._ehlo_hook_ver)
+
+    def _fast_init(self, handler: Any, tables: _Tables, *,
+                   data_size_limit: int | None = None, enable_SMTPUTF8: bool = False,
+                   hostname: str | None = None, ident: str | None = None,
+                   tls_context: Any = None, require_starttls: bool = False,
+                   timeout: float = 300, auth_require_tls: bool = True,
+                   loop: asyncio.AbstractEventLoop | None = None) -> None:
+        """aiosmtpd's ``SMTP.__init__`` for the arguments the gateway passes, with the tables
+        of an earlier session's introspection (see the module)."""
+        loop = loop or asyncio.get_running_loop()
+        self.__ident__ = ident or ""
+        self.loop = loop
+        asyncio.StreamReaderProtocol.__init__(
+            self, asyncio.StreamReader(loop=loop, limit=self.line_length_limit),
+            client_connected_cb=self._cb_client_connected, loop=loop)
+        self.event_handler = handler
+        self.data_size_limit = data_size_limit
+        self.enable_SMTPUTF8 = enable_SMTPUTF8
+        self._decode_data = False
+        self.hostname = hostname or ""
+        self.tls_context = tls_context
+        self.require_starttls = tls_context and require_starttls
+        self._timeout_duration = timeout
+        self._timeout_handle = None
+        self._tls_handshake_okay = True
+        self._tls_protocol = None
+        self._original_transport = None
+        self.session = None
+        self.envelope = None
+        self.transport = None
+        self._handler_coroutine = None
+        self._auth_require_tls = auth_require_tls
+        self._proxy_timeout = None
+        self._authenticator = None
+        self._auth_callback = login_always_fail
+        self._auth_required = False
+        self._auth_methods = {
+            mechanism: _AuthMechAttr(getattr(self if builtin else handler, name), builtin)
+            for mechanism, name, builtin in tables.auth}
+        self._handle_hooks = {name: getattr(handler, "handle_" + name) for name in tables.hooks}
+        self._ehlo_hook_ver = tables.ehlo_hook_ver
+        self._smtp_methods = {name: getattr(self, "smtp_" + name) for name in tables.smtp}
+        self._enforce_call_limit = False
 
     # --- the stream ----------------------------------------------------------------------
 

@@ -14,6 +14,7 @@ import asyncio
 import base64
 import binascii
 import collections
+import hashlib
 import logging
 import re
 import secrets
@@ -74,6 +75,14 @@ DRAIN_SECONDS = 30.0
 YIELD_EVERY = 64
 #: How long MAIL may use a cached copy of the trusted-domain list (R10 for operators).
 TRUSTED_CACHE_SECONDS = 2.0
+#: How long the identity a client certificate names (looked up in the directory by its
+#: rfc822Name, checked against a pinned fingerprint) is reused for that certificate's next
+#: connections. Suspension (R9) is not part of it: it is read afresh at every transaction's
+#: first RCPT, so ``professional suspend``/``reinstate`` act at once; a removed professional or
+#: a newly pinned certificate is seen by new connections after at most this long.
+CERT_IDENTITY_SECONDS = 5.0
+#: Certificates remembered at most (the cache is emptied when full).
+CERT_IDENTITY_ENTRIES = 10_000
 
 
 _date_cache: tuple[int, str] = (0, "")
@@ -131,6 +140,23 @@ class IntakeContext:
     #: Wakes the outbound worker up when something was queued.
     queue_wakeup: Callable[[], None] = lambda: None
     _trusted: tuple[float, frozenset[str]] | None = None
+    #: SHA-256 of a client certificate -> (expiry, its identity or None, what it names).
+    _cert_identities: dict[bytes, tuple[float, Identity | None, PeerIdentity]] = field(
+        default_factory=dict)
+
+    def cached_certificate(self, der: bytes) -> tuple[Identity | None, PeerIdentity] | None:
+        """The identity found for this certificate less than ``CERT_IDENTITY_SECONDS`` ago."""
+        entry = self._cert_identities.get(hashlib.sha256(der).digest())
+        if entry is None or entry[0] < time.monotonic():
+            return None
+        return entry[1], entry[2]
+
+    def remember_certificate(self, der: bytes, identity: Identity | None,
+                             peer: PeerIdentity) -> None:
+        if len(self._cert_identities) >= CERT_IDENTITY_ENTRIES:
+            self._cert_identities.clear()
+        self._cert_identities[hashlib.sha256(der).digest()] = (
+            time.monotonic() + CERT_IDENTITY_SECONDS, identity, peer)
 
     async def trusted_domains(self) -> frozenset[str]:
         """The whitelist, re-read at most every ``TRUSTED_CACHE_SECONDS``."""
@@ -396,9 +422,23 @@ class GatewaySMTP(AdaptedSMTP):
         ssl_object = self.transport.get_extra_info("ssl_object")
         if ssl_object is None:
             return None
-        peer = peer_identity(ssl_object)
-        if peer is None:
+        der = ssl_object.getpeercert(binary_form=True)
+        if not der:
             return None
+        cached = self.ctx.cached_certificate(der)
+        if cached is not None:
+            identity, peer = cached
+            self.unlisted = peer if identity is None else None
+            return identity
+        named = peer_identity(ssl_object)
+        if named is None:
+            return None
+        identity = await self._directory_identity(named)
+        self.ctx.remember_certificate(der, identity, named)
+        return identity
+
+    async def _directory_identity(self, peer: PeerIdentity) -> Identity | None:
+        """Who the directory says ``peer`` is; sets ``unlisted`` when nobody."""
         self.unlisted = peer  # until the directory names it below
         async with self.ctx.store.read() as conn:
             for email in peer.emails:

@@ -284,3 +284,51 @@ def test_configured_line_length_end_to_end(long_lines_gateway: Gateway) -> None:
         conn.close()
     stored = mailbox(long_lines_gateway.directory, INAYA)
     assert len(stored) == 2 and stored[1].endswith(b"y" * 1500 + b"\r\n")
+
+
+# --- the constructor's fast path -----------------------------------------------------------------
+
+
+def _normalized(value: object, owner: object) -> object:
+    """A value of a session's attribute, comparable across sessions: methods bound to the
+    session itself and per-session objects named by their type."""
+    if inspect.ismethod(value):
+        return ("method", value.__func__, "self" if value.__self__ is owner
+                else type(value.__self__))
+    if isinstance(value, tuple) and hasattr(value, "_fields"):  # _AuthMechAttr
+        return tuple(_normalized(v, owner) for v in value)
+    if isinstance(value, dict):
+        return {k: _normalized(v, owner) for k, v in value.items()}
+    if isinstance(value, (str, int, float, bool, type(None), ssl.SSLContext)):
+        return value
+    return ("object", type(value))
+
+
+async def test_fast_init_sets_what_aiosmtpd_init_sets() -> None:
+    """The second session of a kind skips aiosmtpd's per-connection introspection: it must end
+    up with the same attributes as the first, built by aiosmtpd's own ``__init__``; and
+    ``INIT_ATTRIBUTES`` must still be all that ``SMTP.__init__`` sets."""
+    from smtp_in import aiosmtpd_adapter
+    from smtp_in.server import DataBudget, GatewaySMTP, IntakeContext
+
+    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx = IntakeContext(settings=SmtpSettings("mx.test", "patient.test"), store=None,  # type: ignore[arg-type]
+                        writer=None, authenticator=None, notices=None,  # type: ignore[arg-type]
+                        tls=tls, budget=DataBudget(1))
+    for implicit in (False, True):
+        aiosmtpd_adapter._TABLES.clear()
+        full = GatewaySMTP(ctx, "smtp", implicit)
+        fast = GatewaySMTP(ctx, "smtp", implicit)
+        assert aiosmtpd_adapter._TABLES, "the first session did not record its tables"
+        assert set(vars(full)) == set(vars(fast))
+        for name in sorted(vars(full)):
+            if name in ("conn_id", "_stream_reader_wr", "_strong_reader"):
+                continue
+            assert _normalized(getattr(fast, name), fast) == \
+                _normalized(getattr(full, name), full), name
+        assert "PLAIN" in fast._auth_methods and "EHLO" in fast._smtp_methods
+        assert fast._smtp_methods["MAIL"].__self__ is fast
+    bare = SMTP(object(), hostname="h", ident="i", loop=asyncio.get_running_loop())
+    protocol = asyncio.StreamReaderProtocol(asyncio.StreamReader(),
+                                            client_connected_cb=lambda _r, _w: None)
+    assert set(vars(bare)) - set(vars(protocol)) == aiosmtpd_adapter.INIT_ATTRIBUTES, _where()
