@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/smtp_intake.py [--sessions 20] [--messages-per-session 40]
         [--size 4096] [--db sqlite|postgresql] [--no-pipelining] [--profile out.svg]
-        [--connection-per-message]
+        [--connection-per-message [--resume]]
 
 Creates a throw-away gateway (``mssante-gateway init``, a trusted domain, professionals with
 client certificates from the dev CA, patients), starts ``mssante-gateway serve`` and runs
@@ -18,7 +18,9 @@ nothing). Every accepted message is checked to be in the store.
 practice software send: TCP connect, EHLO, STARTTLS with the professional's client
 certificate, EHLO, one transaction, QUIT; latency is then connect .. reply to the end of
 DATA. The sink runs in the same mode with the same client TLS context (one per session,
-reused for all its connections).
+reused for all its connections). With ``--resume`` each session is a returning client: its
+connections after the first offer the TLS session (ticket) of the one before, as an MTA with
+a TLS session cache does (Postfix's ``smtp_tls_session_cache_database``).
 
 Last line: ``ratio=<gateway/sink> gateway=<n>/s sink=<n>/s p50=<ms>ms p99=<ms>ms``
 (latencies of the gateway). Targets (issue): ratio >= 0.5 at 20 sessions, p99 < 250 ms.
@@ -63,6 +65,26 @@ TARGET_RATIO_PER_MESSAGE = 0.6
 TARGET_P99_MS = 250.0
 
 
+class ResumingContext(ssl.SSLContext):
+    """A client context that offers the last session it saw (asyncio's ``start_tls`` takes
+    no ``session``: it calls ``wrap_bio``, which this passes it to)."""
+
+    last_session: ssl.SSLSession | None = None
+
+    def wrap_bio(self, incoming: ssl.MemoryBIO, outgoing: ssl.MemoryBIO,
+                 server_side: bool = False, server_hostname: str | bytes | None = None,
+                 session: ssl.SSLSession | None = None) -> ssl.SSLObject:
+        return super().wrap_bio(incoming, outgoing, server_side, server_hostname,
+                                session=session or self.last_session)
+
+
+def resuming_context(ca: Path, cert: Path, key: Path) -> ResumingContext:
+    ctx = ResumingContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.load_verify_locations(cafile=str(ca))
+    ctx.load_cert_chain(str(cert), str(key))
+    return ctx
+
+
 @dataclass
 class LoadResult:
     name: str
@@ -73,6 +95,7 @@ class LoadResult:
     wall: float = 0.0
     warmup_accepted: int = 0
     rounds: int = 1
+    resumed: int = 0  # connections that resumed a TLS session (--resume)
     server_cpu: float = 0.0  # CPU seconds of the server process during ``wall``
     server_sys: float = 0.0  # of which in the kernel
     client_cpu: float = 0.0  # CPU seconds of this (load generator) process during ``wall``
@@ -84,6 +107,7 @@ class LoadResult:
         self.wall += other.wall
         self.warmup_accepted += other.warmup_accepted
         self.rounds += other.rounds
+        self.resumed += other.resumed
         self.server_cpu += other.server_cpu
         self.server_sys += other.server_sys
         self.client_cpu += other.client_cpu
@@ -101,6 +125,8 @@ class LoadResult:
         extra = f" refused={dict(self.refused)}" if refused else ""
         if self.rounds > 1:
             extra += f" rounds={self.rounds}"
+        if self.resumed:
+            extra += f" resumed={self.resumed}"
         return (f"{self.name}: sessions={self.sessions} accepted={self.accepted}"
                 f" wall={self.wall:.2f}s rate={self.rate:.1f}/s p50={self.p(50):.1f}ms"
                 f" p90={self.p(90):.1f}ms p99={self.p(99):.1f}ms max={self.p(100):.1f}ms"
@@ -112,7 +138,8 @@ class LoadResult:
 
 async def run_load(name: str, port: int, pid: int, gw: GatewayDir, sessions: int,
                    per_session: int, size: int, pipelining: bool,
-                   warmup: int = 1, per_message: bool = False) -> LoadResult:
+                   warmup: int = 1, per_message: bool = False,
+                   resume: bool = False) -> LoadResult:
     """``sessions`` connections, all set up (TLS, EHLO) and warmed up before the clock
     starts; then each sends its messages back to back."""
     result = LoadResult(name, sessions)
@@ -124,7 +151,8 @@ async def run_load(name: str, port: int, pid: int, gw: GatewayDir, sessions: int
     async def session(i: int) -> None:
         nonlocal ready
         pro = gw.professionals[i % len(gw.professionals)]
-        ctx = client_context(ca, pro.cert, pro.key)
+        ctx = (resuming_context(ca, pro.cert, pro.key) if resume
+               else client_context(ca, pro.cert, pro.key))
         messages = []
         for k in range(warmup + per_session):
             rcpt = gw.patient_address(i * 7 + k)
@@ -162,7 +190,11 @@ async def run_load(name: str, port: int, pid: int, gw: GatewayDir, sessions: int
         try:
             return await client.send(sender, [rcpt], data, pipelining)
         finally:
+            ssl_object = client.writer.get_extra_info("ssl_object")
             await client.quit()
+            if isinstance(ctx, ResumingContext) and ssl_object is not None:
+                result.resumed += ssl_object.session_reused
+                ctx.last_session = ssl_object.session  # the ticket came after the handshake
 
     async def per_connection(sender: str, ctx: ssl.SSLContext,
                              messages: list[tuple[str, bytes]]) -> None:
@@ -236,6 +268,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--professionals", type=int, default=20)
     parser.add_argument("--patients", type=int, default=10)
     parser.add_argument("--no-pipelining", dest="pipelining", action="store_false")
+    parser.add_argument("--resume", action="store_true",
+                        help="with --connection-per-message: clients resume their last TLS "
+                             "session (tickets), as MTAs with a session cache do")
     parser.add_argument("--connection-per-message", dest="per_message", action="store_true",
                         help="each message on its own TLS connection (STARTTLS + client "
                              "certificate), against the sink in the same mode")
@@ -275,7 +310,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             gateway = asyncio.run(run_load("gateway", gw.smtp_port, server.pid, gw, args.sessions,
                                            args.messages_per_session, args.size,
-                                           args.pipelining, per_message=args.per_message))
+                                           args.pipelining, per_message=args.per_message,
+                                           resume=args.resume))
         finally:
             for tool in (profiler, perf):
                 if tool is not None:
@@ -304,7 +340,8 @@ def main(argv: list[str] | None = None) -> int:
                 while sink is None or (sink.wall < 2.0 and sink.rounds < 50):
                     one = asyncio.run(run_load("sink", sink_port, sink_proc.pid, gw, args.sessions,
                                                args.messages_per_session, args.size,
-                                               args.pipelining, per_message=args.per_message))
+                                               args.pipelining, per_message=args.per_message,
+                                           resume=args.resume))
                     sink = one if sink is None else sink.merge(one)
             finally:
                 sink_proc.stop()
