@@ -162,3 +162,168 @@ async def test_many_reads_at_once_leave_the_shared_pool_usable(tmp_path: object)
         assert await asyncio.wait_for(store.run_read(ops.trusted_domains), timeout=10) == []
     finally:
         await store.close()
+
+
+def _message(n: int) -> bytes:
+    return (f"From: Dr A <a{n}@hopital.example>\r\nTo: p@patient.example\r\n"
+            f"Subject: R\u00e9sultat {n}\r\nMessage-ID: <m{n}@hopital.example>\r\n"
+            "Date: Thu, 26 Nov 2026 10:00:00 +0100\r\nMIME-Version: 1.0\r\n"
+            "Content-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n"
+            f"\r\nBonjour {n}\r\n").encode()
+
+
+_ROW = text(
+    'SELECT m.uid, m.modseq, m.flags, m.keywords, m.size, m.message_id, m.in_reply_to, '
+    'm."references", m.subject, m.from_addr, m.sent_date, m.thread_id, m.has_attachments, '
+    "m.from_name, m.meta, b.sha256, b.size, b.data, s.from_text, s.to_text, s.subject_text "
+    "FROM message m JOIN blob b ON b.id = m.blob_id "
+    "LEFT JOIN blob_search s ON s.blob_id = b.id "
+    "WHERE m.mailbox_id = :mb ORDER BY m.uid")
+
+
+async def test_deliveries_in_a_batch_with_failing_jobs(db_url: str) -> None:
+    """``deliver`` jobs grouped in one batch (one merged statement per mailbox on PostgreSQL):
+    a job failing after its delivery and one naming a missing mailbox are rolled back alone
+    (their UIDs, blobs and audit rows too), the others keep strictly increasing UIDs and
+    MODSEQs, and the rows are those the statement-by-statement path writes."""
+    from imap_store.store.deliver import MailboxName, deliver, derive
+
+    await migrate(db_url)
+    store = Store.from_url(db_url)
+    writer = GroupWriter(store)
+    writer.start()
+    patient = await store.add_patient("test", "1" * 13, "P", "p@example.org", None,
+                                      _message(0))
+    pid = patient.id
+    async with store.read() as conn:
+        inbox = await store.mailbox_id(conn, pid, "INBOX")
+        sent = await store.mailbox_id(conn, pid, "Sent")
+
+    def put(n: int, fail: bool = False, box: str = "INBOX"):  # type: ignore[no-untyped-def]
+        def job(conn: Connection) -> list[tuple[int, int, int]]:
+            stored = deliver(conn, [MailboxName(pid, box), sent], _message(n), flags=n % 2)
+            ops.audit(conn, "test", "deliver", str(n))
+            if fail:
+                raise ValueError("refused after delivering")
+            return [(s.mailbox_id, s.uid, s.modseq) for s in stored]
+        return job
+
+    try:
+        results = await asyncio.gather(
+            writer.submit_sync(put(1)), writer.submit_sync(put(2, fail=True)),
+            writer.submit_sync(put(3)), writer.submit_sync(put(4, box="Nowhere")),
+            writer.submit_sync(put(5)), return_exceptions=True)
+        assert writer.batches == 1, "one batch: the savepoint re-run path"
+        assert isinstance(results[1], ValueError)
+        assert isinstance(results[3], ops.MissingMailbox)
+        good = [r for r in results if isinstance(r, list)]
+        assert [[(mb, uid) for mb, uid, _m in r] for r in good] == [
+            [(inbox, 2), (sent, 1)], [(inbox, 3), (sent, 2)], [(inbox, 4), (sent, 3)]]
+        for column in (0, 1):  # MODSEQs strictly increasing per mailbox
+            modseqs = [r[column][2] for r in good]
+            assert modseqs == sorted(set(modseqs))
+        async with store.read() as conn:
+            blobs = (await conn.execute(text("SELECT count(*) FROM blob"))).scalar_one()
+            assert blobs == 1 + 3  # the welcome message and the three delivered ones
+            rows = (await conn.execute(_ROW, {"mb": inbox})).all()
+        assert [r.subject for r in rows] == ["R\u00e9sultat 0", "R\u00e9sultat 1",
+                                             "R\u00e9sultat 3", "R\u00e9sultat 5"]
+        assert [r.flags for r in rows] == [0, 1, 1, 1]
+        assert [r.subject for r in await store.audit_records()][-3:] == ["1", "3", "5"]
+        assert (await store.audit_verify())[1] is None
+
+        # The same message written statement by statement: the same row values.
+        def by_statements(conn: Connection) -> None:
+            raw = _message(5)
+            fields = derive(raw)
+            blob_id = ops.blob_put(conn, raw)
+            assert fields.search is not None
+            ops.blob_search_put(conn, blob_id, fields.search)
+            ops.append(conn, sent, raw, fields, blob_id=blob_id, flags=1)
+
+        await writer.submit_sync(by_statements)
+        async with store.read() as conn:
+            sent_rows = (await conn.execute(_ROW, {"mb": sent})).all()
+        merged, plain = sent_rows[-2], sent_rows[-1]
+        assert (merged.uid, plain.uid) == (3, 4) and plain.modseq > merged.modseq
+        assert tuple(merged)[2:] == tuple(plain)[2:]
+        assert merged.subject_text == "r\u00e9sultat 5" and merged.sha256 and merged.data
+    finally:
+        await writer.close()
+        await store.close()
+
+
+async def test_inline_reads_keep_connections_and_survive_a_lost_one(db_url: str) -> None:
+    """``read_inline`` (the RCPT lookups): on PostgreSQL it keeps idle autocommit connections
+    (no pool checkout and its three pre-ping round trips per lookup); a kept connection whose
+    server backend went away is dropped and the lookup answers on a fresh one."""
+    from imap_store.store.directory import INLINE_READERS_KEPT
+
+    await migrate(db_url)
+    store = Store.from_url(db_url)
+    try:
+        if store.sync_engine is not None:
+            assert await store.read_inline(ops.trusted_domains) == []
+            return  # SQLite: reads on the loop (test_many_reads_at_once_...)
+
+        def backend(conn: Connection) -> int:
+            return int(conn.execute(text("SELECT pg_backend_pid()")).scalar_one())
+
+        results = await asyncio.gather(*(store.read_inline(backend) for _ in range(20)))
+        assert len(store._inline_readers) == INLINE_READERS_KEPT
+        first = await store.read_inline(backend)
+        assert first in results  # a kept connection, not a new one
+        assert await store.read_inline(backend) == first  # the same one again
+        async with store.engine.connect() as other:
+            await other.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": first})
+            await other.commit()
+        await asyncio.sleep(0.2)
+        assert await store.read_inline(backend) != first
+        assert await store.read_inline(ops.trusted_domains) == []
+    finally:
+        await store.close()
+
+
+async def test_open_exchange_opens_reopens_and_renames(db_url: str) -> None:
+    """R2 through the writer (one merged statement on PostgreSQL): a first message opens the
+    exchange, a later one keeps its id and start, a new display name is taken, an ended
+    exchange re-opens with a new start; R4 Reply-To aliases are added once."""
+    await migrate(db_url)
+    store = Store.from_url(db_url)
+    writer = GroupWriter(store)
+    writer.start()
+    patient = await store.add_patient("test", "2" * 13, "P", "p@example.org", None,
+                                      _message(0))
+    pid, pro = patient.id, "dr.a@hopital.example"
+    read = text("SELECT id, state, professional_name, since FROM exchange "
+                "WHERE patient_id = :p AND professional_address = :a")
+
+    async def current() -> tuple[object, ...]:
+        async with store.read() as conn:
+            return tuple((await conn.execute(read, {"p": pid, "a": pro})).one())
+
+    try:
+        first = await writer.submit_sync(lambda c: ops.open_exchange(c, pid, pro, "Dr A"))
+        opened = await current()
+        assert opened[:3] == (first, "open", "Dr A")
+        again = await writer.submit_sync(lambda c: ops.open_exchange(
+            c, pid, pro, "Dr A", [("sec@hopital.example", "Secr\u00e9tariat"), (pro, "Dr A")]))
+        assert again == first and await current() == opened
+        await writer.submit_sync(lambda c: ops.open_exchange(
+            c, pid, pro, "Dr A", [("sec@hopital.example", "Secr\u00e9tariat")]))
+        renamed = await writer.submit_sync(lambda c: ops.open_exchange(c, pid, pro, "Dr B"))
+        assert renamed == first and await current() == (first, "open", "Dr B", opened[3])
+        assert await writer.submit_sync(lambda c: ops.end_exchanges(c, pid, pro))
+        assert (await current())[1] == "ended"
+        await asyncio.sleep(0.01)
+        reopened = await writer.submit_sync(lambda c: ops.open_exchange(c, pid, pro, "Dr B"))
+        row = await current()
+        assert reopened == first and row[1:3] == ("open", "Dr B") and row[3] > opened[3]
+        async with store.read() as conn:
+            aliases = (await conn.execute(text(
+                "SELECT address FROM exchange_alias WHERE exchange_id = :e"),
+                {"e": first})).scalars().all()
+        assert aliases == ["sec@hopital.example"]
+    finally:
+        await writer.close()
+        await store.close()

@@ -155,6 +155,10 @@ class LoopReader:
 #: Idle connections ``read()`` keeps for the event loop (the others go back to the pool, which
 #: worker threads and the group writer share).
 LOOP_READERS_KEPT = 2
+#: PostgreSQL: idle autocommit connections ``read_inline`` keeps between lookups. A pool
+#: checkout pre-pings (BEGIN, an empty query, ROLLBACK): three round trips around a one-row
+#: RCPT lookup (issue 14).
+INLINE_READERS_KEPT = 8
 
 
 def new_uidvalidity() -> int:
@@ -171,12 +175,15 @@ class Store:
         #: writer, ``read()`` and ``read_inline`` on the event loop, ``run_read`` in threads).
         self.sync_engine = sync_engine
         self._loop_readers: list[Connection] = []  # idle connections of ``read()``
+        self._inline_readers: list[AsyncConnection] = []  # PostgreSQL, ``read_inline``
 
     @classmethod
     def from_url(cls, url: str) -> Store:
         return cls(create_engine(url), sync_engine=create_sync_sqlite_engine(url))
 
     async def close(self) -> None:
+        while self._inline_readers:
+            await self._inline_readers.pop().close()
         await self.engine.dispose()
         while self._loop_readers:
             self._loop_readers.pop().close()
@@ -197,15 +204,43 @@ class Store:
     async def read_inline(self, fn: Callable[..., T], *args: Any) -> T:
         """Like ``run_read`` for a few indexed lookups (the RCPT checks): on SQLite on the
         event loop (see ``read``), where a hop to a worker thread would cost more than the
-        lookups; on PostgreSQL in autocommit (no BEGIN and ROLLBACK round trips)."""
+        lookups; on PostgreSQL in autocommit (no BEGIN and ROLLBACK round trips), on a kept
+        connection (no pool checkout). ``fn`` only reads: a kept connection found lost (the
+        server restarted) is dropped and ``fn`` runs again once on a fresh one."""
         if self.sync_engine is not None:
             async with self.read() as conn:
                 value: T = await conn.run_sync(fn, *args)
                 return value
-        async with self.engine.connect() as aconn:
-            aconn = await aconn.execution_options(isolation_level="AUTOCOMMIT")
+        kept = bool(self._inline_readers)
+        aconn = self._inline_readers.pop() if kept else await self._inline_reader()
+        try:
             result: T = await aconn.run_sync(fn, *args)
-            return result
+        except Exception:
+            lost = aconn.invalidated
+            await aconn.close()
+            if lost and kept:
+                return await self._read_inline_fresh(fn, *args)
+            raise
+        except BaseException:  # cancelled mid-statement: its state is unknown
+            await asyncio.shield(aconn.invalidate())
+            raise
+        if len(self._inline_readers) < INLINE_READERS_KEPT:
+            self._inline_readers.append(aconn)
+        else:
+            await aconn.close()
+        return result
+
+    async def _inline_reader(self) -> AsyncConnection:
+        aconn = await self.engine.connect()
+        return await aconn.execution_options(isolation_level="AUTOCOMMIT")
+
+    async def _read_inline_fresh(self, fn: Callable[..., T], *args: Any) -> T:
+        aconn = await self._inline_reader()
+        try:
+            result: T = await aconn.run_sync(fn, *args)
+        finally:
+            await aconn.close()
+        return result
 
     def _read_in_thread(self, fn: Callable[..., T], *args: Any) -> T:
         assert self.sync_engine is not None

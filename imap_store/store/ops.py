@@ -93,7 +93,10 @@ _INSERT_AUDIT = Stmt(
     "INSERT INTO audit (at, actor, action, subject, detail, prev_hash, hash) "
     "VALUES (:at, :actor, :action, :subject, :detail, :prev_hash, :hash)", datetimes=("at",))
 _TRUSTED = Stmt("SELECT 1 FROM trusted_domain WHERE name = :name")
-_PROFESSIONAL = Stmt("SELECT state, name FROM professional WHERE address = :address")
+# The directory row (if any) and whether its domain is trusted, in one round trip.
+_PROFESSIONAL = Stmt(
+    "SELECT p.state, p.name, EXISTS (SELECT 1 FROM trusted_domain WHERE name = :domain) "
+    "FROM (SELECT 1 AS one) AS one LEFT JOIN professional p ON p.address = :address")
 _PATIENT = Stmt("SELECT id, state FROM patient WHERE ins = :ins")
 _PATIENT_NOTIFY = Stmt("SELECT notify_email FROM patient WHERE id = :id")
 _MAILBOX = Stmt("SELECT id FROM mailbox WHERE patient_id = :patient_id AND name = :name")
@@ -204,13 +207,14 @@ def professional_by_address(conn: Connection, address: str) -> Any:
 
 
 def professional_facts(conn: Connection, address: str) -> ProfessionalFacts:
-    row = _PROFESSIONAL.first(conn, {"address": address})
+    state, name, trusted = _PROFESSIONAL.first(
+        conn, {"address": address, "domain": address.rpartition("@")[2].lower()})
     return ProfessionalFacts(
         address=address,
-        in_directory=row is not None,
-        active=row is not None and row[0] == "active",
-        trusted_domain=is_trusted_domain(conn, address.rpartition("@")[2]),
-        name=row[1] if row is not None else "",
+        in_directory=state is not None,
+        active=state == "active",
+        trusted_domain=bool(trusted),
+        name=name if state is not None else "",
     )
 
 
@@ -288,11 +292,122 @@ def _insert_message(conn: Connection, mailbox: int, uid: int, modseq: int, raw: 
     return StoredMessage(mailbox, uid, modseq, blob_id)
 
 
+# PostgreSQL: a delivery in one round trip per target mailbox instead of four (blob, SEARCH
+# row, UID/MODSEQ allocation, message row), as data-modifying CTEs (issue 14: the intake's
+# throughput there is the writer's round trips). SQLite has no data-modifying CTEs, and its
+# statements cost microseconds on the writer's own connection: it keeps the four statements.
+# Parameters selected into an INSERT carry explicit casts (PostgreSQL does not infer them from
+# the target columns there). The UPDATE locks the mailbox row until commit, as ``append`` does.
+_PG_MESSAGE_VALUES = (
+    "CAST(:flags AS INTEGER), CAST(:keywords AS TEXT), "
+    "CAST(:internal_date AS TIMESTAMP WITH TIME ZONE), CAST(:size AS BIGINT), {blob}, "
+    "CAST(:message_id AS VARCHAR), CAST(:in_reply_to AS VARCHAR), "
+    "CAST(:references AS TEXT), CAST(:subject AS TEXT), CAST(:from_addr AS VARCHAR), "
+    "CAST(:sent_date AS TIMESTAMP WITH TIME ZONE), CAST(:thread_id AS VARCHAR), "
+    "CAST(:has_attachments AS INTEGER), CAST(:from_name AS VARCHAR), CAST(:meta AS TEXT)")
+
+
+def _pg_deliver_sql(with_blob: bool, by_name: bool) -> str:
+    # Only constant fragments are joined (chosen by the two flags); values are parameters.
+    ctes: list[str] = []
+    if with_blob:
+        ctes.append("b AS (INSERT INTO blob (sha256, size, data) "
+                    "VALUES (:sha256, :size, :data) RETURNING id)")
+        ctes.append("s AS (INSERT INTO blob_search (blob_id, from_text, to_text, cc_text, "
+                    "bcc_text, subject_text) SELECT b.id, CAST(:from_text AS TEXT), "
+                    "CAST(:to_text AS TEXT), CAST(:cc_text AS TEXT), CAST(:bcc_text AS TEXT), "
+                    "CAST(:subject_text AS TEXT) FROM b WHERE CAST(:with_search AS BOOLEAN))")
+    where = "patient_id = :patient_id AND name = :name" if by_name else "id = :mailbox_id"
+    ctes.append("m AS (UPDATE mailbox SET uidnext = uidnext + 1, "  # noqa: S608
+                f"highestmodseq = highestmodseq + 1 WHERE {where} "
+                "RETURNING id, uidnext - 1 AS uid, highestmodseq)")
+    blob = "b.id" if with_blob else "CAST(:blob_id AS INTEGER)"
+    ctes.append(
+        'i AS (INSERT INTO message (mailbox_id, uid, modseq, flags, keywords, internal_date, '  # noqa: S608
+        'size, blob_id, message_id, in_reply_to, "references", subject, from_addr, sent_date, '
+        "thread_id, has_attachments, from_name, meta) SELECT m.id, m.uid, m.highestmodseq, "
+        + _PG_MESSAGE_VALUES.format(blob=blob) + (" FROM m, b)" if with_blob else " FROM m)"))
+    # With the blob: one row even when the mailbox is missing (its columns then NULL).
+    tail = ("SELECT b.id, m.id, m.uid, m.highestmodseq FROM b LEFT JOIN m ON TRUE"
+            if with_blob else "SELECT CAST(:blob_id AS INTEGER), m.id, m.uid, m.highestmodseq "
+            "FROM m")
+    return "WITH " + ", ".join(ctes) + " " + tail
+
+
+#: (with the blob, the mailbox by name) -> the merged statement.
+_PG_DELIVER = {
+    (with_blob, by_name): Stmt(_pg_deliver_sql(with_blob, by_name),
+                               datetimes=("internal_date", "sent_date"),
+                               binary=("data",) if with_blob else ())
+    for with_blob in (True, False) for by_name in (True, False)
+}
+_NO_SEARCH = dict.fromkeys(("from_text", "to_text", "cc_text", "bcc_text", "subject_text"))
+
+
+def merged_deliver(conn: Connection, targets: Sequence[int | tuple[int, str]], raw: bytes,
+                   fields: MessageFields, *, flags: int = 0, keywords: str = "",
+                   internal_date: datetime | None = None) -> list[StoredMessage]:
+    """PostgreSQL: the blob, its SEARCH row and the message in every target mailbox (an id,
+    or a patient's mailbox as (patient id, name)), one statement per target (the first one
+    writes the blob too). Same rows as ``blob_put`` + ``blob_search_put`` + ``append``."""
+    params: dict[str, Any] = {
+        "flags": flags, "keywords": keywords, "internal_date": internal_date or utcnow(),
+        "size": len(raw), "message_id": fields.message_id, "in_reply_to": fields.in_reply_to,
+        "references": fields.references, "subject": fields.subject,
+        "from_addr": fields.from_addr, "sent_date": fields.sent_date,
+        "thread_id": fields.thread_id, "has_attachments": int(fields.has_attachments),
+        "from_name": fields.from_name, "meta": fields.meta,
+        "sha256": hashlib.sha256(raw).hexdigest(), "data": raw,
+        "with_search": fields.search is not None, **(fields.search or _NO_SEARCH),
+    }
+    stored: list[StoredMessage] = []
+    blob_id: int | None = None
+    for target in targets:
+        if isinstance(target, tuple):
+            params["patient_id"], params["name"] = target
+        else:
+            params["mailbox_id"] = target
+        if blob_id is not None:
+            params["blob_id"] = blob_id
+        row = _PG_DELIVER[blob_id is None, isinstance(target, tuple)].first(conn, params)
+        if row is None or row[1] is None:
+            raise MissingMailbox(f"mailbox {target[1] if isinstance(target, tuple) else target}"
+                                 " not found")
+        if blob_id is None:  # the blob's columns are not sent again
+            blob_id = int(row[0])
+            for key in ("sha256", "data", "with_search", *_NO_SEARCH):
+                params.pop(key, None)
+        stored.append(StoredMessage(int(row[1]), int(row[2]), int(row[3]), blob_id))
+    return stored
+
+
+# PostgreSQL: ``open_exchange``'s read and its insert or update in one round trip (the
+# exchange's id comes back whichever happened). Same rows as the statements below.
+_PG_OPEN_EXCHANGE = Stmt(
+    "WITH cur AS (SELECT id, state, professional_name FROM exchange "
+    "WHERE patient_id = :patient_id AND professional_address = :address), "
+    "ins AS (INSERT INTO exchange (patient_id, professional_address, professional_name, "
+    "state, since) SELECT CAST(:patient_id AS INTEGER), CAST(:address AS VARCHAR), "
+    "CAST(:name AS VARCHAR), 'open', CAST(:since AS TIMESTAMP WITH TIME ZONE) "
+    "WHERE NOT EXISTS (SELECT 1 FROM cur) RETURNING id), "
+    "upd AS (UPDATE exchange SET professional_name = CAST(:name AS VARCHAR), state = 'open', "
+    "since = CASE WHEN cur.state <> 'open' THEN CAST(:since AS TIMESTAMP WITH TIME ZONE) "
+    "ELSE exchange.since END FROM cur WHERE exchange.id = cur.id "
+    "AND (cur.state <> 'open' OR cur.professional_name <> CAST(:name AS VARCHAR))) "
+    "SELECT id FROM cur UNION ALL SELECT id FROM ins", datetimes=("since",))
+
+
 def open_exchange(conn: Connection, patient_id: int, professional_address: str,
                   professional_name: str, reply_to: Sequence[tuple[str, str]] = ()) -> int:
     """R2: a delivered professional message opens (or re-opens) the exchange; R4: its
     Reply-To addresses become reachable within it."""
     now = utcnow()
+    if conn.dialect.name == "postgresql":
+        exchange_id = int(_PG_OPEN_EXCHANGE.first(conn, {
+            "patient_id": patient_id, "address": professional_address,
+            "name": professional_name, "since": now})[0])
+        _add_aliases(conn, exchange_id, professional_address, reply_to, now)
+        return exchange_id
     row = _EXCHANGE.first(conn, {"patient_id": patient_id,
                                "address": professional_address})
     if row is None:
@@ -309,6 +424,12 @@ def open_exchange(conn: Connection, patient_id: int, professional_address: str,
         if values:
             conn.execute(update(t.exchange).where(t.exchange.c.id == exchange_id)
                          .values(**values))
+    _add_aliases(conn, exchange_id, professional_address, reply_to, now)
+    return exchange_id
+
+
+def _add_aliases(conn: Connection, exchange_id: int, professional_address: str,
+                 reply_to: Sequence[tuple[str, str]], now: datetime) -> None:
     for address, name in reply_to:
         if address == professional_address:
             continue
@@ -318,7 +439,6 @@ def open_exchange(conn: Connection, patient_id: int, professional_address: str,
         if exists is None:
             conn.execute(insert(t.exchange_alias).values(
                 exchange_id=exchange_id, address=address, name=name, since=now))
-    return exchange_id
 
 
 def end_exchanges(conn: Connection, patient_id: int, professional_address: str) -> bool:
