@@ -77,6 +77,14 @@ def test_notification_rendering(tmp_path: Path) -> None:
     cfg_path.write_text(render_default_config(domain="sante.test", hostname="h"), "utf-8")
     config = load_config(cfg_path)
     assert config.notifier.dkim_key is not None
+    # init writes the key; a named key that is missing is a configuration error.
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    config.notifier.dkim_key.parent.mkdir(parents=True, exist_ok=True)
+    config.notifier.dkim_key.write_bytes(rsa.generate_private_key(65537, 2048).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
     settings = notifier_settings(config)
     data = render_notification(settings, Templates(), "Inaya Michel", "inaya@example.org")
     msg = email.message_from_bytes(data, policy=email.policy.default)
