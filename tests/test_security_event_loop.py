@@ -70,20 +70,46 @@ def address_groups(size: int) -> bytes:
 # --------------------------------------------------------------------------- the tests
 
 
-def test_pre_login_literal_storm_does_not_hold_other_sessions(gateway: Gateway) -> None:
-    payload = many_zero_literals(6000)  # ~60 KB: inside the 64 KB command limit
+def _literal_storm(gw: Gateway, login: bool) -> list[bytes]:
+    """Send defect 1's command (before or after LOGIN) and return the lines up to its answer."""
+    sock = socket.create_connection(("127.0.0.1", gw.ports["imaps"]), timeout=30)
+    with tls_context(gw).wrap_socket(sock, server_hostname="127.0.0.1") as tls:
+        reader = tls.makefile("rb")
+        assert reader.readline().startswith(b"* OK")
+        if login:
+            tls.sendall(f'l LOGIN {MARTINE} "{PATIENT_PASSWORD}"\r\n'.encode())
+            while not (line := reader.readline()).startswith(b"l "):
+                assert line, "connection closed at LOGIN"
+            assert line.startswith(b"l OK"), line
+        tls.sendall(many_zero_literals(6000) + b"b LOGOUT\r\n")  # ~60 KB
+        lines: list[bytes] = []
+        while not (line := reader.readline()).startswith(b"a "):
+            assert line, lines
+            lines.append(line)
+        return [*lines, line]
+
+
+def test_pre_login_literal_storm_is_refused_and_holds_no_session(gateway: Gateway) -> None:
+    answers: list[bytes] = []
 
     def attack() -> None:
         for _ in range(3):
-            sock = socket.create_connection(("127.0.0.1", gateway.ports["imaps"]), timeout=30)
-            with tls_context(gateway).wrap_socket(sock, server_hostname="127.0.0.1") as tls:
-                reader = tls.makefile("rb")
-                assert reader.readline().startswith(b"* OK")
-                tls.sendall(payload + b"b LOGOUT\r\n")
-                lines = [reader.readline() for _ in range(3)]
-                assert any(line.startswith(b"a ") for line in lines), lines
+            answers.append(_literal_storm(gateway, login=False)[-1])
 
     _during(gateway, "defect 1 (pre-login literals)", attack)
+    # Before login a command may not exceed PRE_LOGIN_MAX_COMMAND (32 KiB): refused unparsed.
+    assert all(a.startswith(b"a NO [TOOBIG]") for a in answers), answers
+
+
+def test_authenticated_literal_storm_does_not_hold_other_sessions(gateway: Gateway) -> None:
+    answers: list[bytes] = []
+
+    def attack() -> None:
+        for _ in range(3):
+            answers.append(_literal_storm(gateway, login=True)[-1])
+
+    _during(gateway, "defect 1 (literals after login)", attack)
+    assert all(a.startswith(b"a OK") for a in answers), answers  # parsed and answered
 
 
 def test_backtracking_from_header_over_smtp_does_not_hold_other_sessions(

@@ -119,6 +119,7 @@ __all__ = [
     "DEFAULT_MAX_LINE",
     "DEFAULT_MAX_LITERAL",
     "MAX_SEARCH_DEPTH",
+    "PRE_LOGIN_MAX_COMMAND",
     "CommandParser",
     "Event",
     "LineTooLong",
@@ -139,6 +140,10 @@ DEFAULT_MAX_LITERAL = MAX_INBOUND_SIZE
 #: server refuse over-large literals; only APPEND carries big data, logins and search strings
 #: are small.
 DEFAULT_MAX_COMMAND = 64 * 1024
+#: The same before authentication, where only CAPABILITY, STARTTLS, ID, LOGIN and AUTHENTICATE
+#: mean anything (an RFC 2971 ID is at most 30 pairs of 30 + 1024 octets): a 60 KB command of
+#: 6,000 literals cost ~40 ms of event loop to parse, and anyone may send it (issue 16).
+PRE_LOGIN_MAX_COMMAND = 32 * 1024
 
 #: Deepest nesting of SEARCH keys (parentheses, NOT, OR) before the command is refused as BAD:
 #: bounds recursion on hostile input (RFC 3501 §6.4.4 sets no limit).

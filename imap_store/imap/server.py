@@ -22,7 +22,7 @@ from typing import Any
 
 from imap_store.imap import responses as r
 from imap_store.imap.commands import StartTls
-from imap_store.imap.parser import CommandParser
+from imap_store.imap.parser import DEFAULT_MAX_COMMAND, PRE_LOGIN_MAX_COMMAND, CommandParser
 from imap_store.imap.session import Action, Session
 from imap_store.imap.settings import ImapListener, ImapSettings
 from imap_store.store.directory import Store
@@ -268,7 +268,7 @@ class _Connection:
         self.writer = writer
         self.busy = False
         self.idle_timeout = float(service.settings.idle_timeout)
-        self.parser = CommandParser(max_literal=0)
+        self.parser = CommandParser(max_literal=0, max_command=PRE_LOGIN_MAX_COMMAND)
         self.session = Session(
             _Output(writer, self.idle_timeout), tls=implicit, starttls_available=not implicit,
             login=self._login, mail_factory=service.stores.for_patient,
@@ -283,7 +283,10 @@ class _Connection:
         session, parser = self.session, self.parser
         await session.greet()
         while True:
-            parser.max_literal = r.APPEND_LIMIT if session.authenticated else 0
+            if session.authenticated:
+                parser.max_literal, parser.max_command = r.APPEND_LIMIT, DEFAULT_MAX_COMMAND
+            else:
+                parser.max_literal, parser.max_command = 0, PRE_LOGIN_MAX_COMMAND
             event = parser.next_event()
             if event is None:
                 data = await self._read()
