@@ -25,7 +25,6 @@ from email.parser import BytesHeaderParser
 from email.utils import format_datetime, formataddr, make_msgid
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import quote
 from zoneinfo import ZoneInfo
 
 import aiosmtplib
@@ -568,17 +567,8 @@ class Portal:
         if data is None or index >= len(views):
             raise HTTPException(404)
         media = content.sniff(data)
-        preview = request.query_params.get("apercu") == "1" and media is not None
-        name = views[index].filename.replace('"', "").replace("\\", "")
-        quoted = "".join(c if c.isascii() and c.isprintable() else "_" for c in name)
-        disposition = (f"{'inline' if preview else 'attachment'}; filename=\"{quoted}\"; "
-                       f"filename*=UTF-8''{quote(name)}")
-        csp = ("default-src 'none'; frame-ancestors 'self'" if media == "application/pdf"
-               else "default-src 'none'; img-src 'self'; frame-ancestors 'self'; sandbox")
-        return Response(data, media_type=media if preview and media else
-                        "application/octet-stream",
-                        headers={"content-disposition": disposition,
-                                 "content-security-policy": csp})
+        return content.file_response(data, views[index].filename, media,
+                                     request.query_params.get("apercu") == "1")
 
     # --- reply --------------------------------------------------------------------------------
 

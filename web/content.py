@@ -8,8 +8,10 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import quote
 
 import nh3
+from starlette.responses import Response
 
 from imap_store.mime import decode_section
 
@@ -160,3 +162,20 @@ def attachment_bytes(raw: bytes, meta: dict[str, Any], index: int) -> bytes | No
     if not 0 <= index < len(parts):
         return None
     return decode_section(raw, tuple(int(n) for n in parts[index]))
+
+
+def file_response(data: bytes, name: str, media: str | None, preview: bool) -> Response:
+    """A file of a message or of the documents space: shown inline only when ``preview`` was
+    asked and its content was recognised (``media``), else downloaded as octets; its name in
+    both RFC 6266 forms (ASCII with ``_`` for anything else, and UTF-8); a CSP that lets a PDF
+    be framed by the portal only and sandboxes anything else."""
+    preview = preview and media is not None
+    ascii_name = "".join(c if c.isascii() and c.isprintable() and c not in '"\\' else "_"
+                         for c in name)
+    disposition = (f"{'inline' if preview else 'attachment'}; filename=\"{ascii_name}\"; "
+                   f"filename*=UTF-8''{quote(name)}")
+    csp = ("default-src 'none'; frame-ancestors 'self'" if media == "application/pdf"
+           else "default-src 'none'; img-src 'self'; frame-ancestors 'self'; sandbox")
+    return Response(data, media_type=media if preview and media else "application/octet-stream",
+                    headers={"content-disposition": disposition,
+                             "content-security-policy": csp})

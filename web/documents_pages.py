@@ -13,7 +13,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from datetime import date
 from typing import TYPE_CHECKING, Any, TypeVar
-from urllib.parse import quote, urlencode
+from urllib.parse import urlencode
 from zoneinfo import ZoneInfo
 
 from starlette.datastructures import FormData, UploadFile
@@ -282,18 +282,8 @@ class DocumentPages:
         if data is None:
             raise HTTPException(404)
         media = content.sniff(data)
-        preview = request.query_params.get("apercu") == "1" and media is not None
-        name = document.filename
-        quoted = "".join(c if c.isascii() and c.isprintable() and c not in '"\\' else "_"
-                         for c in name)
-        disposition = (f"{'inline' if preview else 'attachment'}; filename=\"{quoted}\"; "
-                       f"filename*=UTF-8''{quote(name)}")
-        csp = ("default-src 'none'; frame-ancestors 'self'" if media == "application/pdf"
-               else "default-src 'none'; img-src 'self'; frame-ancestors 'self'; sandbox")
-        return Response(data, media_type=media if preview and media else
-                        "application/octet-stream",
-                        headers={"content-disposition": disposition,
-                                 "content-security-policy": csp})
+        return content.file_response(data, document.filename, media,
+                                     request.query_params.get("apercu") == "1")
 
     # --- an attachment kept as a document -----------------------------------------------------
 
