@@ -618,3 +618,13 @@ def test_a_damaged_pdf_is_refused_without_repair() -> None:
         verdict = check_document(data)
         assert verdict.media is None and "illisible" in (verdict.reason or "")
         assert time.process_time() - start < 0.2  # milliseconds now; seconds before
+
+
+def test_a_pdf_that_breaks_the_parser_in_any_way_is_unreadable() -> None:
+    """fuzz/documents.py: a startxref too large for a C integer made pypdf raise OverflowError,
+    which the content check did not expect."""
+    from web.sniff import check_document
+
+    seed = Path(__file__).resolve().parent.parent / "fuzz" / "corpus" / "documents"
+    verdict = check_document((seed / "pdf-huge-startxref.pdf").read_bytes())
+    assert verdict.media is None and "illisible" in (verdict.reason or "")

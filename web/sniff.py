@@ -10,7 +10,6 @@ import logging
 from dataclasses import dataclass
 
 from pypdf import PdfReader
-from pypdf.errors import PyPdfError
 
 from imap_store.store.documents import MAX_DOCUMENT_BYTES
 
@@ -52,8 +51,9 @@ def _pdf(data: bytes) -> Verdict:
                            "à vos documents.")
         if len(reader.pages) < 1:
             return _refuse("Ce PDF n'a aucune page.")
-    except (PyPdfError, ValueError, TypeError, KeyError, IndexError, AttributeError,
-            AssertionError, RecursionError, OSError, NotImplementedError):
+    except Exception:
+        # Any failure of the third-party parser on hostile bytes means unreadable: the list
+        # of pypdf's exceptions was never complete (an OverflowError from a huge startxref).
         return _refuse("Ce PDF est illisible : il ne peut être ajouté à vos documents.")
     return Verdict("application/pdf")
 
