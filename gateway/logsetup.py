@@ -54,6 +54,14 @@ def formatter(kind: str) -> logging.Formatter:
     return logging.Formatter(TEXT_FORMAT)
 
 
+class _LoginDataNotice(logging.Filter):
+    """aiosmtpd 1.4 itself sets its deprecated ``Session.login_data`` after every successful
+    AUTH and warns about it: a warning at each patient login that nobody can act on."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "login_data is deprecated" not in record.getMessage()
+
+
 def setup_logging(kind: str = "text", level: str = "info",
                   stream: TextIO | None = None) -> None:
     """Send every log record of the process to ``stream`` (stderr) in ``kind`` format.
@@ -67,5 +75,8 @@ def setup_logging(kind: str = "text", level: str = "info",
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper())
-    logging.getLogger("mail.log").setLevel(logging.WARNING)
+    mail_log = logging.getLogger("mail.log")
+    mail_log.setLevel(logging.WARNING)
+    if not any(isinstance(f, _LoginDataNotice) for f in mail_log.filters):
+        mail_log.addFilter(_LoginDataNotice())
     logging.captureWarnings(True)

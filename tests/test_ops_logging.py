@@ -230,3 +230,21 @@ def test_json_formatter_extra_fields_and_exceptions() -> None:
     assert third["level"] == "error" and third["message"] == "failed"
     assert "ValueError: boom" in third["exception"]
     assert isinstance(JsonFormatter().format(logging.makeLogRecord({"msg": "x"})), str)
+
+
+def test_a_patient_login_by_smtp_logs_no_warning(gateway: Gateway) -> None:
+    """aiosmtpd warned 'Session.login_data is deprecated' at every successful AUTH (it sets
+    that attribute itself): a warning per login in normal operation."""
+    import smtplib
+
+    from tests.conftest import INAYA, PATIENT_PASSWORD
+
+    with smtplib.SMTP_SSL("127.0.0.1", gateway.ports["submissions"],
+                          context=tls_context(gateway), timeout=30) as conn:
+        conn.login(INAYA, PATIENT_PASSWORD)
+    deadline = time.monotonic() + 10
+    while "authenticated patient by password" not in gateway.log():
+        assert time.monotonic() < deadline, gateway.log()[-2000:]
+        time.sleep(0.05)
+    assert "login_data is deprecated" not in gateway.log()
+    assert "logger=mail.log" not in gateway.log()
