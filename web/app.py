@@ -43,7 +43,7 @@ from imap_store.mime import parse_message_async
 from imap_store.store import ops
 from imap_store.store import schema as t
 from imap_store.store.directory import Store
-from imap_store.store.documents import ADMIN_CATEGORY, CATEGORIES
+from imap_store.store.documents import ADMIN_CATEGORY, CATEGORIES, OFF_LOOP_BYTES
 from imap_store.store.fields import utcnow
 from imap_store.store.mailboxes import SqlMailStores
 from imap_store.store.portal import (
@@ -61,7 +61,7 @@ from policy.rules import MAX_PATIENT_ATTACHMENTS, Identity, Role
 from templates import Templates
 from web import content
 from web.codes import CodeMailer, mask_email, mask_phone, new_code, send_sms, sms_available
-from web.documents_pages import OFF_LOOP_BYTES, DocumentPages
+from web.documents_pages import DocumentPages
 from web.profile_pdf import filename as profile_filename
 from web.profile_pdf import profile_pdf
 from web.settings import WebSettings

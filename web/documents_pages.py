@@ -27,6 +27,7 @@ from imap_store.store.documents import (
     FORBIDDEN_NAME_CHARS,
     MAX_DOCUMENT_BYTES,
     MAX_NAME_CHARS,
+    OFF_LOOP_BYTES,
     PROFILE_SECTIONS,
     VISIBILITIES,
     Document,
@@ -99,10 +100,6 @@ def _remember(digest: str, index: int, checked: tuple[Verdict, int]) -> None:
     _CHECKED[(digest, index)] = checked
     while len(_CHECKED) > _CHECKED_KEPT:
         _CHECKED.popitem(last=False)
-
-
-#: Work on more bytes than this runs in a worker thread (the event loop serves the others).
-OFF_LOOP_BYTES = 64 * 1024
 
 
 async def _off_loop(size: int, fn: Callable[..., T], *args: Any) -> T:
