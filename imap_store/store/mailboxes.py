@@ -1342,7 +1342,7 @@ class PatientMailStore:
             mailbox = await self._lookup(conn, name)
             if mailbox is None:
                 raise TryCreate()
-            filed = await conn.run_sync(server_filed_copy, mailbox.id, info.message_id)
+            filed = await conn.run_sync(server_filed_copy, mailbox.id, name, info.message_id)
             if filed is not None:  # the client's copy of what the gateway put in Sent
                 return mailbox.id, mailbox.uidvalidity, filed.uid, filed.modseq
             stored = (await conn.run_sync(deliver, [mailbox.id], raw, info, flags=bits,

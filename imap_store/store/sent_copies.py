@@ -42,10 +42,15 @@ class FiledCopy(NamedTuple):
     modseq: int
 
 
-def server_filed_copy(conn: Connection, mailbox_id: int,
+#: The only mailbox the gateway files a patient's sent messages in (``submission.py``).
+SENT = "Sent"
+
+
+def server_filed_copy(conn: Connection, mailbox_id: int, mailbox_name: str,
                       message_id: str | None) -> FiledCopy | None:
-    """The gateway's own recent copy of ``message_id`` in ``mailbox_id``, if any."""
-    if not message_id:
+    """The gateway's own recent copy of ``message_id`` in ``mailbox_id``, if any: looked for
+    only in ``Sent`` (an APPEND to any other mailbox costs no query)."""
+    if not message_id or mailbox_name != SENT:
         return None
     message_id = message_id[:MESSAGE_ID_LIMIT]
     m = t.message

@@ -17,6 +17,7 @@ from imap_store.store import schema as t
 from imap_store.store.deliver import MailboxName, deliver
 from imap_store.store.directory import Store
 from imap_store.store.outbound import enqueue_relay
+from imap_store.store.sent_copies import SENT
 from imap_store.store.writer import GroupWriter
 from policy.engine import RecipientVerdict, judge_patient_recipient
 from policy.rules import (
@@ -60,7 +61,7 @@ def patient_job(identity: Identity, mail_from: str, recipients: Sequence[str], r
     patient_id = identity.account_id
 
     def run(conn: Connection) -> None:
-        stored = deliver(conn, [MailboxName(patient_id, "Sent")], raw, info,
+        stored = deliver(conn, [MailboxName(patient_id, SENT)], raw, info,
                          flags=t.FLAG_SEEN)[0]
         for recipient in recipients:
             enqueue_relay(conn, patient_id, mail_from, recipient, stored.blob_id)
