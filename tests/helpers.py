@@ -143,10 +143,13 @@ def noop_probe(port: int, ctx: ssl.SSLContext, login: str, password: str) -> Ite
 # --------------------------------------------------------------------------- raw SMTP
 
 
-def raw_session(gw: Gateway, client: str, port: int | None = None) -> ssl.SSLSocket:
+def raw_session(gw: Gateway, client: str, port: int | None = None,
+                ctx: ssl.SSLContext | None = None,
+                session: ssl.SSLSession | None = None) -> ssl.SSLSocket:
     """A socket on the ``smtp`` listener (or on ``port``) after EHLO and STARTTLS, with
-    ``client``'s certificate: for exact wire checks."""
-    ctx = tls_context(gw, client)
+    ``client``'s certificate (or the given ``ctx``), offering ``session`` to resume: for
+    exact wire checks."""
+    ctx = ctx if ctx is not None else tls_context(gw, client)
     sock = socket.create_connection(("127.0.0.1", port or gw.ports["smtp"]), timeout=30)
     f = sock.makefile("rb")
     assert f.readline().startswith(b"220")
@@ -156,8 +159,7 @@ def raw_session(gw: Gateway, client: str, port: int | None = None) -> ssl.SSLSoc
     sock.sendall(b"STARTTLS\r\n")
     assert f.readline().startswith(b"220")
     f.close()
-    tls = ctx.wrap_socket(sock, server_hostname="127.0.0.1")
-    return tls
+    return ctx.wrap_socket(sock, server_hostname="127.0.0.1", session=session)
 
 
 def exchange(sock: ssl.SSLSocket, data: bytes) -> list[bytes]:

@@ -6,8 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import smtplib
-import socket
-import ssl
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -108,27 +106,13 @@ def test_listed_certificate_unchanged(gateway: Gateway) -> None:
 # ------------------------------------------------------------------ returning clients
 
 
-def _starttls(gw: Gateway, ctx: ssl.SSLContext, session: ssl.SSLSession | None) -> ssl.SSLSocket:
-    """A connection on ``smtp`` after EHLO and STARTTLS, offering ``session`` to resume."""
-    sock = socket.create_connection(("127.0.0.1", gw.ports["smtp"]), timeout=30)
-    f = sock.makefile("rb")
-    assert f.readline().startswith(b"220")
-    sock.sendall(b"EHLO returning.test\r\n")
-    while not f.readline().startswith(b"250 "):
-        pass
-    sock.sendall(b"STARTTLS\r\n")
-    assert f.readline().startswith(b"220")
-    f.close()
-    return ctx.wrap_socket(sock, server_hostname="127.0.0.1", session=session)
-
-
 def test_returning_client_resumes_tls_and_keeps_its_identity(gateway: Gateway) -> None:
     """TLS session tickets: a client's second connection resumes its session (no new
     certificate exchange) and is still the professional its certificate names."""
     ctx = tls_context(gateway, DUPOND)
     session = None
     for attempt in range(3):
-        with _starttls(gateway, ctx, session) as sock:
+        with raw_session(gateway, DUPOND, ctx=ctx, session=session) as sock:
             assert sock.session_reused is (attempt > 0)
             assert exchange(sock, b"EHLO returning.test\r\n")[-1].startswith(b"250 ")
             assert exchange(sock, f"MAIL FROM:<{DUPOND}>\r\n".encode())[0].startswith(b"250")
