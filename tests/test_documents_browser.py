@@ -11,9 +11,9 @@ from __future__ import annotations
 import email
 import email.policy
 import io
-import os
 from pathlib import Path
 
+import pytest
 from PIL import Image
 from pypdf import PdfReader
 
@@ -21,7 +21,7 @@ from tests.conftest import DUPOND, INAYA, LABO, PATIENT_PASSWORD
 from tests.gateway_proc import Gateway
 from tests.helpers import mailbox, sample
 from tests.test_portal import deliver
-from tests.test_portal_browser import Walk, browser  # noqa: F401 (the fixture)
+from tests.test_portal_browser import Walk, browser, screenshot_folder  # noqa: F401 (fixture)
 
 PROFILE = (
     ("maladie", "Diabète de type 2", "suivi tous les 3 mois", "2015-06-01"),
@@ -50,16 +50,14 @@ def _set(w: Walk, css: str, value: str) -> None:
 
 
 def test_documents_walkthrough_in_chromium(gateway: Gateway, browser: object,  # noqa: F811
-                                           tmp_path: Path) -> None:
+                                           tmp_path: Path,
+                                           request: pytest.FixtureRequest) -> None:
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.select import Select
 
     deliver(gateway, DUPOND, sample("02"))  # results with three PDFs
     deliver(gateway, LABO, sample("03"))  # a JPEG and a spreadsheet
-    shots = Path(os.environ.get("MSSANTE_SCREENSHOTS") or tmp_path / "screens")
-    shots.mkdir(parents=True, exist_ok=True)
-    print(f"\nscreenshots: {shots}")
-    w = Walk(browser, gateway, shots)
+    w = Walk(browser, gateway, screenshot_folder(request, tmp_path))
     d = browser
     _login(w)
 
@@ -187,4 +185,4 @@ def test_documents_walkthrough_in_chromium(gateway: Gateway, browser: object,  #
         if when:
             y, m, day = when.split("-")
             assert f"{day}/{m}/{y}" in pdf_text
-    assert len(list(shots.glob("*.png"))) == w.n
+    assert len(list(w.shots.glob("*.png"))) == w.n

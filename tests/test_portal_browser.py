@@ -115,17 +115,26 @@ class Walk:
         return re.findall(r"code de connexion est (\d{6})", outbox.read_text("utf-8"))[-1]
 
 
-def test_walkthrough_in_chromium(gateway: Gateway, browser: object, tmp_path: Path) -> None:
+def screenshot_folder(request: pytest.FixtureRequest, tmp_path: Path) -> Path:
+    """Where a walkthrough saves its screens: ``$MSSANTE_SCREENSHOTS/<test id>`` (one folder per
+    test and database, so that walks run together never mix their screens), else a temporary
+    folder; created, and its path printed."""
+    chosen = os.environ.get("MSSANTE_SCREENSHOTS")
+    shots = Path(chosen) / request.node.name if chosen else tmp_path / "screens"
+    shots.mkdir(parents=True, exist_ok=True)
+    print(f"\nscreenshots: {shots}")
+    return shots
+
+
+def test_walkthrough_in_chromium(gateway: Gateway, browser: object, tmp_path: Path,
+                                 request: pytest.FixtureRequest) -> None:
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
 
     deliver(gateway, DUPOND, sample("02"))  # results with three PDFs
     deliver(gateway, CHRISTELLE, sample("01"))  # appointment, Cc Dr Marie Chanteau
     deliver(gateway, DUPOND, sample("05"))  # [FIN]: Dr Dupond ends the exchanges (R5)
-    shots = Path(os.environ.get("MSSANTE_SCREENSHOTS") or tmp_path / "screens")
-    shots.mkdir(parents=True, exist_ok=True)
-    print(f"\nscreenshots: {shots}")
-    w = Walk(browser, gateway, shots)
+    w = Walk(browser, gateway, screenshot_folder(request, tmp_path))
     d = browser
 
     # Login: identifier + password, where the code goes, the code.
@@ -194,7 +203,7 @@ def test_walkthrough_in_chromium(gateway: Gateway, browser: object, tmp_path: Pa
     w.screen("conversation-pieces-jointes")
     d.get(href)  # type: ignore[attr-defined]
     time.sleep(0.5)  # the PDF viewer draws
-    d.save_screenshot(str(shots / f"{w.n + 1:02d}-apercu-pdf.png"))  # type: ignore[attr-defined]
+    d.save_screenshot(str(w.shots / f"{w.n + 1:02d}-apercu-pdf.png"))  # type: ignore[attr-defined]
     w.n += 1
 
     # Delete the welcome conversation, with the confirmation.
@@ -214,4 +223,4 @@ def test_walkthrough_in_chromium(gateway: Gateway, browser: object, tmp_path: Pa
     w.click(w.find("form.logout button"))
     w.go("/messagerie")
     assert d.current_url.endswith("/connexion")  # type: ignore[attr-defined]
-    assert len(list(shots.glob("*.png"))) == w.n
+    assert len(list(w.shots.glob("*.png"))) == w.n
