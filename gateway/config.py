@@ -161,6 +161,8 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     #: ``[smtp] bare_newline``: ``normalize`` (bare LF taken as CRLF) or ``reject``.
     smtp_bare_newline: str = "normalize"
+    #: ``[imap] poll_interval``: seconds between two looks for changes besides the signals.
+    imap_poll_interval: int = 1
 
     @property
     def tls(self) -> TlsConfig:
@@ -295,6 +297,7 @@ def build_config(raw: Mapping[str, Any], path: Path) -> Config:
 
     listeners: dict[str, Listen | None] = {}
     bare_newline = "normalize"
+    poll_interval = Config.imap_poll_interval
     for name in _LISTENERS:
         section = _Section(name, raw.get(name), base)
         listeners[name] = section.listen("listen")
@@ -303,6 +306,8 @@ def build_config(raw: Mapping[str, Any], path: Path) -> Config:
             if bare_newline not in ("normalize", "reject"):
                 raise ConfigError(f"smtp.bare_newline: expected \"normalize\" or \"reject\", "
                                   f"got {bare_newline!r}")
+        if name == "imap":
+            poll_interval = section.integer("poll_interval", poll_interval)
         section.finish()
 
     tls = _Section("tls", raw.get("tls"), base)
@@ -428,6 +433,7 @@ def build_config(raw: Mapping[str, Any], path: Path) -> Config:
         metrics=metrics_cfg,
         logging=LoggingConfig(format=log_format, level=log_level),
         smtp_bare_newline=bare_newline,
+        imap_poll_interval=poll_interval,
     )
 
 

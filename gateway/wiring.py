@@ -45,7 +45,8 @@ def imap_settings(config: Config) -> ImapSettings:
         if listen is not None)
     return ImapSettings(listeners=listeners,
                         connections_per_ip=config.limits.connections_per_ip,
-                        idle_timeout=config.limits.idle_timeout)
+                        idle_timeout=config.limits.idle_timeout,
+                        poll_interval=config.imap_poll_interval)
 
 
 def _relay(listen: Listen | None) -> Relay | None:

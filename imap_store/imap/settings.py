@@ -23,3 +23,6 @@ class ImapSettings:
     connections_per_ip: int = 50
     #: Idle seconds before a session is closed (IDLE renews it; RFC 3501 §5.4).
     idle_timeout: int = 1800
+    #: Seconds between two looks at the selected mailboxes besides the change signals
+    #: (``[imap] poll_interval``): changes written by another program show within that.
+    poll_interval: float = 1.0

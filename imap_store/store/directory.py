@@ -30,6 +30,7 @@ from imap_store.store.db import (
 )
 from imap_store.store.deliver import deliver
 from imap_store.store.fields import as_utc, utcnow
+from imap_store.store.signals import ChangeSignals
 from policy.audit import AuditRecord, first_broken
 
 T = TypeVar("T")
@@ -171,8 +172,10 @@ def new_uidvalidity() -> int:
 
 class Store:
     def __init__(self, engine: AsyncEngine, blobs: BlobStore | None = None,
-                 sync_engine: Engine | None = None) -> None:
+                 sync_engine: Engine | None = None, url: str | None = None) -> None:
         self.engine = engine
+        #: Commits of this process wake the IMAP sessions of every process (``signals.py``).
+        self.signals = ChangeSignals(url or engine.url.render_as_string(hide_password=False))
         self.blobs: BlobStore = blobs or DatabaseBlobStore()
         #: SQLite only: the same file through pysqlite, for the hot paths (the group
         #: writer, ``read()`` and ``read_inline`` on the event loop, ``run_read`` in threads).
@@ -182,9 +185,10 @@ class Store:
 
     @classmethod
     def from_url(cls, url: str) -> Store:
-        return cls(create_engine(url), sync_engine=create_sync_sqlite_engine(url))
+        return cls(create_engine(url), sync_engine=create_sync_sqlite_engine(url), url=url)
 
     async def close(self) -> None:
+        await self.signals.close()
         while self._inline_readers:
             await self._inline_readers.pop().close()
         await self.engine.dispose()
@@ -250,9 +254,12 @@ class Store:
         with self.sync_engine.connect() as conn, conn.begin():
             return fn(conn, *args)
 
-    def write(self) -> Any:
+    @asynccontextmanager
+    async def write(self) -> AsyncIterator[AsyncConnection]:
         """``async with store.write() as conn``: one durable write transaction."""
-        return write_transaction(self.engine)
+        async with write_transaction(self.engine) as conn:
+            yield conn
+        self.signals.committed()
 
     def read(self) -> Any:
         """``async with store.read() as conn``: one transaction for reads (``conn.execute``,

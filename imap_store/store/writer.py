@@ -210,6 +210,7 @@ class GroupWriter:
             return
         self.batches += 1
         self.jobs += len(batch)
+        self.store.signals.committed()
         metrics.batch_written(len(batch), time.perf_counter() - started)
         for pending, (ok, value) in zip(batch, results, strict=True):
             pending.job = None
