@@ -133,6 +133,8 @@ class ChangeSignals:
             if self._path is not None:
                 with contextlib.suppress(OSError):
                     self._path.unlink()
+                with contextlib.suppress(OSError):  # the last one out: leave no directory
+                    self._path.parent.rmdir()
 
     # --- sending --------------------------------------------------------------------------
 
@@ -190,16 +192,23 @@ class ChangeSignals:
 
     def _bind(self) -> None:
         directory = socket_directory(self._database)
+        path = directory / f"{os.getpid()}-{secrets.token_hex(4)}.sock"
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         try:
-            directory.mkdir(mode=0o700, exist_ok=True)
-            info = directory.lstat()
-            if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or \
-                    stat.S_IMODE(info.st_mode) & 0o077:
-                raise PermissionError(errno.EPERM, "not a private directory of this user")
-            path = directory / f"{os.getpid()}-{secrets.token_hex(4)}.sock"
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-            sock.bind(str(path))
+            for attempt in (1, 2):
+                directory.mkdir(mode=0o700, exist_ok=True)
+                info = directory.lstat()
+                if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or \
+                        stat.S_IMODE(info.st_mode) & 0o077:
+                    raise PermissionError(errno.EPERM, "not a private directory of this user")
+                try:
+                    sock.bind(str(path))
+                    break
+                except FileNotFoundError:  # the last process out removed it meanwhile
+                    if attempt == 2:
+                        raise
         except OSError as exc:
+            sock.close()
             log.warning("change signals off (%s: %s): other processes' changes show at the "
                         "next poll", directory, exc.strerror or exc)
             return
