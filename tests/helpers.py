@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import imaplib
+import shutil
 import smtplib
 import socket
 import ssl
@@ -91,6 +92,17 @@ def server_log(gw: Gateway) -> str:
     log = gw.log()
     assert "mssante-gateway ready" in log, log
     return log
+
+
+def second_gateway(gw: Gateway) -> Gateway:
+    """Another ``serve`` process on the same database (a copy of the directory: same keys,
+    same storage URL), on its own ports; not started."""
+    directory = gw.directory.parent / "gw2"
+    shutil.copytree(gw.directory, directory,
+                    ignore=shutil.ignore_patterns("serve-*.log", "*.db", "*.db-*"))
+    other = Gateway(directory)
+    other.assign_ports()
+    return other
 
 
 def body_after_received(stored: bytes) -> bytes:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import re
-import shutil
 import threading
 from collections.abc import Iterator
 
@@ -17,7 +16,7 @@ import pytest
 
 from tests.conftest import INAYA, PATIENT_PASSWORD, running
 from tests.gateway_proc import Gateway
-from tests.helpers import Raw
+from tests.helpers import Raw, second_gateway
 
 FLAGS = rb"\Answered \Flagged \Deleted \Seen \Draft"
 #: A name made of every printable character but the wildcards, quotes and parentheses: valid
@@ -275,21 +274,10 @@ def test_examine_reports_recent_and_leaves_it_to_the_next_select(
                                                                 b"* 0 RECENT\r\n"]
 
 
-def _second_gateway(gw: Gateway) -> Gateway:
-    """Another ``serve`` process on the same database (a copy of the directory: same keys,
-    same storage URL), on its own ports."""
-    directory = gw.directory.parent / "gw2"
-    shutil.copytree(gw.directory, directory,
-                    ignore=shutil.ignore_patterns("serve-*.log", "*.db", "*.db-*"))
-    other = Gateway(directory)
-    other.assign_ports()
-    return other
-
-
 def test_recent_in_exactly_one_session_across_two_serve_processes(
     gateway: Gateway, bytewise: bool, clients: list[Wire],
 ) -> None:
-    other = _second_gateway(gateway)
+    other = second_gateway(gateway)
     for gw2 in running(other):
         assert isinstance(gw2, Gateway)
         sessions = [new_client(gateway, bytewise, clients), new_client(gw2, bytewise, clients),

@@ -20,7 +20,7 @@ import pytest
 from imap_store.store.signals import ChangeSignals, socket_directory
 from tests.conftest import CHRISTELLE, INAYA, PATIENT_PASSWORD, prepare_gateway, running
 from tests.gateway_proc import Gateway
-from tests.helpers import smtp, tls_context
+from tests.helpers import second_gateway, smtp, tls_context
 
 ADDRESS = f"{INAYA}@patient.mssante.fr"
 #: Seconds a test waits for a signal (far below the hour of the poll).
@@ -32,16 +32,6 @@ def slow_poll(gw: Gateway) -> None:
     text, n = re.subn(r'(?m)^(\[imap\]\nlisten = "[^"]*")', r"\1\npoll_interval = 3600", text)
     assert n == 1
     gw.config.write_text(text, encoding="utf-8")
-
-
-def second_gateway(gw: Gateway) -> Gateway:
-    """Another ``serve`` process on the same database, on its own ports."""
-    directory = gw.directory.parent / "gw2"
-    shutil.copytree(gw.directory, directory,
-                    ignore=shutil.ignore_patterns("serve-*.log", "*.db", "*.db-*"))
-    other = Gateway(directory)
-    other.assign_ports()
-    return other
 
 
 @pytest.fixture
