@@ -23,6 +23,7 @@ from gateway.tls import client_context, server_context
 from imap_store.imap.server import ImapService
 from imap_store.store.db import migrate
 from imap_store.store.directory import Store
+from imap_store.store.housekeeping import TrashPurge
 from imap_store.store.throttle import StoreFailureCounts
 from imap_store.store.writer import GroupWriter
 from outbound.notification import CodeMailer
@@ -89,6 +90,8 @@ async def serve(config: Config) -> int:
         queue_wakeup=queue.poke,
     )
     queue.start()
+    trash = TrashPurge(store, writer.submit, config.web.trash_days)  # at start, then hourly
+    trash.start()
     imap = ImapService(wiring.imap_settings(config), store, writer, authenticator, tls,
                        writer.audit_later)
     web: WebServer | None = None
@@ -157,6 +160,7 @@ async def serve(config: Config) -> int:
         for server in servers:
             server.close()
         await queue.stop()
+        await trash.stop()
         await imap.close()
         await writer.close()
         await store.close()

@@ -22,7 +22,7 @@ from array import array
 from bisect import bisect_left
 from collections.abc import Awaitable, Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import date, datetime
+from datetime import UTC, date, datetime
 from typing import Any, NamedTuple, Protocol, TypeVar
 
 from sqlalchemy import (
@@ -1277,6 +1277,13 @@ class PatientMailStore:
                 {"mailbox_id": mailbox_id, "uid": uid, "modseq": modseq} for uid in uids
             ])
 
+    async def expunge_in(self, conn: AsyncConnection, mailbox_id: int, uids: Sequence[int]) -> int:
+        """Expunge ``uids`` (sorted) in the caller's write transaction, as EXPUNGE does (one
+        MODSEQ, ``expunged`` rows, orphan bodies deleted): the Trash purge (housekeeping.py)."""
+        modseq = int((await self._bump(conn, mailbox_id))[0])
+        await self._delete_uids(conn, mailbox_id, uids, modseq)
+        return modseq
+
     async def _delete_orphan_blobs(self, conn: AsyncConnection, blob_ids: Iterable[int]) -> None:
         """Delete the bodies of ``blob_ids`` that no message and no outbound mail references
         any more (health data must not linger after EXPUNGE), in the caller's transaction."""
@@ -1378,9 +1385,12 @@ class PatientMailStore:
             modseq, first = int(bumped[0]), int(bumped[1]) - len(rows)
             values = []
             pairs = []
+            # The Trash purge counts from here (housekeeping.py); a copy out of Trash is kept.
+            trashed = datetime.now(UTC) if dest.special_use == "\\Trash" else None
             for offset, row in enumerate(rows):
                 record = {c.name: getattr(row, c.name) for c in copied}
-                record.update(mailbox_id=dest.id, uid=first + offset, modseq=modseq)
+                record.update(mailbox_id=dest.id, uid=first + offset, modseq=modseq,
+                              trashed_at=trashed)
                 values.append(record)
                 pairs.append((int(row.uid), first + offset))
             await conn.execute(insert(t.message), values)

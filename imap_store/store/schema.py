@@ -153,6 +153,9 @@ message = Table(
     # Migration 0004: the decoded display name of the first From: address (the portal's list).
     Column("from_name", String(200), nullable=True),
     Column("meta", Text, nullable=True),  # JSON: envelope, bodystructure, search headers
+    # Migration 0008: when the message entered the \\Trash mailbox (COPY/MOVE into it; NULL
+    # elsewhere); the purge (housekeeping.py) removes it ``[web] trash_days`` later.
+    Column("trashed_at", DateTime(timezone=True), nullable=True),
     UniqueConstraint("mailbox_id", "uid", name="uq_message_mailbox_uid"),
 )
 Index("ix_message_mailbox_modseq", message.c.mailbox_id, message.c.modseq)
@@ -167,6 +170,10 @@ Index("ix_message_blob_id", message.c.blob_id)
 # Migration 0004: a conversation's messages within one mailbox (the portal asks the patient's
 # three). A plain index on thread_id slowed IMAP EXPUNGE twofold (bench/imap.py uid_expunge).
 Index("ix_message_mailbox_thread", message.c.mailbox_id, message.c.thread_id)
+# Migration 0008: the few rows in Trash, oldest first, for the purge.
+Index("ix_message_trashed_at", message.c.trashed_at,
+      sqlite_where=message.c.trashed_at.isnot(None),
+      postgresql_where=message.c.trashed_at.isnot(None))
 
 # SEARCH FROM/TO/CC/BCC/SUBJECT (migration 0003): a body's decoded header fields, case-folded
 # (``str.casefold``; NULL when the message has no such field), in narrow rows. Written at APPEND
