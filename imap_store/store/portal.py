@@ -19,7 +19,18 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import String, bindparam, case, cast, delete, func, literal, select, update
+from sqlalchemy import (
+    String,
+    bindparam,
+    case,
+    cast,
+    delete,
+    func,
+    literal,
+    literal_column,
+    select,
+    update,
+)
 
 from imap_store.mime import decode_rfc2047
 from imap_store.store import schema as t
@@ -329,9 +340,14 @@ _GROUPED = (
     .select_from(t.message.join(t.mailbox, t.mailbox.c.id == _m.mailbox_id))
     .where(_m.mailbox_id.in_(bindparam("mailboxes", expanding=True)))
     .group_by(_KEY))
+#: Rows chosen by id, still scoped to the patient: ``mailbox_id + 0`` keeps SQLite from the
+#: mailbox index, which it took for an IN list of ~100 ids and then read every row of the
+#: patient's mailboxes (10,000 messages: 2.0 ms of CPU per list page instead of 0.14 ms by
+#: rowid, EXPLAIN QUERY PLAN on bench/web.py's database).
+_OWNED_ROWS = (_m.mailbox_id + literal_column("0")).in_(_OWNED)
 _LIST_ROWS = (select(_m.id, _m.subject, _m.from_name, _m.from_addr, _m.sent_date,
                      _m.internal_date)
-              .where(_m.id.in_(bindparam("ids", expanding=True)), _m.mailbox_id.in_(_OWNED)))
+              .where(_m.id.in_(bindparam("ids", expanding=True)), _OWNED_ROWS))
 _MESSAGE = (select(_m.id, _m.mailbox_id, t.mailbox.c.name.label("mailbox"), _m.uid, _m.flags,
                    _m.internal_date, _m.sent_date, _m.subject, _m.from_addr, _m.message_id,
                    _m.in_reply_to, _m.references, _m.meta, _m.thread_id, _m.blob_id,
@@ -344,7 +360,7 @@ _THREAD = (_MESSAGE.where(_m.thread_id == bindparam("thread_id"))
            .order_by(_m.internal_date, _m.id))
 _BODIES = (select(_m.id, t.blob.c.data)
            .select_from(t.message.join(t.blob, t.blob.c.id == _m.blob_id))
-           .where(_m.id.in_(bindparam("ids", expanding=True)), _m.mailbox_id.in_(_OWNED)))
+           .where(_m.id.in_(bindparam("ids", expanding=True)), _OWNED_ROWS))
 
 
 class Conversations:
