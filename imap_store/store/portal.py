@@ -31,6 +31,7 @@ from sqlalchemy import (
     select,
     update,
 )
+from sqlalchemy.engine import Connection
 
 from imap_store.mime import decode_rfc2047
 from imap_store.store import schema as t
@@ -84,6 +85,10 @@ _SESSION = (select(t.web_session, t.patient.c.ins, t.patient.c.name, t.patient.c
             .where(t.web_session.c.id == bindparam("sid")))
 
 
+def _session_row(conn: Connection, sid: str) -> Any:
+    return conn.execute(_SESSION, {"sid": sid}).first()
+
+
 class Sessions:
     """Portal sessions in the database, so that every ``serve`` process knows them."""
 
@@ -117,8 +122,7 @@ class Sessions:
             return None
         sid = _digest(token)
         now = utcnow()
-        async with self.store.read() as conn:
-            row = (await conn.execute(_SESSION, {"sid": sid})).first()
+        row = await self.store.read_inline(_session_row, sid)
         if row is None:
             return None
         session = _session(row)
@@ -370,14 +374,19 @@ class Conversations:
         self.store = store
         self.patient_id = patient_id
 
-    async def _groups(self, conn: Any) -> list[_Group]:
-        versions = tuple((int(r.id), int(r.highestmodseq)) for r in (await conn.execute(
-            _VERSIONS, {"patient_id": self.patient_id})).all())
+    # The reads below are one-shot lookups run by ``Store.read_inline``: on PostgreSQL on a
+    # kept autocommit connection (no pool checkout with its ping, no BEGIN and COMMIT: a
+    # list page was five round trips more than its two statements), on SQLite as before.
+
+    def _groups(self, conn: Connection) -> list[_Group]:
+        versions = tuple((int(r.id), int(r.highestmodseq)) for r in conn.execute(
+            _VERSIONS, {"patient_id": self.patient_id}).all())
         cached = _GROUPS.get(self.patient_id)
         if cached is not None and cached[0] == versions:
             _GROUPS.move_to_end(self.patient_id)
             return cached[1]
-        rows = (await conn.execute(_GROUPED, {"mailboxes": [v[0] for v in versions]})).all()
+        # Read after the versions: a change in between leaves an entry that is never used.
+        rows = conn.execute(_GROUPED, {"mailboxes": [v[0] for v in versions]}).all()
         groups = [_Group(r.key, as_utc(r.last), int(r.first_id),
                          int(r.last_sent_id or r.last_id), int(r.n), int(r.unseen or 0),
                          int(r.drafts or 0), int(r.attachments or 0)) for r in rows]
@@ -387,19 +396,23 @@ class Conversations:
             _GROUPS.popitem(last=False)
         return groups
 
+    def _page_rows(self, conn: Connection, offset: int,
+                   limit: int) -> tuple[int, list[_Group], list[Any]]:
+        groups = self._groups(conn)
+        chosen = groups[offset:offset + limit]
+        ids = sorted({g.first_id for g in chosen} | {g.last_id for g in chosen})
+        rows = list(conn.execute(_LIST_ROWS, {"ids": ids, "patient_id": self.patient_id}
+                                 ).all()) if ids else []
+        return len(groups), chosen, rows
+
     async def page(self, offset: int, limit: int) -> tuple[int, list[ConversationSummary]]:
         """The conversations, newest first: ``(total, the page)``."""
-        async with self.store.read() as conn:
-            groups = await self._groups(conn)
-            chosen = groups[offset:offset + limit]
-            ids = sorted({g.first_id for g in chosen} | {g.last_id for g in chosen})
-            rows = (await conn.execute(_LIST_ROWS, {"ids": ids, "patient_id": self.patient_id})
-                    ).all() if ids else []
+        total, chosen, rows = await self.store.read_inline(self._page_rows, offset, limit)
         by_id = {row.id: row for row in rows}
         out = []
         for g in chosen:
             first, last = by_id.get(g.first_id), by_id.get(g.last_id)
-            if first is None or last is None:
+            if first is None or last is None:  # removed meanwhile
                 continue
             out.append(ConversationSummary(
                 key=g.first_id, last_date=as_utc(last.sent_date or last.internal_date),
@@ -407,21 +420,21 @@ class Conversations:
                 last_sender=last.from_name or last.from_addr or "", messages=g.messages,
                 unread=g.unseen > 0, has_draft=g.drafts > 0,
                 has_attachments=g.attachments > 0))
-        return len(groups), out
+        return total, out
+
+    def _message_rows(self, conn: Connection, key: int) -> list[Any]:
+        first = conn.execute(_FIRST, {"key": key, "patient_id": self.patient_id}).first()
+        if first is None:
+            return []
+        if first.thread_id is None:
+            return [first]
+        return list(conn.execute(_THREAD, {"thread_id": first.thread_id,
+                                           "patient_id": self.patient_id}).all())
 
     async def messages(self, key: int) -> list[MessageSummary]:
         """The messages of the conversation whose first message is ``key``, oldest first;
         empty when that message is not one of this patient's conversations."""
-        async with self.store.read() as conn:
-            first = (await conn.execute(_FIRST, {"key": key, "patient_id": self.patient_id})
-                     ).first()
-            if first is None:
-                return []
-            if first.thread_id is None:
-                rows = [first]
-            else:
-                rows = list((await conn.execute(_THREAD, {
-                    "thread_id": first.thread_id, "patient_id": self.patient_id})).all())
+        rows = await self.store.read_inline(self._message_rows, key)
         return [_summary(r) for r in rows]
 
     async def bodies(self, message_ids: Sequence[int]) -> dict[int, bytes]:
