@@ -170,6 +170,31 @@ def new_uidvalidity() -> int:
     return (int(utcnow().timestamp()) & 0x7FFFFFFF) ^ secrets.randbits(16) or 1
 
 
+def _contacts(conn: Connection, patient_id: int) -> list[Contact]:
+    """A patient's contacts: its exchanges, then the aliases (R4) of each, by name."""
+    rows = conn.execute(
+        select(t.exchange).where(t.exchange.c.patient_id == patient_id)
+    ).all()
+    contacts = [
+        Contact(r.professional_address, r.professional_name, r.state, as_utc(r.since), None)
+        for r in rows
+    ]
+    aliases = conn.execute(
+        select(t.exchange_alias, t.exchange.c.state, t.exchange.c.professional_address,
+               t.exchange.c.since.label("exchange_since"))
+        .join(t.exchange, t.exchange.c.id == t.exchange_alias.c.exchange_id)
+        .where(t.exchange.c.patient_id == patient_id)
+    ).all()
+    direct = {c.address for c in contacts}
+    for a in aliases:
+        if a.address in direct:
+            continue
+        since = as_utc(a.since) if a.state == "open" else as_utc(a.exchange_since)
+        contacts.append(Contact(a.address, a.name, a.state, since, a.professional_address))
+    contacts.sort(key=lambda c: ((c.name or c.address).casefold(), c.address))
+    return contacts
+
+
 class Store:
     def __init__(self, engine: AsyncEngine, blobs: BlobStore | None = None,
                  sync_engine: Engine | None = None, url: str | None = None) -> None:
@@ -566,27 +591,7 @@ class Store:
         return next(c for c in contacts if c.address == professional_address and c.via is None)
 
     async def _contacts(self, conn: AsyncConnection, patient_id: int) -> list[Contact]:
-        rows = (await conn.execute(
-            select(t.exchange).where(t.exchange.c.patient_id == patient_id)
-        )).all()
-        contacts = [
-            Contact(r.professional_address, r.professional_name, r.state, as_utc(r.since), None)
-            for r in rows
-        ]
-        aliases = (await conn.execute(
-            select(t.exchange_alias, t.exchange.c.state, t.exchange.c.professional_address,
-                   t.exchange.c.since.label("exchange_since"))
-            .join(t.exchange, t.exchange.c.id == t.exchange_alias.c.exchange_id)
-            .where(t.exchange.c.patient_id == patient_id)
-        )).all()
-        direct = {c.address for c in contacts}
-        for a in aliases:
-            if a.address in direct:
-                continue
-            since = as_utc(a.since) if a.state == "open" else as_utc(a.exchange_since)
-            contacts.append(Contact(a.address, a.name, a.state, since, a.professional_address))
-        contacts.sort(key=lambda c: ((c.name or c.address).casefold(), c.address))
-        return contacts
+        return await conn.run_sync(_contacts, patient_id)
 
     async def list_contacts(self, ins: str) -> list[Contact]:
         async with self.read() as conn:
@@ -594,6 +599,6 @@ class Store:
             return await self._contacts(conn, patient.id)
 
     async def contacts_of(self, patient_id: int) -> list[Contact]:
-        """The patient's contacts (as ``list_contacts``), by patient id."""
-        async with self.read() as conn:
-            return await self._contacts(conn, patient_id)
+        """The patient's contacts (as ``list_contacts``), by patient id: two lookups, with
+        ``read_inline`` (the portal asks at every conversation page)."""
+        return await self.read_inline(_contacts, patient_id)
