@@ -608,10 +608,7 @@ class SqlMailStores:
         result: dict[int, int] = {}
         async with self.store.read() as conn:
             for start in range(0, len(ids), _CHUNK):
-                rows = await conn.execute(
-                    select(t.mailbox.c.id, t.mailbox.c.highestmodseq)
-                    .where(t.mailbox.c.id.in_(ids[start : start + _CHUNK]))
-                )
+                rows = await conn.execute(_HIGHESTMODSEQS, {"ids": ids[start : start + _CHUNK]})
                 result.update((int(r[0]), int(r[1])) for r in rows)
         return result
 
@@ -630,6 +627,67 @@ _MAILBOX_COLUMNS = (
     t.mailbox.c.uidvalidity, t.mailbox.c.uidnext, t.mailbox.c.highestmodseq,
     t.mailbox.c.recent_uid,
 )
+
+# --- statements built once ------------------------------------------------------------------
+# The statements of SELECT/EXAMINE, STATUS and the change poll run for every session at every
+# command: built per call, SQLAlchemy spent more CPU constructing them and their cache keys
+# than running them (bench/select_cost.py). Built once with bind parameters, a statement
+# object keeps its memoized cache key and only the parameters change.
+
+_P_PATIENT = bindparam("patient_id", type_=Integer)
+_P_MAILBOX = bindparam("mailbox_id", type_=Integer)
+#: The id of mailbox ``:mailbox_id`` if patient ``:patient_id`` owns it, else nothing.
+_OWNED_MAILBOX_ID = (
+    select(t.mailbox.c.id)
+    .where(t.mailbox.c.id == _P_MAILBOX, t.mailbox.c.patient_id == _P_PATIENT)
+    .scalar_subquery()
+)
+_HIGHESTMODSEQS = select(t.mailbox.c.id, t.mailbox.c.highestmodseq).where(
+    t.mailbox.c.id.in_(bindparam("ids", expanding=True)))
+_LOOKUP = select(*_MAILBOX_COLUMNS).where(
+    t.mailbox.c.patient_id == _P_PATIENT, t.mailbox.c.name == bindparam("name"))
+# Three index-only reads (ix_message_mailbox_uid_flags, the partial keywords index): the UIDs,
+# the first unseen one, the keywords in use; no row is read. ``:mailbox_id`` comes from a
+# scoped lookup.
+_OPEN_UIDS = (select(t.message.c.uid).where(t.message.c.mailbox_id == _P_MAILBOX)
+              .order_by(t.message.c.uid))
+_OPEN_FIRST_UNSEEN = (
+    select(func.min(t.message.c.uid))
+    .where(t.message.c.mailbox_id == _P_MAILBOX, t.message.c.flags.op("&")(t.FLAG_SEEN) == 0)
+    .with_hint(t.message, "INDEXED BY ix_message_mailbox_uid_flags", "sqlite")
+)
+_OPEN_KEYWORDS = (select(t.message.c.keywords)
+                  .where(t.message.c.mailbox_id == _P_MAILBOX, _HAS_KEYWORDS).distinct())
+_CLAIM_RECENT = (
+    update(t.mailbox)
+    # (an UPDATE's bind parameters may not be named like the table's columns)
+    .where(t.mailbox.c.id == bindparam("box", type_=Integer),
+           t.mailbox.c.patient_id == bindparam("owner", type_=Integer),
+           t.mailbox.c.recent_uid == bindparam("seen", type_=Integer))
+    .values(recent_uid=bindparam("up_to", type_=Integer))
+)
+_CHANGES_HEAD = select(t.mailbox.c.highestmodseq, t.mailbox.c.recent_uid).where(
+    t.mailbox.c.id == _P_MAILBOX, t.mailbox.c.patient_id == _P_PATIENT)
+_P_SINCE = bindparam("since", type_=Integer)
+_P_HIGHEST = bindparam("highest", type_=Integer)
+_CHANGED_FLAGS = (
+    select(t.message.c.uid, t.message.c.flags, t.message.c.keywords, t.message.c.modseq)
+    .where(t.message.c.mailbox_id == _OWNED_MAILBOX_ID, t.message.c.modseq > _P_SINCE,
+           t.message.c.modseq <= _P_HIGHEST)
+    .order_by(t.message.c.uid)
+)
+_CHANGED_GONE = (
+    select(t.expunged.c.uid)
+    .where(t.expunged.c.mailbox_id == _OWNED_MAILBOX_ID, t.expunged.c.modseq > _P_SINCE,
+           t.expunged.c.modseq <= _P_HIGHEST)
+    .order_by(t.expunged.c.uid)
+)
+_STATUS_UNSEEN = t.message.c.flags.op("&")(t.FLAG_SEEN) == 0
+_STATUS_COUNTS = select(
+    func.count(t.message.c.id),
+    func.count(t.message.c.id).filter(_STATUS_UNSEEN),
+    func.count(t.message.c.id).filter(t.message.c.uid > bindparam("recent_uid", type_=Integer)),
+).where(t.message.c.mailbox_id == _OWNED_MAILBOX_ID)
 
 
 class PatientMailStore:
@@ -696,8 +754,7 @@ class PatientMailStore:
 
     async def _lookup(self, conn: AsyncConnection, name: str) -> MailboxInfo | None:
         row = (await conn.execute(
-            select(*_MAILBOX_COLUMNS).where(self._owned(), t.mailbox.c.name == name)
-        )).first()
+            _LOOKUP, {"patient_id": self.patient_id, "name": name})).first()
         return None if row is None else _info(row)
 
     async def _bump(self, conn: AsyncConnection, mailbox_id: int, uids: int = 0) -> Any:
@@ -734,25 +791,16 @@ class PatientMailStore:
             info = await self._lookup(conn, name)
             if info is None:
                 return None
-            in_box = t.message.c.mailbox_id == info.id  # info came from a scoped lookup
-            # Three index-only reads (ix_message_mailbox_uid_flags, the partial keywords
-            # index): the UIDs, the first unseen one, the keywords in use; no row is read.
-            result = await conn.execute(
-                select(t.message.c.uid).where(in_box).order_by(t.message.c.uid)
-            )
+            in_box = {"mailbox_id": info.id}  # info came from a scoped lookup
+            result = await conn.execute(_OPEN_UIDS, in_box)
             uids: array[int] = array("L", result.scalars())
-            first = (await conn.execute(
-                _flags_hint(select(func.min(t.message.c.uid))
-                            .where(in_box, t.message.c.flags.op("&")(t.FLAG_SEEN) == 0))
-            )).scalar()
+            first = (await conn.execute(_OPEN_FIRST_UNSEEN, in_box)).scalar()
             first_unseen = 0
             if first is not None:
                 index = bisect_left(uids, first)
                 if index < len(uids) and uids[index] == first:
                     first_unseen = index + 1
-            keywords = await conn.execute(
-                select(t.message.c.keywords).where(in_box, _HAS_KEYWORDS).distinct()
-            )
+            keywords = await conn.execute(_OPEN_KEYWORDS, in_box)
             names: set[str] = set()
             for (text,) in keywords:
                 names.update(split_keywords(text))
@@ -763,41 +811,26 @@ class PatientMailStore:
         compare-and-set on ``mailbox.recent_uid`` (RFC 3501 §2.3.2)."""
 
         async def job(conn: AsyncConnection) -> bool:
-            result = await conn.execute(
-                update(t.mailbox)
-                .where(t.mailbox.c.id == mailbox_id, self._owned(),
-                       t.mailbox.c.recent_uid == seen)
-                .values(recent_uid=up_to)
-            )
+            result = await conn.execute(_CLAIM_RECENT, {
+                "box": mailbox_id, "owner": self.patient_id, "seen": seen,
+                "up_to": up_to})
             return bool(result.rowcount)
 
         return await self._stores.write(job)
 
     async def changes(self, mailbox_id: int, since: int) -> Changes:
         async with self._store.read() as conn:
-            row = (await conn.execute(
-                select(t.mailbox.c.highestmodseq, t.mailbox.c.recent_uid)
-                .where(t.mailbox.c.id == mailbox_id, self._owned())
-            )).first()
+            scope = {"mailbox_id": mailbox_id, "patient_id": self.patient_id}
+            row = (await conn.execute(_CHANGES_HEAD, scope)).first()
             if row is None:
                 return Changes(since, 0, (), (), exists=False)
             highest = int(row[0])
             if highest <= since:
                 return Changes(highest, int(row[1]), (), ())
-            rows = await conn.execute(
-                select(t.message.c.uid, t.message.c.flags, t.message.c.keywords,
-                       t.message.c.modseq)
-                .where(self._in_mailbox(mailbox_id), t.message.c.modseq > since,
-                       t.message.c.modseq <= highest)
-                .order_by(t.message.c.uid)
-            )
+            window = {**scope, "since": since, "highest": highest}
+            rows = await conn.execute(_CHANGED_FLAGS, window)
             changed = tuple(FlagState(int(r[0]), int(r[1]), r[2], int(r[3])) for r in rows)
-            gone = await conn.execute(
-                select(t.expunged.c.uid)
-                .where(t.expunged.c.mailbox_id == self._mailbox_id(mailbox_id),
-                       t.expunged.c.modseq > since, t.expunged.c.modseq <= highest)
-                .order_by(t.expunged.c.uid)
-            )
+            gone = await conn.execute(_CHANGED_GONE, window)
             expunged = tuple(int(r[0]) for r in gone)
         return Changes(highest, int(row[1]), changed, expunged)
 
@@ -827,14 +860,9 @@ class PatientMailStore:
             info = await self._lookup(conn, name)
             if info is None:
                 raise NoSuchMailbox()
-            unseen = t.message.c.flags.op("&")(t.FLAG_SEEN) == 0
-            row = (await conn.execute(
-                select(
-                    func.count(t.message.c.id),
-                    func.count(t.message.c.id).filter(unseen),
-                    func.count(t.message.c.id).filter(t.message.c.uid > info.recent_uid),
-                ).where(self._in_mailbox(info.id))
-            )).one()
+            row = (await conn.execute(_STATUS_COUNTS, {
+                "mailbox_id": info.id, "patient_id": self.patient_id,
+                "recent_uid": info.recent_uid})).one()
         return StatusCounts(int(row[0]), int(row[1]), int(row[2]), info.uidnext,
                             info.uidvalidity, info.highestmodseq)
 
