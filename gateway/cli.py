@@ -23,6 +23,7 @@ from gateway.cliutil import (
 )
 from gateway.config import (
     DEFAULT_CONFIG_NAME,
+    Config,
     ConfigError,
     build_config,
     config_path,
@@ -190,9 +191,7 @@ async def cmd_certs(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-async def cmd_serve(args: argparse.Namespace) -> int:
-    from gateway.service import serve
-
+def _serve_config(args: argparse.Namespace) -> Config:
     config = load_config(config_path(args.config))
     # Configuration errors are refused here, in one line, before serve logs anything.
     config.tls  # noqa: B018 - the listeners need [tls]
@@ -200,8 +199,44 @@ async def cmd_serve(args: argparse.Namespace) -> int:
     path = sqlite_file(config.storage_url)
     if path is not None and not path.parent.is_dir():
         raise CliError(f"storage.url: directory {path.parent} does not exist", EXIT_USAGE)
-    code: int = await serve(config)
+    return config
+
+
+async def cmd_serve(args: argparse.Namespace) -> int:
+    from gateway.service import serve
+
+    code: int = await serve(_serve_config(args))
     return code
+
+
+def serve_command(args: argparse.Namespace) -> int:
+    """``serve``: one process, or a supervisor of ``[server] workers`` processes (forked
+    outside any event loop: ``gateway/workers.py``)."""
+    from gateway.workers import supervise, worker_count
+
+    holder: list[Config] = []
+
+    async def check() -> int:
+        holder.append(_serve_config(args))
+        return EXIT_OK
+
+    run(PROG, check)
+    config = holder[0]
+    count = worker_count(config.workers)
+    if count == 1:
+        return run(PROG, lambda: cmd_serve(args))
+
+    from gateway.service import preflight, serve, serve_ops
+
+    async def migrate_once() -> int:
+        preflight(config)
+        await migrate(config.storage_url)
+        return EXIT_OK
+
+    run(PROG, migrate_once)
+    return supervise(config, count,
+                     lambda role: run(PROG, lambda: serve(config, role)),
+                     lambda runtime, n: run(PROG, lambda: serve_ops(config, runtime, n)))
 
 
 def _sqlite_of(config_url: str, what: str) -> Path:
@@ -327,7 +362,9 @@ async def cmd_demo_operator(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handlers = {"init": cmd_init, "certs": cmd_certs, "serve": cmd_serve, "queue": cmd_queue,
+    if args.command == "serve":
+        return serve_command(args)
+    handlers = {"init": cmd_init, "certs": cmd_certs, "queue": cmd_queue,
                 "backup": cmd_backup, "restore": cmd_restore,
                 "demo-operator": cmd_demo_operator}
     return run(PROG, lambda: handlers[args.command](args))

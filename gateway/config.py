@@ -163,6 +163,8 @@ class Config:
     smtp_bare_newline: str = "normalize"
     #: ``[imap] poll_interval``: seconds between two looks for changes besides the signals.
     imap_poll_interval: int = 1
+    #: ``[server] workers``: processes of ``serve``; 0 = one per core (``gateway/workers.py``).
+    workers: int = 0
 
     @property
     def tls(self) -> TlsConfig:
@@ -286,6 +288,7 @@ def build_config(raw: Mapping[str, Any], path: Path) -> Config:
 
     server = _Section("server", raw.get("server"), base)
     hostname = server.text("hostname", "localhost")
+    workers = server.integer("workers", Config.workers, minimum=0)
     server.finish()
 
     storage = _Section("storage", raw.get("storage"), base)
@@ -434,6 +437,7 @@ def build_config(raw: Mapping[str, Any], path: Path) -> Config:
         logging=LoggingConfig(format=log_format, level=log_level),
         smtp_bare_newline=bare_newline,
         imap_poll_interval=poll_interval,
+        workers=workers,
     )
 
 
@@ -457,6 +461,7 @@ def render_default_config(*, domain: str, hostname: str,
 
 [server]
 hostname = "{hostname}"
+workers = 0                      # processes serving the listeners; 0 = one per core
 
 [storage]
 # sqlite:///PATH (one file, no server) or postgresql://USER@HOST/DB[?schema=NAME]

@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import uvicorn
-from prometheus_client import REGISTRY, Counter, Gauge, disable_created_metrics
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, disable_created_metrics
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
+from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -101,30 +102,21 @@ class LiveState(Collector):
                                 value=self.smtp.budget.limit)
 
 
-class OpsListener:
-    """``/metrics``, ``/healthz`` and ``/readyz`` on one plain HTTP listener."""
+class _PlainHttp:
+    """A small Starlette app on uvicorn's protocol, on the gateway's own event loop, over TCP
+    or a Unix socket."""
 
-    def __init__(self, store: Store, readiness: Readiness, live: LiveState) -> None:
-        self.store = store
-        self.readiness = readiness
-        self.live = live
-        app = Starlette(routes=[
-            Route("/metrics", self.metrics, methods=["GET"]),
-            Route("/healthz", self.healthz, methods=["GET"]),
-            Route("/readyz", self.readyz, methods=["GET"]),
-        ])
-        self.config = uvicorn.Config(app, lifespan="off", log_config=None, access_log=False,
-                                     proxy_headers=False, server_header=False,
-                                     limit_concurrency=MAX_CONNECTIONS,
+    def __init__(self, routes: list[Route]) -> None:
+        self.config = uvicorn.Config(Starlette(routes=routes), lifespan="off", log_config=None,
+                                     access_log=False, proxy_headers=False,
+                                     server_header=False, limit_concurrency=MAX_CONNECTIONS,
                                      timeout_keep_alive=KEEP_ALIVE_SECONDS,
                                      timeout_graceful_shutdown=CLOSE_SECONDS)
         self.config.load()
         self.server = uvicorn.Server(self.config)
         self.server.lifespan = self.config.lifespan_class(self.config)
-        self._registered = False
 
-    async def start(self, host: str, port: int) -> asyncio.Server:
-        """Listen on ``host:port``; OSError when the address cannot be bound."""
+    def _protocol(self) -> Callable[[], asyncio.Protocol]:
         config, state = self.config, self.server.server_state
         loop = asyncio.get_running_loop()
 
@@ -132,20 +124,59 @@ class OpsListener:
             return config.http_protocol_class(  # type: ignore[call-arg]
                 config=config, server_state=state, app_state={}, _loop=loop)
 
-        server = await loop.create_server(protocol, host, port, reuse_address=True)
-        self.server.servers = [server]
-        self.server.started = True
-        REGISTRY.register(self.live)
-        self._registered = True
+        return protocol
+
+    async def start(self, host: str, port: int) -> asyncio.Server:
+        """Listen on ``host:port``; OSError when the address cannot be bound."""
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(self._protocol(), host, port, reuse_address=True)
+        self._started(server)
         log.info("metrics listening on %s:%d", host, port)
         return server
+
+    async def start_unix(self, path: str) -> asyncio.Server:
+        """Listen on a Unix socket (a worker, for the ops process: ``gateway/workers.py``)."""
+        loop = asyncio.get_running_loop()
+        server = await loop.create_unix_server(self._protocol(), path)
+        self._started(server)
+        return server
+
+    def _started(self, server: asyncio.Server) -> None:
+        self.server.servers = [server]
+        self.server.started = True
+
+    async def close(self) -> None:
+        if self.server.started:
+            await self.server.shutdown()
+
+    async def healthz(self, request: Request) -> Response:
+        return PlainTextResponse("ok\n")
+
+
+class OpsListener(_PlainHttp):
+    """``/metrics``, ``/healthz`` and ``/readyz`` on one plain HTTP listener."""
+
+    def __init__(self, store: Store, readiness: Readiness, live: LiveState) -> None:
+        super().__init__([
+            Route("/metrics", self.metrics, methods=["GET"]),
+            Route("/healthz", self.healthz, methods=["GET"]),
+            Route("/readyz", self.readyz, methods=["GET"]),
+        ])
+        self.store = store
+        self.readiness = readiness
+        self.live = live
+        self._registered = False
+
+    def _started(self, server: asyncio.Server) -> None:
+        super()._started(server)
+        REGISTRY.register(self.live)
+        self._registered = True
 
     async def close(self) -> None:
         if self._registered:
             REGISTRY.unregister(self.live)
             self._registered = False
-        if self.server.started:
-            await self.server.shutdown()
+        await super().close()
 
     async def refresh_queue(self) -> None:
         try:
@@ -166,9 +197,6 @@ class OpsListener:
         encode, content_type = choose_encoder(request.headers.get("accept", ""))
         return Response(encode(REGISTRY), headers={"Content-Type": content_type})
 
-    async def healthz(self, request: Request) -> Response:
-        return PlainTextResponse("ok\n")
-
     async def readyz(self, request: Request) -> Response:
         checks = await self.readiness.checks()
         failing = [c for c in checks if not c.ok]
@@ -183,3 +211,105 @@ def ops_listener(store: Store, servers: Sequence[asyncio.Server], worker: QueueW
     """The metrics listener of ``serve`` (``servers``: the list it fills as it binds)."""
     return OpsListener(store, Readiness(store, servers, lambda: worker.alive),
                        LiveState(smtp, imap))
+
+
+# --- several workers (gateway/workers.py) ---------------------------------------------------
+
+#: Families whose value is the same database fact in every worker, or a per-process constant:
+#: one value (the largest), not their sum. ``process_start_time_seconds``: the earliest.
+_NOT_ADDED = {"mssante_outbound_queue_depth": max, "mssante_outbound_queue_oldest_seconds": max,
+              "process_max_fds": max, "python_info": max, "process_start_time_seconds": min}
+#: Seconds the ops process waits for one worker's answer.
+WORKER_TIMEOUT = 5.0
+
+
+class _Merged(Collector):
+    def __init__(self, families: list[Metric]) -> None:
+        self.families = families
+
+    def collect(self) -> Iterable[Metric]:
+        return self.families
+
+
+def merge_expositions(texts: Sequence[str]) -> list[Metric]:
+    """The workers' metrics (Prometheus text format) as one set: each series (name and
+    labels) summed over the workers, except the few of ``_NOT_ADDED``."""
+    families: dict[str, Metric] = {}
+    values: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]] = {}
+    for text in texts:
+        for family in text_string_to_metric_families(text):
+            if family.name not in families:
+                families[family.name] = Metric(family.name, family.documentation, family.type,
+                                               family.unit)
+                values[family.name] = {}
+            combine = _NOT_ADDED.get(family.name)
+            seen = values[family.name]
+            for sample in family.samples:
+                key = (sample.name, tuple(sorted(sample.labels.items())))
+                if key not in seen:
+                    seen[key] = sample.value
+                elif combine is not None:
+                    seen[key] = combine(seen[key], sample.value)
+                else:
+                    seen[key] += sample.value
+    for name, family in families.items():
+        for (sample_name, labels), value in values[name].items():
+            family.add_sample(sample_name, dict(labels), value)
+    return list(families.values())
+
+
+async def _ask_worker(path: str, target: str) -> tuple[int, str]:
+    """One plain HTTP GET over a worker's Unix socket: (status, body); (0, reason) when the
+    worker does not answer (it is restarting)."""
+    try:
+        async with asyncio.timeout(WORKER_TIMEOUT):
+            reader, writer = await asyncio.open_unix_connection(path)
+            try:
+                writer.write(f"GET {target} HTTP/1.1\r\nHost: worker\r\n"
+                             "Connection: close\r\n\r\n".encode())
+                data = await reader.read()
+            finally:
+                writer.close()
+    except (OSError, TimeoutError) as exc:
+        return 0, exc.__class__.__name__
+    head, _, body = data.partition(b"\r\n\r\n")
+    try:
+        status = int(head.split(b" ", 2)[1])
+    except (IndexError, ValueError):
+        return 0, "bad answer"
+    return status, body.decode("utf-8", "replace")
+
+
+class WorkersOps(_PlainHttp):
+    """``[metrics] listen`` of a ``serve`` with several workers (the ops process): asks each
+    worker (its ``OpsListener`` on a Unix socket) and answers for all of them."""
+
+    def __init__(self, sockets: Sequence[str]) -> None:
+        super().__init__([
+            Route("/metrics", self.metrics, methods=["GET"]),
+            Route("/healthz", self.healthz, methods=["GET"]),
+            Route("/readyz", self.readyz, methods=["GET"]),
+        ])
+        self.sockets = list(sockets)
+
+    async def metrics(self, request: Request) -> Response:
+        answers = await asyncio.gather(*(_ask_worker(s, "/metrics") for s in self.sockets))
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(_Merged(merge_expositions(
+            [body for status, body in answers if status == 200])))
+        encode, content_type = choose_encoder(request.headers.get("accept", ""))
+        return Response(encode(registry), headers={"Content-Type": content_type})
+
+    async def readyz(self, request: Request) -> Response:
+        answers = await asyncio.gather(*(_ask_worker(s, "/readyz") for s in self.sockets))
+        failing = [i for i, (status, _body) in enumerate(answers) if status != 200]
+        head = "ready" if not failing else \
+            "not ready: " + ", ".join(f"worker {i}" for i in failing)
+        lines = [head]
+        for i, (status, body) in enumerate(answers):
+            if status == 0:
+                lines.append(f"worker {i}: no answer ({body})")
+            else:
+                lines += [f"worker {i}: {line}" for line in body.splitlines()]
+        return PlainTextResponse("\n".join(lines) + "\n",
+                                 status_code=503 if failing else 200)

@@ -14,12 +14,14 @@ import os
 import signal
 import sys
 from collections.abc import Awaitable
+from pathlib import Path
 
 from gateway import wiring
 from gateway.config import Config, Listen, ListenError
 from gateway.logsetup import setup_logging
-from gateway.metrics import MeteredAuthenticator, OpsListener, ops_listener
+from gateway.metrics import MeteredAuthenticator, OpsListener, WorkersOps, ops_listener
 from gateway.tls import client_context, server_context
+from gateway.workers import WorkerRole, ops_socket
 from imap_store.imap.server import ImapService
 from imap_store.store.db import migrate
 from imap_store.store.directory import Store
@@ -66,14 +68,29 @@ async def _listen(name: str, listen: Listen, start: Awaitable[asyncio.Server]) -
                           f"({exc.strerror or exc})") from None
 
 
-async def serve(config: Config) -> int:
+def preflight(config: Config) -> None:
+    """What a start refuses for its configuration (the TLS keys, the DKIM key, the
+    templates), checked once by the supervisor before any worker starts: one error line,
+    not one per worker."""
+    server_context(config.tls.cert, config.tls.key, config.tls.client_ca)
+    wiring.outbound_settings(config)
+    wiring.notices(config)
+
+
+async def serve(config: Config, worker: WorkerRole | None = None) -> int:
+    """Run every listener until SIGTERM. ``worker``: this process is one of several started by
+    the supervisor (``gateway/workers.py``), which migrated the database and prints the
+    banner; the listeners share their ports with the other workers (``SO_REUSEPORT``)."""
     setup_logging(config.logging.format, config.logging.level)
     return_large_buffers_to_the_os()
     keep_the_loop_responsive()
-    if config.notifier.relay is None:  # said once, at start (README: [notifier] relay)
+    first = worker is None or worker.index == 0
+    if config.notifier.relay is None and first:  # said once, at start
         log.warning("notifications off: [notifier] relay is empty, patients get no e-mail "
                     "at their personal address when a message arrives")
-    await migrate(config.storage_url)
+    if worker is None:
+        await migrate(config.storage_url)
+    reuse_port = worker is not None
     store = Store.from_url(config.storage_url)
     writer = GroupWriter(store)
     writer.start()
@@ -86,7 +103,9 @@ async def serve(config: Config) -> int:
     smtp_settings = wiring.smtp_settings(config)
     ctx = IntakeContext(
         settings=smtp_settings, store=store, writer=writer, authenticator=authenticator,
-        notices=notices, tls=tls, budget=DataBudget(smtp_settings.data_in_flight),
+        # Several workers share [limits] data_in_flight: the memory bound stays the one set.
+        notices=notices, tls=tls,
+        budget=DataBudget(smtp_settings.data_in_flight // (worker.count if worker else 1)),
         queue_wakeup=queue.poke,
     )
     queue.start()
@@ -110,16 +129,21 @@ async def serve(config: Config) -> int:
                                        ("submissions", config.submissions, True)):
             if listen is not None:
                 servers.append(await _listen(name, listen, start_listener(
-                    ctx, name, listen.host, listen.port, implicit)))
+                    ctx, name, listen.host, listen.port, implicit, reuse_port=reuse_port)))
         for listener in imap.settings.listeners:
             listen = Listen(listener.host, listener.port)
-            servers.append(await _listen(listener.name, listen, imap.start_listener(listener)))
+            servers.append(await _listen(listener.name, listen,
+                                         imap.start_listener(listener, reuse_port=reuse_port)))
         imap.start()
         if web is not None and config.web.listen is not None:
             listen = config.web.listen
-            servers.append(await _listen("web", listen, web.start(listen.host, listen.port)))
-        if config.metrics.listen is not None:  # last: its /readyz checks the others
-            listen = config.metrics.listen
+            servers.append(await _listen("web", listen, web.start(listen.host, listen.port,
+                                                                  reuse_port=reuse_port)))
+        if worker is not None and worker.ops_socket is not None:  # for the ops process
+            ops = ops_listener(store, servers, queue, ctx, imap)
+            await ops.start_unix(str(worker.ops_socket))
+        elif worker is None and config.metrics.listen is not None:  # last: /readyz checks
+            listen = config.metrics.listen                           # the others
             ops = ops_listener(store, servers, queue, ctx, imap)
             await _listen("metrics", listen, ops.start(listen.host, listen.port))
         stop = asyncio.Event()
@@ -133,6 +157,8 @@ async def serve(config: Config) -> int:
 
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, on_signal)
+        # A worker starts with them blocked (gateway/workers.py): handled from here on.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, (signal.SIGTERM, signal.SIGINT))
         listening = " ".join(
             f"{n}={lst}" for n, lst in (("smtp", config.smtp), ("submission", config.submission),
                                         ("submissions", config.submissions),
@@ -140,7 +166,11 @@ async def serve(config: Config) -> int:
                                         ("web", config.web.listen),
                                         ("metrics", config.metrics.listen))
             if lst is not None)
-        if config.logging.format == "json":  # one object per line: the banner is a record
+        if worker is not None:  # the supervisor prints the banner once all are ready
+            log.info("worker %d ready", worker.index)
+            os.write(worker.ready_fd, b"r")
+            os.close(worker.ready_fd)
+        elif config.logging.format == "json":  # one object per line: the banner is a record
             log.info("mssante-gateway ready: %s", listening)
         else:
             log.info("ready %s", listening)
@@ -165,4 +195,24 @@ async def serve(config: Config) -> int:
         await writer.close()
         await store.close()
     log.info("stopped")
+    return 0
+
+
+async def serve_ops(config: Config, runtime: Path, count: int) -> int:
+    """The ops process of a ``serve`` with several workers (``gateway/workers.py``):
+    ``[metrics] listen`` answered for all the workers, until SIGTERM."""
+    setup_logging(config.logging.format, config.logging.level)
+    listen = config.metrics.listen
+    assert listen is not None
+    ops = WorkersOps([str(ops_socket(runtime, i)) for i in range(count)])
+    await _listen("metrics", listen, ops.start(listen.host, listen.port))
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, (signal.SIGTERM, signal.SIGINT))
+    try:
+        await stop.wait()
+    finally:
+        await ops.close()
     return 0

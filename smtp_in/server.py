@@ -699,12 +699,13 @@ class Handler:
 
 
 async def start_listener(ctx: IntakeContext, name: str, host: str, port: int,
-                         implicit_tls: bool) -> asyncio.Server:
-    """Listen on ``host:port``; OSError when the address cannot be bound."""
+                         implicit_tls: bool, *, reuse_port: bool = False) -> asyncio.Server:
+    """Listen on ``host:port``; OSError when the address cannot be bound. ``reuse_port``:
+    other processes (the workers of one ``serve``) listen on the same port."""
     loop = asyncio.get_running_loop()
     server = await loop.create_server(
         lambda: GatewaySMTP(ctx, name, implicit_tls), host, port,
-        ssl=ctx.tls if implicit_tls else None, reuse_address=True,
+        ssl=ctx.tls if implicit_tls else None, reuse_address=True, reuse_port=reuse_port or None,
     )
     log.info("%s listening on %s:%d", name, host, port)
     return server

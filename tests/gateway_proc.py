@@ -47,6 +47,9 @@ class Gateway:
     proc: subprocess.Popen[bytes] | None = None
     log_path: Path | None = None
     _log_file: Any = None
+    #: ``[server] workers`` written into the configuration at each start: one process unless
+    #: a test asks for more (tests/test_workers.py).
+    workers: int = 1
 
     @property
     def config(self) -> Path:
@@ -71,8 +74,17 @@ class Gateway:
         for name in LISTENERS:
             set_listen(self.config, name, f"127.0.0.1:{self.ports[name]}")
 
+    def set_workers(self) -> None:
+        text = self.config.read_text(encoding="utf-8")
+        line = f"workers = {self.workers}"
+        text, n = re.subn(r"(?m)^workers = \d+", line, text, count=1)
+        if n == 0:
+            text = text.replace("[server]\n", f"[server]\n{line}\n", 1)
+        self.config.write_text(text, encoding="utf-8")
+
     def start(self, timeout: float = 30.0) -> None:
         assert self.proc is None
+        self.set_workers()
         self.log_path = self.directory / f"serve-{int(time.time() * 1000)}.log"
         self._log_file = log = self.log_path.open("wb")
         env = {**os.environ, "MSSANTE_CONFIG": str(self.config), "PYTHONUNBUFFERED": "1"}

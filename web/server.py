@@ -84,8 +84,9 @@ class WebServer:
         self.protocol_class = limited_per_address(self.config.http_protocol_class,
                                                   connections_per_ip)
 
-    async def start(self, host: str, port: int) -> asyncio.Server:
-        """Listen on ``host:port`` over TLS; OSError when the address cannot be bound."""
+    async def start(self, host: str, port: int, *, reuse_port: bool = False) -> asyncio.Server:
+        """Listen on ``host:port`` over TLS; OSError when the address cannot be bound.
+        ``reuse_port``: other processes (the workers of one ``serve``) listen on it too."""
         config, state = self.config, self.server.server_state
         loop = asyncio.get_running_loop()
 
@@ -94,7 +95,7 @@ class WebServer:
                 config=config, server_state=state, app_state={}, _loop=loop)
 
         server = await loop.create_server(protocol, host, port, ssl=self.tls,
-                                          reuse_address=True)
+                                          reuse_address=True, reuse_port=reuse_port or None)
         self.server.servers = [server]
         self.server.started = True
         log.info("web listening on %s:%d", host, port)

@@ -204,8 +204,10 @@ class ImapService:
         gc.freeze()
         self.watcher.start()
 
-    async def start_listener(self, listener: ImapListener) -> asyncio.Server:
-        """Listen on one address; OSError when it cannot be bound."""
+    async def start_listener(self, listener: ImapListener, *,
+                             reuse_port: bool = False) -> asyncio.Server:
+        """Listen on one address; OSError when it cannot be bound. ``reuse_port``: other
+        processes (the workers of one ``serve``) listen on the same port."""
         name, implicit = listener.name, listener.implicit_tls
 
         async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -214,6 +216,7 @@ class ImapService:
         server = await asyncio.start_server(
             handler, listener.host, listener.port, ssl=self.tls if implicit else None,
             ssl_handshake_timeout=HANDSHAKE_TIMEOUT if implicit else None, reuse_address=True,
+            reuse_port=reuse_port or None,
             limit=READ_CHUNK,
         )
         self.servers.append(server)
