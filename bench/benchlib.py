@@ -467,23 +467,51 @@ def percentile(values: list[float], p: float) -> float:
     return ordered[int(rank) - 1]
 
 
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and its descendants (``serve`` with ``[server] workers`` > 1 is a supervisor
+    and its workers: the figures are theirs together)."""
+    out, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        out.append(current)
+        try:
+            todo += [int(c) for c in
+                     Path(f"/proc/{current}/task/{current}/children").read_text().split()]
+        except OSError:
+            pass
+    return out
+
+
 def cpu_seconds(pid: int) -> tuple[float, float]:
-    """(user, system) CPU seconds of a process (all its threads), from /proc/PID/stat."""
-    with open(f"/proc/{pid}/stat", encoding="ascii") as f:
-        fields = f.read().rpartition(")")[2].split()
+    """(user, system) CPU seconds of a process and its descendants (all their threads), from
+    /proc/PID/stat."""
+    user = system = 0
+    for member in process_tree(pid):
+        try:
+            with open(f"/proc/{member}/stat", encoding="ascii") as f:
+                fields = f.read().rpartition(")")[2].split()
+        except OSError:  # gone meanwhile
+            continue
+        user += int(fields[11])
+        system += int(fields[12])
     tick = os.sysconf("SC_CLK_TCK")
-    return int(fields[11]) / tick, int(fields[12]) / tick
+    return user / tick, system / tick
 
 
 def rss_mib(pid: int) -> tuple[float, float]:
-    """(VmRSS, VmHWM) of a process, in MiB, from /proc."""
+    """(VmRSS, VmHWM) of a process and its descendants (summed), in MiB, from /proc."""
     rss = hwm = 0.0
-    with open(f"/proc/{pid}/status", encoding="ascii") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                rss = int(line.split()[1]) / 1024
-            elif line.startswith("VmHWM:"):
-                hwm = int(line.split()[1]) / 1024
+    for member in process_tree(pid):
+        try:
+            with open(f"/proc/{member}/status", encoding="ascii") as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        rss += int(line.split()[1]) / 1024
+                    elif line.startswith("VmHWM:"):
+                        hwm += int(line.split()[1]) / 1024
+        except OSError:
+            if member == pid:
+                raise
     return rss, hwm
 
 

@@ -53,6 +53,7 @@ from benchlib import (
     free_port,
     make_gateway_dir,
     percentile,
+    set_key,
     start_gateway,
     start_sink,
     text_message,
@@ -265,6 +266,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--messages-per-session", type=int, default=40)
     parser.add_argument("--size", type=int, default=4096, help="bytes per message")
     parser.add_argument("--db", choices=("sqlite", "postgresql"), default="sqlite")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="[server] workers of the gateway (default: the gateway's own, "
+                        "one per core)")
     parser.add_argument("--professionals", type=int, default=20)
     parser.add_argument("--patients", type=int, default=10)
     parser.add_argument("--no-pipelining", dest="pipelining", action="store_false")
@@ -294,6 +298,8 @@ def main(argv: list[str] | None = None) -> int:
         t_setup = time.perf_counter()
         gw = make_gateway_dir(base, args.db, min(args.professionals, args.sessions),
                               args.patients)
+        if args.workers is not None:
+            set_key(gw.config, "server", "workers", str(args.workers))
         server = start_gateway(gw)
         print(f"tree: {tree_state()}", flush=True)
         print(f"setup: {args.db} {gw.storage_url.split('?')[0]} "

@@ -47,7 +47,9 @@ from benchlib import (
     cpu_seconds,
     make_gateway_dir,
     percentile,
+    process_tree,
     rss_mib,
+    set_key,
     start_gateway,
     text_message,
     tree_state,
@@ -83,7 +85,8 @@ class RssSampler(threading.Thread):
 def reset_peak(pid: int) -> bool:
     """Reset VmHWM to the current RSS (Linux >= 4.0: write 5 to clear_refs)."""
     try:
-        Path(f"/proc/{pid}/clear_refs").write_text("5")
+        for member in process_tree(pid):  # the supervisor and its workers
+            Path(f"/proc/{member}/clear_refs").write_text("5")
         return True
     except OSError:
         return False
@@ -160,6 +163,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sessions", type=int, default=20)
     parser.add_argument("--size-mb", type=float, default=20.0, help="MiB per message")
     parser.add_argument("--db", choices=("sqlite", "postgresql"), default="sqlite")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="[server] workers of the gateway (default: the gateway's own, "
+                        "one per core)")
     parser.add_argument("--data-in-flight-mb", type=int, default=512,
                         help="[limits] data_in_flight for this run, MiB (gateway default 256)")
     parser.add_argument("--profile", type=Path,
@@ -175,6 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         gw = make_gateway_dir(base, args.db, args.sessions, min(args.sessions, 10),
                               limits={"data_in_flight": args.data_in_flight_mb * MiB})
+        if args.workers is not None:
+            set_key(gw.config, "server", "workers", str(args.workers))
         env = dict(kv.split("=", 1) for kv in args.serve_env)
         server = start_gateway(gw, env=env)
         print(f"tree: {tree_state()}", flush=True)
