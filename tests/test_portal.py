@@ -349,3 +349,18 @@ def test_the_session_token_changes_once_logged_in(gateway: Gateway) -> None:
     stale = PortalClient(gateway, follow=False)
     assert stale.request("/messagerie", headers={"Cookie": f"mss_session={before}"}
                          ).status == 303
+
+
+def test_the_list_dates_are_arrival_dates_in_the_list_order(gateway: Gateway) -> None:
+    """The list is ordered by the arrival of each conversation's last message; the date shown
+    is that arrival, not the sender's Date: field (sample 02 is dated 15 February 2026 and
+    arrives after the welcome message: shown in the list with today's date, first)."""
+    deliver(gateway, DUPOND, sample("02"))
+    client = PortalClient(gateway)
+    page = client.login(PATIENT, PATIENT_PASSWORD).text
+    dates = re.findall(r'<span class="date">([^<]+)</span>', page)
+    assert len(dates) == 2, dates
+    assert dates[0] == dates[1]  # both arrived today
+    assert "févr." not in dates[0]
+    keys = conversation_keys(page)
+    assert "Vos résultats" in client.get(f"/messagerie/conversations/{keys[0]}").text

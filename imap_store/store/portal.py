@@ -422,7 +422,9 @@ class Conversations:
             if first is None or last is None:  # removed meanwhile
                 continue
             out.append(ConversationSummary(
-                key=g.first_id, last_date=as_utc(last.sent_date or last.internal_date),
+                # When the last message arrived: the order of the list, and no sender's
+                # Date: field can put a conversation out of it (the page shows each Date).
+                key=g.first_id, last_date=as_utc(last.internal_date),
                 subject=first.subject or last.subject or "",
                 last_sender=last.from_name or last.from_addr or "", messages=g.messages,
                 unread=g.unseen > 0, has_draft=g.drafts > 0,
