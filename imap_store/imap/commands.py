@@ -919,6 +919,26 @@ class Search(_UidCommand):
     returns: tuple[str, ...] | None = None
 
 
+#: RFC 5256 §3 sort-key names (DISPLAY and ESORT are not offered).
+SORT_KEYS = frozenset({"ARRIVAL", "CC", "DATE", "FROM", "SIZE", "SUBJECT", "TO"})
+
+
+@dataclass(frozen=True, slots=True)
+class Sort(_UidCommand):
+    """``[UID] SORT (criteria) charset keys`` (RFC 5256 §3).
+
+    ``keys`` is the sort criteria in order, each ``(name, reverse)`` with ``name`` one of
+    :data:`SORT_KEYS`; ``charset`` is upper-cased and one of :data:`SEARCH_CHARSETS`.
+    """
+
+    NAME: ClassVar[str] = "SORT"
+
+    keys: tuple[tuple[str, bool], ...]
+    charset: str
+    criteria: SearchKey
+    uid: bool = False
+
+
 @dataclass(frozen=True, slots=True)
 class Fetch(_UidCommand):
     """``[UID] FETCH set items`` (RFC 3501 §6.4.5).
@@ -1059,6 +1079,7 @@ Command = (
     | Unselect
     | Expunge
     | Search
+    | Sort
     | Fetch
     | Store
     | Copy

@@ -55,6 +55,7 @@ from imap_store.imap.commands import (
     MAX_MODSEQ,
     MAX_NUMBER,
     SEARCH_CHARSETS,
+    SORT_KEYS,
     SYSTEM_FLAGS,
     Append,
     Authenticate,
@@ -103,6 +104,7 @@ from imap_store.imap.commands import (
     SectionText,
     Select,
     SequenceSet,
+    Sort,
     StartTls,
     Status,
     Store,
@@ -1118,6 +1120,38 @@ def _search(reader: _Reader, tag: str, uid: bool) -> Command | InvalidCommand:
     return Search(tag, charset, criteria, uid, returns)
 
 
+def _sort(reader: _Reader, tag: str, uid: bool) -> Command | InvalidCommand:
+    """RFC 5256 §5: ``SORT SP sort-criteria SP search-criteria`` where search-criteria is
+    ``charset 1*(SP search-key)`` (the charset is not optional here)."""
+    reader.sp()
+
+    def criterion() -> tuple[str, bool]:  # sort-criterion = ["REVERSE" SP] sort-key
+        name = reader.atom("Invalid sort criterion").decode("ascii").upper()
+        reverse = name == "REVERSE"
+        if reverse:
+            if reader.peek() != _SP:
+                raise _SyntaxError("REVERSE needs a sort key")
+            reader.sp()
+            name = reader.atom("Invalid sort criterion").decode("ascii").upper()
+        if name not in SORT_KEYS:
+            raise _SyntaxError("Unknown sort criterion")
+        return name, reverse
+
+    keys = reader.paren_list(criterion, allow_empty=False)
+    reader.sp()
+    charset = reader.astring().decode("ascii", "replace").upper()
+    if charset not in SEARCH_CHARSETS:
+        return InvalidCommand(
+            tag,
+            "Unsupported charset",
+            status="NO",
+            code="BADCHARSET (" + " ".join(SEARCH_CHARSETS) + ")",
+        )
+    reader.sp()
+    criteria = _SearchParser(reader, charset).keys()
+    return Sort(tag, tuple(keys), charset, criteria, uid)
+
+
 _Handler = Callable[[_Reader, str, bool], Command | InvalidCommand]
 
 _HANDLERS: dict[str, _Handler] = {
@@ -1143,6 +1177,7 @@ _HANDLERS: dict[str, _Handler] = {
     "UNSELECT": _no_arguments(Unselect),
     "EXPUNGE": _expunge,
     "SEARCH": _search,
+    "SORT": _sort,
     "FETCH": _fetch,
     "STORE": _store,
     "COPY": _copy_or_move(Copy),
@@ -1154,7 +1189,7 @@ _HANDLERS: dict[str, _Handler] = {
 }
 
 #: Commands accepted after the ``UID`` prefix (RFC 3501 §6.4.8, RFC 4315 §2.1, RFC 6851 §3).
-_UID_COMMANDS = frozenset({"FETCH", "STORE", "COPY", "MOVE", "SEARCH", "EXPUNGE"})
+_UID_COMMANDS = frozenset({"FETCH", "STORE", "COPY", "MOVE", "SEARCH", "EXPUNGE", "SORT"})
 _KNOWN_NAMES = frozenset(_HANDLERS) | {"UID " + name for name in _UID_COMMANDS}
 
 

@@ -45,6 +45,7 @@ from imap_store.imap.commands import (
     Rename,
     Search,
     Select,
+    Sort,
     StartTls,
     Status,
     Store,
@@ -53,7 +54,7 @@ from imap_store.imap.commands import (
     Unsubscribe,
 )
 from imap_store.imap.parser import Event, LineTooLong, LiteralTooLarge, NeedContinuation, RawLine
-from imap_store.imap.session import auth, copy, fetch, mailboxes, search, selected
+from imap_store.imap.session import auth, copy, fetch, mailboxes, search, selected, sort
 from imap_store.imap.session.state import (
     ALLOWED,
     AUTH_STATES,
@@ -330,5 +331,6 @@ HANDLERS: dict[type, Handler] = _table(
     _on(Idle, selected.idle),
     # messages (§6.4.4-6.4.8, RFC 6851)
     _on(Fetch, fetch.fetch), _on(Store, fetch.store), _on(Search, search.search),
+    _on(Sort, sort.sort),
     _on(Copy, copy.copy), _on(Move, copy.move),
 )

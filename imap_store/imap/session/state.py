@@ -39,6 +39,7 @@ from imap_store.imap.commands import (
     Search,
     Select,
     SequenceSet,
+    Sort,
     StartTls,
     Status,
     Store,
@@ -84,7 +85,8 @@ ALLOWED: dict[type, frozenset[State]] = {
     Status: AUTH_STATES, Append: AUTH_STATES, Namespace: AUTH_STATES, Enable: AUTH_STATES,
     Idle: AUTH_STATES,
     Check: _SELECTED, Close: _SELECTED, Unselect: _SELECTED, Expunge: _SELECTED,
-    Search: _SELECTED, Fetch: _SELECTED, Store: _SELECTED, Copy: _SELECTED, Move: _SELECTED,
+    Search: _SELECTED, Sort: _SELECTED, Fetch: _SELECTED, Store: _SELECTED, Copy: _SELECTED,
+    Move: _SELECTED,
 }
 
 

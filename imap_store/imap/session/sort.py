@@ -1,0 +1,86 @@
+"""SORT (RFC 5256 §3): the search keys go through SEARCH's query (session/search.py), the
+messages found are ordered by keys read from what the store keeps per message (size,
+internal date and the ``meta`` record FETCH ENVELOPE uses: envelope, sent date, subject)."""
+
+from __future__ import annotations
+
+import json
+from bisect import bisect_left
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+from imap_store.imap.commands import Sort
+from imap_store.imap.session.search import query
+from imap_store.imap.session.state import Action
+from imap_store.imap.sorting import base_subject
+from imap_store.store.mailboxes import MessageRow
+
+if TYPE_CHECKING:
+    from imap_store.imap.session.core import Session
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+#: Envelope positions of the address lists SORT uses (RFC 3501 §7.4.2 envelope).
+_ADDRESS_FIELD = {"FROM": 2, "TO": 5, "CC": 6}
+
+
+async def sort(s: Session, cmd: Sort) -> Action:
+    sel = s.require_selected()
+    mail = s.require_mail()
+    result = await mail.search(sel.mailbox_id, query(cmd.criteria, sel))
+    view, count = sel.uids, len(sel.uids)
+    found: dict[int, int] = {}  # uid -> sequence number
+    for uid in result.uids:
+        position = bisect_left(view, uid)
+        if position < count and view[position] == uid:
+            found[uid] = position + 1
+    rows = await mail.fetch_rows(sel.mailbox_id, sorted(found), ("size", "internal_date", "meta"))
+    items = sorted(((found[row.uid], row.uid, row) for row in rows), key=lambda item: item[0])
+    for name, reverse in reversed(cmd.keys):  # stable sorts (ties stay in sequence order),
+        keys = {uid: _key(name, row) for _seq, uid, row in items}  # the last key first
+        items.sort(key=lambda item: keys[item[1]], reverse=reverse)
+    numbers = (uid if cmd.uid else seq for seq, uid, _row in items)
+    await s.emit(b"* SORT" + b"".join(b" %d" % n for n in numbers) + b"\r\n")
+    return await s.complete(cmd, allow_expunge=cmd.uid)
+
+
+def _meta(text: str | None) -> dict[str, Any]:
+    if text:
+        try:
+            value = json.loads(text)
+            if isinstance(value, dict):
+                return value
+        except ValueError:
+            pass
+    return {}
+
+
+def _utc(value: datetime | None) -> datetime:
+    if value is None:
+        return _EPOCH
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+
+def _key(name: str, row: MessageRow) -> Any:
+    if name == "SIZE":
+        return row.size
+    if name == "ARRIVAL":
+        return _utc(row.internal_date)
+    meta = _meta(row.meta)
+    if name == "DATE":  # RFC 5256 §3: the sent date, else the internal date, in UTC
+        sent = meta.get("date")
+        if isinstance(sent, str):
+            try:
+                return _utc(datetime.fromisoformat(sent))
+            except ValueError:
+                pass
+        return _utc(row.internal_date)
+    if name == "SUBJECT":
+        subject = meta.get("subject")
+        return base_subject(subject if isinstance(subject, str) else "")
+    envelope = meta.get("envelope") or []
+    field = _ADDRESS_FIELD[name]
+    addresses = envelope[field] if len(envelope) > field else None
+    for address in addresses or ():  # the first mailbox's local part (skipping group markers)
+        if isinstance(address, list) and len(address) >= 4 and address[2] and address[3]:
+            return str(address[2]).casefold()
+    return ""
