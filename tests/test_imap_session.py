@@ -283,7 +283,9 @@ async def test_copy_move_uidplus_and_mailbox_management(env: Env) -> None:
     status = await client.send("o STATUS INBOX (MESSAGES)\r\no2 STATUS Ancien (MESSAGES)\r\n")
     assert b'"INBOX" (MESSAGES 0)' in status and b'"Ancien" (MESSAGES 1)' in status
     assert b'* NAMESPACE (("" "/")) NIL NIL' in await client.send("p NAMESPACE\r\n")
-    assert b"* ENABLED" in await client.send("q ENABLE CONDSTORE\r\n")
+    # RFC 5161 §3.1: ENABLE only in the authenticated state, not with a mailbox selected
+    assert (await client.send("q ENABLE CONDSTORE\r\n")) == (
+        b"q BAD Only valid before a mailbox is selected\r\n")
     assert b'* ID ("name"' in await client.send("r ID NIL\r\n")
     assert (await client.send("s UNSELECT\r\n")) == b"s OK UNSELECT completed\r\n"
 

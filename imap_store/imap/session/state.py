@@ -75,6 +75,8 @@ _NOT_AUTH = frozenset({State.NOT_AUTHENTICATED})
 #: The states of a logged-in session.
 AUTH_STATES = frozenset({State.AUTHENTICATED, State.SELECTED})
 _SELECTED = frozenset({State.SELECTED})
+#: RFC 5161 §3.1: ENABLE is valid only in the authenticated state, before any SELECT.
+_AUTH_ONLY = frozenset({State.AUTHENTICATED})
 
 #: RFC 3501 §6.1-6.4: in which states each command is valid.
 ALLOWED: dict[type, frozenset[State]] = {
@@ -82,7 +84,7 @@ ALLOWED: dict[type, frozenset[State]] = {
     StartTls: _NOT_AUTH, Authenticate: _NOT_AUTH, Login: _NOT_AUTH,
     Select: AUTH_STATES, Create: AUTH_STATES, Delete: AUTH_STATES, Rename: AUTH_STATES,
     Subscribe: AUTH_STATES, Unsubscribe: AUTH_STATES, List: AUTH_STATES, Lsub: AUTH_STATES,
-    Status: AUTH_STATES, Append: AUTH_STATES, Namespace: AUTH_STATES, Enable: AUTH_STATES,
+    Status: AUTH_STATES, Append: AUTH_STATES, Namespace: AUTH_STATES, Enable: _AUTH_ONLY,
     Idle: AUTH_STATES,
     Check: _SELECTED, Close: _SELECTED, Unselect: _SELECTED, Expunge: _SELECTED,
     Search: _SELECTED, Sort: _SELECTED, Fetch: _SELECTED, Store: _SELECTED, Copy: _SELECTED,
@@ -99,6 +101,8 @@ def check_state(state: State, command: Command) -> r.Reply | None:
         return r.BAD_STATE_SELECTED
     if allowed is _NOT_AUTH:
         return r.BAD_STATE_NOT_AUTH
+    if allowed is _AUTH_ONLY and state is State.SELECTED:
+        return r.BAD_STATE_SELECTED_ALREADY
     return r.BAD_STATE_AUTH
 
 
