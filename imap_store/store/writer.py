@@ -217,8 +217,8 @@ class GroupWriter:
     async def _write(self, batch: list[_Pending]) -> None:
         started = time.perf_counter()
         try:
-            if self.store.sync_engine is not None and all(p.sync for p in batch):
-                results = await self._write_sqlite(batch)
+            if self.store.sync_engine is not None:  # SQLite: in turn with other processes
+                results = await self._in_turn(batch)
             elif all(p.sync for p in batch):
                 results = await self._write_pg(batch)
             else:
@@ -263,20 +263,24 @@ class GroupWriter:
                 self._lock = -1
         return self._lock if self._lock >= 0 else None
 
-    async def _write_sqlite(self, batch: list[_Pending]) -> list[tuple[bool, Any]]:
+    async def _in_turn(self, batch: list[_Pending]) -> list[tuple[bool, Any]]:
+        """SQLite: the batch under the writer lock file (synchronous jobs on the writer's
+        pysqlite connection, a batch with asynchronous jobs through aiosqlite)."""
         fd = self._lock_fd()
-        if fd is None:
-            return await self._write_sqlite_locked(batch)
+        if fd is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:  # another process writes: wait for it off the loop
+                await asyncio.shield(asyncio.to_thread(fcntl.flock, fd, fcntl.LOCK_EX))
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:  # another process writes: wait for it off the loop
-            await asyncio.shield(asyncio.to_thread(fcntl.flock, fd, fcntl.LOCK_EX))
-        try:
-            return await self._write_sqlite_locked(batch)
+            if all(p.sync for p in batch):
+                return await self._write_sqlite(batch)
+            return await self._write_async(batch)
         finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
+            if fd is not None:
+                fcntl.flock(fd, fcntl.LOCK_UN)
 
-    async def _write_sqlite_locked(self, batch: list[_Pending]) -> list[tuple[bool, Any]]:
+    async def _write_sqlite(self, batch: list[_Pending]) -> list[tuple[bool, Any]]:
         jobs = [cast(SyncJob, p.job) for p in batch]
         conn = await self._connection()
         try:
