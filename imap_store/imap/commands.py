@@ -939,6 +939,22 @@ class Sort(_UidCommand):
     uid: bool = False
 
 
+#: RFC 5256 §3 threading algorithms offered.
+THREAD_ALGORITHMS = ("ORDEREDSUBJECT", "REFERENCES")
+
+
+@dataclass(frozen=True, slots=True)
+class Thread(_UidCommand):
+    """``[UID] THREAD algorithm charset keys`` (RFC 5256 §3)."""
+
+    NAME: ClassVar[str] = "THREAD"
+
+    algorithm: str
+    charset: str
+    criteria: SearchKey
+    uid: bool = False
+
+
 @dataclass(frozen=True, slots=True)
 class Fetch(_UidCommand):
     """``[UID] FETCH set items`` (RFC 3501 §6.4.5).
@@ -1080,6 +1096,7 @@ Command = (
     | Expunge
     | Search
     | Sort
+    | Thread
     | Fetch
     | Store
     | Copy

@@ -57,6 +57,7 @@ from imap_store.imap.commands import (
     SEARCH_CHARSETS,
     SORT_KEYS,
     SYSTEM_FLAGS,
+    THREAD_ALGORITHMS,
     Append,
     Authenticate,
     Capability,
@@ -110,6 +111,7 @@ from imap_store.imap.commands import (
     Store,
     StoreMode,
     Subscribe,
+    Thread,
     Unselect,
     Unsubscribe,
     decode_mailbox_name,
@@ -1152,6 +1154,26 @@ def _sort(reader: _Reader, tag: str, uid: bool) -> Command | InvalidCommand:
     return Sort(tag, tuple(keys), charset, criteria, uid)
 
 
+def _thread(reader: _Reader, tag: str, uid: bool) -> Command | InvalidCommand:
+    """RFC 5256 §5: ``THREAD SP thread-alg SP search-criteria``."""
+    reader.sp()
+    algorithm = reader.atom("Invalid threading algorithm").decode("ascii").upper()
+    if algorithm not in THREAD_ALGORITHMS:
+        raise _SyntaxError("Unknown threading algorithm")
+    reader.sp()
+    charset = reader.astring().decode("ascii", "replace").upper()
+    if charset not in SEARCH_CHARSETS:
+        return InvalidCommand(
+            tag,
+            "Unsupported charset",
+            status="NO",
+            code="BADCHARSET (" + " ".join(SEARCH_CHARSETS) + ")",
+        )
+    reader.sp()
+    criteria = _SearchParser(reader, charset).keys()
+    return Thread(tag, algorithm, charset, criteria, uid)
+
+
 _Handler = Callable[[_Reader, str, bool], Command | InvalidCommand]
 
 _HANDLERS: dict[str, _Handler] = {
@@ -1178,6 +1200,7 @@ _HANDLERS: dict[str, _Handler] = {
     "EXPUNGE": _expunge,
     "SEARCH": _search,
     "SORT": _sort,
+    "THREAD": _thread,
     "FETCH": _fetch,
     "STORE": _store,
     "COPY": _copy_or_move(Copy),
@@ -1189,7 +1212,8 @@ _HANDLERS: dict[str, _Handler] = {
 }
 
 #: Commands accepted after the ``UID`` prefix (RFC 3501 §6.4.8, RFC 4315 §2.1, RFC 6851 §3).
-_UID_COMMANDS = frozenset({"FETCH", "STORE", "COPY", "MOVE", "SEARCH", "EXPUNGE", "SORT"})
+_UID_COMMANDS = frozenset({"FETCH", "STORE", "COPY", "MOVE", "SEARCH", "EXPUNGE", "SORT",
+                           "THREAD"})
 _KNOWN_NAMES = frozenset(_HANDLERS) | {"UID " + name for name in _UID_COMMANDS}
 
 

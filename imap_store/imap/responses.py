@@ -113,7 +113,8 @@ def render_date(value: datetime) -> bytes:
 def capabilities(*, tls: bool, starttls: bool, authenticated: bool) -> bytes:
     """CAPABILITY list for the connection's state (RFC 3501 §6.1.1, §6.2.1, §6.2.3)."""
     caps = ["IMAP4rev1", "LITERAL+", "ID", "ENABLE", "IDLE", "NAMESPACE", "UNSELECT",
-            "CONDSTORE", "QRESYNC", "ESEARCH", "SORT"]
+            "CONDSTORE", "QRESYNC", "ESEARCH", "SORT",
+            "THREAD=ORDEREDSUBJECT", "THREAD=REFERENCES"]
     if not tls:
         caps += ["STARTTLS", "LOGINDISABLED"] if starttls else ["LOGINDISABLED"]
     elif not authenticated:

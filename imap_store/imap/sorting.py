@@ -31,3 +31,16 @@ def base_subject(subject: str) -> str:
             text = text[5:-1]
             continue
         return text.casefold()
+
+
+def is_reply(subject: str) -> bool:
+    """Whether extracting the base subject removed a re:/fwd: leader or a (fwd) trailer
+    (RFC 5256 §2.2 step 6: a reply or forward)."""
+    text = _WSP.sub(" ", subject).strip(" ")
+    return base_subject(subject) != _strip_blobs(text).casefold()
+
+
+def _strip_blobs(text: str) -> str:
+    while (blob := _LEADING_BLOB.match(text)) is not None and text[blob.end():]:
+        text = text[blob.end():]
+    return text

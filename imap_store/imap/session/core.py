@@ -50,6 +50,7 @@ from imap_store.imap.commands import (
     Status,
     Store,
     Subscribe,
+    Thread,
     Unselect,
     Unsubscribe,
 )
@@ -331,6 +332,6 @@ HANDLERS: dict[type, Handler] = _table(
     _on(Idle, selected.idle),
     # messages (§6.4.4-6.4.8, RFC 6851)
     _on(Fetch, fetch.fetch), _on(Store, fetch.store), _on(Search, search.search),
-    _on(Sort, sort.sort),
+    _on(Sort, sort.sort), _on(Thread, sort.thread),
     _on(Copy, copy.copy), _on(Move, copy.move),
 )

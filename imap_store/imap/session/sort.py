@@ -9,7 +9,8 @@ from bisect import bisect_left
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from imap_store.imap.commands import Sort
+from imap_store.imap import threads
+from imap_store.imap.commands import Sort, Thread
 from imap_store.imap.session.search import query
 from imap_store.imap.session.state import Action
 from imap_store.imap.sorting import base_subject
@@ -23,7 +24,9 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _ADDRESS_FIELD = {"FROM": 2, "TO": 5, "CC": 6}
 
 
-async def sort(s: Session, cmd: Sort) -> Action:
+async def _found(s: Session, cmd: Sort | Thread) -> list[tuple[int, int, MessageRow]]:
+    """``(seq, uid, row)`` of the messages the search keys find in this session's view, by
+    sequence number, through SEARCH's own query."""
     sel = s.require_selected()
     mail = s.require_mail()
     result = await mail.search(sel.mailbox_id, query(cmd.criteria, sel))
@@ -34,12 +37,37 @@ async def sort(s: Session, cmd: Sort) -> Action:
         if position < count and view[position] == uid:
             found[uid] = position + 1
     rows = await mail.fetch_rows(sel.mailbox_id, sorted(found), ("size", "internal_date", "meta"))
-    items = sorted(((found[row.uid], row.uid, row) for row in rows), key=lambda item: item[0])
+    return sorted(((found[row.uid], row.uid, row) for row in rows), key=lambda item: item[0])
+
+
+async def sort(s: Session, cmd: Sort) -> Action:
+    items = await _found(s, cmd)
     for name, reverse in reversed(cmd.keys):  # stable sorts (ties stay in sequence order),
         keys = {uid: _key(name, row) for _seq, uid, row in items}  # the last key first
         items.sort(key=lambda item: keys[item[1]], reverse=reverse)
     numbers = (uid if cmd.uid else seq for seq, uid, _row in items)
     await s.emit(b"* SORT" + b"".join(b" %d" % n for n in numbers) + b"\r\n")
+    return await s.complete(cmd, allow_expunge=cmd.uid)
+
+
+async def thread(s: Session, cmd: Thread) -> Action:
+    """THREAD (RFC 5256 §3): message ids and references from the stored ``meta``."""
+    messages = []
+    for seq, uid, row in await _found(s, cmd):
+        meta = _meta(row.meta)
+        refs = meta.get("references")
+        messages.append(threads.Message(
+            number=uid if cmd.uid else seq, seq=seq, date=_key("DATE", row),
+            subject=str(meta.get("subject") or ""),
+            message_id=meta.get("message_id") or None,
+            references=[str(r) for r in refs] if isinstance(refs, list) else [],
+            in_reply_to=meta.get("in_reply_to") or None))
+    if cmd.algorithm == "REFERENCES":
+        roots = threads.references(messages)
+    else:
+        roots = threads.ordered_subject(messages)
+    data = threads.render(roots)
+    await s.emit(b"* THREAD" + (b" " + data if data else b"") + b"\r\n")
     return await s.complete(cmd, allow_expunge=cmd.uid)
 
 

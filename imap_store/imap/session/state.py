@@ -44,6 +44,7 @@ from imap_store.imap.commands import (
     Status,
     Store,
     Subscribe,
+    Thread,
     Unselect,
     Unsubscribe,
 )
@@ -87,7 +88,8 @@ ALLOWED: dict[type, frozenset[State]] = {
     Status: AUTH_STATES, Append: AUTH_STATES, Namespace: AUTH_STATES, Enable: _AUTH_ONLY,
     Idle: AUTH_STATES,
     Check: _SELECTED, Close: _SELECTED, Unselect: _SELECTED, Expunge: _SELECTED,
-    Search: _SELECTED, Sort: _SELECTED, Fetch: _SELECTED, Store: _SELECTED, Copy: _SELECTED,
+    Search: _SELECTED, Sort: _SELECTED, Thread: _SELECTED, Fetch: _SELECTED, Store: _SELECTED,
+    Copy: _SELECTED,
     Move: _SELECTED,
 }
 
