@@ -1111,15 +1111,25 @@ def _search(reader: _Reader, tag: str, uid: bool) -> Command | InvalidCommand:
         reader.sp()
         charset = reader.astring().decode("ascii", "replace").upper()
         if charset not in SEARCH_CHARSETS:
-            return InvalidCommand(
-                tag,
-                "Unsupported charset",
-                status="NO",
-                code="BADCHARSET (" + " ".join(SEARCH_CHARSETS) + ")",
-            )
+            return _bad_charset(tag)
         reader.sp()
     criteria = _SearchParser(reader, charset).keys()
     return Search(tag, charset, criteria, uid, returns)
+
+
+def _charset_and_keys(reader: _Reader, tag: str) -> tuple[str, SearchKey] | InvalidCommand:
+    """SORT and THREAD: a charset (required, RFC 5256 §3), then search keys."""
+    charset = reader.astring().decode("ascii", "replace").upper()
+    if charset not in SEARCH_CHARSETS:
+        return _bad_charset(tag)
+    reader.sp()
+    return charset, _SearchParser(reader, charset).keys()
+
+
+def _bad_charset(tag: str) -> InvalidCommand:
+    """SEARCH, SORT and THREAD with a charset we do not search in (RFC 3501 §6.4.4)."""
+    return InvalidCommand(tag, "Unsupported charset", status="NO",
+                          code="BADCHARSET (" + " ".join(SEARCH_CHARSETS) + ")")
 
 
 def _sort(reader: _Reader, tag: str, uid: bool) -> Command | InvalidCommand:
@@ -1141,16 +1151,10 @@ def _sort(reader: _Reader, tag: str, uid: bool) -> Command | InvalidCommand:
 
     keys = reader.paren_list(criterion, allow_empty=False)
     reader.sp()
-    charset = reader.astring().decode("ascii", "replace").upper()
-    if charset not in SEARCH_CHARSETS:
-        return InvalidCommand(
-            tag,
-            "Unsupported charset",
-            status="NO",
-            code="BADCHARSET (" + " ".join(SEARCH_CHARSETS) + ")",
-        )
-    reader.sp()
-    criteria = _SearchParser(reader, charset).keys()
+    found = _charset_and_keys(reader, tag)
+    if isinstance(found, InvalidCommand):
+        return found
+    charset, criteria = found
     return Sort(tag, tuple(keys), charset, criteria, uid)
 
 
@@ -1161,16 +1165,10 @@ def _thread(reader: _Reader, tag: str, uid: bool) -> Command | InvalidCommand:
     if algorithm not in THREAD_ALGORITHMS:
         raise _SyntaxError("Unknown threading algorithm")
     reader.sp()
-    charset = reader.astring().decode("ascii", "replace").upper()
-    if charset not in SEARCH_CHARSETS:
-        return InvalidCommand(
-            tag,
-            "Unsupported charset",
-            status="NO",
-            code="BADCHARSET (" + " ".join(SEARCH_CHARSETS) + ")",
-        )
-    reader.sp()
-    criteria = _SearchParser(reader, charset).keys()
+    found = _charset_and_keys(reader, tag)
+    if isinstance(found, InvalidCommand):
+        return found
+    charset, criteria = found
     return Thread(tag, algorithm, charset, criteria, uid)
 
 

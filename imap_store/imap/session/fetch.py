@@ -253,15 +253,23 @@ async def _fetch_flags(s: Session, sel: Selected, slices: list[tuple[int, int]],
         await s.emit(b"".join(lines))
 
 
-async def _meta(mail: MailStore, sel: Selected, uid: int, text: str | None) -> dict[str, Any]:
-    """The stored ``meta`` of a message, or its parse when there is none (or it is invalid)."""
+def stored_meta(text: str | None) -> dict[str, Any] | None:
+    """The stored ``meta`` (JSON) of a message; None when there is none or it is invalid."""
     if text:
         try:
             value = json.loads(text)
-            if isinstance(value, dict):
-                return value
         except ValueError:
-            pass
+            return None
+        if isinstance(value, dict):
+            return value
+    return None
+
+
+async def _meta(mail: MailStore, sel: Selected, uid: int, text: str | None) -> dict[str, Any]:
+    """The stored ``meta`` of a message, or its parse when there is none (or it is invalid)."""
+    meta = stored_meta(text)
+    if meta is not None:
+        return meta
     raw = await mail.body(sel.mailbox_id, uid) or b""
     return (await parse_message_async(raw)).to_dict()
 

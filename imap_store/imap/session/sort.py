@@ -4,13 +4,13 @@ internal date and the ``meta`` record FETCH ENVELOPE uses: envelope, sent date, 
 
 from __future__ import annotations
 
-import json
 from bisect import bisect_left
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from imap_store.imap import threads
 from imap_store.imap.commands import Sort, Thread
+from imap_store.imap.session.fetch import stored_meta
 from imap_store.imap.session.search import query
 from imap_store.imap.session.state import Action
 from imap_store.imap.sorting import base_subject
@@ -54,7 +54,7 @@ async def thread(s: Session, cmd: Thread) -> Action:
     """THREAD (RFC 5256 §3): message ids and references from the stored ``meta``."""
     messages = []
     for seq, uid, row in await _found(s, cmd):
-        meta = _meta(row.meta)
+        meta = stored_meta(row.meta) or {}
         refs = meta.get("references")
         messages.append(threads.Message(
             number=uid if cmd.uid else seq, seq=seq, date=_key("DATE", row),
@@ -71,17 +71,6 @@ async def thread(s: Session, cmd: Thread) -> Action:
     return await s.complete(cmd, allow_expunge=cmd.uid)
 
 
-def _meta(text: str | None) -> dict[str, Any]:
-    if text:
-        try:
-            value = json.loads(text)
-            if isinstance(value, dict):
-                return value
-        except ValueError:
-            pass
-    return {}
-
-
 def _utc(value: datetime | None) -> datetime:
     if value is None:
         return _EPOCH
@@ -93,7 +82,7 @@ def _key(name: str, row: MessageRow) -> Any:
         return row.size
     if name == "ARRIVAL":
         return _utc(row.internal_date)
-    meta = _meta(row.meta)
+    meta = stored_meta(row.meta) or {}
     if name == "DATE":  # RFC 5256 §3: the sent date, else the internal date, in UTC
         sent = meta.get("date")
         if isinstance(sent, str):
