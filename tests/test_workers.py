@@ -263,3 +263,36 @@ def test_the_default_configuration_says_one_worker_per_core(tmp_path: Path) -> N
     path = tmp_path / "gateway.toml"
     path.write_text(text, encoding="utf-8")
     assert load_config(path).workers == 0
+
+
+_QUICK_DEATHS = '''
+import os, sys, time, tomllib
+from pathlib import Path
+from gateway.config import build_config, render_default_config
+from gateway.workers import Supervisor
+
+path = Path(sys.argv[1])
+config = build_config(tomllib.loads(render_default_config(domain="mssante.test",
+                                                          hostname="localhost")), path)
+
+def worker(role):  # listens, then dies within a second, every time
+    os.write(role.ready_fd, b"r")
+    time.sleep(0.5)
+    return 3
+
+code = Supervisor(config, 2, worker, lambda runtime, n: 0).run()
+print("supervisor exit", code, flush=True)
+'''
+
+
+def test_workers_that_die_as_they_start_stop_the_supervisor(tmp_path: Path) -> None:
+    """A worker that dies within 2 s of its start is started again, but not forever: after 5
+    such deaths in a row the supervisor stops and exits 1 (gateway/workers.py)."""
+    script = tmp_path / "quick_deaths.py"
+    script.write_text(_QUICK_DEATHS, encoding="utf-8")
+    result = subprocess.run([sys.executable, str(script), str(tmp_path / "gateway.toml")],
+                            capture_output=True, text=True, timeout=120,
+                            cwd=Path(__file__).resolve().parent.parent)
+    assert "supervisor exit 1" in result.stdout, (result.stdout, result.stderr)
+    assert "exited 3: restarting it" in result.stderr
+    assert "workers die as they start (5 times in a row): stopping" in result.stderr
