@@ -28,6 +28,7 @@ from imap_store.imap.settings import ImapListener, ImapSettings
 from imap_store.store.directory import Store
 from imap_store.store.mailboxes import SqlMailStores
 from imap_store.store.signals import ChangeSignals
+from imap_store.store.tasks import cancel_and_wait
 from imap_store.store.writer import GroupWriter
 from policy.authn import Authenticator, LoginResult
 
@@ -85,13 +86,7 @@ class ChangeWatcher:
         if self._signals is not None:
             self._signals.unsubscribe(self._on_signal)
             await self._signals.close()
-        for task in (self._task, self._signalled):
-            if task is not None:
-                task.cancel()
-                try:
-                    await task
-                except asyncio.CancelledError:
-                    pass
+        await cancel_and_wait(self._task, self._signalled)
         self._task = self._signalled = None
 
     def _on_signal(self) -> None:
@@ -405,10 +400,4 @@ class _Connection:
                 return b""
         finally:
             session.wake = None
-            for task in (read_task, wake_task):
-                if task is not None and not task.done():
-                    task.cancel()
-                    try:
-                        await task
-                    except asyncio.CancelledError:
-                        pass
+            await cancel_and_wait(read_task, wake_task)

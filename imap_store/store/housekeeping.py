@@ -29,6 +29,7 @@ from imap_store.store import ops
 from imap_store.store import schema as t
 from imap_store.store.directory import Store
 from imap_store.store.mailboxes import SqlMailStores
+from imap_store.store.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -125,12 +126,7 @@ class TrashPurge:
 
     async def stop(self) -> None:
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            try:
-                await task
-            except asyncio.CancelledError:
-                pass
+        await cancel_and_wait(task)
 
     async def _run(self) -> None:
         while True:
