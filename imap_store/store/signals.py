@@ -15,7 +15,8 @@ their next poll.
   (a process that died) is removed by the first sender that finds it refused.
 
 :meth:`ChangeSignals.committed` is called after each commit (the group writer, ``Store.write``);
-it wakes this process's subscribers and, on SQLite, the other processes. Calls made while a
+it wakes this process's subscribers (on PostgreSQL only while not listening: the commit's
+NOTIFY comes back to its own process) and, on SQLite, the other processes. Calls made while a
 wake-up is already due are folded into it. A signal says only "something committed": the
 subscriber (the IMAP change watcher) asks the database what moved. Nothing is lost when a
 signal is (the watcher's slow poll remains as a safety net, for writes of other programs).
@@ -39,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from imap_store.store.db import async_url
+from imap_store.store.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -120,11 +122,8 @@ class ChangeSignals:
         if not self._started:
             return
         self._started = False
-        if self._listen_task is not None:
-            self._listen_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._listen_task
-            self._listen_task = None
+        await cancel_and_wait(self._listen_task)
+        self._listen_task = None
         if self._socket is not None:
             assert self._loop is not None
             self._loop.remove_reader(self._socket.fileno())
@@ -153,7 +152,8 @@ class ChangeSignals:
 
     def _flush(self) -> None:
         self._due = False
-        self._wake()
+        if self.sqlite or not self.listening.is_set():
+            self._wake()  # PostgreSQL: the NOTIFY of this commit comes back here too
         self._send()
 
     def _send(self) -> None:
