@@ -33,7 +33,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
-import errno
 import logging
 import os
 import select
@@ -296,14 +295,7 @@ class Supervisor:
                 self._stop()
                 return 1
             for fd in self._wait(list(waiting), left):
-                try:
-                    data = os.read(fd, 1)
-                except OSError as exc:
-                    if exc.errno != errno.EAGAIN:
-                        data = b""
-                    else:
-                        continue
-                if data:
+                if os.read(fd, 1):  # readable: its byte, or EOF if it died (reaped below)
                     waiting.pop(fd)
             for child, status in self._reap():
                 log.error("%s %d (pid %d) %s before it was ready", child.kind, child.index,
