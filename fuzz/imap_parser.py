@@ -100,6 +100,7 @@ _NAMES = [
     b"STATUS", b"APPEND", b"CHECK", b"CLOSE", b"UNSELECT", b"EXPUNGE", b"SEARCH", b"FETCH",
     b"STORE", b"COPY", b"MOVE", b"IDLE", b"NAMESPACE", b"ENABLE", b"ID", b"UID FETCH",
     b"UID SEARCH", b"UID STORE", b"UID COPY", b"UID MOVE", b"UID EXPUNGE", b"XYZZY", b"UID X",
+    b"SORT", b"UID SORT", b"THREAD", b"UID THREAD",
 ]
 _TOKENS = [
     b" ", b"  ", b"(", b")", b"[", b"]", b"<", b">", b".", b"*", b"%", b"\\", b'"', b'""',
@@ -109,7 +110,9 @@ _TOKENS = [
     b"BODY[1.MIME]<0.10>", b"RFC822.SIZE", b"ALL", b"FULL", b"ENVELOPE", b"BODYSTRUCTURE",
     b"CHARSET UTF-8", b"CHARSET X", b"OR", b"NOT", b"SINCE 1-Jan-2024", b'"1-Jan-2024"',
     b"HEADER Subject x", b"TEXT", b"LARGER 10", b'"17-Jul-1996 02:44:25 -0700"', b"RETURN",
-    b"(SPECIAL-USE)", b"(USE (\\Sent))", b"(MESSAGES UNSEEN)", b"{0}", b"{0+}", b"{3}", b"{3+}",
+    b"(REVERSE DATE SUBJECT)", b"(ARRIVAL)", b"REFERENCES", b"ORDEREDSUBJECT", b"UTF-8",
+    b"US-ASCII", b"(SPECIAL-USE)", b"(USE (\\Sent))", b"(MESSAGES UNSEEN)", b"{0}", b"{0+}",
+    b"{3}", b"{3+}",
     b"{99999999999999999999999}", b"{", b"}", b"=", b"AGZvbwBiYXI=", b"\xc3\xa9", b"\xff",
     b"\x00", b"\r", b"\n", b"\t", b"\x7f",
 ]
