@@ -327,3 +327,206 @@ async def test_open_exchange_opens_reopens_and_renames(db_url: str) -> None:
     finally:
         await writer.close()
         await store.close()
+
+
+async def test_deliver_many_writes_what_deliver_writes(db_url: str) -> None:
+    """``deliver_many`` (one statement for a whole batch on PostgreSQL): several messages, two
+    to the same mailbox, one to two patients, get consecutive UIDs and MODSEQs per mailbox in
+    their order and the very rows ``deliver`` writes one by one; a missing mailbox fails the
+    call (MissingMailbox) and the caller's rollback leaves nothing behind."""
+    from imap_store.store.deliver import MailboxName, deliver, deliver_many
+
+    await migrate(db_url)
+    store = Store.from_url(db_url)
+    writer = GroupWriter(store)
+    writer.start()
+    a = (await store.add_patient("test", "3" * 13, "A", "a@example.org", None, _message(0))).id
+    b = (await store.add_patient("test", "4" * 13, "B", "b@example.org", None, _message(0))).id
+    async with store.read() as conn:
+        inbox_a = await store.mailbox_id(conn, a, "INBOX")
+        inbox_b = await store.mailbox_id(conn, b, "INBOX")
+        sent_b = await store.mailbox_id(conn, b, "Sent")
+    try:
+        stored = await writer.submit_sync(lambda c: deliver_many(c, [
+            ([MailboxName(a, "INBOX")], _message(1), _parsed(1)),
+            ([MailboxName(a, "INBOX"), MailboxName(b, "INBOX")], _message(2), _parsed(2)),
+            ([MailboxName(a, "INBOX")], _message(3), _parsed(3)),
+        ]))
+        assert [[(s.mailbox_id, s.uid) for s in one] for one in stored] == [
+            [(inbox_a, 2)], [(inbox_a, 3), (inbox_b, 2)], [(inbox_a, 4)]]
+        modseqs = [stored[0][0].modseq, stored[1][0].modseq, stored[2][0].modseq]
+        assert modseqs == sorted(set(modseqs)) and stored[1][0].blob_id == stored[1][1].blob_id
+        assert len({one[0].blob_id for one in stored}) == 3
+        # The same messages one by one into B's Sent: the same row values.
+        await writer.submit_sync(lambda c: [deliver(c, [sent_b], _message(n))
+                                            for n in (1, 2, 3)])
+        async with store.read() as conn:
+            merged = (await conn.execute(_ROW, {"mb": inbox_a})).all()[1:]
+            plain = (await conn.execute(_ROW, {"mb": sent_b})).all()
+        assert [tuple(r)[2:] for r in merged] == [tuple(r)[2:] for r in plain]
+        assert [r.subject_text for r in merged] == [f"r\u00e9sultat {n}" for n in (1, 2, 3)]
+        # A missing mailbox: the whole call fails, the transaction is rolled back.
+        with pytest.raises(ops.MissingMailbox):
+            await writer.submit_sync(lambda c: deliver_many(c, [
+                ([MailboxName(a, "INBOX")], _message(4), _parsed(4)),
+                ([MailboxName(b, "Nowhere")], _message(5), _parsed(5))]))
+        async with store.read() as conn:
+            assert len((await conn.execute(_ROW, {"mb": inbox_a})).all()) == 4
+            blobs = (await conn.execute(text("SELECT count(*) FROM blob"))).scalar_one()
+        assert blobs == 2 + 3 + 3  # two welcome messages, three merged, three one by one
+    finally:
+        await writer.close()
+        await store.close()
+
+
+async def test_open_exchanges_and_notifications_for_a_batch(db_url: str) -> None:
+    """``open_exchanges`` and ``enqueue_notifications`` (one statement each on PostgreSQL)
+    leave the rows the one-by-one operations leave: a new exchange opened, an ended one
+    re-opened, a repeated pair taking its last name; one waiting notification per patient."""
+    from imap_store.store.outbound import enqueue_notification, enqueue_notifications
+
+    await migrate(db_url)
+    store = Store.from_url(db_url)
+    writer = GroupWriter(store)
+    writer.start()
+    a = (await store.add_patient("test", "5" * 13, "A", "a@example.org", None, _message(0))).id
+    b = (await store.add_patient("test", "6" * 13, "B", "b@example.org", None, _message(0))).id
+    read = text("SELECT patient_id, professional_address, professional_name, state "
+                "FROM exchange ORDER BY patient_id, professional_address")
+    try:
+        await writer.submit_sync(lambda c: ops.open_exchange(c, a, "x@h.example", "X"))
+        await writer.submit_sync(lambda c: ops.end_exchanges(c, a, "x@h.example"))
+        await writer.submit_sync(lambda c: ops.open_exchanges(c, [
+            (a, "x@h.example", "X"), (a, "y@h.example", "Y"), (b, "y@h.example", "Y1"),
+            (b, "y@h.example", "Y2")]))
+        async with store.read() as conn:
+            rows = [tuple(r) for r in (await conn.execute(read)).all()]
+        assert rows == [(a, "x@h.example", "X", "open"), (a, "y@h.example", "Y", "open"),
+                        (b, "y@h.example", "Y2", "open")]
+        await writer.submit_sync(lambda c: enqueue_notification(c, a, "n@gw.example"))
+        await writer.submit_sync(lambda c: enqueue_notifications(c, [a, b, b], "n@gw.example"))
+        async with store.read() as conn:
+            queued = (await conn.execute(text(
+                "SELECT patient_id, recipient, sender, state FROM outbound "
+                "WHERE kind = 'notification' ORDER BY patient_id"))).all()
+        assert [tuple(r) for r in queued] == [(a, "a@example.org", "n@gw.example", "queued"),
+                                              (b, "b@example.org", "n@gw.example", "queued")]
+    finally:
+        await writer.close()
+        await store.close()
+
+
+def _parsed(n: int):  # type: ignore[no-untyped-def]
+    from imap_store.mime import parse_message
+
+    return parse_message(_message(n))
+
+
+async def test_delivery_jobs_of_a_batch_run_together(db_url: str) -> None:
+    """SMTP intake's store jobs (``smtp_in.delivery.DeliveryJob``) of one batch run together
+    (three statements for the batch on PostgreSQL), an end of exchange (R5) by itself between
+    them; a job whose patient is gone fails alone (the batch runs again job by job) and the
+    others keep their UIDs in order, their exchanges (R2), one notification per patient and
+    their audit rows in order."""
+    from imap_store.mime import parse_message
+    from imap_store.store.notices import Notices, NoticeSettings
+    from policy.rules import Identity, Role
+    from smtp_in.delivery import Delivery, incoming_from_info
+    from smtp_in.settings import SmtpSettings
+    from templates import Templates
+
+    await migrate(db_url)
+    store = Store.from_url(db_url)
+    writer = GroupWriter(store)
+    writer.start()
+    ids = [(await store.add_patient("test", str(n) * 13, f"P{n}", f"p{n}@example.org", None,
+                                    _message(0))).id for n in (7, 8, 9)]
+    a, b, gone = ids
+    delivery = Delivery(store, SmtpSettings("mx.example", "patient.example", notify=True,
+                                            system_sender="n@gw.example"),
+                        Notices(Templates(), NoticeSettings("n@gw.example", "S", "gw.example")))
+    pro = Identity(Role.PROFESSIONAL, "dr.x@h.example")
+
+    def job(n: int, *patients: int, end: bool = False):  # type: ignore[no-untyped-def]
+        raw = _message(n).replace(b"Subject: ", b"Subject: [FIN] " if end else b"Subject: ")
+        info = parse_message(raw)
+        return delivery.job(pro, "Dr.X@h.example", [(f"{p}@patient.example", p, f"ins{p}")
+                                                    for p in patients],
+                            raw, incoming_from_info(info), info, "Dr X", frozenset(),
+                            [("test", "rcpt", str(n), {})])
+
+    jobs = [job(1, a), job(2, a, b), job(3, b, end=True), job(5, a)]
+    assert [j.mergeable() for j in jobs] == [True, True, False, True]
+    await writer.submit_sync(lambda c: c.execute(text("DELETE FROM mailbox WHERE patient_id = :p"),
+                                                 {"p": gone}))
+    batches = writer.batches
+    try:
+        # One batch, no failure: jobs 1-2 together, 3 alone, 5 alone after it.
+        assert await asyncio.gather(*(writer.submit_sync(j) for j in jobs)) == [None] * 4
+        # Another batch where one job fails: run again job by job, the others stored.
+        results = await asyncio.gather(*(writer.submit_sync(j) for j in (
+            job(6, a), job(4, gone), job(7, a, b))), return_exceptions=True)
+        assert writer.batches == batches + 2
+        assert [type(r).__name__ for r in results] == ["NoneType", "MissingMailbox", "NoneType"]
+        async with store.read() as conn:
+            inbox = {p: await store.mailbox_id(conn, p, "INBOX") for p in (a, b)}
+            subjects = {p: [r.subject for r in (await conn.execute(_ROW, {"mb": inbox[p]}))]
+                        for p in (a, b)}
+            exchanges = (await conn.execute(text(
+                "SELECT patient_id, state FROM exchange ORDER BY patient_id"))).all()
+            queued = (await conn.execute(text(
+                "SELECT patient_id FROM outbound WHERE kind = 'notification' "
+                "ORDER BY patient_id"))).scalars().all()
+        assert subjects[a] == ["R\u00e9sultat " + str(n) for n in (0, 1, 2, 5, 6, 7)]
+        assert subjects[b][:3] == ["R\u00e9sultat 0", "R\u00e9sultat 2",
+                                   "[FIN] R\u00e9sultat 3"]
+        assert "mis fin" in subjects[b][3]  # R5's notice, after the message that ended it
+        assert subjects[b][4:] == ["R\u00e9sultat 7"]
+        assert [tuple(r) for r in exchanges] == [(a, "open"), (b, "open")]  # 7 re-opened B's
+        assert queued == [a, b]
+        records = [(r.action, r.subject) for r in await store.audit_records()][-14:]
+        assert records == [("rcpt", "1"), ("deliver", f"ins{a}"), ("rcpt", "2"),
+                           ("deliver", f"ins{a}"), ("deliver", f"ins{b}"), ("rcpt", "3"),
+                           ("deliver", f"ins{b}"), ("rcpt", "5"), ("deliver", f"ins{a}"),
+                           ("rcpt", "6"), ("deliver", f"ins{a}"), ("rcpt", "7"),
+                           ("deliver", f"ins{a}"), ("deliver", f"ins{b}")]
+        assert (await store.audit_verify())[1] is None
+    finally:
+        await writer.close()
+        await store.close()
+
+
+def test_runs_of_mergeable_jobs_run_together() -> None:
+    """The writer hands each run of consecutive mergeable jobs of one class to that class's
+    ``run_together`` (a run of one is called alone), in order, the others one by one."""
+    from imap_store.store.writer import MergeableJob, _run_jobs
+
+    calls: list[tuple[str, ...]] = []
+
+    class Put(MergeableJob):
+        def __init__(self, name: str, alone: bool = False) -> None:
+            self.name, self.alone = name, alone
+
+        def mergeable(self) -> bool:
+            return not self.alone
+
+        def __call__(self, conn: Connection) -> str:
+            calls.append((self.name,))
+            return self.name
+
+        @classmethod
+        def run_together(cls, conn: Connection, jobs):  # type: ignore[no-untyped-def]
+            calls.append(tuple(j.name for j in jobs))
+            return [j.name.upper() for j in jobs]
+
+    class Other(Put):
+        pass
+
+    def plain(conn: Connection) -> str:
+        calls.append(("plain",))
+        return "plain"
+
+    jobs = [Put("a"), Put("b"), Put("c", alone=True), Put("d"), Other("e"), Other("f"), plain,
+            Put("g"), Put("h")]
+    assert _run_jobs(None, jobs) == ["A", "B", "c", "d", "E", "F", "plain", "G", "H"]  # type: ignore[arg-type]
+    assert calls == [("a", "b"), ("c",), ("d",), ("e", "f"), ("plain",), ("g", "h")]

@@ -381,6 +381,97 @@ def merged_deliver(conn: Connection, targets: Sequence[int | tuple[int, str]], r
     return stored
 
 
+# PostgreSQL: the deliveries of several messages (a group writer's batch of SMTP intake) in one
+# round trip: every blob and its SEARCH row, the UIDs and MODSEQs of every target mailbox
+# allocated by one UPDATE per mailbox row (a mailbox named n times in the batch moves by n), and
+# every message row. Parameters are arrays, so the statement is prepared once whatever the
+# batch's size. Blob ids are drawn from the blob sequence first, so each message row is joined
+# to its own blob by position and not by the order INSERT ... RETURNING happens to give.
+# Same rows as ``merged_deliver`` once per message (flags 0, no keywords).
+_PG_DELIVER_MANY = Stmt(
+    "WITH msg AS (SELECT * FROM unnest(CAST(:sha256 AS TEXT[]), CAST(:size AS BIGINT[]), "
+    "CAST(:data AS BYTEA[]), CAST(:with_search AS BOOLEAN[]), CAST(:from_text AS TEXT[]), "
+    "CAST(:to_text AS TEXT[]), CAST(:cc_text AS TEXT[]), CAST(:bcc_text AS TEXT[]), "
+    "CAST(:subject_text AS TEXT[]), "
+    "CAST(:internal_date AS TIMESTAMP WITH TIME ZONE[]), CAST(:message_id AS VARCHAR[]), "
+    "CAST(:in_reply_to AS VARCHAR[]), CAST(:references AS TEXT[]), "
+    "CAST(:subject AS TEXT[]), CAST(:from_addr AS VARCHAR[]), "
+    "CAST(:sent_date AS TIMESTAMP WITH TIME ZONE[]), CAST(:thread_id AS VARCHAR[]), "
+    "CAST(:has_attachments AS INTEGER[]), CAST(:from_name AS VARCHAR[]), "
+    "CAST(:meta AS TEXT[])) WITH ORDINALITY AS x(sha256, size, data, with_search, from_text, "
+    "to_text, cc_text, bcc_text, subject_text, internal_date, message_id, in_reply_to, refs, "
+    "subject, from_addr, sent_date, thread_id, has_attachments, from_name, meta, ord)), "
+    "ids AS MATERIALIZED (SELECT ord, nextval(pg_get_serial_sequence('blob', 'id')) AS blob_id "
+    "FROM msg), "
+    "b AS (INSERT INTO blob (id, sha256, size, data) SELECT ids.blob_id, msg.sha256, msg.size, "
+    "msg.data FROM msg JOIN ids USING (ord)), "
+    "s AS (INSERT INTO blob_search (blob_id, from_text, to_text, cc_text, bcc_text, "
+    "subject_text) SELECT ids.blob_id, msg.from_text, msg.to_text, msg.cc_text, msg.bcc_text, "
+    "msg.subject_text FROM msg JOIN ids USING (ord) WHERE msg.with_search), "
+    "tg AS (SELECT * FROM unnest(CAST(:t_msg AS BIGINT[]), CAST(:t_patient AS INTEGER[]), "
+    "CAST(:t_name AS VARCHAR[])) WITH ORDINALITY AS y(msg_ord, patient_id, name, tord)), "
+    "per_box AS (SELECT patient_id, name, count(*) AS n FROM tg GROUP BY patient_id, name), "
+    "m AS (UPDATE mailbox SET uidnext = mailbox.uidnext + per_box.n, "
+    "highestmodseq = mailbox.highestmodseq + per_box.n FROM per_box "
+    "WHERE mailbox.patient_id = per_box.patient_id AND mailbox.name = per_box.name "
+    "RETURNING mailbox.id, mailbox.patient_id, mailbox.name, "
+    "mailbox.uidnext - per_box.n AS first_uid, mailbox.highestmodseq - per_box.n AS base), "
+    "r AS (SELECT tg.tord, tg.msg_ord, m.id AS mailbox_id, "
+    "m.first_uid + row_number() OVER w - 1 AS uid, m.base + row_number() OVER w AS modseq "
+    "FROM tg JOIN m ON m.patient_id = tg.patient_id AND m.name = tg.name "
+    "WINDOW w AS (PARTITION BY m.id ORDER BY tg.tord)), "
+    'i AS (INSERT INTO message (mailbox_id, uid, modseq, flags, keywords, internal_date, '
+    'size, blob_id, message_id, in_reply_to, "references", subject, from_addr, sent_date, '
+    "thread_id, has_attachments, from_name, meta) SELECT r.mailbox_id, r.uid, r.modseq, 0, '', "
+    "msg.internal_date, msg.size, ids.blob_id, msg.message_id, msg.in_reply_to, msg.refs, "
+    "msg.subject, msg.from_addr, msg.sent_date, msg.thread_id, msg.has_attachments, "
+    "msg.from_name, msg.meta FROM r JOIN msg ON msg.ord = r.msg_ord "
+    "JOIN ids ON ids.ord = r.msg_ord) "
+    "SELECT r.tord, r.mailbox_id, r.uid, r.modseq, ids.blob_id FROM r "
+    "JOIN ids ON ids.ord = r.msg_ord ORDER BY r.tord")
+
+
+def merged_deliver_many(conn: Connection,
+                        messages: Sequence[tuple[Sequence[tuple[int, str]], bytes,
+                                                 MessageFields]],
+                        internal_date: datetime | None = None) -> list[list[StoredMessage]]:
+    """PostgreSQL: ``merged_deliver`` of several messages, each to its patients' mailboxes
+    named (patient id, name), in one statement; the result in the order of ``messages`` and
+    of each one's targets. MissingMailbox when a target mailbox does not exist (nothing is
+    then written that the caller's rollback would not undo)."""
+    now = internal_date or utcnow()
+    columns: dict[str, list[Any]] = {name: [] for name in (
+        "sha256", "size", "data", "with_search", *_NO_SEARCH, "internal_date", "message_id",
+        "in_reply_to", "references", "subject", "from_addr", "sent_date", "thread_id",
+        "has_attachments", "from_name", "meta", "t_msg", "t_patient", "t_name")}
+    for ordinal, (targets, raw, fields) in enumerate(messages, start=1):
+        search = fields.search or _NO_SEARCH
+        for name, value in (
+                ("sha256", hashlib.sha256(raw).hexdigest()), ("size", len(raw)), ("data", raw),
+                ("with_search", fields.search is not None), ("internal_date", now),
+                ("message_id", fields.message_id), ("in_reply_to", fields.in_reply_to),
+                ("references", fields.references), ("subject", fields.subject),
+                ("from_addr", fields.from_addr), ("sent_date", fields.sent_date),
+                ("thread_id", fields.thread_id),
+                ("has_attachments", int(fields.has_attachments)),
+                ("from_name", fields.from_name), ("meta", fields.meta)):
+            columns[name].append(value)
+        for name in _NO_SEARCH:
+            columns[name].append(search.get(name))
+        for patient_id, mailbox in targets:
+            columns["t_msg"].append(ordinal)
+            columns["t_patient"].append(patient_id)
+            columns["t_name"].append(mailbox)
+    rows = _PG_DELIVER_MANY.run(conn, columns).all()
+    if len(rows) != len(columns["t_msg"]):
+        found = {int(row[0]) for row in rows}
+        missing = next(i for i in range(1, len(columns["t_msg"]) + 1) if i not in found)
+        raise MissingMailbox(f"mailbox {columns['t_name'][missing - 1]} of patient "
+                             f"{columns['t_patient'][missing - 1]} not found")
+    stored = iter(StoredMessage(int(r[1]), int(r[2]), int(r[3]), int(r[4])) for r in rows)
+    return [[next(stored) for _target in targets] for targets, _raw, _fields in messages]
+
+
 # PostgreSQL: ``open_exchange``'s read and its insert or update in one round trip (the
 # exchange's id comes back whichever happened). Same rows as the statements below.
 _PG_OPEN_EXCHANGE = Stmt(
@@ -426,6 +517,38 @@ def open_exchange(conn: Connection, patient_id: int, professional_address: str,
                          .values(**values))
     _add_aliases(conn, exchange_id, professional_address, reply_to, now)
     return exchange_id
+
+
+# PostgreSQL: ``open_exchange`` for several (patient, professional) pairs in one round trip.
+# Pairs must be distinct (the caller merges repeats, the last name winning, as running them one
+# after the other would). No sequence value is drawn for an exchange that already exists.
+_PG_OPEN_EXCHANGES = Stmt(
+    "WITH x AS (SELECT * FROM unnest(CAST(:patient_id AS INTEGER[]), "
+    "CAST(:address AS VARCHAR[]), CAST(:name AS VARCHAR[])) AS x(patient_id, address, name)), "
+    "upd AS (UPDATE exchange SET professional_name = x.name, state = 'open', "
+    "since = CASE WHEN exchange.state <> 'open' THEN CAST(:since AS TIMESTAMP WITH TIME ZONE) "
+    "ELSE exchange.since END FROM x WHERE exchange.patient_id = x.patient_id "
+    "AND exchange.professional_address = x.address "
+    "AND (exchange.state <> 'open' OR exchange.professional_name <> x.name)) "
+    "INSERT INTO exchange (patient_id, professional_address, professional_name, state, since) "
+    "SELECT x.patient_id, x.address, x.name, 'open', CAST(:since AS TIMESTAMP WITH TIME ZONE) "
+    "FROM x WHERE NOT EXISTS (SELECT 1 FROM exchange e WHERE e.patient_id = x.patient_id "
+    "AND e.professional_address = x.address)", datetimes=("since",))
+
+
+def open_exchanges(conn: Connection, pairs: Sequence[tuple[int, str, str]]) -> None:
+    """``open_exchange`` (R2) for each (patient id, professional address, name), in order,
+    with no Reply-To aliases; on PostgreSQL in one statement."""
+    if conn.dialect.name != "postgresql":
+        for patient_id, address, name in pairs:
+            open_exchange(conn, patient_id, address, name)
+        return
+    last = {(patient_id, address): name for patient_id, address, name in pairs}
+    if not last:
+        return
+    _PG_OPEN_EXCHANGES.run(conn, {
+        "patient_id": [k[0] for k in last], "address": [k[1] for k in last],
+        "name": list(last.values()), "since": utcnow()})
 
 
 def _add_aliases(conn: Connection, exchange_id: int, professional_address: str,

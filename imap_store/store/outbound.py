@@ -5,6 +5,7 @@ across a crash; read and changed by the worker of ``outbound/`` and by ``mssante
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -66,6 +67,15 @@ _INSERT_OUTBOUND = Stmt(
     "'queued', 0, :now, :now) RETURNING id", datetimes=("now",))
 
 
+# PostgreSQL: ``enqueue_notification`` for several patients in one round trip.
+_PG_ENQUEUE_NOTIFICATIONS = Stmt(
+    "INSERT INTO outbound (kind, patient_id, sender, recipient, blob_id, state, attempts, "
+    "next_attempt_at, created_at) SELECT 'notification', p.id, :sender, p.notify_email, NULL, "
+    "'queued', 0, :now, :now FROM patient p WHERE p.id = ANY(CAST(:ids AS INTEGER[])) "
+    "AND NOT EXISTS (SELECT 1 FROM outbound o WHERE o.kind = 'notification' "
+    "AND o.patient_id = p.id AND o.state = 'queued' AND o.attempts = 0)", datetimes=("now",))
+
+
 _DUE = Stmt(
     "SELECT id FROM outbound WHERE state = 'queued' AND next_attempt_at <= :now "
     "AND (lease_until IS NULL OR lease_until < :now) LIMIT 1",
@@ -94,6 +104,18 @@ def enqueue_notification(conn: Connection, patient_id: int, sender: str) -> int 
         "recipient": ops.patient_notify_email(conn, patient_id), "blob_id": None,
         "now": utcnow()})
     return int(row[0])
+
+
+def enqueue_notifications(conn: Connection, patient_ids: Sequence[int], sender: str) -> None:
+    """``enqueue_notification`` for each patient (once each); on PostgreSQL in one
+    statement."""
+    ids = list(dict.fromkeys(patient_ids))
+    if conn.dialect.name != "postgresql":
+        for patient_id in ids:
+            enqueue_notification(conn, patient_id, sender)
+        return
+    if ids:
+        _PG_ENQUEUE_NOTIFICATIONS.run(conn, {"ids": ids, "sender": sender, "now": utcnow()})
 
 
 # --- admin (mssante-gateway queue) ---------------------------------------------------------

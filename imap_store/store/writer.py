@@ -23,6 +23,9 @@ rollback, or when SQLAlchemy found it lost; the next batch takes a fresh one. Ot
 batch with asynchronous jobs) the batch runs on the async engine, synchronous jobs through
 ``run_sync``.
 
+Consecutive jobs of one ``MergeableJob`` class run together (``run_together``): SMTP intake's
+deliveries of a batch are then three statements on PostgreSQL, not three per message.
+
 Every batch first runs without savepoints. If a job raises, that transaction is rolled back
 and the batch runs again with one savepoint per job: the failing job is rolled back alone and
 only its caller sees the error. A job may therefore run twice; jobs act on the connection only
@@ -75,6 +78,45 @@ _TAKE_TURN = text("SELECT pg_advisory_xact_lock(:k)")
 def _take_turn(conn: Connection) -> None:
     if conn.dialect.name == "postgresql":
         conn.execute(_TAKE_TURN, {"k": WRITER_LOCK_KEY})
+
+
+class MergeableJob:
+    """A synchronous job that the writer may run together with the jobs of its class next to
+    it in a batch (``run_together``: one statement for all where one per job would be a round
+    trip each, e.g. SMTP intake on PostgreSQL). Called alone it runs by itself, as when a
+    failed batch is run again one job at a time."""
+
+    def __call__(self, conn: Connection) -> Any:
+        raise NotImplementedError
+
+    @classmethod
+    def run_together(cls, conn: Connection, jobs: Sequence[Any]) -> list[Any]:
+        """The results of ``jobs`` (all of class ``cls``), as calling each in turn would
+        give them; raises when any fails."""
+        return [job(conn) for job in jobs]
+
+    def mergeable(self) -> bool:
+        """Whether this one may be run together with others."""
+        return True
+
+
+def _run_jobs(conn: Connection, jobs: Sequence[SyncJob]) -> list[Any]:
+    """Every job in order, runs of mergeable jobs of one class together."""
+    results: list[Any] = []
+    i = 0
+    while i < len(jobs):
+        job = jobs[i]
+        kind = type(job)
+        j = i + 1
+        if isinstance(job, MergeableJob) and job.mergeable():
+            while j < len(jobs) and type(jobs[j]) is kind and jobs[j].mergeable():  # type: ignore[attr-defined]
+                j += 1
+        if j - i > 1:
+            results.extend(kind.run_together(conn, jobs[i:j]))  # type: ignore[attr-defined]
+        else:
+            results.append(job(conn))
+        i = j
+    return results
 
 
 @dataclass
@@ -319,7 +361,7 @@ class GroupWriter:
         """Every job, then all their audit rows at once (raises if a job fails)."""
         _take_turn(conn)
         with ops.audit_batch(conn) as audit:
-            results = [(True, run(conn)) for run in jobs]
+            results = [(True, value) for value in _run_jobs(conn, jobs)]
         ops.append_audit(conn, audit)
         return results
 
