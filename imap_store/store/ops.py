@@ -23,7 +23,7 @@ from policy.audit import GENESIS_HASH, canonical_detail, chain_hash
 from policy.rules import ContactFacts, MailboxState, PatientFacts, ProfessionalFacts
 
 T = TypeVar("T")
-_AUDIT_LOCK_KEY = 0x617564  # "aud": serialises appends to the audit chain on PostgreSQL
+AUDIT_LOCK_KEY = 0x617564  # "aud": serialises appends to the audit chain on PostgreSQL
 
 
 class MissingMailbox(LookupError):
@@ -168,15 +168,55 @@ def audit_batch(conn: Connection) -> Iterator[list[AuditEntry]]:
         info.pop(_DEFERRED, None)  # the info dict outlives the checkout: never leave it
 
 
-def append_audit(conn: Connection, entries: Sequence[AuditEntry]) -> None:
-    """Write rows at the end of the hash chain now: one read of the chain's end and one
-    batched insert, whatever the number of rows."""
+def append_audit(conn: Connection, entries: Sequence[AuditEntry], locked: bool = False) -> None:
+    """Write rows at the end of the hash chain now, whatever their number: on SQLite one
+    read of the chain's end and one batched insert; on PostgreSQL, after the chain's lock
+    (``locked``: the caller holds it already), one statement when the chain ends where this
+    connection last wrote it (the usual case for a group writer), else two."""
     if not entries:
         return
-    if conn.dialect.name == "postgresql":
-        conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _AUDIT_LOCK_KEY})
-    row = _LAST_AUDIT_HASH.first(conn)
-    prev = row[0] if row is not None else GENESIS_HASH
+    if conn.dialect.name != "postgresql":
+        row = _LAST_AUDIT_HASH.first(conn)
+        _INSERT_AUDIT.run_many(conn, _chain(row[0] if row is not None else GENESIS_HASH,
+                                            entries))
+        return
+    if not locked:
+        conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": AUDIT_LOCK_KEY})
+    info = conn.info
+    expected = info.get(_CHAIN_END, GENESIS_HASH)
+    for _attempt in range(2):
+        rows = _chain(expected, entries)
+        current, inserted = _PG_APPEND_AUDIT.first(conn, {
+            "genesis": GENESIS_HASH, "expected": expected, "at": rows[0]["at"],
+            **{name: [r[name] for r in rows] for name in (
+                "actor", "action", "subject", "detail", "prev_hash", "hash")}})
+        if inserted:
+            # A guess for the next batch on this connection (checked again then).
+            info[_CHAIN_END] = rows[-1]["hash"]
+            return
+        expected = current  # another writer appended since: chain onto its last row
+    raise RuntimeError("audit chain moved while its lock was held")
+
+
+_CHAIN_END = "mssante_audit_chain_end"
+# PostgreSQL: the chain's rows appended in one round trip when its last hash is the one
+# expected; otherwise nothing is written and the actual last hash comes back. Rows are inserted
+# in the order given (ids follow it: the chain is read by id).
+_PG_APPEND_AUDIT = Stmt(
+    "WITH cur AS (SELECT COALESCE((SELECT hash FROM audit ORDER BY id DESC LIMIT 1), "
+    "CAST(:genesis AS VARCHAR)) AS h), "
+    "ins AS (INSERT INTO audit (at, actor, action, subject, detail, prev_hash, hash) "
+    "SELECT CAST(:at AS TIMESTAMP WITH TIME ZONE), x.actor, x.action, x.subject, x.detail, "
+    "x.prev_hash, x.hash FROM unnest(CAST(:actor AS VARCHAR[]), CAST(:action AS VARCHAR[]), "
+    "CAST(:subject AS VARCHAR[]), CAST(:detail AS TEXT[]), CAST(:prev_hash AS VARCHAR[]), "
+    "CAST(:hash AS VARCHAR[])) WITH ORDINALITY AS x(actor, action, subject, detail, "
+    "prev_hash, hash, ord) WHERE (SELECT h FROM cur) = CAST(:expected AS VARCHAR) "
+    "ORDER BY x.ord RETURNING 1) "
+    "SELECT (SELECT h FROM cur), (SELECT count(*) FROM ins)", datetimes=("at",))
+
+
+def _chain(prev: str, entries: Sequence[AuditEntry]) -> list[dict[str, Any]]:
+    """The rows of ``entries`` chained after the hash ``prev``."""
     at = utcnow()
     rows: list[dict[str, Any]] = []
     for actor, action, subject, detail in entries:
@@ -185,7 +225,7 @@ def append_audit(conn: Connection, entries: Sequence[AuditEntry]) -> None:
         rows.append({"at": at, "actor": actor, "action": action, "subject": subject,
                      "detail": detail_json, "prev_hash": prev, "hash": digest})
         prev = digest
-    _INSERT_AUDIT.run_many(conn, rows)
+    return rows
 
 
 def trusted_domains(conn: Connection) -> list[str]:
