@@ -220,6 +220,27 @@ def mutated(seeds: list[bytes]) -> st.SearchStrategy[bytes]:
     return build()
 
 
+def usual_payloads(structured: st.SearchStrategy[bytes], binary_size: int = 256
+                   ) -> Callable[[list[bytes]], st.SearchStrategy[bytes]]:
+    """The payloads most harnesses draw: their structure-aware inputs, mutations of the seed
+    corpus (:func:`mutated`) and random bytes of up to ``binary_size``."""
+
+    def payloads(seeds: list[bytes]) -> st.SearchStrategy[bytes]:
+        return st.one_of(structured, mutated(seeds), st.binary(max_size=binary_size))
+
+    return payloads
+
+
+def joined_pieces(pieces: list[bytes], max_size: int) -> st.SearchStrategy[bytes]:
+    """Up to ``max_size`` of ``pieces`` (the tokens that matter to a parser) end to end."""
+    return st.lists(st.sampled_from(pieces), max_size=max_size).map(b"".join)
+
+
+def piece_fragments(pieces: list[bytes]) -> st.SearchStrategy[bytes]:
+    """Fragments for :func:`amplified` from a harness's pieces: one piece or a few joined."""
+    return st.one_of(st.sampled_from(pieces), joined_pieces(pieces, 6))
+
+
 def chunkings(payload: bytes, control: int) -> Iterator[list[bytes]]:
     """Ways to cut ``payload`` as the network might: random chunk sizes chosen by ``control``
     (mostly small, sometimes large), and byte by byte when it is short."""

@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import re
 
-from hypothesis import strategies as st
-
-from fuzz.common import Finding, Harness, mutated, short
+from fuzz.common import Finding, Harness, joined_pieces, piece_fragments, short, usual_payloads
 from imap_store.store.documents import (
     FORBIDDEN_NAME_CHARS,
     MAX_DOCUMENT_BYTES,
@@ -134,19 +132,11 @@ _PIECES = [b"%PDF-1.4\n", b"%%EOF\n", b"1 0 obj\n<< /Type /Catalog /Pages 2 0 R 
            b"(", b")", b"[", b"]", b"<<", b">>", b"0 R ", b"/Length 99999999 "]
 
 
-def _payloads(seeds: list[bytes]) -> st.SearchStrategy[bytes]:
-    pieces = st.lists(st.sampled_from(_PIECES), max_size=40).map(b"".join)
-    return st.one_of(pieces, mutated(seeds), st.binary(max_size=256))
-
-
 HARNESS = Harness(
-    name="documents",
-    description="portal uploads: content sniffing (pypdf), names, dates, profile entries",
-    run=_run,
-    target=_target,
-    payloads=_payloads,
-    fragments=st.one_of(st.sampled_from(_PIECES), st.lists(st.sampled_from(_PIECES),
-                                                            max_size=6).map(b"".join)),
+    "documents", "portal uploads: content sniffing (pypdf), names, dates, profile entries",
+    _run, _target,
+    payloads=usual_payloads(joined_pieces(_PIECES, 40)),
+    fragments=piece_fragments(_PIECES),
     openers=(b"%PDF-1.4\n", b"{\\rtf1 ", b"\x89PNG\r\n\x1a\n"),
     middles=(b"1 0 obj\n<< /Kids [", b"[[[[", b"<<<<", b"(((("),
     max_amplified=128 * 1024,

@@ -175,10 +175,8 @@ def _payloads(seeds: list[bytes]) -> st.SearchStrategy[bytes]:
 
 
 HARNESS = Harness(
-    name="identities",
-    description="addresses, domains, INS, RPPS, phones, logins: only InvalidIdentity escapes",
-    run=_run,
-    target=_target,
+    "identities", "addresses, domains, INS, RPPS, phones, logins: only InvalidIdentity escapes",
+    _run, _target,
     payloads=_payloads,
     fragments=st.text(_ALPHABET, min_size=1, max_size=8).map(lambda t: t.encode("utf-8")),
     max_amplified=64 * 1024,

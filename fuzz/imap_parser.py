@@ -17,34 +17,30 @@ from __future__ import annotations
 
 from hypothesis import strategies as st
 
-from fuzz.common import Finding, Harness, chunkings, mutated
+from fuzz.common import Finding, Harness, chunkings, usual_payloads
+from imap_store.imap import parser as imap
 from imap_store.imap.commands import Authenticate, Idle, Login
-from imap_store.imap.parser import (
-    DEFAULT_MAX_COMMAND,
-    DEFAULT_MAX_LINE,
-    DEFAULT_MAX_LITERAL,
-    CommandParser,
-    Event,
-    NeedContinuation,
-)
 
 #: (max_line, max_literal before login, after login, max_command): the server's parser, the
 #: defaults, and small limits so that short inputs reach every limit path.
+_LINE, _LITERAL, _COMMAND = (imap.DEFAULT_MAX_LINE, imap.DEFAULT_MAX_LITERAL,
+                              imap.DEFAULT_MAX_COMMAND)
 _LIMITS = [
-    (DEFAULT_MAX_LINE, 0, DEFAULT_MAX_LITERAL, DEFAULT_MAX_COMMAND),
-    (DEFAULT_MAX_LINE, DEFAULT_MAX_LITERAL, DEFAULT_MAX_LITERAL, DEFAULT_MAX_COMMAND),
+    (_LINE, 0, _LITERAL, _COMMAND),
+    (_LINE, _LITERAL, _LITERAL, _COMMAND),
     (16, 0, 8, 40),
     (64, 0, 300, 256),
     (200, 100, 100, 1000),
 ]
 
 
-def _drive(chunks: list[bytes], control: int) -> list[Event]:
+def _drive(chunks: list[bytes], control: int) -> list[imap.Event]:
     """Feed ``chunks`` as the server does and return every event."""
     max_line, max_literal, after_login, max_command = _LIMITS[control % len(_LIMITS)]
-    parser = CommandParser(max_line=max_line, max_literal=max_literal, max_command=max_command)
+    parser = imap.CommandParser(max_line=max_line, max_literal=max_literal,
+                                max_command=max_command)
     reject_appends = bool(control & 0x100)
-    events: list[Event] = []
+    events: list[imap.Event] = []
     for chunk in chunks:
         parser.feed(chunk)
         while (event := parser.next_event()) is not None:
@@ -56,14 +52,14 @@ def _drive(chunks: list[bytes], control: int) -> list[Event]:
                 parser.expect_line()
             elif isinstance(event, Idle):
                 parser.expect_line()
-            elif (isinstance(event, NeedContinuation) and event.command == "APPEND"
+            elif (isinstance(event, imap.NeedContinuation) and event.command == "APPEND"
                   and reject_appends):
                 parser.reject_literal()
         _check_bounds(parser, max_command)
     return events
 
 
-def _check_bounds(parser: CommandParser, max_command: int) -> None:
+def _check_bounds(parser: imap.CommandParser, max_command: int) -> None:
     if parser.buffered_bytes > parser.max_line + 1:
         raise Finding("memory", f"{parser.buffered_bytes} bytes left unread in the buffer "
                                 f"(max_line {parser.max_line})")
@@ -134,11 +130,6 @@ def _command(draw: st.DrawFn) -> bytes:
     return b"".join(parts)
 
 
-def _payloads(seeds: list[bytes]) -> st.SearchStrategy[bytes]:
-    commands = st.lists(_command(), max_size=6).map(b"".join)
-    return st.one_of(commands, mutated(seeds), st.binary(max_size=256))
-
-
 _fragments = st.one_of(
     _command(),
     st.sampled_from(_TOKENS),
@@ -147,11 +138,9 @@ _fragments = st.one_of(
 )
 
 HARNESS = Harness(
-    name="imap_parser",
-    description="IMAP command parser: whole vs chunked events, bounded memory, linear time",
-    run=_run,
-    target=_target,
-    payloads=_payloads,
+    "imap_parser", "IMAP command parser: whole vs chunked events, bounded memory, linear time",
+    _run, _target,
+    payloads=usual_payloads(st.lists(_command(), max_size=6).map(b"".join)),
     fragments=_fragments,
     openers=(b'a LIST "" (', b"a ID (", b"a SEARCH ", b"a UID SEARCH CHARSET UTF-8 ",
              b"a FETCH 1:* (", b"a STORE 1 FLAGS (", b"a STATUS x (", b"a LOGIN ",

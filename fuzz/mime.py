@@ -19,7 +19,7 @@ from typing import Any
 
 from hypothesis import strategies as st
 
-from fuzz.common import ROOT, Finding, Harness, mutated
+from fuzz.common import ROOT, Finding, Harness, usual_payloads
 from imap_store.imap.wire import render_bodystructure, render_envelope
 from imap_store.mime import MessageInfo, decode_section, get_section, parse_message
 from imap_store.mime import text_for_search as search_text
@@ -144,10 +144,6 @@ def _entity(draw: st.DrawFn, depth: int = 0) -> bytes:
     return b"".join(headers) + draw(st.sampled_from([b"\r\n", b"\n", b""])) + body
 
 
-def _payloads(seeds: list[bytes]) -> st.SearchStrategy[bytes]:
-    return st.one_of(_entity(), mutated(seeds), st.binary(max_size=256))
-
-
 def _samples() -> list[bytes]:
     folder = ROOT / "tests" / "samples"
     return [p.read_bytes() for p in sorted(folder.glob("*.eml"))]
@@ -161,11 +157,9 @@ _fragments = st.one_of(
 )
 
 HARNESS = Harness(
-    name="mime",
-    description="MIME analysis: no swallowed error, JSON record, sections, linear time",
-    run=_run,
-    target=_target,
-    payloads=_payloads,
+    "mime", "MIME analysis: no swallowed error, JSON record, sections, linear time",
+    _run, _target,
+    payloads=usual_payloads(_entity()),
     fragments=_fragments,
     extra_seeds=_samples,
     max_amplified=128 * 1024,

@@ -11,9 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from hypothesis import strategies as st
-
-from fuzz.common import Finding, Harness, chunkings, mutated
+from fuzz.common import Finding, Harness, chunkings, joined_pieces, piece_fragments, usual_payloads
 from smtp_in.data import MAX_LINE, DataReader, DataState
 
 _END = b"\r\n.\r\n"
@@ -133,18 +131,10 @@ _PIECES = [b"a", b"b", b"xyz", b".", b"..", b"\r\n", b"\r\n.", b".\r", b"\r", b"
            b"\r\n.\r\n", b"\r\n..\r\n", b"QUIT\r\n", b" ", b"x" * 20, b"y" * 1000]
 
 
-def _payloads(seeds: list[bytes]) -> st.SearchStrategy[bytes]:
-    pieces = st.lists(st.sampled_from(_PIECES), max_size=40).map(b"".join)
-    return st.one_of(pieces, mutated(seeds), st.binary(max_size=128))
-
-
 HARNESS = Harness(
-    name="smtp_data",
-    description="SMTP DATA reader: whole, chunked and bytewise against a line-by-line model",
-    run=_run,
-    target=_target,
-    payloads=_payloads,
-    fragments=st.one_of(st.sampled_from(_PIECES), st.lists(st.sampled_from(_PIECES),
-                                                            max_size=6).map(b"".join)),
+    "smtp_data", "SMTP DATA reader: whole, chunked and bytewise against a line-by-line model",
+    _run, _target,
+    payloads=usual_payloads(joined_pieces(_PIECES, 40), binary_size=128),
+    fragments=piece_fragments(_PIECES),
     max_amplified=256 * 1024,
 )
