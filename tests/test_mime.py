@@ -696,17 +696,13 @@ def test_multipart_without_any_part_renders_valid_structure() -> None:
     assert get_section(raw, (1,), None) == b""
 
 
+_DIGEST = (b"Content-Type: multipart/digest; boundary=d\r\n\r\n"
+           b"--d\r\n\r\nSubject: one\r\n\r\nfirst\r\n--d--\r\n")
+
+
 def test_digest_default_is_message_rfc822() -> None:
-    raw = (
-        b"Content-Type: multipart/digest; boundary=d\r\n\r\n"
-        b"--d\r\n\r\nSubject: one\r\n\r\nfirst\r\n"
-        b"--d--\r\n"
-    )
-    info = parse_message(raw)
-    (part,) = info.bodystructure["parts"]
+    (part,) = parse_message(_DIGEST).bodystructure["parts"]
     assert (part["type"], part["subtype"]) == ("MESSAGE", "RFC822")
-    assert get_section(raw, (1,), "HEADER") == b"Subject: one\r\n\r\n"
-    assert get_section(raw, (1, 1), None) == b"first"
 
 
 def test_dates() -> None:
@@ -732,25 +728,25 @@ def test_bare_lf_message() -> None:
     assert info.attachments == [Attachment("g.gif", "image/gif", 3)]
 
 
-def test_consecutive_delimiters_giveempty_parts() -> None:
-    raw = b"Content-Type: multipart/mixed; boundary=z\r\n\r\n--z\r\n--z\r\n\r\nx\r\n--z--\r\n"
-    info = parse_message(raw)
-    assert len(info.bodystructure["parts"]) == 2
-    assert get_section(raw, (1,), None) == b""
-    assert get_section(raw, (2,), None) == b"x"
-
-
-def test_boundary_prefix_is_not_a_delimiter() -> None:
-    raw = (
-        b"Content-Type: multipart/mixed; boundary=ab\r\n\r\n"
-        b"--ab\r\nContent-Type: multipart/mixed; boundary=abc\r\n\r\n"
-        b"--abc\r\n\r\none\r\n--abc--\r\n"
-        b"--ab  \r\n\r\ntwo\r\n--ab--\r\n"
-    )
-    info = parse_message(raw)
-    assert len(info.bodystructure["parts"]) == 2
-    assert get_section(raw, (1, 1), None) == b"one"
-    assert get_section(raw, (2,), None) == b"two"
+@pytest.mark.parametrize(("raw", "parts", "sections"), [
+    pytest.param(_DIGEST, 1, [((1,), "HEADER", b"Subject: one\r\n\r\n"),
+                              ((1, 1), None, b"first")], id="digest-parts-are-messages"),
+    pytest.param(b"Content-Type: multipart/mixed; boundary=z\r\n\r\n"
+                 b"--z\r\n--z\r\n\r\nx\r\n--z--\r\n", 2,
+                 [((1,), None, b""), ((2,), None, b"x")],
+                 id="consecutive-delimiters-give-empty-parts"),
+    pytest.param(b"Content-Type: multipart/mixed; boundary=ab\r\n\r\n"
+                 b"--ab\r\nContent-Type: multipart/mixed; boundary=abc\r\n\r\n"
+                 b"--abc\r\n\r\none\r\n--abc--\r\n--ab  \r\n\r\ntwo\r\n--ab--\r\n",
+                 2, [((1, 1), None, b"one"), ((2,), None, b"two")],
+                 id="boundary-prefix-is-not-a-delimiter"),
+])
+def test_multipart_parts_and_sections(raw: bytes, parts: int,
+                                      sections: list[tuple[tuple[int, ...], str | None, bytes]]
+                                      ) -> None:
+    assert len(parse_message(raw).bodystructure["parts"]) == parts
+    for path, spec, expected in sections:
+        assert get_section(raw, path, spec) == expected
 
 
 # --------------------------------------------------------------------------
@@ -1178,19 +1174,7 @@ def _original_envelope(raw: bytes, m: Any) -> list[Any]:
             return None
         return addresses._parse_address_list(headers._hval(raw, h)) or None
 
-    from_ = addrs("from")
-    return [
-        text("date"),
-        text("subject"),
-        from_,
-        addrs("sender") or from_,
-        addrs("reply-to") or from_,
-        addrs("to"),
-        addrs("cc"),
-        addrs("bcc"),
-        text("in-reply-to"),
-        text("message-id"),
-    ]
+    return addresses._envelope_in_order(text, addrs)
 
 
 def _original_parse(raw: bytes) -> MessageInfo:
@@ -1230,13 +1214,7 @@ def _original_parse(raw: bytes) -> MessageInfo:
     ):
         dsp = structure._disposition(raw, ent)
         fname = structure._filename(ent, dsp)
-        if ent.message is not None:
-            is_att = dsp is not None and dsp[0] == "attachment"
-        else:
-            is_att = (dsp is not None and dsp[0] == "attachment") or (
-                ent.mtype != "text" and fname is not None
-            )
-        if is_att:
+        if message._is_attachment(ent, dsp, fname):
             size = headers._decoded_size(raw, ent.body_start, ent.end, structure._cte(raw, ent))
             attachments.append(Attachment(fname, f"{ent.mtype}/{ent.subtype}", size))
             parts.append(path)

@@ -9,7 +9,7 @@ give exactly the same result.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import Any, NamedTuple
@@ -337,19 +337,17 @@ def _envelope_of(vals: dict[str, str], lists: dict[str, list[Address]]) -> list[
         parsed = lists[name] = _capped(_parse_address_list(v))
         return parsed or None
 
+    return _envelope_in_order(text, addrs)
+
+
+def _envelope_in_order(text: Callable[[str], str | None],
+                       addrs: Callable[[str], list[Address] | None]) -> list[Any]:
+    """The ENVELOPE fields in RFC 3501's order from a reader of text fields and one of
+    address fields; sender and reply-to default to from (RFC 3501 §7.4.2)."""
     from_ = addrs("from")
-    return [
-        text("date"),
-        text("subject"),
-        from_,
-        addrs("sender") or from_,
-        addrs("reply-to") or from_,
-        addrs("to"),
-        addrs("cc"),
-        addrs("bcc"),
-        text("in-reply-to"),
-        text("message-id"),
-    ]
+    return [text("date"), text("subject"), from_, addrs("sender") or from_,
+            addrs("reply-to") or from_, addrs("to"), addrs("cc"), addrs("bcc"),
+            text("in-reply-to"), text("message-id")]
 
 
 _MSGID_RE = re.compile(r"<[^<>]*>")

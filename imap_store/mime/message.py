@@ -136,6 +136,15 @@ class MessageInfo:
 # --------------------------------------------------------------------------
 
 
+def _is_attachment(ent: _Entity, dsp: tuple[str, list[tuple[str, str]]] | None,
+                   fname: str | None) -> bool:
+    """Whether a part counts as an attachment: its disposition says so, or (a part that is
+    not an attached message) it is not text and has a file name."""
+    if dsp is not None and dsp[0] == "attachment":
+        return True
+    return ent.message is None and ent.mtype != "text" and fname is not None
+
+
 def _parse(raw: bytes) -> MessageInfo:
     root = _build_tree(raw)
 
@@ -170,13 +179,7 @@ def _parse(raw: bytes) -> MessageInfo:
     for path, ent in _iter_message_parts(root, (), stop):
         dsp = _disposition(raw, ent)
         fname = _filename(ent, dsp)
-        if ent.message is not None:
-            is_att = dsp is not None and dsp[0] == "attachment"
-        else:
-            is_att = (dsp is not None and dsp[0] == "attachment") or (
-                ent.mtype != "text" and fname is not None
-            )
-        if is_att:
+        if _is_attachment(ent, dsp, fname):
             size = _decoded_size(raw, ent.body_start, ent.end, _cte(raw, ent))
             attachments.append(Attachment(fname, f"{ent.mtype}/{ent.subtype}", size))
             parts.append(path)
