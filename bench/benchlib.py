@@ -8,6 +8,7 @@ beyond the code), so the servers, not the load generator, set the figures.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import io
@@ -39,6 +40,40 @@ MiB = 1024 * 1024
 
 
 # --- gateway directory ------------------------------------------------------------------------
+
+
+def bench_arguments(doc: str | None, *, workers: bool = False) -> argparse.ArgumentParser:
+    """The command line of a bench that starts a gateway: its docstring as the description,
+    ``--db`` and, with ``workers``, ``--workers`` ([server] workers)."""
+    parser = argparse.ArgumentParser(description=doc,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--db", choices=("sqlite", "postgresql"), default="sqlite")
+    if workers:
+        parser.add_argument("--workers", type=int, default=None,
+                            help="[server] workers of the gateway (default: the gateway's own, "
+                            "one per core)")
+    return parser
+
+
+@dataclass
+class Tally:
+    """A load run's latencies by kind of request, and its errors by kind with the first five
+    in words."""
+
+    kinds: tuple[str, ...]
+    latencies: dict[str, list[float]] = field(default_factory=dict)
+    errors: dict[str, int] = field(default_factory=dict)
+    first_errors: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.latencies = {k: [] for k in self.kinds}
+
+    def error(self, kind: str, problem: str | BaseException) -> None:
+        self.errors[kind] = self.errors.get(kind, 0) + 1
+        if len(self.first_errors) < 5:
+            text = (problem if isinstance(problem, str)
+                    else f"{type(problem).__name__}: {problem}")
+            self.first_errors.append(f"{kind}: {text}")
 
 
 def free_port() -> int:

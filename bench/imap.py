@@ -81,6 +81,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -90,7 +91,7 @@ for _p in (str(ROOT), str(ROOT / "bench")):
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
-from benchlib import cleanup, make_ins, set_key  # noqa: E402
+from benchlib import Tally, cleanup, make_ins, set_key  # noqa: E402
 from imap_workload import (  # noqa: E402
     EPOCH,
     FROM_TERMS,
@@ -313,20 +314,60 @@ class Spec:
 
 
 @dataclass
-class Stats:
+class Stats(Tally):
     kinds: tuple[str, ...] = KINDS
-    latencies: dict[str, list[float]] = field(default_factory=dict)
-    errors: dict[str, int] = field(default_factory=dict)
-    first_errors: list[str] = field(default_factory=list)
     bytes_in_bodies: int = 0
 
-    def __post_init__(self) -> None:
-        self.latencies = {k: [] for k in self.kinds}
+    def total(self, results: list[int | BaseException]) -> int:
+        """The sum of the clients' counts; a client that failed is counted as an error."""
+        count = 0
+        for r in results:
+            if isinstance(r, BaseException):
+                self.error("connection", r)
+            else:
+                count += r
+        return count
 
-    def error(self, kind: str, exc: BaseException) -> None:
-        self.errors[kind] = self.errors.get(kind, 0) + 1
-        if len(self.first_errors) < 5:
-            self.first_errors.append(f"{kind}: {type(exc).__name__}: {exc}")
+    def figures(self, *, sums: bool = False) -> dict[str, Any]:
+        """Latencies (all kinds, then per kind; ``sums``: each kind's total too), errors and
+        body bytes."""
+        all_lat = [v for values in self.latencies.values() for v in values]
+        return {
+            "p50_ms": percentile(all_lat, 50), "p99_ms": percentile(all_lat, 99),
+            "kinds": {k: {"n": len(v), "p50_ms": percentile(v, 50), "p99_ms": percentile(v, 99),
+                          **({"sum_ms": sum(v)} if sums else {})}
+                      for k, v in self.latencies.items()},
+            "errors": self.errors, "first_errors": self.first_errors,
+            "body_mb": self.bytes_in_bodies / 1e6,
+        }
+
+
+@dataclass
+class Measured:
+    """What :func:`measured` saw of a load phase: the clients' results, the wall time and the
+    CPU seconds of the client, the server and the rest of the machine."""
+    results: list[int | BaseException]
+    wall: float
+    cpu: dict[str, float]
+    profiler: asyncio.subprocess.Process | None
+
+
+async def measured(spec: Spec, clients: Callable[[float], list[Awaitable[int]]]) -> Measured:
+    """Run ``clients(deadline)`` for ``spec.seconds`` under the profiler if asked for, timing
+    the wall and the CPU of each side."""
+    machine0 = machine_busy()
+    cpu_server0 = server_cpu(spec.pids)
+    cpu_client0 = time.process_time()
+    spy = await start_profiler(spec)
+    t0 = time.perf_counter()
+    results = await asyncio.gather(*clients(t0 + spec.seconds), return_exceptions=True)
+    wall = time.perf_counter() - t0
+    cpu_client = time.process_time() - cpu_client0
+    cpu_server = server_cpu(spec.pids) - cpu_server0
+    busy = machine_busy() - machine0
+    return Measured(list(results), wall, {"client_cpu_s": cpu_client, "server_cpu_s": cpu_server,
+                                          "others_cpu_s": busy - cpu_client - cpu_server},
+                    spy)
 
 
 _TICK = os.sysconf("SC_CLK_TCK")
@@ -632,38 +673,14 @@ async def start_profiler(spec: Spec) -> asyncio.subprocess.Process | None:
 async def load(spec: Spec, ctx: ssl.SSLContext) -> dict[str, Any]:
     conns = list(await asyncio.gather(*(open_session(spec, ctx) for _ in range(spec.clients))))
     stats = Stats()
-    machine0 = machine_busy()
-    cpu_server0 = server_cpu(spec.pids)
-    cpu_client0 = time.process_time()
-    spy = await start_profiler(spec)
-    t0 = time.perf_counter()
-    deadline = t0 + spec.seconds
-    results = await asyncio.gather(*(client_loop(i, c, spec, deadline, stats)
-                                     for i, c in enumerate(conns)), return_exceptions=True)
-    wall = time.perf_counter() - t0
-    cpu_client = time.process_time() - cpu_client0
-    cpu_server = server_cpu(spec.pids) - cpu_server0
-    busy = machine_busy() - machine0
+    run = await measured(spec, lambda deadline: [client_loop(i, c, spec, deadline, stats)
+                                                 for i, c in enumerate(conns)])
     await asyncio.gather(*(c.logout() for c in conns), return_exceptions=True)
-    if spy is not None:
-        await spy.wait()
-    ops = 0
-    for r in results:
-        if isinstance(r, BaseException):
-            stats.error("connection", r)
-        else:
-            ops += r
-    all_lat = [v for values in stats.latencies.values() for v in values]
-    return {
-        "ops": ops, "wall": wall, "ops_per_s": ops / wall,
-        "p50_ms": percentile(all_lat, 50), "p99_ms": percentile(all_lat, 99),
-        "kinds": {k: {"n": len(v), "p50_ms": percentile(v, 50), "p99_ms": percentile(v, 99)}
-                  for k, v in stats.latencies.items()},
-        "errors": stats.errors, "first_errors": stats.first_errors,
-        "body_mb": stats.bytes_in_bodies / 1e6,
-        "client_cpu_s": cpu_client, "server_cpu_s": cpu_server,
-        "others_cpu_s": busy - cpu_client - cpu_server,
-    }
+    if run.profiler is not None:
+        await run.profiler.wait()
+    ops = stats.total(run.results)
+    return {"ops": ops, "wall": run.wall, "ops_per_s": ops / run.wall, **stats.figures(),
+            **run.cpu}
 
 
 # --- --sessions: whole sessions, a login per cycle -------------------------------------------
@@ -817,37 +834,16 @@ async def session_loop(index: int, spec: Spec, ctx: ssl.SSLContext, deadline: fl
 async def sessions_load(spec: Spec, ctx: ssl.SSLContext) -> dict[str, Any]:
     stats = Stats(SESSION_KINDS)
     cycle_ms: list[float] = []
-    machine0 = machine_busy()
-    cpu_server0 = server_cpu(spec.pids)
-    cpu_client0 = time.process_time()
-    spy = await start_profiler(spec)
-    t0 = time.perf_counter()
-    deadline = t0 + spec.seconds
-    results = await asyncio.gather(*(session_loop(i, spec, ctx, deadline, stats, cycle_ms)
-                                     for i in range(spec.clients)), return_exceptions=True)
-    wall = time.perf_counter() - t0
-    cpu_client = time.process_time() - cpu_client0
-    cpu_server = server_cpu(spec.pids) - cpu_server0
-    busy = machine_busy() - machine0
-    if spy is not None:
-        await spy.wait()
-    cycles = 0
-    for r in results:
-        if isinstance(r, BaseException):
-            stats.error("connection", r)
-        else:
-            cycles += r
-    all_lat = [v for values in stats.latencies.values() for v in values]
+    run = await measured(spec, lambda deadline: [session_loop(i, spec, ctx, deadline, stats,
+                                                              cycle_ms)
+                                                 for i in range(spec.clients)])
+    if run.profiler is not None:
+        await run.profiler.wait()
+    cycles = stats.total(run.results)
     return {
-        "cycles": cycles, "wall": wall, "cycles_per_s": cycles / wall,
+        "cycles": cycles, "wall": run.wall, "cycles_per_s": cycles / run.wall,
         "cycle_p50_ms": percentile(cycle_ms, 50), "cycle_p99_ms": percentile(cycle_ms, 99),
-        "p50_ms": percentile(all_lat, 50), "p99_ms": percentile(all_lat, 99),
-        "kinds": {k: {"n": len(v), "p50_ms": percentile(v, 50), "p99_ms": percentile(v, 99),
-                      "sum_ms": sum(v)} for k, v in stats.latencies.items()},
-        "errors": stats.errors, "first_errors": stats.first_errors,
-        "body_mb": stats.bytes_in_bodies / 1e6,
-        "client_cpu_s": cpu_client, "server_cpu_s": cpu_server,
-        "others_cpu_s": busy - cpu_client - cpu_server,
+        **stats.figures(sums=True), **run.cpu,
     }
 
 

@@ -25,15 +25,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from benchlib import (
-    BIN,
-    cleanup,
-    free_port,
-    make_gateway_dir,
-    percentile,
-    set_key,
-    start_gateway,
-)
+import benchlib
 
 from tests.helpers import noop_probe  # the probe of tests/test_security_event_loop.py
 
@@ -81,15 +73,15 @@ def main() -> int:
     imaplib._MAXLINE = 50_000_000  # type: ignore[attr-defined]  # ENVELOPEs of 1 MB headers
 
     base = Path(tempfile.mkdtemp(prefix="loop-hold-"))
-    gw = make_gateway_dir(base, args.db, professionals=1, patients=2)
+    gw = benchlib.make_gateway_dir(base, args.db, professionals=1, patients=2)
     try:
-        imaps = free_port()
-        set_key(gw.config, "imaps", "listen", f"127.0.0.1:{imaps}")
+        imaps = benchlib.free_port()
+        benchlib.set_key(gw.config, "imaps", "listen", f"127.0.0.1:{imaps}")
         for ins in gw.patients:
-            subprocess.run([str(BIN / "mssante-policy"), "--config", str(gw.config), "patient",
-                            "set-password", ins, "--password-stdin"], input=PASSWORD + "\n",
-                           text=True, check=True, capture_output=True)
-        server = start_gateway(gw)
+            subprocess.run([str(benchlib.BIN / "mssante-policy"), "--config", str(gw.config),
+                            "patient", "set-password", ins, "--password-stdin"],
+                           input=PASSWORD + "\n", text=True, check=True, capture_output=True)
+        server = benchlib.start_gateway(gw)
         try:
             pro = gw.professionals[0]
             ctx = ssl.create_default_context(cafile=str(gw.certs / "ca.pem"))
@@ -121,15 +113,15 @@ def main() -> int:
                 all_waits += waits
                 print(f"{name:14s} {len(raw):8d} B  smtp={smtp_reply} append={append} "
                       f"fetch={fetch}  max_wait={hold * 1000:6.1f} ms  "
-                      f"p50={percentile(waits, 50) * 1000:5.1f} ms  n={len(waits)}")
+                      f"p50={benchlib.percentile(waits, 50) * 1000:5.1f} ms  n={len(waits)}")
                 if hold > worst[1]:
                     worst = (name, hold)
         finally:
             server.stop()
         print(f"max_wait_ms={worst[1] * 1000:.1f} worst={worst[0]} "
-              f"p50_ms={percentile(all_waits, 50) * 1000:.1f} target_ms=50")
+              f"p50_ms={benchlib.percentile(all_waits, 50) * 1000:.1f} target_ms=50")
     finally:
-        cleanup(base, gw.pg_schema, args.keep)
+        benchlib.cleanup(base, gw.pg_schema, args.keep)
     return 0
 
 

@@ -28,7 +28,6 @@ Last line: ``ratio=<gateway/sink> gateway=<n>/s sink=<n>/s p50=<ms>ms p99=<ms>ms
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import collections
 import shlex
@@ -37,6 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,6 +46,7 @@ from benchlib import (
     BIN,
     GatewayDir,
     SmtpClient,
+    bench_arguments,
     cleanup,
     client_context,
     count_stored,
@@ -149,8 +150,34 @@ async def run_load(name: str, port: int, pid: int, gw: GatewayDir, sessions: int
     ready = 0
     all_ready = asyncio.Event()
 
-    async def session(i: int) -> None:
+    def refused(text: bytes) -> None:
+        result.refused[text[:40].decode(errors="replace").strip()] += 1
+
+    async def send_all(send: Callable[[str, bytes], Awaitable[tuple[int, bytes]]],
+                       messages: list[tuple[str, bytes]]) -> None:
+        """The warm-up messages, then, once every session is ready, the timed ones."""
         nonlocal ready
+        for rcpt, data in messages[:warmup]:
+            code, text = await send(rcpt, data)
+            if code == 250:
+                result.warmup_accepted += 1
+            else:
+                refused(text)
+        ready += 1
+        if ready == sessions:
+            all_ready.set()
+        await go.wait()
+        for rcpt, data in messages[warmup:]:
+            t0 = time.perf_counter()
+            code, text = await send(rcpt, data)
+            elapsed = time.perf_counter() - t0
+            if code == 250:
+                result.accepted += 1
+                result.latencies.append(elapsed)
+            else:
+                refused(text)
+
+    async def session(i: int) -> None:
         pro = gw.professionals[i % len(gw.professionals)]
         ctx = (resuming_context(ca, pro.cert, pro.key) if resume
                else client_context(ca, pro.cert, pro.key))
@@ -159,29 +186,13 @@ async def run_load(name: str, port: int, pid: int, gw: GatewayDir, sessions: int
             rcpt = gw.patient_address(i * 7 + k)
             messages.append((rcpt, text_message(pro.address, rcpt, size, i * 100_000 + k)))
         if per_message:
-            await per_connection(pro.address, ctx, messages)
+            await send_all(lambda rcpt, data: one_connection(pro.address, ctx, rcpt, data),
+                           messages)
             return
         client = await SmtpClient.connect("127.0.0.1", port, ctx)
         try:
-            for rcpt, data in messages[:warmup]:
-                code, text = await client.send(pro.address, [rcpt], data, pipelining)
-                if code == 250:
-                    result.warmup_accepted += 1
-                else:
-                    result.refused[text[:40].decode(errors="replace").strip()] += 1
-            ready += 1
-            if ready == sessions:
-                all_ready.set()
-            await go.wait()
-            for rcpt, data in messages[warmup:]:
-                t0 = time.perf_counter()
-                code, text = await client.send(pro.address, [rcpt], data, pipelining)
-                elapsed = time.perf_counter() - t0
-                if code == 250:
-                    result.accepted += 1
-                    result.latencies.append(elapsed)
-                else:
-                    result.refused[text[:40].decode(errors="replace").strip()] += 1
+            await send_all(lambda rcpt, data: client.send(pro.address, [rcpt], data, pipelining),
+                           messages)
         finally:
             await client.quit()
 
@@ -196,29 +207,6 @@ async def run_load(name: str, port: int, pid: int, gw: GatewayDir, sessions: int
             if isinstance(ctx, ResumingContext) and ssl_object is not None:
                 result.resumed += ssl_object.session_reused
                 ctx.last_session = ssl_object.session  # the ticket came after the handshake
-
-    async def per_connection(sender: str, ctx: ssl.SSLContext,
-                             messages: list[tuple[str, bytes]]) -> None:
-        nonlocal ready
-        for rcpt, data in messages[:warmup]:
-            code, text = await one_connection(sender, ctx, rcpt, data)
-            if code == 250:
-                result.warmup_accepted += 1
-            else:
-                result.refused[text[:40].decode(errors="replace").strip()] += 1
-        ready += 1
-        if ready == sessions:
-            all_ready.set()
-        await go.wait()
-        for rcpt, data in messages[warmup:]:
-            t0 = time.perf_counter()
-            code, text = await one_connection(sender, ctx, rcpt, data)
-            elapsed = time.perf_counter() - t0
-            if code == 250:
-                result.accepted += 1
-                result.latencies.append(elapsed)
-            else:
-                result.refused[text[:40].decode(errors="replace").strip()] += 1
 
     tasks = [asyncio.create_task(session(i)) for i in range(sessions)]
     waiter = asyncio.create_task(all_ready.wait())
@@ -260,15 +248,10 @@ def stop_profiler(proc: subprocess.Popen[bytes]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = bench_arguments(__doc__, workers=True)
     parser.add_argument("--sessions", type=int, default=20)
     parser.add_argument("--messages-per-session", type=int, default=40)
     parser.add_argument("--size", type=int, default=4096, help="bytes per message")
-    parser.add_argument("--db", choices=("sqlite", "postgresql"), default="sqlite")
-    parser.add_argument("--workers", type=int, default=None,
-                        help="[server] workers of the gateway (default: the gateway's own, "
-                        "one per core)")
     parser.add_argument("--professionals", type=int, default=20)
     parser.add_argument("--patients", type=int, default=10)
     parser.add_argument("--no-pipelining", dest="pipelining", action="store_false")

@@ -22,7 +22,6 @@ Target (issue): peak - baseline < 3 x data in flight.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import subprocess
 import sys
@@ -41,6 +40,7 @@ from benchlib import (
     SmtpClient,
     attachment_message,
     base64_lines,
+    bench_arguments,
     cleanup,
     client_context,
     count_stored,
@@ -158,14 +158,9 @@ async def run(gw_port: int, pid: int, gw: GatewayDir, sessions: int, size: int) 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = bench_arguments(__doc__, workers=True)
     parser.add_argument("--sessions", type=int, default=20)
     parser.add_argument("--size-mb", type=float, default=20.0, help="MiB per message")
-    parser.add_argument("--db", choices=("sqlite", "postgresql"), default="sqlite")
-    parser.add_argument("--workers", type=int, default=None,
-                        help="[server] workers of the gateway (default: the gateway's own, "
-                        "one per core)")
     parser.add_argument("--data-in-flight-mb", type=int, default=512,
                         help="[limits] data_in_flight for this run, MiB (gateway default 256)")
     parser.add_argument("--profile", type=Path,

@@ -56,7 +56,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import timedelta
 from email.utils import format_datetime
 from pathlib import Path
@@ -69,7 +69,7 @@ for _p in (str(ROOT / "bench"), str(ROOT)):  # the project's packages first (``i
         sys.path.remove(_p)
     sys.path.insert(0, _p)
 
-from benchlib import cleanup, free_port, set_key, tree_state  # noqa: E402
+from benchlib import Tally, cleanup, free_port, set_key, tree_state  # noqa: E402
 from imap_workload import (  # noqa: E402
     EPOCH,
     PATIENT_DOMAIN,
@@ -355,20 +355,8 @@ class Spec:
 
 
 @dataclass
-class Stats:
-    kinds: tuple[str, ...]
-    latencies: dict[str, list[float]] = field(default_factory=dict)
-    errors: dict[str, int] = field(default_factory=dict)
-    first_errors: list[str] = field(default_factory=list)
+class Stats(Tally):
     bytes_in: int = 0
-
-    def __post_init__(self) -> None:
-        self.latencies = {k: [] for k in self.kinds}
-
-    def error(self, kind: str, text: str) -> None:
-        self.errors[kind] = self.errors.get(kind, 0) + 1
-        if len(self.first_errors) < 5:
-            self.first_errors.append(f"{kind}: {text}")
 
 
 def escape(text: str) -> str:
