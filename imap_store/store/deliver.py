@@ -132,15 +132,19 @@ def deliver(conn: Connection, targets: Sequence[Target], raw: bytes,
 
 def deliver_many(conn: Connection,
                  messages: Sequence[tuple[Sequence[MailboxName], bytes,
-                                          MessageInfo | MessageFields]]
-                 ) -> list[list[StoredMessage]]:
-    """:func:`deliver` of several messages, each to its patients' mailboxes, in the caller's
-    transaction; the result in the order of ``messages`` and of each one's targets. On
-    PostgreSQL in one statement whatever their number (the group writer's batch of SMTP
-    intake: issue 14); elsewhere one :func:`deliver` after the other."""
+                                          MessageInfo | MessageFields]],
+                 exchanges: Sequence[tuple[int, str, str]] = ()) -> list[list[StoredMessage]]:
+    """:func:`deliver` of several messages, each to its patients' mailboxes, then
+    ``ops.open_exchanges(exchanges)`` (R2), in the caller's transaction; the result in the
+    order of ``messages`` and of each one's targets. On PostgreSQL in one statement whatever
+    their number (the group writer's batch of SMTP intake: issue 14); elsewhere one
+    :func:`deliver` after the other."""
     fields = [(targets, raw, fields_from_info(m) if isinstance(m, MessageInfo) else m)
               for targets, raw, m in messages]
     if conn.dialect.name != "postgresql":
-        return [deliver(conn, targets, raw, f) for targets, raw, f in fields]
+        stored = [deliver(conn, targets, raw, f) for targets, raw, f in fields]
+        ops.open_exchanges(conn, exchanges)
+        return stored
     return ops.merged_deliver_many(
-        conn, [([(t.patient_id, t.name) for t in targets], raw, f) for targets, raw, f in fields])
+        conn, [([(t.patient_id, t.name) for t in targets], raw, f) for targets, raw, f in fields],
+        exchanges)

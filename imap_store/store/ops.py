@@ -421,6 +421,23 @@ def merged_deliver(conn: Connection, targets: Sequence[int | tuple[int, str]], r
     return stored
 
 
+# PostgreSQL: ``open_exchange`` (R2) for distinct (patient, professional, name) triples given
+# as arrays, as data-modifying CTEs: an exchange that exists is re-opened or renamed when it
+# must be, one that does not is inserted (no sequence value drawn for the others).
+_PG_EXCHANGES_CTES = (
+    "xs AS (SELECT * FROM unnest(CAST(:x_patient AS INTEGER[]), CAST(:x_address AS VARCHAR[]), "
+    "CAST(:x_name AS VARCHAR[])) AS x(patient_id, address, name)), "
+    "xu AS (UPDATE exchange SET professional_name = xs.name, state = 'open', "
+    "since = CASE WHEN exchange.state <> 'open' THEN CAST(:since AS TIMESTAMP WITH TIME ZONE) "
+    "ELSE exchange.since END FROM xs WHERE exchange.patient_id = xs.patient_id "
+    "AND exchange.professional_address = xs.address "
+    "AND (exchange.state <> 'open' OR exchange.professional_name <> xs.name)), "
+    "xi AS (INSERT INTO exchange (patient_id, professional_address, professional_name, state, "
+    "since) SELECT xs.patient_id, xs.address, xs.name, 'open', "
+    "CAST(:since AS TIMESTAMP WITH TIME ZONE) FROM xs WHERE NOT EXISTS (SELECT 1 FROM "
+    "exchange e WHERE e.patient_id = xs.patient_id AND e.professional_address = xs.address)) ")
+
+
 # PostgreSQL: the deliveries of several messages (a group writer's batch of SMTP intake) in one
 # round trip: every blob and its SEARCH row, the UIDs and MODSEQs of every target mailbox
 # allocated by one UPDATE per mailbox row (a mailbox named n times in the batch moves by n), and
@@ -428,8 +445,9 @@ def merged_deliver(conn: Connection, targets: Sequence[int | tuple[int, str]], r
 # batch's size. Blob ids are drawn from the blob sequence first, so each message row is joined
 # to its own blob by position and not by the order INSERT ... RETURNING happens to give.
 # Same rows as ``merged_deliver`` once per message (flags 0, no keywords).
+# Only constant fragments are joined; values are parameters.
 _PG_DELIVER_MANY = Stmt(
-    "WITH msg AS (SELECT * FROM unnest(CAST(:sha256 AS TEXT[]), CAST(:size AS BIGINT[]), "
+    "WITH msg AS (SELECT * FROM unnest(CAST(:sha256 AS TEXT[]), CAST(:size AS BIGINT[]), "  # noqa: S608
     "CAST(:data AS BYTEA[]), CAST(:with_search AS BOOLEAN[]), CAST(:from_text AS TEXT[]), "
     "CAST(:to_text AS TEXT[]), CAST(:cc_text AS TEXT[]), CAST(:bcc_text AS TEXT[]), "
     "CAST(:subject_text AS TEXT[]), "
@@ -466,19 +484,23 @@ _PG_DELIVER_MANY = Stmt(
     "msg.internal_date, msg.size, ids.blob_id, msg.message_id, msg.in_reply_to, msg.refs, "
     "msg.subject, msg.from_addr, msg.sent_date, msg.thread_id, msg.has_attachments, "
     "msg.from_name, msg.meta FROM r JOIN msg ON msg.ord = r.msg_ord "
-    "JOIN ids ON ids.ord = r.msg_ord) "
+    "JOIN ids ON ids.ord = r.msg_ord), "
+    # R2 for the batch (``open_exchanges``) in the same round trip.
+    + _PG_EXCHANGES_CTES +
     "SELECT r.tord, r.mailbox_id, r.uid, r.modseq, ids.blob_id FROM r "
-    "JOIN ids ON ids.ord = r.msg_ord ORDER BY r.tord")
+    "JOIN ids ON ids.ord = r.msg_ord ORDER BY r.tord", datetimes=("since",))
 
 
 def merged_deliver_many(conn: Connection,
                         messages: Sequence[tuple[Sequence[tuple[int, str]], bytes,
                                                  MessageFields]],
+                        exchanges: Sequence[tuple[int, str, str]] = (),
                         internal_date: datetime | None = None) -> list[list[StoredMessage]]:
     """PostgreSQL: ``merged_deliver`` of several messages, each to its patients' mailboxes
-    named (patient id, name), in one statement; the result in the order of ``messages`` and
-    of each one's targets. MissingMailbox when a target mailbox does not exist (nothing is
-    then written that the caller's rollback would not undo)."""
+    named (patient id, name), and ``open_exchanges(exchanges)``, in one statement; the result
+    in the order of ``messages`` and of each one's targets. MissingMailbox when a target
+    mailbox does not exist (nothing is then written that the caller's rollback would not
+    undo)."""
     now = internal_date or utcnow()
     columns: dict[str, list[Any]] = {name: [] for name in (
         "sha256", "size", "data", "with_search", *_NO_SEARCH, "internal_date", "message_id",
@@ -502,7 +524,10 @@ def merged_deliver_many(conn: Connection,
             columns["t_msg"].append(ordinal)
             columns["t_patient"].append(patient_id)
             columns["t_name"].append(mailbox)
-    rows = _PG_DELIVER_MANY.run(conn, columns).all()
+    last = _distinct_exchanges(exchanges)
+    rows = _PG_DELIVER_MANY.run(conn, {
+        **columns, "x_patient": [k[0] for k in last], "x_address": [k[1] for k in last],
+        "x_name": list(last.values()), "since": now}).all()
     if len(rows) != len(columns["t_msg"]):
         found = {int(row[0]) for row in rows}
         missing = next(i for i in range(1, len(columns["t_msg"]) + 1) if i not in found)
@@ -560,20 +585,12 @@ def open_exchange(conn: Connection, patient_id: int, professional_address: str,
 
 
 # PostgreSQL: ``open_exchange`` for several (patient, professional) pairs in one round trip.
-# Pairs must be distinct (the caller merges repeats, the last name winning, as running them one
-# after the other would). No sequence value is drawn for an exchange that already exists.
-_PG_OPEN_EXCHANGES = Stmt(
-    "WITH x AS (SELECT * FROM unnest(CAST(:patient_id AS INTEGER[]), "
-    "CAST(:address AS VARCHAR[]), CAST(:name AS VARCHAR[])) AS x(patient_id, address, name)), "
-    "upd AS (UPDATE exchange SET professional_name = x.name, state = 'open', "
-    "since = CASE WHEN exchange.state <> 'open' THEN CAST(:since AS TIMESTAMP WITH TIME ZONE) "
-    "ELSE exchange.since END FROM x WHERE exchange.patient_id = x.patient_id "
-    "AND exchange.professional_address = x.address "
-    "AND (exchange.state <> 'open' OR exchange.professional_name <> x.name)) "
-    "INSERT INTO exchange (patient_id, professional_address, professional_name, state, since) "
-    "SELECT x.patient_id, x.address, x.name, 'open', CAST(:since AS TIMESTAMP WITH TIME ZONE) "
-    "FROM x WHERE NOT EXISTS (SELECT 1 FROM exchange e WHERE e.patient_id = x.patient_id "
-    "AND e.professional_address = x.address)", datetimes=("since",))
+_PG_OPEN_EXCHANGES = Stmt("WITH " + _PG_EXCHANGES_CTES + "SELECT 1", datetimes=("since",))
+
+
+def _distinct_exchanges(pairs: Sequence[tuple[int, str, str]]) -> dict[tuple[int, str], str]:
+    """Repeats merged, the last name winning, as running them one after the other would."""
+    return {(patient_id, address): name for patient_id, address, name in pairs}
 
 
 def open_exchanges(conn: Connection, pairs: Sequence[tuple[int, str, str]]) -> None:
@@ -583,12 +600,12 @@ def open_exchanges(conn: Connection, pairs: Sequence[tuple[int, str, str]]) -> N
         for patient_id, address, name in pairs:
             open_exchange(conn, patient_id, address, name)
         return
-    last = {(patient_id, address): name for patient_id, address, name in pairs}
+    last = _distinct_exchanges(pairs)
     if not last:
         return
     _PG_OPEN_EXCHANGES.run(conn, {
-        "patient_id": [k[0] for k in last], "address": [k[1] for k in last],
-        "name": list(last.values()), "since": utcnow()})
+        "x_patient": [k[0] for k in last], "x_address": [k[1] for k in last],
+        "x_name": list(last.values()), "since": utcnow()})
 
 
 def _add_aliases(conn: Connection, exchange_id: int, professional_address: str,

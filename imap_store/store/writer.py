@@ -24,7 +24,7 @@ batch with asynchronous jobs) the batch runs on the async engine, synchronous jo
 ``run_sync``.
 
 Consecutive jobs of one ``MergeableJob`` class run together (``run_together``): SMTP intake's
-deliveries of a batch are then three statements on PostgreSQL, not three per message.
+deliveries of a batch are then one statement on PostgreSQL, not three per message.
 
 Every batch first runs without savepoints. If a job raises, that transaction is rolled back
 and the batch runs again with one savepoint per job: the failing job is rolled back alone and
