@@ -9,20 +9,11 @@
 # operator); DEMO_SKIP_INSTALL=1: use .venv as it is (no pip run).
 set -euo pipefail
 cd "$(dirname "$0")"
-PY=${PYTHON:-python3}
-if [ ! -x .venv/bin/python ]; then
-  "$PY" -m venv .venv
-fi
-install_log=.venv/install.log
+. deploy/venv.sh
 stamp=.venv/.demo-installed
 want=$(sha256sum pyproject.toml | cut -d' ' -f1)
 if [ "${DEMO_SKIP_INSTALL:-}" != 1 ] && [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
-  if ! { .venv/bin/python -m pip install --quiet --upgrade pip \
-         && .venv/bin/python -m pip install --quiet -e .; } >"$install_log" 2>&1; then
-    tail -20 "$install_log" >&2
-    echo "installation failed (full log: $install_log)" >&2
-    exit 1
-  fi
+  venv_install .
   echo "$want" >"$stamp"
 fi
 export PATH="$PWD/.venv/bin:$PATH"
