@@ -35,6 +35,12 @@ class FactSource(Protocol):
 
     def contact(self, patient_id: int, address: str) -> ContactFacts: ...
 
+    def sender_and_patient(self, address: str,
+                           ins: str) -> tuple[ProfessionalFacts, tuple[PatientFacts, int]]:
+        """``professional(address)`` and ``patient(ins)`` in one lookup (an RCPT's first
+        question, asked once per transaction: one round trip to the database, not two)."""
+        ...
+
 
 @dataclass(frozen=True)
 class RecipientVerdict:
@@ -58,8 +64,11 @@ def judge_professional_recipient(
                                                                invalid_ins=exc.reason))
     if ins is None:
         return RecipientVerdict(decide_relay_denied())
-    facts = sender_facts or source.professional(sender)
-    patient, patient_id = source.patient(ins)
+    if sender_facts is None:
+        facts, (patient, patient_id) = source.sender_and_patient(sender, ins)
+    else:
+        facts = sender_facts
+        patient, patient_id = source.patient(ins)
     return RecipientVerdict(decide_professional_to_patient(facts, patient), patient_id, ins,
                             facts)
 

@@ -530,3 +530,48 @@ def test_runs_of_mergeable_jobs_run_together() -> None:
             Put("g"), Put("h")]
     assert _run_jobs(None, jobs) == ["A", "B", "c", "d", "E", "F", "plain", "G", "H"]  # type: ignore[arg-type]
     assert calls == [("a", "b"), ("c",), ("d",), ("e", "f"), ("plain",), ("g", "h")]
+
+
+async def test_sender_and_patient_in_one_lookup_read_what_two_lookups_read(db_url: str) -> None:
+    """An RCPT's first question (``ConnectionFacts.sender_and_patient``: one statement) reads
+    the same facts as ``professional`` then ``patient``: a known, suspended or unknown
+    professional (trusted domain or not), a known, closed or unknown patient."""
+    from imap_store.store.ops import ConnectionFacts
+
+    await migrate(db_url)
+    store = Store.from_url(db_url)
+    try:
+        await writer_job(store, lambda c: c.execute(text(
+            "INSERT INTO trusted_domain (name, source, added_at) "
+            "VALUES ('h.example', 'test', CURRENT_TIMESTAMP)")))
+        await store.add_professional("test", "dr.a@h.example", "Dr A", None, None)
+        await store.add_professional("test", "dr.s@h.example", "Dr S", None, None)
+        await store.set_professional_state("test", "dr.s@h.example", "suspended")
+        await store.add_patient("test", "1" * 13, "P", "p@example.org", None, _message(0))
+        await store.add_patient("test", "2" * 13, "Q", "q@example.org", None, _message(0))
+        await store.set_patient_state("test", "2" * 13, "closed")
+        cases = [(pro, ins) for pro in ("dr.a@h.example", "dr.s@h.example", "x@h.example",
+                                        "y@elsewhere.example")
+                 for ins in ("1" * 13, "2" * 13, "3" * 13)]
+
+        def read(conn: Connection) -> list[tuple[object, object]]:
+            facts = ConnectionFacts(conn)
+            return [(facts.sender_and_patient(pro, ins),
+                     (facts.professional(pro), facts.patient(ins))) for pro, ins in cases]
+
+        pairs = await store.run_read(read)
+        assert all(one == two for one, two in pairs)
+        seen = {(p.in_directory, p.active, p.trusted_domain, pt.exists, pt.state.value
+                 if pt.exists else None) for (p, (pt, _id)), _two in pairs}
+        assert len(seen) == 12  # every case reads differently from the others but itself
+    finally:
+        await store.close()
+
+
+async def writer_job(store: Store, job):  # type: ignore[no-untyped-def]
+    writer = GroupWriter(store)
+    writer.start()
+    try:
+        return await writer.submit_sync(job)
+    finally:
+        await writer.close()

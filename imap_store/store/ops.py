@@ -98,6 +98,11 @@ _PROFESSIONAL = Stmt(
     "SELECT p.state, p.name, EXISTS (SELECT 1 FROM trusted_domain WHERE name = :domain) "
     "FROM (SELECT 1 AS one) AS one LEFT JOIN professional p ON p.address = :address")
 _PATIENT = Stmt("SELECT id, state FROM patient WHERE ins = :ins")
+# ``_PROFESSIONAL`` and ``_PATIENT`` in one round trip (an RCPT's first lookup).
+_PROFESSIONAL_AND_PATIENT = Stmt(
+    "SELECT p.state, p.name, EXISTS (SELECT 1 FROM trusted_domain WHERE name = :domain), "
+    "pt.id, pt.state FROM (SELECT 1 AS one) AS one "
+    "LEFT JOIN professional p ON p.address = :address LEFT JOIN patient pt ON pt.ins = :ins")
 _PATIENT_NOTIFY = Stmt("SELECT notify_email FROM patient WHERE id = :id")
 _MAILBOX = Stmt("SELECT id FROM mailbox WHERE patient_id = :patient_id AND name = :name")
 _INSERT_BLOB = Stmt(
@@ -249,21 +254,39 @@ def professional_by_address(conn: Connection, address: str) -> Any:
 def professional_facts(conn: Connection, address: str) -> ProfessionalFacts:
     state, name, trusted = _PROFESSIONAL.first(
         conn, {"address": address, "domain": address.rpartition("@")[2].lower()})
+    return _professional(address, state, name, trusted)
+
+
+def _professional(address: str, state: str | None, name: str | None,
+                  trusted: Any) -> ProfessionalFacts:
     return ProfessionalFacts(
         address=address,
         in_directory=state is not None,
         active=state == "active",
         trusted_domain=bool(trusted),
-        name=name if state is not None else "",
+        name=name or "" if state is not None else "",
     )
 
 
 def patient_facts(conn: Connection, ins: str) -> tuple[PatientFacts, int]:
     """Facts about a recipient INS and its id (0 when unknown)."""
     row = _PATIENT.first(conn, {"ins": ins})
-    if row is None:
+    return _patient(ins, row[0] if row is not None else None, row[1] if row is not None else None)
+
+
+def _patient(ins: str, patient_id: int | None, state: str | None) -> tuple[PatientFacts, int]:
+    if patient_id is None:
         return PatientFacts(ins=ins, exists=False), 0
-    return PatientFacts(ins=ins, exists=True, state=MailboxState(row[1])), int(row[0])
+    return PatientFacts(ins=ins, exists=True, state=MailboxState(state)), int(patient_id)
+
+
+def sender_and_patient_facts(conn: Connection, address: str,
+                             ins: str) -> tuple[ProfessionalFacts, tuple[PatientFacts, int]]:
+    """``professional_facts`` and ``patient_facts`` in one statement."""
+    state, name, trusted, patient_id, patient_state = _PROFESSIONAL_AND_PATIENT.first(
+        conn, {"address": address, "domain": address.rpartition("@")[2].lower(), "ins": ins})
+    return (_professional(address, state, name, trusted),
+            _patient(ins, patient_id, patient_state))
 
 
 def patient_notify_email(conn: Connection, patient_id: int) -> str:
@@ -677,6 +700,10 @@ class ConnectionFacts:
 
     def contact(self, patient_id: int, address: str) -> ContactFacts:
         return contact_facts(self.conn, patient_id, address)
+
+    def sender_and_patient(self, address: str,
+                           ins: str) -> tuple[ProfessionalFacts, tuple[PatientFacts, int]]:
+        return sender_and_patient_facts(self.conn, address, ins)
 
 
 def with_facts(conn: Connection, judge: Callable[..., T], *args: Any) -> T:
