@@ -14,6 +14,8 @@ import io
 import json
 import re
 import zipfile
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import date, datetime
 from pathlib import Path
 
@@ -180,15 +182,25 @@ def test_quota_config_key(tmp_path: Path) -> None:
 # --- the store -----------------------------------------------------------------------------
 
 
-async def _patients(store: Store) -> tuple[int, int]:
-    async with store.write() as conn:
-        ids = []
-        for ins in ("289057512345621", "262112A04501213"):
-            result = await conn.execute(t.patient.insert().values(
-                ins=ins, name=f"P {ins}", notify_email="p@example.org",
-                created_at=datetime.now()).returning(t.patient.c.id))
-            ids.append(int(result.scalar_one()))
-    return ids[0], ids[1]
+@asynccontextmanager
+async def _two_patients(db_url: str) -> AsyncIterator[tuple[Store, GroupWriter, int, int]]:
+    """A migrated store, its running writer and two patients' ids."""
+    await migrate(db_url)
+    store = Store.from_url(db_url)
+    writer = GroupWriter(store)
+    writer.start()
+    try:
+        async with store.write() as conn:
+            ids = []
+            for ins in ("289057512345621", "262112A04501213"):
+                result = await conn.execute(t.patient.insert().values(
+                    ins=ins, name=f"P {ins}", notify_email="p@example.org",
+                    created_at=datetime.now()).returning(t.patient.c.id))
+                ids.append(int(result.scalar_one()))
+        yield store, writer, ids[0], ids[1]
+    finally:
+        await writer.close()
+        await store.close()
 
 
 async def _blobs(store: Store) -> int:
@@ -197,12 +209,7 @@ async def _blobs(store: Store) -> int:
 
 
 async def test_store_quota_scope_and_delete(db_url: str) -> None:
-    await migrate(db_url)
-    store = Store.from_url(db_url)
-    writer = GroupWriter(store)
-    writer.start()
-    try:
-        mine, theirs = await _patients(store)
+    async with _two_patients(db_url) as (store, writer, mine, theirs):
         docs = Documents(store, writer, mine, "me@patient", quota_bytes=3_000_000)
         other = Documents(store, writer, theirs, "them@patient")
         pdf = make_pdf(pad=1_400_000)
@@ -256,18 +263,10 @@ async def test_store_quota_scope_and_delete(db_url: str) -> None:
                 .order_by(t.audit.c.id))]
         assert actions == ["document.add", "document.add", "document.refused",
                            "document.rename", "document.delete", "profile.add"]
-    finally:
-        await writer.close()
-        await store.close()
 
 
 async def test_store_pages_by_date_and_category(db_url: str) -> None:
-    await migrate(db_url)
-    store = Store.from_url(db_url)
-    writer = GroupWriter(store)
-    writer.start()
-    try:
-        mine, _theirs = await _patients(store)
+    async with _two_patients(db_url) as (store, writer, mine, _theirs):
         docs = Documents(store, writer, mine, "me@patient")
         for i in range(23):
             category = "BIOLOGIE" if i % 3 == 0 else "ORD_SOIN"
@@ -286,9 +285,6 @@ async def test_store_pages_by_date_and_category(db_url: str) -> None:
         bio_total, bio = await docs.page(administrative=False, category="BIOLOGIE")
         assert bio_total == 8 and {d.category for d in bio} == {"BIOLOGIE"}
         assert (await docs.page(administrative=True))[0] == 0
-    finally:
-        await writer.close()
-        await store.close()
 
 
 # --- the portal over HTTPS -----------------------------------------------------------------

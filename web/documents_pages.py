@@ -11,6 +11,7 @@ import math
 import re
 from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import date
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlencode
@@ -83,6 +84,39 @@ def default_name(filename: str) -> str:
     return (cleaned or "Document")[:MAX_NAME_CHARS]
 
 
+@dataclass
+class DocumentFields:
+    """A document form's fields as posted (name, date as typed, category, visibility)."""
+
+    name: str
+    when: str
+    category: str
+    visibility: str
+
+    @classmethod
+    def of(cls, form: FormData) -> DocumentFields:
+        return cls(str(form.get("nom") or "")[:200], str(form.get("date") or "")[:20],
+                   str(form.get("categorie") or ""), str(form.get("visibilite") or ""))
+
+    def values(self) -> dict[str, str]:
+        """The form's values to show again."""
+        return {"nom": self.name, "date": self.when, "categorie": self.category,
+                "visibilite": self.visibility}
+
+    def problem(self) -> str | None:
+        """What the patient must correct, or None."""
+        return (name_problem(self.name)
+                or (None if parse_date(self.when) else "Indiquez la date du document (JJ/MM/AAAA).")
+                or (None if self.category in CATEGORIES else "Choisissez le type de document.")
+                or (None if self.visibility in VISIBILITIES else "Choisissez la confidentialité."))
+
+    def doc_date(self) -> date:
+        """The document's date, once :meth:`problem` found nothing."""
+        when = parse_date(self.when)
+        assert when is not None
+        return when
+
+
 #: Attachments already checked (verdict, size), by the SHA-256 of their message's stored bytes
 #: and their index: the form's view checks, its post reuses (equal bytes, equal verdict).
 _CHECKED: OrderedDict[tuple[str, int], tuple[Verdict, int]] = OrderedDict()
@@ -144,17 +178,6 @@ class DocumentPages:
             raise HTTPException(404)
         return document
 
-    @staticmethod
-    def _fields(form: FormData) -> tuple[str, str, str, str]:
-        return (str(form.get("nom") or "")[:200], str(form.get("date") or "")[:20],
-                str(form.get("categorie") or ""), str(form.get("visibilite") or ""))
-
-    @staticmethod
-    def _field_problem(name: str, when: str, category: str, visibility: str) -> str | None:
-        return (name_problem(name)
-                or (None if parse_date(when) else "Indiquez la date du document (JJ/MM/AAAA).")
-                or (None if category in CATEGORIES else "Choisissez le type de document.")
-                or (None if visibility in VISIBILITIES else "Choisissez la confidentialité."))
 
     # --- the list -------------------------------------------------------------------------
 
@@ -208,29 +231,24 @@ class DocumentPages:
         error = None
         if request.method == "POST":
             form = await self.portal._form(request, page.session.csrf, files=True)
-            name, when, category, visibility = self._fields(form)
+            fields = DocumentFields.of(form)
             upload = form.get("fichier")
-            values = {"nom": name, "date": when, "categorie": category,
-                      "visibilite": visibility}
             data = b""
             if isinstance(upload, UploadFile) and upload.filename:
                 data = await upload.read(MAX_DOCUMENT_BYTES + 1)
-                if not name.strip():
-                    name = values["nom"] = default_name(upload.filename)
-            if not data:
-                error = "Choisissez un fichier sur votre appareil."
-            else:
-                error = self._field_problem(name, when, category, visibility)
+                if not fields.name.strip():
+                    fields.name = default_name(upload.filename)
+            values = fields.values()
+            error = fields.problem() if data else "Choisissez un fichier sur votre appareil."
             if error is None:
                 verdict = await _off_loop(len(data), check_document, data)
                 if verdict.media is None:
                     error = verdict.reason
                 else:
-                    doc_date = parse_date(when)
-                    assert doc_date is not None
                     added = await self.documents(page).add_upload(
-                        data, name=name, doc_date=doc_date, category=category,
-                        visibility=visibility, media=verdict.media, added_by=page.name)
+                        data, name=fields.name, doc_date=fields.doc_date(),
+                        category=fields.category, visibility=fields.visibility,
+                        media=verdict.media, added_by=page.name)
                     if added.document_id is not None:
                         return RedirectResponse("/documents?fait=ajoute", 303)
                     error = added.refusal
@@ -246,16 +264,12 @@ class DocumentPages:
         error = None
         if request.method == "POST":
             form = await self.portal._form(request, page.session.csrf)
-            name, when, category, visibility = self._fields(form)
-            values = {"nom": name, "date": when, "categorie": category,
-                      "visibilite": visibility}
-            error = self._field_problem(name, when, category, visibility)
+            fields = DocumentFields.of(form)
+            values, error = fields.values(), fields.problem()
             if error is None:
-                doc_date = parse_date(when)
-                assert doc_date is not None
                 if not await self.documents(page).update(
-                        document.id, name=name, doc_date=doc_date, category=category,
-                        visibility=visibility):
+                        document.id, name=fields.name, doc_date=fields.doc_date(),
+                        category=fields.category, visibility=fields.visibility):
                     raise HTTPException(404)
                 return RedirectResponse("/documents?fait=modifie", 303)
         return self._render(request, "document_form", 400 if error else 200, page=page,
@@ -320,17 +334,13 @@ class DocumentPages:
         error = None
         if request.method == "POST":
             form = await self.portal._form(request, page.session.csrf)
-            name, when, category, visibility = self._fields(form)
-            values = {"nom": name, "date": when, "categorie": category,
-                      "visibilite": visibility}
-            error = self._field_problem(name, when, category, visibility)
+            fields = DocumentFields.of(form)
+            values, error = fields.values(), fields.problem()
             if error is None:
-                doc_date = parse_date(when)
-                assert doc_date is not None
                 part = message.meta["attachment_parts"][index]
                 added = await self.documents(page).add_from_attachment(
-                    mid, [int(n) for n in part], name=name, doc_date=doc_date,
-                    category=category, visibility=visibility, size=size,
+                    mid, [int(n) for n in part], name=fields.name, doc_date=fields.doc_date(),
+                    category=fields.category, visibility=fields.visibility, size=size,
                     media=verdict.media, added_by=message.from_name or message.from_addr
                     or page.name)
                 if added.document_id is not None:
