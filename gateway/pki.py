@@ -264,19 +264,15 @@ def _build_ca(key: TlsPrivateKey) -> x509.Certificate:
     )
 
 
-def _build_leaf(
-    *,
-    ca_cert: x509.Certificate,
-    ca_key: TlsPrivateKey,
-    key: TlsPrivateKey,
-    common_name: str,
-    san: Sequence[x509.GeneralName],
-    ekus: Sequence[x509.ObjectIdentifier],
-) -> x509.Certificate:
+def _new_leaf(ca_cert: x509.Certificate, ca_key: TlsPrivateKey, common_name: str,
+              san: Sequence[x509.GeneralName], ekus: Sequence[x509.ObjectIdentifier],
+              ) -> tuple[TlsPrivateKey, x509.Certificate]:
+    """A new key and its certificate signed by the CA (server or client, by ``ekus``)."""
+    key = _new_tls_key()
     now = _now()
     not_after = min(now + LEAF_VALIDITY, ca_cert.not_valid_after_utc)
     ca_ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
-    return (
+    cert = (
         x509.CertificateBuilder()
         .subject_name(_name(common_name))
         .issuer_name(ca_cert.subject)
@@ -308,6 +304,7 @@ def _build_leaf(
         )
         .sign(ca_key, hashes.SHA256())
     )
+    return key, cert
 
 
 def _host_general_name(host: str) -> x509.GeneralName:
@@ -400,15 +397,9 @@ def create_dev_pki(
 
     ca_key = _new_tls_key()
     ca_cert = _build_ca(ca_key)
-    server_key = _new_tls_key()
-    server_cert = _build_leaf(
-        ca_cert=ca_cert,
-        ca_key=ca_key,
-        key=server_key,
-        common_name=server_cn,
-        san=san,
-        ekus=[ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH],
-    )
+    server_key, server_cert = _new_leaf(
+        ca_cert, ca_key, server_cn, san,
+        [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH])
     dkim_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     record = dkim_txt_record(selector, domain, dkim_key.public_key())
 
@@ -487,15 +478,7 @@ def _issue(
     to_check = [cert_path, key_path] if same_ca_file else [cert_path, key_path, ca_path]
     _check_overwrite(to_check, force)
 
-    key = _new_tls_key()
-    cert = _build_leaf(
-        ca_cert=ca_cert,
-        ca_key=ca_key,
-        key=key,
-        common_name=common_name,
-        san=san,
-        ekus=ekus,
-    )
+    key, cert = _new_leaf(ca_cert, ca_key, common_name, san, ekus)
     out_dir.mkdir(parents=True, exist_ok=True)
     _write_file(key_path, _key_pem(key), PRIVATE_MODE)
     _write_file(cert_path, _cert_pem(cert), PUBLIC_MODE)
