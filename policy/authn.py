@@ -154,9 +154,8 @@ class Authenticator:
                 await _verify(None, password)
                 return None
             row = await self.store.patient_password_hash(ins)
-            stored = row[2] if row is not None else None
-            ok = await _verify(stored, password)
-            if not ok or row is None or row[1] != "open":
+            # A missing account is verified against a dummy hash: the same time either way.
+            if not await _verify(row and row[2], password) or row is None or row[1] != "open":
                 return None
             return Identity(Role.PATIENT, address=patient_address(ins, self.patient_domain),
                             account_id=row[0])
@@ -164,9 +163,7 @@ class Authenticator:
             await _verify(None, password)
             return None
         pro = await self.store.professional_password_hash(account)
-        stored = pro[1] if pro is not None else None
-        ok = await _verify(stored, password)
-        if not ok or pro is None:
+        if not await _verify(pro and pro[1], password) or pro is None:
             return None
         return Identity(Role.PROFESSIONAL, address=account, account_id=pro[0])
 

@@ -16,11 +16,17 @@ from imap_store.store.directory import Store
 from imap_store.store.writer import GroupWriter
 
 
-async def test_failing_job_rolls_back_alone(db_url: str) -> None:
+async def _started(db_url: str) -> tuple[Store, GroupWriter]:
+    """A migrated store and its group writer, started."""
     await migrate(db_url)
     store = Store.from_url(db_url)
     writer = GroupWriter(store)
     writer.start()
+    return store, writer
+
+
+async def test_failing_job_rolls_back_alone(db_url: str) -> None:
+    store, writer = await _started(db_url)
 
     def add(name: str, fail: bool = False):  # type: ignore[no-untyped-def]
         def job(conn: Connection) -> str:
@@ -68,10 +74,7 @@ async def test_small_batches_on_the_loop_large_ones_in_a_thread(db_url: str) -> 
 
     from imap_store.store.writer import INLINE_BYTES
 
-    await migrate(db_url)
-    store = Store.from_url(db_url)
-    writer = GroupWriter(store)
-    writer.start()
+    store, writer = await _started(db_url)
     seen: dict[str, threading.Thread] = {}
 
     def add(name: str):  # type: ignore[no-untyped-def]
@@ -188,10 +191,7 @@ async def test_deliveries_in_a_batch_with_failing_jobs(db_url: str) -> None:
     MODSEQs, and the rows are those the statement-by-statement path writes."""
     from imap_store.store.deliver import MailboxName, deliver, derive
 
-    await migrate(db_url)
-    store = Store.from_url(db_url)
-    writer = GroupWriter(store)
-    writer.start()
+    store, writer = await _started(db_url)
     patient = await store.add_patient("test", "1" * 13, "P", "p@example.org", None,
                                       _message(0))
     pid = patient.id
@@ -288,10 +288,7 @@ async def test_open_exchange_opens_reopens_and_renames(db_url: str) -> None:
     """R2 through the writer (one merged statement on PostgreSQL): a first message opens the
     exchange, a later one keeps its id and start, a new display name is taken, an ended
     exchange re-opens with a new start; R4 Reply-To aliases are added once."""
-    await migrate(db_url)
-    store = Store.from_url(db_url)
-    writer = GroupWriter(store)
-    writer.start()
+    store, writer = await _started(db_url)
     patient = await store.add_patient("test", "2" * 13, "P", "p@example.org", None,
                                       _message(0))
     pid, pro = patient.id, "dr.a@hopital.example"
@@ -336,10 +333,7 @@ async def test_deliver_many_writes_what_deliver_writes(db_url: str) -> None:
     call (MissingMailbox) and the caller's rollback leaves nothing behind."""
     from imap_store.store.deliver import MailboxName, deliver, deliver_many
 
-    await migrate(db_url)
-    store = Store.from_url(db_url)
-    writer = GroupWriter(store)
-    writer.start()
+    store, writer = await _started(db_url)
     a = (await store.add_patient("test", "3" * 13, "A", "a@example.org", None, _message(0))).id
     b = (await store.add_patient("test", "4" * 13, "B", "b@example.org", None, _message(0))).id
     async with store.read() as conn:
@@ -385,10 +379,7 @@ async def test_open_exchanges_and_notifications_for_a_batch(db_url: str) -> None
     re-opened, a repeated pair taking its last name; one waiting notification per patient."""
     from imap_store.store.outbound import enqueue_notification, enqueue_notifications
 
-    await migrate(db_url)
-    store = Store.from_url(db_url)
-    writer = GroupWriter(store)
-    writer.start()
+    store, writer = await _started(db_url)
     a = (await store.add_patient("test", "5" * 13, "A", "a@example.org", None, _message(0))).id
     b = (await store.add_patient("test", "6" * 13, "B", "b@example.org", None, _message(0))).id
     read = text("SELECT patient_id, professional_address, professional_name, state "
@@ -435,10 +426,7 @@ async def test_delivery_jobs_of_a_batch_run_together(db_url: str) -> None:
     from smtp_in.settings import SmtpSettings
     from templates import Templates
 
-    await migrate(db_url)
-    store = Store.from_url(db_url)
-    writer = GroupWriter(store)
-    writer.start()
+    store, writer = await _started(db_url)
     ids = [(await store.add_patient("test", str(n) * 13, f"P{n}", f"p{n}@example.org", None,
                                     _message(0))).id for n in (7, 8, 9)]
     a, b, gone = ids
