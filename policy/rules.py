@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 from policy.addresses import InvalidIdentity, domain_of, validate_ins
 
@@ -44,13 +44,7 @@ class Decision:
         return f"{self.smtp_code} {self.enhanced_code} {self.text}"
 
     def as_dict(self) -> dict[str, object]:
-        return {
-            "allowed": self.allowed,
-            "rule": self.rule,
-            "smtp_code": self.smtp_code,
-            "enhanced_code": self.enhanced_code,
-            "text": self.text,
-        }
+        return asdict(self)
 
 
 def allow(rule: str, text: str = "accepted") -> Decision:
