@@ -229,33 +229,43 @@ def _name(common_name: str) -> x509.Name:
 # --------------------------------------------------------------------------
 
 
-def _build_ca(key: TlsPrivateKey) -> x509.Certificate:
-    name = _name(CA_COMMON_NAME)
-    now = _now()
-    public_key = key.public_key()
+def _builder(subject: x509.Name, issuer: x509.Name, public_key: ec.EllipticCurvePublicKey,
+             now: dt.datetime, not_after: dt.datetime, *, ca: bool) -> x509.CertificateBuilder:
+    """A certificate from now (less the clock skew) to ``not_after`` with its basic
+    constraints and key usage: a CA signs certificates (and CRLs), a leaf signs data."""
     return (
         x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
+        .subject_name(subject)
+        .issuer_name(issuer)
         .public_key(public_key)
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - CLOCK_SKEW)
-        .not_valid_after(now + CA_VALIDITY)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=0 if ca else None),
+                       critical=True)
         .add_extension(
             x509.KeyUsage(
-                digital_signature=False,
+                digital_signature=not ca,
                 content_commitment=False,
                 key_encipherment=False,
                 data_encipherment=False,
                 key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
+                key_cert_sign=ca,
+                crl_sign=ca,
                 encipher_only=False,
                 decipher_only=False,
             ),
             critical=True,
         )
+    )
+
+
+def _build_ca(key: TlsPrivateKey) -> x509.Certificate:
+    name = _name(CA_COMMON_NAME)
+    now = _now()
+    public_key = key.public_key()
+    return (
+        _builder(name, name, public_key, now, now + CA_VALIDITY, ca=True)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
         .add_extension(
             x509.AuthorityKeyIdentifier.from_issuer_public_key(public_key), critical=False
@@ -273,28 +283,8 @@ def _new_leaf(ca_cert: x509.Certificate, ca_key: TlsPrivateKey, common_name: str
     not_after = min(now + LEAF_VALIDITY, ca_cert.not_valid_after_utc)
     ca_ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
     cert = (
-        x509.CertificateBuilder()
-        .subject_name(_name(common_name))
-        .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - CLOCK_SKEW)
-        .not_valid_after(not_after)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=False,
-                crl_sign=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
+        _builder(_name(common_name), ca_cert.subject, key.public_key(), now, not_after,
+                 ca=False)
         .add_extension(x509.ExtendedKeyUsage(list(ekus)), critical=False)
         .add_extension(x509.SubjectAlternativeName(list(san)), critical=False)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
