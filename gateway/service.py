@@ -109,7 +109,8 @@ async def serve(config: Config, worker: WorkerRole | None = None) -> int:
         queue_wakeup=queue.poke,
     )
     queue.start()
-    trash = TrashPurge(store, writer.submit, config.web.trash_days)  # at start, then hourly
+    trash = TrashPurge(store, writer.submit, config.web.trash_days,
+                       submit_sync=writer.submit_sync)  # at start, then hourly
     trash.start()
     imap = ImapService(wiring.imap_settings(config), store, writer, authenticator, tls,
                        writer.audit_later)

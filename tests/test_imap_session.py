@@ -46,7 +46,7 @@ class Env:
     def __init__(self, store: Store, writer: GroupWriter) -> None:
         self.store = store
         self.writer = writer
-        self.stores = SqlMailStores(store, writer.submit)
+        self.stores = SqlMailStores(store, writer.submit, writer.submit_sync)
         self.watcher = ChangeWatcher(self.stores)
         self.audits: list[tuple[str, str, str, dict[str, object]]] = []
         self.authenticator = Authenticator(store, LoginThrottle(5, 300), "patient.mssante.fr")

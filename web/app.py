@@ -214,7 +214,7 @@ class Portal:
         self.mailer = mailer
         self.templates = templates
         self.sessions = Sessions(store, settings.session_idle)
-        self.mail = SqlMailStores(store, writer.submit)
+        self.mail = SqlMailStores(store, writer.submit, writer.submit_sync)
         self.docs = DocumentPages(self)
         env = templates.env
         env.filters.setdefault("date_fr", _date)

@@ -180,7 +180,7 @@ class ImapService:
         self.tls = tls
         self.authenticator = authenticator
         self.audit = audit
-        self.stores = SqlMailStores(store, writer.submit)
+        self.stores = SqlMailStores(store, writer.submit, writer.submit_sync)
         self.watcher = ChangeWatcher(self.stores, settings.poll_interval, store.signals)
         self.servers: list[asyncio.Server] = []
         self.connections: dict[asyncio.StreamWriter, _Connection] = {}

@@ -23,7 +23,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import select, update
-from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.engine import Connection
 
 from imap_store.store import ops
 from imap_store.store import schema as t
@@ -57,13 +57,13 @@ async def _stamp_unknown(stores: SqlMailStores, now: datetime) -> int:
         if not ids:
             return stamped
 
-        async def job(conn: AsyncConnection, ids: list[int] = ids) -> int:
-            result = await conn.execute(
+        def job(conn: Connection, ids: list[int] = ids) -> int:
+            result = conn.execute(
                 update(t.message).where(t.message.c.id.in_(ids), t.message.c.trashed_at.is_(None))
                 .values(trashed_at=now))
             return int(result.rowcount or 0)
 
-        stamped += await stores.write(job)
+        stamped += await stores.write_sync(job)
 
 
 async def purge_trash(stores: SqlMailStores, days: int, now: datetime | None = None) -> int:
@@ -83,28 +83,28 @@ async def purge_trash(stores: SqlMailStores, days: int, now: datetime | None = N
             return purged
         done = 0
         for patient_id, mailbox_id in dict.fromkeys((int(p), int(m)) for p, m in rows):
-            done += await stores.write(_purge_job(stores, patient_id, mailbox_id, cutoff))
+            done += await stores.write_sync(_purge_job(stores, patient_id, mailbox_id, cutoff))
         if not done:  # what was seen is gone already (another process purged it)
             return purged
         purged += done
 
 
 def _purge_job(stores: SqlMailStores, patient_id: int, mailbox_id: int,
-               cutoff: datetime) -> Callable[[AsyncConnection], Awaitable[int]]:
+               cutoff: datetime) -> Callable[[Connection], int]:
     mail = stores.for_patient(patient_id)
 
-    async def job(conn: AsyncConnection) -> int:
+    def job(conn: Connection) -> int:
         # Read again in the transaction, rows locked on PostgreSQL: a message moved out of
         # Trash meanwhile, or purged by another serve process, is not expunged twice.
-        uids = [int(u) for u in (await conn.execute(
+        uids = [int(u) for u in conn.execute(
             select(t.message.c.uid)
             .where(t.message.c.mailbox_id == mailbox_id, t.message.c.trashed_at < cutoff)
-            .order_by(t.message.c.uid).limit(PURGE_BATCH).with_for_update())).scalars()]
+            .order_by(t.message.c.uid).limit(PURGE_BATCH).with_for_update()).scalars()]
         if not uids:
             return 0
-        await mail.expunge_in(conn, mailbox_id, uids)
-        await conn.run_sync(ops.audit, "housekeeping", "trash.purge", f"mailbox {mailbox_id}",
-                            {"messages": len(uids)})
+        mail.expunge_in(conn, mailbox_id, uids)
+        ops.audit(conn, "housekeeping", "trash.purge", f"mailbox {mailbox_id}",
+                  {"messages": len(uids)})
         return len(uids)
 
     return job
@@ -114,8 +114,9 @@ class TrashPurge:
     """Runs :func:`purge_trash` at start, then every ``every`` seconds, until stopped."""
 
     def __init__(self, store: Store, submit: Callable[..., Awaitable[Any]], days: int,
-                 every: float = PURGE_EVERY) -> None:
-        self.stores = SqlMailStores(store, submit)
+                 every: float = PURGE_EVERY,
+                 submit_sync: Callable[..., Awaitable[Any]] | None = None) -> None:
+        self.stores = SqlMailStores(store, submit, submit_sync)
         self.days = days
         self.every = every
         self._task: asyncio.Task[None] | None = None

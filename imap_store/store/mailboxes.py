@@ -46,6 +46,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Connection
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -58,6 +59,7 @@ from imap_store.store.sent_copies import server_filed_copy
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 Job = Callable[[AsyncConnection], Awaitable[T]]
+SyncJob = Callable[[Connection], T]
 
 #: Hierarchy delimiter of mailbox names (RFC 3501 §5.1.1), announced in LIST and NAMESPACE.
 DELIMITER = "/"
@@ -587,9 +589,11 @@ class SqlMailStores:
     """Process-wide access: one :class:`PatientMailStore` per logged-in patient, and the one
     cheap query the change watcher runs for every selected mailbox of the process."""
 
-    def __init__(self, store: Store, submit: Callable[[Job[Any]], Awaitable[Any]] | None = None):
+    def __init__(self, store: Store, submit: Callable[[Job[Any]], Awaitable[Any]] | None = None,
+                 submit_sync: Callable[..., Awaitable[Any]] | None = None):
         self.store = store
         self._submit = submit
+        self._submit_sync = submit_sync
 
     def for_patient(self, patient_id: int) -> PatientMailStore:
         return PatientMailStore(self, patient_id)
@@ -600,6 +604,23 @@ class SqlMailStores:
             return result
         async with self.store.write() as conn:
             return await job(conn)
+
+    async def write_sync(self, job: SyncJob[T], size: int = 0) -> T:
+        """Run ``job(Connection)`` in a write transaction: the group writer's synchronous job
+        (``GroupWriter.submit_sync``; ``size``: about how many bytes it writes) when given,
+        else through ``submit`` or a transaction of its own.
+
+        IMAP's writes are synchronous jobs: on SQLite a batch of them runs on the writer's
+        own pysqlite connection, its statements on the event loop, instead of one
+        aiosqlite thread hop per statement; and a batch is all synchronous jobs, so it never
+        switches between the writer's connection and the async engine's (see writer.py)."""
+        if self._submit_sync is not None:
+            result: T = await self._submit_sync(job, size)
+            return result
+        if self._submit is not None:
+            return await self.write(lambda conn: conn.run_sync(job))
+        async with self.store.write() as conn:
+            return await conn.run_sync(job)
 
     async def highestmodseqs(self, mailbox_ids: Iterable[int]) -> dict[int, int]:
         """``{mailbox id: highestmodseq}`` for the mailboxes selected in this process (counters
@@ -757,17 +778,21 @@ class PatientMailStore:
             _LOOKUP, {"patient_id": self.patient_id, "name": name})).first()
         return None if row is None else _info(row)
 
-    async def _bump(self, conn: AsyncConnection, mailbox_id: int, uids: int = 0) -> Any:
+    def _lookup_sync(self, conn: Connection, name: str) -> MailboxInfo | None:
+        row = conn.execute(_LOOKUP, {"patient_id": self.patient_id, "name": name}).first()
+        return None if row is None else _info(row)
+
+    def _bump(self, conn: Connection, mailbox_id: int, uids: int = 0) -> Any:
         """Allocate a MODSEQ (and ``uids`` UIDs): locks the mailbox row until commit."""
         values: dict[str, Any] = {"highestmodseq": t.mailbox.c.highestmodseq + 1}
         if uids:
             values["uidnext"] = t.mailbox.c.uidnext + uids
-        row = (await conn.execute(
+        row = conn.execute(
             update(t.mailbox)
             .where(t.mailbox.c.id == mailbox_id, self._owned())
             .values(**values)
             .returning(t.mailbox.c.highestmodseq, t.mailbox.c.uidnext, t.mailbox.c.uidvalidity)
-        )).first()
+        ).first()
         if row is None:
             raise NoSuchMailbox()
         return row
@@ -810,13 +835,13 @@ class PatientMailStore:
         """Announce UIDs ``seen+1 .. up_to`` as \\Recent to the calling session only: a
         compare-and-set on ``mailbox.recent_uid`` (RFC 3501 §2.3.2)."""
 
-        async def job(conn: AsyncConnection) -> bool:
-            result = await conn.execute(_CLAIM_RECENT, {
+        def job(conn: Connection) -> bool:
+            result = conn.execute(_CLAIM_RECENT, {
                 "box": mailbox_id, "owner": self.patient_id, "seen": seen,
                 "up_to": up_to})
             return bool(result.rowcount)
 
-        return await self._stores.write(job)
+        return await self._stores.write_sync(job)
 
     async def changes(self, mailbox_id: int, since: int) -> Changes:
         async with self._store.read() as conn:
@@ -869,109 +894,105 @@ class PatientMailStore:
     async def create(self, name: str) -> None:
         name = validate_name(name)
 
-        async def job(conn: AsyncConnection) -> None:
-            count = (await conn.execute(
+        def job(conn: Connection) -> None:
+            count = conn.execute(
                 select(func.count(t.mailbox.c.id)).where(self._owned())
-            )).scalar_one()
+            ).scalar_one()
             if count >= MAX_MAILBOXES:
                 raise TooMany()
-            if await self._lookup(conn, name) is not None:
+            if self._lookup_sync(conn, name) is not None:
                 raise MailboxExists()
-            await conn.execute(insert(t.mailbox).values(
+            conn.execute(insert(t.mailbox).values(
                 patient_id=self.patient_id, name=name, special_use=None,
                 uidvalidity=new_uidvalidity(), uidnext=1, highestmodseq=1, subscribed=1,
                 recent_uid=0,
             ))
 
-        await self._stores.write(job)
+        await self._stores.write_sync(job)
 
     async def delete(self, name: str) -> None:
         """RFC 3501 §6.3.4. INBOX and the special-use mailboxes the gateway files mail into
         cannot be deleted; neither can a mailbox with inferiors (we keep no \\Noselect
         mailboxes)."""
 
-        async def job(conn: AsyncConnection) -> None:
-            info = await self._lookup(conn, name)
+        def job(conn: Connection) -> None:
+            info = self._lookup_sync(conn, name)
             if info is None:
                 raise NoSuchMailbox()
             if info.name == "INBOX" or info.special_use is not None:
                 raise Cannot("This mailbox cannot be deleted")
-            children = (await conn.execute(
-                select(t.mailbox.c.name).where(self._owned())
-            )).scalars()
+            children = conn.execute(select(t.mailbox.c.name).where(self._owned())).scalars()
             if any(child.startswith(name + DELIMITER) for child in children):
                 raise Cannot("Delete the mailboxes inside it first")
-            await conn.execute(delete(t.expunged).where(t.expunged.c.mailbox_id == info.id))
-            gone = await conn.execute(
+            conn.execute(delete(t.expunged).where(t.expunged.c.mailbox_id == info.id))
+            gone = conn.execute(
                 delete(t.message).where(self._in_mailbox(info.id)).returning(t.message.c.blob_id)
             )
-            await self._delete_orphan_blobs(conn, {int(b) for b in gone.scalars()})
-            await conn.execute(
-                delete(t.mailbox).where(t.mailbox.c.id == info.id, self._owned())
-            )
+            self._delete_orphan_blobs(conn, {int(b) for b in gone.scalars()})
+            conn.execute(delete(t.mailbox).where(t.mailbox.c.id == info.id, self._owned()))
 
-        await self._stores.write(job)
+        await self._stores.write_sync(job)
 
     async def rename(self, old: str, new: str) -> None:
         """RFC 3501 §6.3.5: inferiors follow; renaming INBOX moves its messages to a new
         mailbox and leaves INBOX empty."""
         new = validate_name(new)
 
-        async def job(conn: AsyncConnection) -> None:
-            info = await self._lookup(conn, old)
+        def job(conn: Connection) -> None:
+            info = self._lookup_sync(conn, old)
             if info is None:
                 raise NoSuchMailbox()
-            if new == "INBOX" or await self._lookup(conn, new) is not None:
+            if new == "INBOX" or self._lookup_sync(conn, new) is not None:
                 raise MailboxExists()
             if new.startswith(old + DELIMITER):
                 raise Cannot("A mailbox cannot be moved inside itself")
             if old == "INBOX":
-                await self._rename_inbox(conn, info, new)
+                self._rename_inbox(conn, info, new)
                 return
-            names = (await conn.execute(
+            names = conn.execute(
                 select(t.mailbox.c.id, t.mailbox.c.name).where(self._owned())
-            )).all()
+            ).all()
             for mailbox_id, name in names:
                 if name == old or name.startswith(old + DELIMITER):
                     renamed = new + name[len(old):]
                     if len(renamed) > MAX_NAME_LENGTH:
                         raise InvalidName()
-                    await conn.execute(
+                    conn.execute(
                         update(t.mailbox).where(t.mailbox.c.id == mailbox_id, self._owned())
                         .values(name=renamed)
                     )
 
-        await self._stores.write(job)
+        await self._stores.write_sync(job)
 
-    async def _rename_inbox(self, conn: AsyncConnection, inbox: MailboxInfo, new: str) -> None:
-        bumped = await self._bump(conn, inbox.id)
+    def _rename_inbox(self, conn: Connection, inbox: MailboxInfo, new: str) -> None:
+        bumped = self._bump(conn, inbox.id)
         modseq = int(bumped[0])
-        target = int((await conn.execute(insert(t.mailbox).values(
+        target = int((conn.execute(insert(t.mailbox).values(
             patient_id=self.patient_id, name=new, special_use=None,
             uidvalidity=new_uidvalidity(), uidnext=int(bumped[1]), highestmodseq=modseq,
             subscribed=1, recent_uid=inbox.recent_uid,
         ).returning(t.mailbox.c.id))).scalar_one())
-        uids = (await conn.execute(
+        uids = conn.execute(
             select(t.message.c.uid).where(self._in_mailbox(inbox.id))
-        )).scalars().all()
-        await conn.execute(
+        ).scalars().all()
+        conn.execute(
             update(t.message).where(self._in_mailbox(inbox.id)).values(mailbox_id=target)
         )
         if uids:
-            await conn.execute(insert(t.expunged), [
+            conn.execute(insert(t.expunged), [
                 {"mailbox_id": inbox.id, "uid": uid, "modseq": modseq} for uid in uids
             ])
 
     async def subscribe(self, name: str, subscribed: bool) -> None:
-        async def job(conn: AsyncConnection) -> None:
-            result = await conn.execute(
+        def job(conn: Connection) -> None:
+            result = conn.execute(
                 update(t.mailbox).where(self._owned(), t.mailbox.c.name == name)
                 .values(subscribed=1 if subscribed else 0)
             )
             if not result.rowcount:
                 raise NoSuchMailbox()
 
-        await self._stores.write(job)
+        await self._stores.write_sync(job)
 
     # --- messages -----------------------------------------------------------------------
 
@@ -1098,12 +1119,12 @@ class PatientMailStore:
         if not values:
             return False
 
-        async def job(conn: AsyncConnection) -> None:
+        def job(conn: Connection) -> None:
             for start in range(0, len(values), _CHUNK):
-                await conn.execute(self._insert_search(), values[start : start + _CHUNK])
+                conn.execute(self._insert_search(), values[start : start + _CHUNK])
 
         try:
-            await self._stores.write(job)
+            await self._stores.write_sync(job)
         except DBAPIError:  # a body deleted meanwhile
             log.info("blob_search not filled: a message went away")
             return False
@@ -1239,16 +1260,18 @@ class PatientMailStore:
         (RFC 7162 §3.1.3 UNCHANGEDSINCE), a message whose MODSEQ is above it is left alone
         and its UID appended to ``modified``, in the same transaction as the others' change."""
         wanted_keywords = list(dict.fromkeys(keywords))
+        refused: list[int] = []
 
-        async def job(conn: AsyncConnection) -> tuple[int, list[FlagState]]:
-            modseq = int((await self._bump(conn, mailbox_id))[0])
+        def job(conn: Connection) -> tuple[int, list[FlagState]]:
+            del refused[:]  # a job may run twice (writer.py)
+            modseq = int(self._bump(conn, mailbox_id)[0])
             conditions, filter_after = self._uid_filter(uids)
-            rows = (await conn.execute(
+            rows = conn.execute(
                 select(t.message.c.uid, t.message.c.flags, t.message.c.keywords,
                        t.message.c.modseq)
                 .where(self._in_mailbox(mailbox_id), *conditions)
                 .order_by(t.message.c.uid)
-            )).all()
+            ).all()
             keep = set(uids) if filter_after else None
             states: list[FlagState] = []
             updates: list[dict[str, Any]] = []
@@ -1256,8 +1279,7 @@ class PatientMailStore:
                 if keep is not None and uid not in keep:
                     continue
                 if unchanged_since is not None and int(old_modseq) > unchanged_since:
-                    if modified is not None:
-                        modified.append(int(uid))
+                    refused.append(int(uid))
                     continue
                 current = split_keywords(kw_text)
                 if mode == "+FLAGS":
@@ -1277,7 +1299,7 @@ class PatientMailStore:
                 else:
                     states.append(FlagState(uid, flags, kw_text, int(old_modseq)))
             if updates:
-                await conn.execute(
+                conn.execute(
                     update(t.message)
                     .where(t.message.c.mailbox_id == mailbox_id,
                            t.message.c.uid == bindparam("u"))
@@ -1286,40 +1308,43 @@ class PatientMailStore:
                 )
             return modseq, states
 
-        return await self._stores.write(job)
+        result = await self._stores.write_sync(job)
+        if modified is not None:
+            modified.extend(refused)
+        return result
 
-    async def _delete_uids(
-        self, conn: AsyncConnection, mailbox_id: int, uids: Sequence[int], modseq: int
+    def _delete_uids(
+        self, conn: Connection, mailbox_id: int, uids: Sequence[int], modseq: int
     ) -> None:
         blob_ids: set[int] = set()
         for start in range(0, len(uids), _CHUNK):
             chunk = list(uids[start : start + _CHUNK])
-            result = await conn.execute(
+            result = conn.execute(
                 delete(t.message).where(self._in_mailbox(mailbox_id), t.message.c.uid.in_(chunk))
                 .returning(t.message.c.blob_id)
             )
             blob_ids.update(int(b) for b in result.scalars())
-        await self._delete_orphan_blobs(conn, blob_ids)
+        self._delete_orphan_blobs(conn, blob_ids)
         if uids:
-            await conn.execute(insert(t.expunged), [
+            conn.execute(insert(t.expunged), [
                 {"mailbox_id": mailbox_id, "uid": uid, "modseq": modseq} for uid in uids
             ])
 
-    async def expunge_in(self, conn: AsyncConnection, mailbox_id: int, uids: Sequence[int]) -> int:
+    def expunge_in(self, conn: Connection, mailbox_id: int, uids: Sequence[int]) -> int:
         """Expunge ``uids`` (sorted) in the caller's write transaction, as EXPUNGE does (one
         MODSEQ, ``expunged`` rows, orphan bodies deleted): the Trash purge (housekeeping.py)."""
-        modseq = int((await self._bump(conn, mailbox_id))[0])
-        await self._delete_uids(conn, mailbox_id, uids, modseq)
+        modseq = int(self._bump(conn, mailbox_id)[0])
+        self._delete_uids(conn, mailbox_id, uids, modseq)
         return modseq
 
-    async def _delete_orphan_blobs(self, conn: AsyncConnection, blob_ids: Iterable[int]) -> None:
+    def _delete_orphan_blobs(self, conn: Connection, blob_ids: Iterable[int]) -> None:
         """Delete the bodies of ``blob_ids`` that no message and no outbound mail references
         any more (health data must not linger after EXPUNGE), in the caller's transaction."""
         ids = sorted(blob_ids)
         if not isinstance(self._store.blobs, DatabaseBlobStore):
             return
         for start in range(0, len(ids), _CHUNK):
-            await conn.execute(
+            conn.execute(
                 delete(t.blob).where(
                     t.blob.c.id.in_(ids[start : start + _CHUNK]),
                     ~exists().where(t.message.c.blob_id == t.blob.c.id),
@@ -1349,21 +1374,21 @@ class PatientMailStore:
                     index = bisect_left(ranges, (uid + 1,)) - 1
                     return index >= 0 and ranges[index][0] <= uid <= ranges[index][1]
 
-        async def job(conn: AsyncConnection) -> tuple[int, list[int]]:
+        def job(conn: Connection) -> tuple[int, list[int]]:
             deleted = t.message.c.flags.op("&")(t.FLAG_DELETED) != 0
-            candidates = (await conn.execute(
+            candidates = conn.execute(
                 _flags_hint(select(t.message.c.uid)
                             .where(self._in_mailbox(mailbox_id), deleted, *conditions)
                             .order_by(t.message.c.uid))
-            )).scalars().all()
+            ).scalars().all()
             uids = [int(u) for u in candidates if keep is None or keep(int(u))]
             if not uids:
                 return 0, []
-            modseq = int((await self._bump(conn, mailbox_id))[0])
-            await self._delete_uids(conn, mailbox_id, uids, modseq)
+            modseq = int(self._bump(conn, mailbox_id)[0])
+            self._delete_uids(conn, mailbox_id, uids, modseq)
             return modseq, uids
 
-        return await self._stores.write(job)
+        return await self._stores.write_sync(job)
 
     async def append(
         self, name: str, raw: bytes, bits: int, keywords: Sequence[str],
@@ -1373,18 +1398,18 @@ class PatientMailStore:
         info: MessageInfo = await parse_message_async(raw)
         kw_text = " ".join(list(dict.fromkeys(keywords))[:MAX_KEYWORDS])
 
-        async def job(conn: AsyncConnection) -> tuple[int, int, int, int]:
-            mailbox = await self._lookup(conn, name)
+        def job(conn: Connection) -> tuple[int, int, int, int]:
+            mailbox = self._lookup_sync(conn, name)
             if mailbox is None:
                 raise TryCreate()
-            filed = await conn.run_sync(server_filed_copy, mailbox.id, name, info.message_id)
+            filed = server_filed_copy(conn, mailbox.id, name, info.message_id)
             if filed is not None:  # the client's copy of what the gateway put in Sent
                 return mailbox.id, mailbox.uidvalidity, filed.uid, filed.modseq
-            stored = (await conn.run_sync(deliver, [mailbox.id], raw, info, flags=bits,
-                                          keywords=kw_text, internal_date=internal_date))[0]
+            stored = deliver(conn, [mailbox.id], raw, info, flags=bits, keywords=kw_text,
+                             internal_date=internal_date)[0]
             return mailbox.id, mailbox.uidvalidity, stored.uid, stored.modseq
 
-        return await self._stores.write(job)
+        return await self._stores.write_sync(job, size=len(raw))
 
     async def copy(
         self, mailbox_id: int, uids: Sequence[int], target: str, move: bool
@@ -1394,22 +1419,22 @@ class PatientMailStore:
         transaction."""
         copied = [c for c in t.message.c if c.name not in ("id", "mailbox_id", "uid", "modseq")]
 
-        async def job(conn: AsyncConnection) -> CopyResult:
-            dest = await self._lookup(conn, target)
+        def job(conn: Connection) -> CopyResult:
+            dest = self._lookup_sync(conn, target)
             if dest is None:
                 raise TryCreate()
             conditions, filter_after = self._uid_filter(uids)
-            rows = (await conn.execute(
+            rows = conn.execute(
                 select(t.message.c.uid, *copied)
                 .where(self._in_mailbox(mailbox_id), *conditions)
                 .order_by(t.message.c.uid)
-            )).all()
+            ).all()
             if filter_after:
                 keep = set(uids)
                 rows = [r for r in rows if r.uid in keep]
             if not rows:
                 return CopyResult(dest.id, 0, dest.uidvalidity, ())
-            bumped = await self._bump(conn, dest.id, uids=len(rows))
+            bumped = self._bump(conn, dest.id, uids=len(rows))
             modseq, first = int(bumped[0]), int(bumped[1]) - len(rows)
             values = []
             pairs = []
@@ -1421,14 +1446,14 @@ class PatientMailStore:
                               trashed_at=trashed)
                 values.append(record)
                 pairs.append((int(row.uid), first + offset))
-            await conn.execute(insert(t.message), values)
+            conn.execute(insert(t.message), values)
             expunge_modseq = 0
             if move:
-                expunge_modseq = int((await self._bump(conn, mailbox_id))[0])
-                await self._delete_uids(conn, mailbox_id, [p[0] for p in pairs], expunge_modseq)
+                expunge_modseq = int(self._bump(conn, mailbox_id)[0])
+                self._delete_uids(conn, mailbox_id, [p[0] for p in pairs], expunge_modseq)
             return CopyResult(dest.id, modseq, int(bumped[2]), tuple(pairs), expunge_modseq)
 
-        return await self._stores.write(job)
+        return await self._stores.write_sync(job)
 
 
 def _flags_hint(statement: Any) -> Any:
