@@ -563,3 +563,25 @@ async def writer_job(store: Store, job):  # type: ignore[no-untyped-def]
         return await writer.submit_sync(job)
     finally:
         await writer.close()
+
+
+async def test_audit_rows_chain_after_rows_other_writers_appended(db_url: str) -> None:
+    """The writer appends its batch's audit rows after the hash it expects (where it left the
+    chain, one statement on PostgreSQL); when another connection appended meanwhile (another
+    process's writer, the admin command line), its rows chain after those instead: the chain
+    stays one chain, in id order."""
+    store, writer = await _started(db_url)
+    try:
+        for n in range(3):
+            await asyncio.gather(*(writer.submit_sync(
+                lambda c, i=i, n=n: ops.audit(c, "writer", "batch", f"{n}.{i}")) for i in range(3)))
+            async with store.write() as conn:  # another connection appends in between
+                await store.audit(conn, "other", "append", str(n))
+        await writer.submit_sync(lambda c: ops.audit(c, "writer", "last", ""))
+        records = await store.audit_records()
+        assert [r.subject for r in records][-13:] == [
+            "0.0", "0.1", "0.2", "0", "1.0", "1.1", "1.2", "1", "2.0", "2.1", "2.2", "2", ""]
+        assert (await store.audit_verify())[1] is None
+    finally:
+        await writer.close()
+        await store.close()
