@@ -76,6 +76,21 @@ class Tally:
             self.first_errors.append(f"{kind}: {text}")
 
 
+@dataclass
+class ServerDir:
+    """The directory of a gateway a bench made for itself (bench/imap.py, bench/web.py): its
+    storage URL, its PostgreSQL schema if any, and its IMAPS port."""
+
+    directory: Path
+    url: str
+    pg_schema: str | None
+    imaps_port: int = 0
+
+    @property
+    def config(self) -> Path:
+        return self.directory / "gateway.toml"
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

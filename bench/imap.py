@@ -91,7 +91,7 @@ for _p in (str(ROOT), str(ROOT / "bench")):
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
-from benchlib import Tally, cleanup, make_ins, set_key  # noqa: E402
+from benchlib import ServerDir, Tally, cleanup, make_ins, set_key  # noqa: E402
 from imap_workload import (  # noqa: E402
     EPOCH,
     FROM_TERMS,
@@ -903,16 +903,8 @@ def _cli(prog: str, config: Path | None, *args: str, stdin: str = "") -> None:
 
 
 @dataclass
-class GatewayDir:
-    directory: Path
-    url: str
-    pg_schema: str | None
-    imaps_port: int = 0
+class GatewayDir(ServerDir):
     imap_port: int = 0
-
-    @property
-    def config(self) -> Path:
-        return self.directory / "gateway.toml"
 
 
 def session_users(n: int) -> list[str]:
@@ -920,9 +912,10 @@ def session_users(n: int) -> list[str]:
     return [INS] + [make_ins(i) for i in range(1, n)]
 
 
-def make_gateway_dir(base: Path, db: str, users: list[str] | None = None) -> GatewayDir:
-    """The gateway directory, the trusted domain and the patients (``users``, default the
-    one patient INS), each with the benchmark's password (its own salt, same parameters)."""
+def init_gateway(base: Path, db: str) -> tuple[Path, str, str | None]:
+    """``mssante-gateway init`` in ``base/gw`` on SQLite in that directory or on a schema of
+    its own in PostgreSQL: the directory, the storage URL (set in gateway.toml) and the
+    schema."""
     directory = base / "gw"
     _cli("mssante-gateway", None, "init", "--dir", str(directory), "--domain", SERVICE_DOMAIN)
     schema = None
@@ -930,9 +923,16 @@ def make_gateway_dir(base: Path, db: str, users: list[str] | None = None) -> Gat
     if db == "postgresql":
         schema = "bench_" + secrets.token_hex(4)
         url = f"{PG_URL}?schema={schema}"
+    set_key(directory / "gateway.toml", "storage", "url", url)
+    return directory, url, schema
+
+
+def make_gateway_dir(base: Path, db: str, users: list[str] | None = None) -> GatewayDir:
+    """The gateway directory, the trusted domain and the patients (``users``, default the
+    one patient INS), each with the benchmark's password (its own salt, same parameters)."""
+    directory, url, schema = init_gateway(base, db)
     gw = GatewayDir(directory, url, schema, imaps_port=free_port(), imap_port=free_port())
     cfg = gw.config
-    set_key(cfg, "storage", "url", url)
     for name in ("smtp", "submission", "submissions", "web"):
         set_key(cfg, name, "listen", "")
     set_key(cfg, "imap", "listen", f"127.0.0.1:{gw.imap_port}")
@@ -1286,13 +1286,18 @@ def run_dovecot(base: Path, gw: GatewayDir, box: list[BenchMessage], accounts: l
 # --- report ---------------------------------------------------------------------------------
 
 
-def report(name: str, r: dict[str, Any] | None) -> None:
-    if r is None:
-        return
+def report_problems(name: str, r: dict[str, Any]) -> None:
+    """A server's errors and the last lines of its log, when it has them."""
     for err in r.get("errors", []):
         print(f"error: {name}: {err}")
     if r.get("log_tail"):
         print(f"{name} log (last lines):\n{r['log_tail']}")
+
+
+def report(name: str, r: dict[str, Any] | None) -> None:
+    if r is None:
+        return
+    report_problems(name, r)
     w = r.get("warmup")
     if w:
         print(f"{name}: INBOX exists={w['exists']} first SELECT {w['first_select_ms']:.0f} ms, "
@@ -1372,10 +1377,7 @@ def tree_state() -> str:
 def report_sessions(name: str, r: dict[str, Any] | None) -> None:
     if r is None:
         return
-    for err in r.get("errors", []):
-        print(f"error: {name}: {err}")
-    if r.get("log_tail"):
-        print(f"{name} log (last lines):\n{r['log_tail']}")
+    report_problems(name, r)
     w = r.get("warmup")
     if w:
         print(f"{name}: {len(w['exists'])} mailboxes, EXISTS {min(w['exists'])}.."

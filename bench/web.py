@@ -69,7 +69,7 @@ for _p in (str(ROOT / "bench"), str(ROOT)):  # the project's packages first (``i
         sys.path.remove(_p)
     sys.path.insert(0, _p)
 
-from benchlib import Tally, cleanup, free_port, set_key, tree_state  # noqa: E402
+from benchlib import ServerDir, Tally, cleanup, free_port, set_key, tree_state  # noqa: E402
 from imap_workload import (  # noqa: E402
     EPOCH,
     PATIENT_DOMAIN,
@@ -653,30 +653,14 @@ def run_worker(spec: Spec) -> dict[str, Any]:
 
 
 @dataclass
-class GatewayDir:
-    directory: Path
-    url: str
-    pg_schema: str | None
+class GatewayDir(ServerDir):
     web_port: int = 0
-    imaps_port: int = 0
-
-    @property
-    def config(self) -> Path:
-        return self.directory / "gateway.toml"
 
 
 def make_gateway_dir(base: Path, db: str, clients: int) -> GatewayDir:
-    directory = base / "gw"
-    bi._cli("mssante-gateway", None, "init", "--dir", str(directory), "--domain",
-            SERVICE_DOMAIN)
-    schema = None
-    url = f"sqlite:///{directory / 'gateway.db'}"
-    if db == "postgresql":
-        schema = "bench_" + os.urandom(4).hex()
-        url = f"{bi.PG_URL}?schema={schema}"
+    directory, url, schema = bi.init_gateway(base, db)
     gw = GatewayDir(directory, url, schema, web_port=free_port(), imaps_port=free_port())
     cfg = gw.config
-    set_key(cfg, "storage", "url", url)
     for name in ("smtp", "submission", "submissions", "imap"):
         set_key(cfg, name, "listen", "")
     set_key(cfg, "imaps", "listen", f"127.0.0.1:{gw.imaps_port}")
