@@ -30,6 +30,15 @@ def set_listen(config: Path, name: str, value: str) -> None:
     config.write_text(text, encoding="utf-8")
 
 
+def set_routes(config: Path, routes: dict[str, int]) -> None:
+    """Route each domain of ``routes`` to that port on 127.0.0.1 ([outbound.routes])."""
+    text = config.read_text(encoding="utf-8")
+    lines = "".join(f'"{domain}" = "127.0.0.1:{port}"\n' for domain, port in routes.items())
+    assert "[outbound.routes]\n" in text
+    config.write_text(text.replace("[outbound.routes]\n", "[outbound.routes]\n" + lines, 1),
+                      encoding="utf-8")
+
+
 def run_cli(config: Path, *args: str, stdin: str = "", prog: str = "mssante-policy",
             check: bool = True) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "MSSANTE_CONFIG": str(config)}

@@ -26,7 +26,7 @@ from gateway.config import ConfigError, build_config
 from gateway.health import Readiness
 from imap_store.store.directory import Store
 from tests.conftest import CHRISTELLE, DUPOND, INAYA, MARTINE, PATIENT_PASSWORD, prepare_gateway
-from tests.gateway_proc import Gateway, free_port, set_listen
+from tests.gateway_proc import Gateway, free_port, set_listen, set_routes
 from tests.helpers import sample, smtp, tls_context
 from tests.relay import Relay
 
@@ -84,11 +84,8 @@ def world(gw_dir: Path) -> Iterator[World]:
     operator = Relay(free_port(), gw_dir / "clients" / "operator", gw.ca)
     metrics_port = free_port()
     set_listen(gw.config, "metrics", f"127.0.0.1:{metrics_port}")
-    text = gw.config.read_text().replace(
-        "[outbound.routes]\n",
-        f'[outbound.routes]\n"medecin.mssante.fr" = "127.0.0.1:{operator.port}"\n'
-        f'"ch-exemple.mssante.fr" = "127.0.0.1:{free_port()}"\n')
-    gw.config.write_text(text)
+    set_routes(gw.config, {"medecin.mssante.fr": operator.port,
+                           "ch-exemple.mssante.fr": free_port()})
     operator.start()
     gw.start()
     try:

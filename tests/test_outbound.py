@@ -29,7 +29,7 @@ from tests.conftest import (
     SAMPLES,
     prepare_gateway,
 )
-from tests.gateway_proc import Gateway, free_port, run_cli
+from tests.gateway_proc import Gateway, free_port, run_cli, set_routes
 from tests.helpers import mailbox, sample, server_log, smtp
 from tests.relay import Relay
 
@@ -48,11 +48,9 @@ def world(gw_dir: Path) -> Iterator[World]:
     gw: Gateway = prepare_gateway(gw_dir)  # type: ignore[assignment]
     operator = Relay(free_port(), gw_dir / "clients" / "operator", gw.ca)
     notifier = Relay(free_port(), None, None, require_tls=False)
+    set_routes(gw.config, {"medecin.mssante.fr": operator.port,
+                           "ch-exemple.mssante.fr": operator.port})
     text = gw.config.read_text()
-    text = text.replace(
-        "[outbound.routes]\n",
-        f'[outbound.routes]\n"medecin.mssante.fr" = "127.0.0.1:{operator.port}"\n'
-        f'"ch-exemple.mssante.fr" = "127.0.0.1:{operator.port}"\n')
     text = re.sub(r"(?m)^retry_schedule = .*$", "retry_schedule = [1]", text)
     text = re.sub(r'(?m)^relay = ""', f'relay = "127.0.0.1:{notifier.port}"', text)
     gw.config.write_text(text)
