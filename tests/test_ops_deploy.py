@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import prepare_gateway
+from tests.conftest import prepare_gateway, running
 from tests.gateway_proc import Gateway, free_port, set_listen
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
@@ -107,11 +107,7 @@ def ready_gateway(gw_dir: Path) -> Iterator[Gateway]:
     gw: Gateway = prepare_gateway(gw_dir)  # type: ignore[assignment]
     gw.ports["metrics"] = free_port()
     set_listen(gw.config, "metrics", f"127.0.0.1:{gw.ports['metrics']}")
-    gw.start()
-    try:
-        yield gw
-    finally:
-        gw.kill()
+    yield from running(gw)  # type: ignore[misc]
 
 
 def test_healthcheck_command_follows_readiness(ready_gateway: Gateway) -> None:

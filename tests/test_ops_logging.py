@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from gateway.logsetup import JsonFormatter
-from tests.conftest import prepare_gateway
+from tests.conftest import prepare_gateway, running
 from tests.gateway_proc import Gateway, free_port, set_listen
 from tests.helpers import tls_context
 
@@ -36,11 +36,7 @@ def gateway_with(gw_dir: Path, request: pytest.FixtureRequest) -> Iterator[Gatew
     log_format = getattr(request, "param", "text")
     text = gw.config.read_text().replace('format = "text"', f'format = "{log_format}"')
     gw.config.write_text(text)
-    gw.start()
-    try:
-        yield gw
-    finally:
-        gw.kill()
+    yield from running(gw)  # type: ignore[misc]
 
 
 def wait_for(gw: Gateway, needle: str, timeout: float = 10.0) -> str:

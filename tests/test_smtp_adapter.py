@@ -30,7 +30,7 @@ from smtp_in.aiosmtpd_adapter import (
 )
 from smtp_in.data import LINE_LENGTH, DataReader, DataState, max_line_for
 from smtp_in.settings import SmtpSettings
-from tests.conftest import DUPOND, INAYA, prepare_gateway
+from tests.conftest import DUPOND, INAYA, prepare_gateway, running
 from tests.gateway_proc import Gateway
 from tests.helpers import mailbox, smtp
 
@@ -260,11 +260,7 @@ def long_lines_gateway(gw_dir: Path) -> Iterator[Gateway]:
     gw: Gateway = prepare_gateway(gw_dir)  # type: ignore[assignment]
     with gw.config.open("a") as f:
         f.write("\n[limits]\nsmtp_line_length = 2000\n")
-    gw.start()
-    try:
-        yield gw
-    finally:
-        gw.kill()
+    yield from running(gw)  # type: ignore[misc]
 
 
 def test_configured_line_length_end_to_end(long_lines_gateway: Gateway) -> None:

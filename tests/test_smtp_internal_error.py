@@ -145,6 +145,21 @@ class Recording(smtplib.SMTP):
         for leak in LEAKS:
             assert leak not in wire, (leak, self.wire)
 
+    def send_kept_and_quit(self, fault: Fault) -> None:
+        """With the fault disarmed, a message "kept" goes through on the same connection; no
+        internal detail was on the wire."""
+        fault.armed = False
+        assert self.sendmail(DUPOND, [PATIENT], message("kept")) == {}
+        assert self.quit()[0] == 221
+        self.assert_nothing_leaked()
+
+
+async def assert_kept_stored(intake: Intake) -> None:
+    """Inaya's mailbox holds the welcome message, then "kept" (the retry): nothing of the
+    failed tries."""
+    stored = await asyncio.to_thread(mailbox, intake.gw.directory, INAYA)
+    assert len(stored) == 2 and b"Subject: kept" in stored[1]
+
 
 @pytest.fixture
 def client(intake: Intake) -> Iterator[Callable[[str | None], Recording]]:
@@ -197,15 +212,11 @@ async def test_store_failure_in_delivery(intake: Intake, client: Callable[..., R
         assert conn.data(message("lost")) == INTERNAL
         assert conn.noop()[0] == 250
         assert conn.rset()[0] == 250
-        fault.armed = False
-        assert conn.sendmail(DUPOND, [PATIENT], message("kept")) == {}
-        assert conn.quit()[0] == 221
-        conn.assert_nothing_leaked()
+        conn.send_kept_and_quit(fault)
 
     await asyncio.to_thread(talk)
     assert fault.raised == 1
-    stored = await asyncio.to_thread(mailbox, intake.gw.directory, INAYA)
-    assert len(stored) == 2 and b"Subject: kept" in stored[1]  # welcome, then the retry
+    await assert_kept_stored(intake)
 
 
 async def test_store_failure_at_mail_and_end_of_data(
@@ -228,15 +239,11 @@ async def test_store_failure_at_mail_and_end_of_data(
         intake.ctx._trusted = None  # no cached copy: DATA reads the list again
         assert conn.data(message("lost")) == INTERNAL
         assert conn.docmd("DATA") == (554, b"5.5.1 no valid recipients")  # transaction over
-        fault.armed = False
-        assert conn.sendmail(DUPOND, [PATIENT], message("kept")) == {}
-        assert conn.quit()[0] == 221
-        conn.assert_nothing_leaked()
+        conn.send_kept_and_quit(fault)
 
     await asyncio.to_thread(talk)
     assert fault.raised == 2
-    stored = await asyncio.to_thread(mailbox, intake.gw.directory, INAYA)
-    assert len(stored) == 2 and b"Subject: kept" in stored[1]
+    await assert_kept_stored(intake)
 
 
 async def test_store_failure_at_auth(intake: Intake, client: Callable[..., Recording],
