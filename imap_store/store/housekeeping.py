@@ -1,4 +1,5 @@
-"""Housekeeping of ``serve``: the Trash purge (issue 11, ``[web] trash_days``).
+"""Housekeeping of ``serve``, at start then hourly: the Trash purge (issue 11, ``[web]
+trash_days``) and the bound on ``expunged`` (issue 13).
 
 A message that has been in a patient's ``\\Trash`` mailbox longer than ``trash_days`` is
 expunged for good, whichever way it got there: "Supprimer la conversation" in the portal, or an
@@ -12,6 +13,14 @@ and batch, ``expunged`` rows so IMAP sessions with Trash selected see EXPUNGE/VA
 bodies deleted once nothing else uses them), in batches of :data:`PURGE_BATCH` messages
 through the group writer, so it never holds the writer long. Each batch is audited with its
 mailbox id and count only.
+
+``expunged`` remembers the UIDs of every EXPUNGE with its MODSEQ, for the other sessions of the
+mailbox (EXPUNGE/VANISHED) and for QRESYNC's VANISHED (EARLIER) (RFC 7162). Each mailbox keeps
+its newest :data:`EXPUNGED_KEEP` rows; older ones are deleted (whole MODSEQs at a time) and
+``mailbox.vanished_modseq`` remembers the highest MODSEQ deleted. A client resynchronizing from
+a MODSEQ below it gets a superset in VANISHED (EARLIER): every UID of its known range, below
+UIDNEXT, that no message has (RFC 7162 §3.2.5.2 allows it; ``PatientMailStore.vanished``); a
+session whose view is that old gets the same set as its expunges (``changes``).
 """
 
 from __future__ import annotations
@@ -22,7 +31,7 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.engine import Connection
 
 from imap_store.store import ops
@@ -39,6 +48,8 @@ TRASH = "\\Trash"
 PURGE_BATCH = 500
 #: Seconds between two purges of a running ``serve`` (the first runs at start).
 PURGE_EVERY = 3600.0
+#: Expunged UIDs kept per mailbox for the exact VANISHED (EARLIER) of QRESYNC; more are pruned.
+EXPUNGED_KEEP = 5000
 
 
 def _in_trash() -> Any:
@@ -110,8 +121,41 @@ def _purge_job(stores: SqlMailStores, patient_id: int, mailbox_id: int,
     return job
 
 
+async def prune_expunged(stores: SqlMailStores, keep: int = EXPUNGED_KEEP) -> int:
+    """Delete the ``expunged`` rows of each mailbox but its newest ``keep`` (whole MODSEQs:
+    the MODSEQ of the row just past ``keep`` and all older go) and raise the mailbox's
+    ``vanished_modseq`` to the highest MODSEQ deleted; the count of rows deleted."""
+    async with stores.store.read() as conn:
+        mailbox_ids = [int(m) for m in (await conn.execute(
+            select(t.expunged.c.mailbox_id).group_by(t.expunged.c.mailbox_id)
+            .having(func.count(t.expunged.c.id) > keep))).scalars()]
+    pruned = 0
+    for mailbox_id in mailbox_ids:
+        pruned += await stores.write_sync(_prune_job(mailbox_id, keep))
+    return pruned
+
+
+def _prune_job(mailbox_id: int, keep: int) -> Callable[[Connection], int]:
+    def job(conn: Connection) -> int:
+        floor = conn.execute(
+            select(t.expunged.c.modseq).where(t.expunged.c.mailbox_id == mailbox_id)
+            .order_by(t.expunged.c.modseq.desc()).offset(keep).limit(1)).scalar()
+        if floor is None:  # pruned meanwhile (another process)
+            return 0
+        # The mailbox row first (locked on PostgreSQL), as every EXPUNGE takes it.
+        conn.execute(update(t.mailbox)
+                     .where(t.mailbox.c.id == mailbox_id, t.mailbox.c.vanished_modseq < floor)
+                     .values(vanished_modseq=floor))
+        result = conn.execute(delete(t.expunged).where(
+            t.expunged.c.mailbox_id == mailbox_id, t.expunged.c.modseq <= floor))
+        return int(result.rowcount or 0)
+
+    return job
+
+
 class TrashPurge:
-    """Runs :func:`purge_trash` at start, then every ``every`` seconds, until stopped."""
+    """Runs :func:`purge_trash` and :func:`prune_expunged` at start, then every ``every``
+    seconds, until stopped."""
 
     def __init__(self, store: Store, submit: Callable[..., Awaitable[Any]], days: int,
                  every: float = PURGE_EVERY,
@@ -138,4 +182,10 @@ class TrashPurge:
                              count, self.days)
             except Exception:  # a failed run is retried at the next one, serve goes on
                 log.exception("trash purge failed")
+            try:
+                pruned = await prune_expunged(self.stores)
+                if pruned:
+                    log.info("expunged: %d old rows pruned", pruned)
+            except Exception:
+                log.exception("pruning expunged failed")
             await asyncio.sleep(self.every)

@@ -687,7 +687,11 @@ _CLAIM_RECENT = (
            t.mailbox.c.recent_uid == bindparam("seen", type_=Integer))
     .values(recent_uid=bindparam("up_to", type_=Integer))
 )
-_CHANGES_HEAD = select(t.mailbox.c.highestmodseq, t.mailbox.c.recent_uid).where(
+_CHANGES_HEAD = select(t.mailbox.c.highestmodseq, t.mailbox.c.recent_uid,
+                       t.mailbox.c.vanished_modseq).where(
+    t.mailbox.c.id == _P_MAILBOX, t.mailbox.c.patient_id == _P_PATIENT)
+#: What VANISHED needs of a mailbox: where the UIDs end, where the kept expunges start.
+_VANISHED_HEAD = select(t.mailbox.c.uidnext, t.mailbox.c.vanished_modseq).where(
     t.mailbox.c.id == _P_MAILBOX, t.mailbox.c.patient_id == _P_PATIENT)
 _P_SINCE = bindparam("since", type_=Integer)
 _P_HIGHEST = bindparam("highest", type_=Integer)
@@ -855,15 +859,35 @@ class PatientMailStore:
             window = {**scope, "since": since, "highest": highest}
             rows = await conn.execute(_CHANGED_FLAGS, window)
             changed = tuple(FlagState(int(r[0]), int(r[1]), r[2], int(r[3])) for r in rows)
+            if since < int(row[2]):  # expunges after ``since`` were pruned: every absent UID
+                absent = await self._absent(conn, mailbox_id, None)
+                return Changes(highest, int(row[1]), changed, tuple(absent))
             gone = await conn.execute(_CHANGED_GONE, window)
             expunged = tuple(int(r[0]) for r in gone)
         return Changes(highest, int(row[1]), changed, expunged)
 
+    async def _absent(self, conn: Any, mailbox_id: int,
+                      ranges: Sequence[tuple[int, int]] | None) -> list[int]:
+        """The UIDs below UIDNEXT, within ``ranges`` (all if None), that no message of the
+        mailbox has: what may have been expunged once the record of it was pruned."""
+        head = (await conn.execute(_VANISHED_HEAD, {
+            "mailbox_id": mailbox_id, "patient_id": self.patient_id})).first()
+        if head is None:
+            return []
+        last = int(head[0]) - 1
+        present = set((await conn.execute(_OPEN_UIDS, {"mailbox_id": mailbox_id})).scalars())
+        bounds = [(1, last)] if ranges is None else [(lo, min(hi, last)) for lo, hi in ranges]
+        return [uid for lo, hi in bounds for uid in range(max(lo, 1), hi + 1)
+                if uid not in present]
+
     async def vanished(self, mailbox_id: int, since: int,
                        ranges: Sequence[tuple[int, int]] | None = None) -> list[int]:
         """UIDs expunged from the mailbox after MODSEQ ``since`` (RFC 7162 §3.2.5-6 VANISHED),
-        ascending, within the inclusive UID ``ranges`` when given. Every expunge is kept in
-        ``expunged`` with its MODSEQ (never pruned), so the answer is exact, not a superset."""
+        ascending, within the inclusive UID ``ranges`` (sorted, disjoint) when given. Exact
+        while ``since`` is at or above the mailbox's ``vanished_modseq`` (the expunges after
+        it are all kept); below it, the housekeeping pruned some, and the answer is every UID
+        of ``ranges`` below UIDNEXT that no message has, the superset RFC 7162 §3.2.5.2
+        allows."""
         if ranges is not None and not ranges:
             return []
         conditions = [t.expunged.c.mailbox_id == self._mailbox_id(mailbox_id),
@@ -874,6 +898,12 @@ class PatientMailStore:
             rows = await conn.execute(
                 select(t.expunged.c.uid).where(*conditions).order_by(t.expunged.c.uid))
             uids = sorted({int(r[0]) for r in rows})
+            # Read after the rows: a prune committed in between shows here (never a row gone
+            # unnoticed).
+            floor = (await conn.execute(_VANISHED_HEAD, {
+                "mailbox_id": mailbox_id, "patient_id": self.patient_id})).first()
+            if floor is not None and since < int(floor[1]):
+                return await self._absent(conn, mailbox_id, ranges)
         if ranges is not None and len(ranges) > _MAX_RANGES:
             starts = [lo for lo, _hi in ranges]
             uids = [u for u in uids

@@ -115,6 +115,9 @@ mailbox = Table(
     Column("subscribed", Integer, nullable=False, default=1),
     # Highest UID already announced as \Recent to one session (RFC 3501 §2.3.2; migration 0002).
     Column("recent_uid", BigInteger, nullable=False, default=0, server_default="0"),
+    # Highest MODSEQ of the ``expunged`` rows the housekeeping deleted (migration 0009): below
+    # it, VANISHED (EARLIER) is a superset (RFC 7162 §3.2.5.2).
+    Column("vanished_modseq", BigInteger, nullable=False, default=0, server_default="0"),
     UniqueConstraint("patient_id", "name", name="uq_mailbox_patient_name"),
 )
 
@@ -190,7 +193,8 @@ blob_search = Table(
     Column("subject_text", Text, nullable=True),
 )
 
-# Expunged UIDs with the MODSEQ of their removal, so other sessions learn of EXPUNGEs.
+# Expunged UIDs with the MODSEQ of their removal, so other sessions learn of EXPUNGEs; the
+# newest few thousand per mailbox are kept (housekeeping.py, ``mailbox.vanished_modseq``).
 expunged = Table(
     "expunged",
     metadata,

@@ -68,7 +68,8 @@ async def select(s: Session, cmd: Select) -> Action:
 async def _resync(s: Session, sel: Selected, since: int, known: SequenceSet | None) -> None:
     """QRESYNC (RFC 7162 §3.2.5.1): the known UIDs expunged since ``since`` as one
     ``VANISHED (EARLIER)``, then a FETCH of UID, FLAGS and MODSEQ for every message changed
-    since. Expunges are all remembered (``expunged``), so the answer is exact."""
+    since. Exact unless ``since`` predates expunges the housekeeping forgot: then a superset
+    (``PatientMailStore.vanished``)."""
     mail = s.require_mail()
     ranges = None
     if known is not None:  # ``*``: every UID ever given (the last ones may be expunged)
