@@ -6,7 +6,8 @@ Checks, for every input:
 * the events are the same whether the bytes come whole, in random chunks or byte by byte, with
   the edge's moves between events (``expect_line`` after AUTHENTICATE without an initial
   response and after IDLE, ``reject_literal`` for some APPEND literals, ``max_literal`` raised
-  after LOGIN as the server does): nothing is parsed ahead of the event returned;
+  after LOGIN as the server does, UTF-8 mailbox names for some inputs as after ENABLE
+  IMAP4rev2): nothing is parsed ahead of the event returned;
 * once ``next_event`` says "more bytes", the parser holds at most a line (``max_line + 1``) of
   unread bytes and at most a command's worth of assembled command;
 * every event has a ``repr`` (events are logged);
@@ -40,6 +41,7 @@ def _drive(chunks: list[bytes], control: int) -> list[imap.Event]:
     parser = imap.CommandParser(max_line=max_line, max_literal=max_literal,
                                 max_command=max_command)
     reject_appends = bool(control & 0x100)
+    parser.utf8_names = bool(control & 0x200)
     events: list[imap.Event] = []
     for chunk in chunks:
         parser.feed(chunk)
@@ -108,7 +110,9 @@ _TOKENS = [
     b"HEADER Subject x", b"TEXT", b"LARGER 10", b'"17-Jul-1996 02:44:25 -0700"', b"RETURN",
     b"(REVERSE DATE SUBJECT)", b"(ARRIVAL)", b"REFERENCES", b"ORDEREDSUBJECT", b"UTF-8",
     b"US-ASCII", b"(SPECIAL-USE)", b"(USE (\\Sent))", b"(MESSAGES UNSEEN)", b"{0}", b"{0+}",
-    b"{3}", b"{3+}",
+    b"{3}", b"{3+}", b"~{3}", b"~{3+}", b"~{0+}", b"BINARY[1]", b"BINARY.PEEK[1.2]<0.5>",
+    b"BINARY.SIZE[]", b"BINARY[1.TEXT]", b"$", b"(SAVE)", b"(SAVE MIN)", b"IMAP4rev2",
+    b'"\xc3\xa9t\xc3\xa9"',
     b"{99999999999999999999999}", b"{", b"}", b"=", b"AGZvbwBiYXI=", b"\xc3\xa9", b"\xff",
     b"\x00", b"\r", b"\n", b"\t", b"\x7f",
 ]
@@ -122,8 +126,10 @@ def _command(draw: st.DrawFn) -> bytes:
         parts.append(draw(st.sampled_from([b" ", b""])))
         token = draw(st.sampled_from(_TOKENS))
         parts.append(token)
-        if token.startswith(b"{") and token.endswith(b"}") and token[1:-1].rstrip(b"+").isdigit():
-            size = int(token[1:-1].rstrip(b"+"))
+        marker = token.removeprefix(b"~")  # literal8 (RFC 3516 §4.4)
+        digits = marker[1:-1].rstrip(b"+")
+        if marker.startswith(b"{") and marker.endswith(b"}") and digits.isdigit():
+            size = int(digits)
             if size < 10:
                 parts.append(b"\r\n" + draw(st.binary(min_size=size, max_size=size)))
     parts.append(draw(st.sampled_from([b"\r\n", b"\r\n", b"\n", b"\r", b""])))
@@ -144,7 +150,8 @@ HARNESS = Harness(
     fragments=_fragments,
     openers=(b'a LIST "" (', b"a ID (", b"a SEARCH ", b"a UID SEARCH CHARSET UTF-8 ",
              b"a FETCH 1:* (", b"a STORE 1 FLAGS (", b"a STATUS x (", b"a LOGIN ",
-             b"a APPEND x (", b"a CREATE x (USE (", b"a LIST (", b"a ENABLE"),
+             b"a APPEND x (", b"a CREATE x (USE (", b"a LIST (", b"a ENABLE",
+             b"a FETCH $ (BINARY", b"a SEARCH RETURN (SAVE", b"a APPEND x ~"),
     middles=(b'"" {0+}\r\n ', b' "" {0+}\r\n', b'"a" {0+}\r\n', b" {0+}\r\n", b'"\\"" ',
              b"NOT ", b"OR ALL ", b"(", b"FROM x ", b"BODY[1.2.3] ", b"\\Seen ", b"1,",
              b"a NOOP\r\n", b"{1+}\r\n{", b'"x', b" X"),

@@ -647,7 +647,7 @@ def test_uid_fetch() -> None:
     [
         b"(ALL)",
         b"(FLAGS ALL)",
-        b"BINARY[]",
+        b"BINARY[1.TEXT]",  # section-binary: part numbers only (RFC 3516 §6)
         b"BODY.PEEK",
         b"BODY[MIME]",
         b"BODY[0]",
@@ -1104,7 +1104,7 @@ def test_condstore_qresync_and_esearch_syntax() -> None:
         b"a STORE 1 (UNCHANGEDSINCE x) FLAGS (a)",
         b"a STORE 1 (FOO 1) FLAGS (a)",
         b"a SEARCH MODSEQ \"/flags/x\" nope 4",
-        b"a SEARCH RETURN (SAVE) ALL",
+        b"a SEARCH RETURN (SAVE NOPE) ALL",
         b"a SEARCH RETURN ALL",
     ):
         assert bad(line + b"\r\n").tag == "a", line

@@ -34,10 +34,12 @@ from datetime import date, datetime
 from typing import ClassVar, Literal
 
 __all__ = [
+    "BINARY_NAMES",
     "FETCH_MACROS",
     "FETCH_NAMES",
     "MAX_MODSEQ",
     "MAX_NUMBER",
+    "SAVED_RESULT",
     "SEARCH_CHARSETS",
     "SYSTEM_FLAGS",
     "Append",
@@ -249,9 +251,14 @@ class SequenceSet:
 
     ``*`` means "the largest number in use" (RFC 3501 §6.4.5, §9): the number of messages for
     sequence numbers, the highest UID for UIDs. Resolve it with :meth:`resolve`.
+
+    ``saved`` (no ranges): ``$``, the result saved by ``SEARCH RETURN (SAVE)`` (RFC 5182 §2.1),
+    which only the session knows (:meth:`Selected.slices
+    <imap_store.imap.session.state.Selected.slices>` reads it).
     """
 
     ranges: tuple[SeqRange, ...]
+    saved: bool = False
 
     @classmethod
     def parse(cls, text: str) -> SequenceSet:
@@ -333,7 +340,11 @@ class SequenceSet:
         return False
 
     def __str__(self) -> str:
-        return ",".join(str(r) for r in self.ranges)
+        return "$" if self.saved else ",".join(str(r) for r in self.ranges)
+
+
+#: ``$`` (RFC 5182 §2.1): the search result this session saved.
+SAVED_RESULT = SequenceSet((), saved=True)
 
 
 def _parse_seq_number(text: str) -> int | None:
@@ -405,6 +416,9 @@ FETCH_NAMES = frozenset(
     }
 )
 
+#: BINARY fetch items (RFC 3516 §4.2, RFC 9051 §6.4.5), always with a section of part numbers.
+BINARY_NAMES = frozenset({"BINARY", "BINARY.SIZE"})
+
 #: RFC 7162 §7: mod-sequence-value, a positive unsigned 63-bit integer.
 MAX_MODSEQ = 2**63 - 1
 
@@ -415,7 +429,9 @@ class FetchAttr:
 
     ``name`` is one of :data:`FETCH_NAMES`. When ``section`` is set, ``name`` is ``"BODY"`` and
     the item is ``BODY[section]`` (``BODY.PEEK[section]`` if ``peek``), optionally restricted to
-    ``partial = (origin, length)`` octets.
+    ``partial = (origin, length)`` octets; or ``name`` is ``"BINARY"`` (``BINARY[part]``, the
+    part with its Content-Transfer-Encoding removed, RFC 3516 §4.2; ``BINARY.PEEK`` if
+    ``peek``) or ``"BINARY.SIZE"`` (its decoded size), the section holding part numbers only.
     """
 
     name: str
@@ -432,11 +448,11 @@ class FetchAttr:
     def sets_seen(self) -> bool:
         """Whether fetching this item implicitly sets ``\\Seen`` (RFC 3501 §6.4.5).
 
-        True for ``BODY[...]`` (not ``.PEEK``), ``RFC822`` and ``RFC822.TEXT``; the session skips
-        it when the mailbox was opened with EXAMINE.
+        True for ``BODY[...]`` and ``BINARY[...]`` (not ``.PEEK``), ``RFC822`` and
+        ``RFC822.TEXT``; the session skips it when the mailbox was opened with EXAMINE.
         """
         if self.section is not None:
-            return not self.peek
+            return not self.peek and self.name != "BINARY.SIZE"
         return self.name in ("RFC822", "RFC822.TEXT")
 
     def response_name(self) -> str:
@@ -447,7 +463,7 @@ class FetchAttr:
         """
         if self.section is None:
             return self.name
-        name = f"BODY[{self.section.render()}]"
+        name = f"{self.name}[{self.section.render()}]"
         if self.partial is not None:
             name += f"<{self.partial[0]}>"
         return name
@@ -456,7 +472,7 @@ class FetchAttr:
         """The item as the client wrote it (canonical case)."""
         if self.section is None:
             return self.name
-        name = f"BODY{'.PEEK' if self.peek else ''}[{self.section.render()}]"
+        name = f"{self.name}{'.PEEK' if self.peek else ''}[{self.section.render()}]"
         if self.partial is not None:
             name += f"<{self.partial[0]}.{self.partial[1]}>"
         return name
@@ -843,6 +859,7 @@ class Append(_Command):
 
     ``date`` is timezone-aware (``None``: the server uses the current time). ``message`` is the
     literal's exact bytes (NUL and bare CR/LF included); it is hidden from ``repr``.
+    ``binary``: the message came as a ``literal8`` (``~{n}``, RFC 3516 §4.4), where NUL may be.
     """
 
     NAME: ClassVar[str] = "APPEND"
@@ -851,6 +868,7 @@ class Append(_Command):
     flags: tuple[str, ...]
     date: datetime | None
     message: bytes = field(repr=False)
+    binary: bool = False
 
 
 @dataclass(frozen=True, slots=True)

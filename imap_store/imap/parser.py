@@ -50,10 +50,12 @@ from datetime import date, datetime, timedelta, timezone
 from typing import TypeVar
 
 from imap_store.imap.commands import (
+    BINARY_NAMES,
     FETCH_MACROS,
     FETCH_NAMES,
     MAX_MODSEQ,
     MAX_NUMBER,
+    SAVED_RESULT,
     SEARCH_CHARSETS,
     SORT_KEYS,
     SYSTEM_FLAGS,
@@ -236,6 +238,7 @@ _FIELD_NAME_CHARS = _PRINTABLE - _byte_set(b":")
 
 _SP, _LPAREN, _RPAREN, _DQUOTE, _BACKSLASH = 0x20, 0x28, 0x29, 0x22, 0x5C
 _LBRACE, _LBRACKET, _RBRACKET, _LT, _DOT = 0x7B, 0x5B, 0x5D, 0x3C, 0x2E
+_DOLLAR, _TILDE = 0x24, 0x7E
 
 _MONTHS = {
     name: index + 1
@@ -327,10 +330,12 @@ class _Reader:
     """Cursor over one assembled command: its lines joined without CRLF, plus the literals,
     keyed by the offset just after their ``{n}`` announcement (RFC 3501 §4.3)."""
 
-    def __init__(self, text: bytes, literals: dict[int, bytes]) -> None:
+    def __init__(self, text: bytes, literals: dict[int, bytes], utf8: bool = False) -> None:
         self.text = text
         self.pos = 0
         self.literals = literals
+        # Mailbox names in UTF-8, not modified UTF-7 (RFC 9051 §5.1, once IMAP4rev2 is enabled)
+        self.utf8 = utf8
         # The literals' offsets in order, so that a quoted string finds the first literal after
         # its start by bisection: scanning them all for every string made a command with many
         # literals and quoted strings quadratic (issue 16).
@@ -504,7 +509,7 @@ class _Reader:
         A name that cannot be decoded names no mailbox: NO [NONEXISTENT], or NO [CANNOT] for
         a name to be created (``new``)."""
         try:
-            name = _decode_name(self.astring())
+            name = _decode_name(self.astring(), self.utf8)
         except _NameError as exc:
             if new:
                 raise _NameError(exc.text, "CANNOT") from None
@@ -514,13 +519,17 @@ class _Reader:
     def list_mailbox(self) -> str:
         """RFC 3501 §9 ``list-mailbox`` (wildcards ``%`` and ``*`` allowed unquoted)."""
         if self.peek() in (_DQUOTE, _LBRACE):
-            return _decode_pattern(self.string())
+            return _decode_pattern(self.string(), self.utf8)
         raw = self.run(_LIST_CHARS)
         if not raw:
             raise _SyntaxError("Missing argument" if self.at_end() else "Invalid mailbox pattern")
-        return _decode_pattern(raw)
+        return _decode_pattern(raw, self.utf8)
 
     def sequence_set(self) -> SequenceSet:
+        """RFC 3501 §9 ``sequence-set``, or ``$`` (RFC 5182 §3 ``seq-last-command``)."""
+        if self.peek() == _DOLLAR:
+            self.pos += 1
+            return SAVED_RESULT
         raw = self.run(_SEQ_CHARS)
         if not raw:
             raise _SyntaxError("Missing argument" if self.at_end() else "Invalid sequence set")
@@ -541,26 +550,34 @@ class _Reader:
         return tuple(dict.fromkeys(self.paren_list(self.flag)))
 
 
-def _decode_name(raw: bytes) -> str:
-    if not raw.isascii():  # 8-bit in a string: outside the grammar (RFC 3501 §9 CHAR)
+def _decode_name(raw: bytes, utf8: bool = False) -> str:
+    """A mailbox name: modified UTF-7 (RFC 3501 §5.1.3), or UTF-8 once IMAP4rev2 is enabled
+    (RFC 9051 §5.1: ``&`` is then only itself)."""
+    if utf8:
+        try:
+            name = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise _NameError("No such mailbox (invalid UTF-8)", "NONEXISTENT") from None
+    elif not raw.isascii():  # 8-bit in a string: outside the grammar (RFC 3501 §9 CHAR)
         raise _SyntaxError("Invalid mailbox name")
-    try:
-        name = decode_mailbox_name(raw)
-    except ValueError:
-        raise _NameError("No such mailbox (invalid name)", "NONEXISTENT") from None
+    else:
+        try:
+            name = decode_mailbox_name(raw)
+        except ValueError:
+            raise _NameError("No such mailbox (invalid name)", "NONEXISTENT") from None
     if any(ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0 for c in name):
         raise _NameError("No such mailbox (invalid name)", "NONEXISTENT")
     return name
 
 
-def _decode_pattern(raw: bytes) -> str:
+def _decode_pattern(raw: bytes, utf8: bool = False) -> str:
     """A LIST/LSUB reference or pattern: decoded like a name; one that is not valid modified
-    UTF-7 is kept as its characters (it then matches no stored name, and LIST answers an
-    empty list as for any pattern that matches nothing)."""
+    UTF-7 (or UTF-8) is kept as its characters (it then matches no stored name, and LIST
+    answers an empty list as for any pattern that matches nothing)."""
     try:
-        return _decode_name(raw)
+        return _decode_name(raw, utf8)
     except _NameError:
-        return raw.decode("ascii")
+        return raw.decode("utf-8" if utf8 else "ascii", "replace")
 
 
 # -- command handlers: each reads the arguments after the command name (no trailing check)
@@ -794,9 +811,12 @@ def _append(reader: _Reader, tag: str, uid: bool) -> Command:
     if reader.peek() == _DQUOTE:
         when = _date_time(reader.quoted())
         reader.sp()
+    binary = reader.peek() == _TILDE  # RFC 3516 §4.4 literal8: "~{" number "}"
+    if binary:
+        reader.pos += 1
     if reader.peek() != _LBRACE:
         raise _SyntaxError("Expected a literal message")
-    return Append(tag, mailbox, flags, when, reader.literal())
+    return Append(tag, mailbox, flags, when, reader.literal(), binary)
 
 
 def _expunge(reader: _Reader, tag: str, uid: bool) -> Command:
@@ -846,22 +866,45 @@ def _field_name(reader: _Reader) -> str:
     return raw.decode("ascii")
 
 
+def _section_binary(reader: _Reader) -> Section:
+    """RFC 3516 §6 ``section-binary = "[" [section-part] "]"``, the bracket consumed."""
+    part: list[int] = []
+    if reader.peek() != _RBRACKET:
+        part.append(reader.number(nonzero=True))
+        while reader.peek() == _DOT:
+            reader.pos += 1
+            part.append(reader.number(nonzero=True))
+    reader.expect(_RBRACKET, "Invalid binary section")
+    return Section(tuple(part))
+
+
+def _partial(reader: _Reader) -> tuple[int, int] | None:
+    """``"<" number "." nz-number ">"`` after a section, if there."""
+    if reader.peek() != _LT:
+        return None
+    reader.pos += 1
+    origin = reader.number()
+    reader.expect(_DOT, "Invalid partial range")
+    length = reader.number(nonzero=True)
+    reader.expect(0x3E, "Invalid partial range")
+    return origin, length
+
+
 def _fetch_attr(reader: _Reader, top_level: bool) -> tuple[FetchAttr, ...]:
     name = reader.word(_FETCH_NAME_CHARS, "Invalid FETCH item")
     if top_level and name in FETCH_MACROS:
         return FETCH_MACROS[name]
+    base = name.removesuffix(".PEEK")
+    if base in BINARY_NAMES and name != "BINARY.SIZE.PEEK":
+        # RFC 3516 §6: BINARY[.PEEK] section-binary [partial], BINARY.SIZE section-binary
+        reader.expect(_LBRACKET, "Expected a binary section")
+        section = _section_binary(reader)
+        partial = _partial(reader) if base == "BINARY" else None
+        return (FetchAttr(base, section, partial, peek=name.endswith(".PEEK")),)
     if name in ("BODY", "BODY.PEEK") and reader.peek() == _LBRACKET:
         reader.pos += 1
         section = _section(reader)
-        partial: tuple[int, int] | None = None
-        if reader.peek() == _LT:
-            reader.pos += 1
-            origin = reader.number()
-            reader.expect(_DOT, "Invalid partial range")
-            length = reader.number(nonzero=True)
-            reader.expect(0x3E, "Invalid partial range")
-            partial = (origin, length)
-        return (FetchAttr("BODY", section, partial, peek=name == "BODY.PEEK"),)
+        return (FetchAttr("BODY", section, _partial(reader), peek=name == "BODY.PEEK"),)
     if name not in FETCH_NAMES:
         raise _SyntaxError("Unknown FETCH item")
     return (FetchAttr(name),)
@@ -1027,7 +1070,7 @@ class _SearchParser:
         if first == _LPAREN:
             keys = reader.paren_list(lambda: self.key(depth + 1), allow_empty=False)
             return keys[0] if len(keys) == 1 else SearchAnd(tuple(keys))
-        if first in _SEQ_CHARS:
+        if first in _SEQ_CHARS or first == _DOLLAR:
             return SearchSequence(reader.sequence_set())
         name = reader.atom("Invalid search key").decode("ascii").upper()
         simple = _SIMPLE_SEARCH_KEYS.get(name)
@@ -1088,8 +1131,8 @@ _FLAG_SEARCH_KEYS: dict[str, tuple[str, bool]] = {
 }
 
 
-#: RFC 4731 §3.1 search-return-opts.
-_SEARCH_RETURN = frozenset({"MIN", "MAX", "ALL", "COUNT"})
+#: RFC 4731 §3.1 search-return-opts, SAVE of RFC 5182 §2.1.
+_SEARCH_RETURN = frozenset({"MIN", "MAX", "ALL", "COUNT", "SAVE"})
 
 
 def _search(reader: _Reader, tag: str, uid: bool) -> Command | InvalidCommand:
@@ -1215,13 +1258,15 @@ _UID_COMMANDS = frozenset({"FETCH", "STORE", "COPY", "MOVE", "SEARCH", "EXPUNGE"
 _KNOWN_NAMES = frozenset(_HANDLERS) | {"UID " + name for name in _UID_COMMANDS}
 
 
-def parse_command(tag: str, text: bytes, literals: dict[int, bytes]) -> Command | InvalidCommand:
+def parse_command(tag: str, text: bytes, literals: dict[int, bytes],
+                  utf8_names: bool = False) -> Command | InvalidCommand:
     """Parse one assembled command (RFC 3501 §9 ``command``); never raises.
 
     ``text`` is the command's lines joined without their CRLF, starting with the tag; ``literals``
     maps the offset just after each ``{n}`` announcement in ``text`` to the literal's octets.
+    ``utf8_names``: mailbox names are UTF-8 (RFC 9051 §5.1), not modified UTF-7.
     """
-    reader = _Reader(text, literals)
+    reader = _Reader(text, literals, utf8_names)
     reader.pos = len(tag)
     try:
         reader.sp()
@@ -1285,6 +1330,9 @@ class CommandParser:
         self.max_line = max_line
         self.max_literal = max_literal
         self.max_command = max_command
+        #: Mailbox names in UTF-8 (the session enabled IMAP4rev2, RFC 9051 §5.1); public like
+        #: the limits: the edge sets it from the session before each command.
+        self.utf8_names = False
         self._buf = bytearray()
         self._pos = 0  # read position in _buf
         self._scan = 0  # CRLF search resumes at _pos + _scan
@@ -1458,7 +1506,7 @@ class CommandParser:
         text = b"".join(self._lines)
         literals = self._literals
         self._reset_command()
-        return parse_command(tag, text, literals)
+        return parse_command(tag, text, literals, self.utf8_names)
 
     def _refuse(self, event: Event, marker: tuple[int, bool] | None) -> Event:
         """Drop the current command; if its last line announced a non-synchronising literal,

@@ -14,6 +14,10 @@ from policy.rules import MAX_INBOUND_SIZE
 #: RFC 7889 APPENDLIMIT: the largest message APPEND takes, equal to the SMTP SIZE of rule R7.
 APPEND_LIMIT = MAX_INBOUND_SIZE
 
+#: IMAP4rev2 (RFC 9051) advertised beside IMAP4rev1 and enabled by ``ENABLE IMAP4rev2``: off
+#: until LIST-EXTENDED and LIST-STATUS, which rev2 includes, are in.
+IMAP4REV2 = False
+
 #: Flags every mailbox supports (RFC 3501 §2.3.2); ``\\*`` in PERMANENTFLAGS: keywords too.
 SYSTEM_FLAGS_TEXT = b"\\Answered \\Flagged \\Deleted \\Seen \\Draft"
 
@@ -71,6 +75,8 @@ NO_EMPTY_MESSAGE = Reply("NO", "Empty message", "CANNOT")
 #: APPEND of a literal with a NUL octet (RFC 3501 §4.3, §9 CHAR8; no BINARY here): the command
 #: was read whole, so a NO (the message cannot be stored) rather than a BAD (a broken client).
 NO_NUL_IN_MESSAGE = Reply("NO", "Message contains a NUL octet (RFC 3501 CHAR8)", "CANNOT")
+#: FETCH BINARY of a part whose Content-Transfer-Encoding we cannot decode (RFC 3516 §4.3).
+NO_UNKNOWN_CTE = Reply("NO", "Unknown Content-Transfer-Encoding", "UNKNOWN-CTE")
 NO_NONEXISTENT = Reply("NO", "No such mailbox", "NONEXISTENT")
 NO_PATTERN_TOO_LONG = Reply("NO", "Pattern too long", "LIMIT")
 BAD_QRESYNC_NOT_ENABLED = Reply("BAD", "ENABLE QRESYNC first (RFC 7162 §3.2.5)")
@@ -81,14 +87,21 @@ def modseq_value(modseq: int) -> int:
     return max(modseq, 1)
 
 
-def quote(text: str) -> bytes:
-    """A mailbox name as an IMAP quoted string (modified UTF-7, RFC 3501 §5.1.3)."""
-    encoded = encode_mailbox_name(text)
+def quote(text: str, utf8: bool = False) -> bytes:
+    """A mailbox name as an IMAP quoted string: modified UTF-7 (RFC 3501 §5.1.3), or UTF-8
+    once the session enabled IMAP4rev2 (RFC 9051 §5.1, quoted strings hold UTF-8 there)."""
+    encoded = text.encode("utf-8") if utf8 else encode_mailbox_name(text)
     return b'"' + encoded.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
 
 
 def literal(data: bytes) -> bytes:
     return b"{%d}\r\n" % len(data) + data
+
+
+def literal8(data: bytes) -> bytes:
+    """Decoded content for FETCH BINARY: a ``literal8`` (``~{n}``, RFC 3516 §4.2) when it holds
+    a NUL octet, which a plain literal may not carry; otherwise a plain literal."""
+    return (b"~" if b"\x00" in data else b"") + literal(data)
 
 
 def render_flags(bits: int, keywords: str, recent: bool = False) -> bytes:
@@ -112,9 +125,9 @@ def render_date(value: datetime) -> bytes:
 
 def capabilities(*, tls: bool, starttls: bool, authenticated: bool) -> bytes:
     """CAPABILITY list for the connection's state (RFC 3501 §6.1.1, §6.2.1, §6.2.3)."""
-    caps = ["IMAP4rev1", "LITERAL+", "ID", "ENABLE", "IDLE", "NAMESPACE", "UNSELECT",
-            "CONDSTORE", "QRESYNC", "ESEARCH", "SORT",
-            "THREAD=ORDEREDSUBJECT", "THREAD=REFERENCES"]
+    caps = ["IMAP4rev1", *(["IMAP4rev2"] if IMAP4REV2 else []), "LITERAL+", "ID", "ENABLE",
+            "IDLE", "NAMESPACE", "UNSELECT", "CONDSTORE", "QRESYNC", "ESEARCH", "SEARCHRES",
+            "SORT", "THREAD=ORDEREDSUBJECT", "THREAD=REFERENCES", "BINARY"]
     if not tls:
         caps += ["STARTTLS", "LOGINDISABLED"] if starttls else ["LOGINDISABLED"]
     elif not authenticated:

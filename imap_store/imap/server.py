@@ -320,6 +320,7 @@ class _Connection:
                 parser.max_literal, parser.max_command = r.APPEND_LIMIT, DEFAULT_MAX_COMMAND
             else:
                 parser.max_literal, parser.max_command = 0, PRE_LOGIN_MAX_COMMAND
+            parser.utf8_names = session.rev2  # RFC 9051 §5.1
             event = parser.next_event()
             if event is None:
                 data = await self._read()

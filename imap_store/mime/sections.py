@@ -104,6 +104,30 @@ def decode_section(raw: bytes, part: tuple[int, ...]) -> bytes:
         return b""
 
 
+#: The Content-Transfer-Encodings ``BINARY[...]`` removes (RFC 2045 §6.1; RFC 3516 §4.3:
+#: any other one is refused with UNKNOWN-CTE).
+KNOWN_CTES = frozenset({"7bit", "8bit", "binary", "base64", "quoted-printable"})
+
+
+def binary_section(raw: bytes, part: tuple[int, ...]) -> bytes | None:
+    """``BINARY[<part>]`` (RFC 3516 §4.2): the part's body with its Content-Transfer-Encoding
+    removed; the message itself for ``()``; ``b""`` for a part that does not exist; ``None``
+    when the part's encoding is none of :data:`KNOWN_CTES`."""
+    if not part:
+        return raw
+    try:
+        ent = _resolve(_build_tree(raw), part)
+        if ent is None:
+            return b""
+        cte = _cte(raw, ent)
+        if cte not in KNOWN_CTES:
+            return None
+        return _decode_body(raw, ent.body_start, ent.end, cte)
+    except Exception:
+        log.exception("binary section decoding failed")
+        return b""
+
+
 def _search_text(raw: bytes, root: _Entity) -> str:
     chunks: list[str] = []
     for _path, ent in _iter_message_parts(root, (), lambda _e: False):

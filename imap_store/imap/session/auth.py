@@ -57,10 +57,14 @@ async def id_(s: Session, cmd: Id) -> Action:
 
 async def enable(s: Session, cmd: Enable) -> Action:
     """ENABLE (RFC 5161 §3.1): CONDSTORE and QRESYNC (RFC 7162 §3.1, §3.2; QRESYNC implies
-    CONDSTORE); ENABLED lists what this command newly enabled, unknown names are ignored."""
+    CONDSTORE), IMAP4rev2 (RFC 9051 §6.3.1); ENABLED lists what this command newly enabled,
+    unknown names are ignored."""
     newly: list[str] = []
     for name in cmd.capabilities:
-        if name == "CONDSTORE" and not s.condstore:
+        if name == "IMAP4REV2" and r.IMAP4REV2 and not s.rev2:
+            s.rev2 = True
+            newly.append("IMAP4rev2")
+        elif name == "CONDSTORE" and not s.condstore:
             s.condstore = True
             newly.append(name)
         elif name == "QRESYNC" and not s.qresync:

@@ -83,7 +83,7 @@ class Session:
 
     __slots__ = (
         "_bad", "_buf", "_replay", "address", "audit", "condstore", "conn_id", "idle_tag",
-        "listener", "login_fn", "mail", "mail_factory", "out", "qresync", "sasl_tag",
+        "listener", "login_fn", "mail", "mail_factory", "out", "qresync", "rev2", "sasl_tag",
         "selected", "starttls_available", "state", "stray_done", "tls", "wake", "watcher",
     )
 
@@ -115,6 +115,9 @@ class Session:
         # enabled (ENABLE QRESYNC only; it implies CONDSTORE)
         self.condstore = False
         self.qresync = False
+        # RFC 9051: IMAP4rev2 enabled (ENABLE IMAP4rev2): no \Recent, ESEARCH for SEARCH,
+        # mailbox names in UTF-8; a session that never enables it stays IMAP4rev1.
+        self.rev2 = False
         self.listener = self._on_change  # given to the watcher for the selected mailbox
         self._buf = bytearray()
         self._bad = 0
@@ -148,6 +151,11 @@ class Session:
     def capabilities(self) -> bytes:
         return r.capabilities(tls=self.tls, starttls=self.starttls_available,
                               authenticated=self.authenticated)
+
+    def quote(self, name: str) -> bytes:
+        """A mailbox name as this session writes it: UTF-8 under IMAP4rev2, else modified
+        UTF-7 (RFC 9051 §5.1, RFC 3501 §5.1.3)."""
+        return r.quote(name, self.rev2)
 
     def _on_change(self) -> None:
         if self.wake is not None:

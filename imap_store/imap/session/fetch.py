@@ -13,7 +13,7 @@ from imap_store.imap.commands import MAX_NUMBER, Fetch, FetchAttr, SequenceSet, 
 from imap_store.imap.session.selected import announce_keywords, own_change
 from imap_store.imap.session.state import Action, Selected
 from imap_store.imap.wire import render_bodystructure, render_envelope
-from imap_store.mime import get_section, parse_message_async
+from imap_store.mime import binary_section, get_section, parse_message_async
 from imap_store.store.mailboxes import (
     SYSTEM_FLAG_BITS,
     FlagState,
@@ -283,12 +283,22 @@ def _render_fetch(sel: Selected, seq: int, uid: int, row: MessageRow, attrs: lis
         name = attr.name
         if attr.section is not None:
             section = attr.section
-            data = get_section(raw, section.part, section.text, section.fields)
+            literal = r.literal
+            if name == "BODY":
+                data = get_section(raw, section.part, section.text, section.fields)
+            else:  # BINARY[...] and BINARY.SIZE[...] (RFC 3516 §4.2)
+                decoded = binary_section(raw, section.part)
+                if decoded is None:
+                    raise MailStoreError(r.NO_UNKNOWN_CTE.text, r.NO_UNKNOWN_CTE.code)
+                if name == "BINARY.SIZE":
+                    parts.append(b"%s %d" % (attr.response_name().encode(), len(decoded)))
+                    continue
+                data, literal = decoded, r.literal8
             if attr.partial is not None:
                 origin, length = attr.partial
                 data = data[origin : origin + length]
             parts.append(attr.response_name().encode("ascii", "replace") + b" "
-                         + r.literal(data))
+                         + literal(data))
         elif name == "UID":
             parts.append(b"UID %d" % uid)
         elif name == "FLAGS":

@@ -99,7 +99,8 @@ async def append(s: Session, cmd: Append) -> Action:
     if not cmd.message:
         await s.emit(r.NO_EMPTY_MESSAGE.tagged(cmd.tag))
         return Action.NONE
-    if b"\x00" in cmd.message:  # RFC 3501 §4.3: a literal is CHAR8, NUL excluded (no BINARY)
+    if b"\x00" in cmd.message and not cmd.binary:  # RFC 3501 §4.3: CHAR8, NUL excluded
+        # (a literal8, ``~{n}``, may carry NUL: RFC 3516 §4.4)
         await s.emit(r.NO_NUL_IN_MESSAGE.tagged(cmd.tag))
         return Action.NONE
     bits, keywords = split_flags(cmd.flags)

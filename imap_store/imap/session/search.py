@@ -53,7 +53,13 @@ if TYPE_CHECKING:
 
 
 async def search(s: Session, cmd: Search) -> Action:
+    """SEARCH, answered by ``* SEARCH``, or ``* ESEARCH`` with RETURN (RFC 4731) and always
+    under IMAP4rev2 (RFC 9051 §6.4.4: no RETURN is RETURN (ALL)); RETURN (SAVE) keeps the
+    result for ``$`` (RFC 5182 §2.1) and alone answers nothing but the tagged OK."""
     sel = s.require_selected()
+    returns = cmd.returns if cmd.returns is not None or not s.rev2 else ("ALL",)
+    if returns is not None and "SAVE" in returns:
+        sel.saved = []  # RFC 5182 §2.1: a SEARCH that fails leaves an empty result
     result = await s.require_mail().search(sel.mailbox_id, query(cmd.criteria, sel))
     view, count, by_uid = sel.uids, len(sel.uids), cmd.uid
     found: list[int] = []
@@ -69,8 +75,16 @@ async def search(s: Session, cmd: Search) -> Action:
             uids = found if by_uid else [view[n - 1] for n in found]
             rows = await s.require_mail().fetch_rows(sel.mailbox_id, uids, ("modseq",))
             highest = max((row.modseq for row in rows), default=0)
-    if cmd.returns is not None:
-        await s.emit(_esearch(cmd, found, highest))
+    if returns is not None and "SAVE" in returns:
+        uids = found if by_uid else [view[n - 1] for n in found]
+        if uids and not {"ALL", "COUNT"} & set(returns) and {"MIN", "MAX"} & set(returns):
+            # RFC 5182 §2.1: with MIN and/or MAX only, those messages are what is saved
+            ends = {uids[0]} if "MIN" in returns else set()
+            uids = sorted(ends | ({uids[-1]} if "MAX" in returns else set()))
+        sel.saved = uids
+    if returns is not None:
+        if returns != ("SAVE",):
+            await s.emit(_esearch(cmd, returns, found, highest))
     else:
         modseq = b" (MODSEQ %d)" % highest if highest else b""
         await s.emit(b"* SEARCH" + b"".join(b" %d" % n for n in found) + modseq + b"\r\n")
@@ -79,14 +93,13 @@ async def search(s: Session, cmd: Search) -> Action:
     return await s.complete(cmd, allow_expunge=cmd.uid)
 
 
-def _esearch(cmd: Search, found: list[int], highest: int) -> bytes:
+def _esearch(cmd: Search, returns: tuple[str, ...], found: list[int], highest: int) -> bytes:
     """``* ESEARCH (TAG "t") [UID] ...`` (RFC 4731 §3.1): only the data asked for, none of
     MIN, MAX, ALL when nothing matched; MODSEQ too when the criteria used it (RFC 7162
     §3.1.5)."""
     out = b'* ESEARCH (TAG "%s")' % cmd.tag.encode()
     if cmd.uid:
         out += b" UID"
-    returns = cmd.returns or ()
     if found:
         if "MIN" in returns:
             out += b" MIN %d" % found[0]
@@ -130,6 +143,8 @@ def query(key: SearchKey, sel: Selected) -> Match:
             return recent if present else MatchNot(recent)
         case SearchFlag(flag, present):
             return MatchFlag(flag, present)
+        case SearchUid(seq_set) | SearchSequence(seq_set) if seq_set.saved:
+            return MatchUids(tuple(sel.saved_uid_ranges()))  # ``$`` (RFC 5182 §2.1)
         case SearchUid(seq_set):
             highest = sel.uids[-1] if sel.uids else 0
             return MatchUids(tuple(merge_ranges(part.bounds(highest) for part in seq_set.ranges)))

@@ -19,7 +19,7 @@ from imap_store.imap.commands import (
     Unselect,
 )
 from imap_store.imap.session.state import Action, Selected, State
-from imap_store.store.mailboxes import MailStoreError, merge_ranges
+from imap_store.store.mailboxes import DELIMITER, MailStoreError, merge_ranges
 
 if TYPE_CHECKING:
     from imap_store.imap.session.core import Session
@@ -27,11 +27,15 @@ if TYPE_CHECKING:
 
 async def select(s: Session, cmd: Select) -> Action:
     """SELECT and EXAMINE (``cmd.readonly``), with the CONDSTORE and QRESYNC parameters
-    (RFC 7162 §3.1.8, §3.2.5)."""
+    (RFC 7162 §3.1.8, §3.2.5). Under IMAP4rev2 (RFC 9051 §6.3.2): ``OK [CLOSED]`` when a
+    mailbox was selected, the mailbox's ``LIST``, no ``RECENT``, no ``UNSEEN`` code, and no
+    message claimed as \\Recent (rev2 has no \\Recent: the messages stay new for rev1)."""
     if cmd.qresync is not None and not s.qresync:
         return await s.bad_reply(cmd.tag, r.BAD_QRESYNC_NOT_ENABLED)
     if cmd.condstore:
         s.condstore = True
+    if s.rev2 and s.selected is not None:
+        await s.emit(b"* OK [CLOSED] Previous mailbox closed\r\n")
     s.unselect()
     mail = s.require_mail()
     view = await mail.open(cmd.mailbox)
@@ -42,7 +46,7 @@ async def select(s: Session, cmd: Select) -> Action:
     sel = Selected(info.id, info.name, cmd.readonly, info.uidvalidity, view.uids,
                    info.highestmodseq, keywords=set(view.keywords))
     last = view.uids[-1] if view.uids else 0
-    if info.recent_uid < last and (cmd.readonly or await mail.claim_recent(
+    if not s.rev2 and info.recent_uid < last and (cmd.readonly or await mail.claim_recent(
         info.id, info.recent_uid, last
     )):
         # EXAMINE shows the messages no session has claimed as \Recent without claiming
@@ -52,9 +56,13 @@ async def select(s: Session, cmd: Select) -> Action:
     s.state = State.SELECTED
     s.watcher.watch(info.id, info.highestmodseq, s.listener)
     await emit_flags(s, sel)
-    await s.emit(b"* %d EXISTS\r\n* %d RECENT\r\n" % (len(sel.uids), sel.recent_count()))
-    if view.first_unseen:
-        await s.emit(b"* OK [UNSEEN %d] First unseen\r\n" % view.first_unseen)
+    if s.rev2:
+        await s.emit(b"* %d EXISTS\r\n* LIST () \"%s\" %s\r\n" % (
+            len(sel.uids), DELIMITER.encode(), s.quote(info.name)))
+    else:
+        await s.emit(b"* %d EXISTS\r\n* %d RECENT\r\n" % (len(sel.uids), sel.recent_count()))
+        if view.first_unseen:
+            await s.emit(b"* OK [UNSEEN %d] First unseen\r\n" % view.first_unseen)
     await s.emit(b"* OK [UIDVALIDITY %d] UIDs valid\r\n" % info.uidvalidity)
     await s.emit(b"* OK [UIDNEXT %d] Predicted next UID\r\n" % info.uidnext)
     await s.emit(b"* OK [HIGHESTMODSEQ %d] Highest\r\n" % r.modseq_value(info.highestmodseq))
@@ -134,7 +142,9 @@ async def expunge(s: Session, cmd: Expunge) -> Action:
     if sel.readonly:
         raise MailStoreError(r.NO_READ_ONLY.text, r.NO_READ_ONLY.code)
     ranges = None
-    if cmd.uid_set is not None:
+    if cmd.uid_set is not None and cmd.uid_set.saved:
+        ranges = sel.saved_uid_ranges()  # ``$`` (RFC 5182 §2.1)
+    elif cmd.uid_set is not None:
         ranges = merge_ranges(part.bounds(sel.uids[-1] if sel.uids else 0)
                               for part in cmd.uid_set.ranges)
     modseq, uids = await s.require_mail().expunge(sel.mailbox_id, ranges)
@@ -192,14 +202,8 @@ async def sync(s: Session, *, allow_expunge: bool, force: bool = False) -> None:
     if new:
         sel.uids.extend(new)
         await s.emit(b"* %d EXISTS\r\n" % len(sel.uids))
-        if sel.readonly:  # shown as \Recent, left to a SELECT to claim (see select)
-            low = max(changes.recent_uid, last)
-            if low < new[-1]:
-                sel.recent.append((low, new[-1]))
-        elif changes.recent_uid < new[-1] and await mail.claim_recent(
-                sel.mailbox_id, changes.recent_uid, new[-1]):
-            sel.recent.append((changes.recent_uid, new[-1]))
-        await s.emit(b"* %d RECENT\r\n" % sel.recent_count())
+        if not s.rev2:  # RFC 9051 has no \Recent and no RECENT response
+            await _new_recent(s, sel, changes.recent_uid, last, new[-1])
     for change in changes.changed:
         if change.uid > last or change.modseq in sel.own_modseqs:
             continue
@@ -211,6 +215,20 @@ async def sync(s: Session, *, allow_expunge: bool, force: bool = False) -> None:
                 r.render_flags(change.flags, change.keywords, sel.is_recent(change.uid)),
                 modseq))
     sel.own_modseqs = {m for m in sel.own_modseqs if m > sel.modseq}
+
+
+async def _new_recent(s: Session, sel: Selected, recent_uid: int, last: int,
+                      newest: int) -> None:
+    """New messages up to ``newest`` arrived (above ``last``): \\Recent for this session if it
+    claims them first, and the ``RECENT`` count (RFC 3501 §7.3.2)."""
+    if sel.readonly:  # shown as \Recent, left to a SELECT to claim (see select)
+        low = max(recent_uid, last)
+        if low < newest:
+            sel.recent.append((low, newest))
+    elif recent_uid < newest and await s.require_mail().claim_recent(
+            sel.mailbox_id, recent_uid, newest):
+        sel.recent.append((recent_uid, newest))
+    await s.emit(b"* %d RECENT\r\n" % sel.recent_count())
 
 
 async def send_expunges(s: Session, sel: Selected, uids: Sequence[int]) -> None:

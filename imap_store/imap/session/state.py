@@ -142,6 +142,9 @@ class Selected:
     pending_expunge: list[int] = field(default_factory=list)
     own_modseqs: set[int] = field(default_factory=set)
     keywords: set[str] = field(default_factory=set)  # announced in FLAGS (RFC 3501 §7.2.6)
+    #: UIDs saved by ``SEARCH RETURN (SAVE)``, what ``$`` names (RFC 5182 §2.1); a new
+    #: SELECT starts empty, an expunged UID drops out as it leaves the view.
+    saved: list[int] = field(default_factory=list)
 
     def is_recent(self, uid: int) -> bool:
         return any(low < uid <= high for low, high in self.recent)
@@ -160,8 +163,10 @@ class Selected:
     def slices(self, seq_set: SequenceSet, uid: bool) -> list[tuple[int, int]] | None:
         """Index ranges ``[start, end)`` of the view named by a set, ascending; None when a
         sequence number does not exist (BAD, RFC 3501 §9). Unknown UIDs are ignored
-        (§2.3.1.1)."""
+        (§2.3.1.1). ``$`` names the saved result's messages still in the view."""
         uids = self.uids
+        if seq_set.saved:
+            return self._saved_slices()
         if uid:
             if not uids:
                 return []
@@ -174,6 +179,24 @@ class Selected:
         if seq_set.highest_number > len(uids):
             return None
         return [(low - 1, high) for low, high in seq_set.resolve(len(uids)).intervals]
+
+    def _saved_slices(self) -> list[tuple[int, int]]:
+        uids, count = self.uids, len(self.uids)
+        out: list[tuple[int, int]] = []
+        for uid in sorted(self.saved):
+            index = bisect_left(uids, uid)
+            if index == count or uids[index] != uid:
+                continue
+            if out and out[-1][1] == index:
+                out[-1] = (out[-1][0], index + 1)
+            else:
+                out.append((index, index + 1))
+        return out
+
+    def saved_uid_ranges(self) -> list[tuple[int, int]]:
+        """``$`` as inclusive UID ranges of the view (for SEARCH and UID EXPUNGE)."""
+        uids = self.uids
+        return [(uids[start], uids[end - 1]) for start, end in self._saved_slices()]
 
     def targets(self, seq_set: SequenceSet, uid: bool,
                 build: bool = True) -> list[tuple[int, int]] | None:
