@@ -84,6 +84,14 @@ def default_name(filename: str) -> str:
     return (cleaned or "Document")[:MAX_NAME_CHARS]
 
 
+def _or_404(found: T | None) -> T:
+    """What the patient's own documents or profile hold under that id, else Not Found (an id
+    of someone else's is not found either)."""
+    if found is None:
+        raise HTTPException(404)
+    return found
+
+
 @dataclass
 class DocumentFields:
     """A document form's fields as posted (name, date as typed, category, visibility)."""
@@ -172,12 +180,16 @@ class DocumentPages:
                                    visibilities=VISIBILITIES, max_name=MAX_NAME_CHARS,
                                    **context)
 
-    async def _document(self, page: Page, request: Request) -> Document:
-        document = await self.documents(page).get(int(request.path_params["doc"]))
-        if document is None:
-            raise HTTPException(404)
-        return document
+    def _document_form(self, request: Request, page: Page, mode: str, values: dict[str, str],
+                       error: str | None, back: str, title: str, **context: Any) -> Response:
+        """The document form (``mode``: upload, edit, attachment, refused): 400 with the
+        ``error`` to correct, else 200."""
+        return self._render(request, "document_form", 400 if error else 200, page=page,
+                            mode=mode, values=values, error=error, back=back, title=title,
+                            **context)
 
+    async def _document(self, page: Page, request: Request) -> Document:
+        return _or_404(await self.documents(page).get(int(request.path_params["doc"])))
 
     # --- the list -------------------------------------------------------------------------
 
@@ -252,9 +264,8 @@ class DocumentPages:
                     if added.document_id is not None:
                         return RedirectResponse("/documents?fait=ajoute", 303)
                     error = added.refusal
-        return self._render(request, "document_form", 400 if error else 200, page=page,
-                            mode="upload", values=values, error=error, back="/documents",
-                            title="Ajouter un document")
+        return self._document_form(request, page, "upload", values, error, "/documents",
+                                   "Ajouter un document")
 
     async def edit(self, request: Request) -> Response:
         page = await self.portal._page(request)
@@ -272,9 +283,8 @@ class DocumentPages:
                         category=fields.category, visibility=fields.visibility):
                     raise HTTPException(404)
                 return RedirectResponse("/documents?fait=modifie", 303)
-        return self._render(request, "document_form", 400 if error else 200, page=page,
-                            mode="edit", values=values, error=error, back="/documents",
-                            title="Modifier le document")
+        return self._document_form(request, page, "edit", values, error, "/documents",
+                                   "Modifier le document")
 
     async def delete(self, request: Request) -> Response:
         page = await self.portal._page(request)
@@ -327,10 +337,9 @@ class DocumentPages:
                   "date": message.date.astimezone(PARIS).date().isoformat(), "categorie": "",
                   "visibilite": "N"}
         if verdict.media is None:
-            return self._render(request, "document_form", 200, page=page, mode="refused",
-                                values=values, error=None, reason=verdict.reason,
-                                download=download, back=back, filename=views[index].filename,
-                                title="Ajouter à mes documents santé")
+            return self._document_form(request, page, "refused", values, None, back,
+                                       "Ajouter à mes documents santé", reason=verdict.reason,
+                                       download=download, filename=views[index].filename)
         error = None
         if request.method == "POST":
             form = await self.portal._form(request, page.session.csrf)
@@ -346,10 +355,9 @@ class DocumentPages:
                 if added.document_id is not None:
                     return RedirectResponse(f"{back}?document=1", 303)
                 error = added.refusal
-        return self._render(request, "document_form", 400 if error else 200, page=page,
-                            mode="attachment", values=values, error=error, back=back,
-                            filename=views[index].filename, download=download,
-                            title="Ajouter à mes documents santé")
+        return self._document_form(request, page, "attachment", values, error, back,
+                                   "Ajouter à mes documents santé",
+                                   filename=views[index].filename, download=download)
 
     # --- the medical profile ------------------------------------------------------------------
 
@@ -391,10 +399,7 @@ class DocumentPages:
         return values, when, error
 
     async def _entry(self, page: Page, request: Request) -> ProfileEntry:
-        entry = await self.profile(page).get(int(request.path_params["entry"]))
-        if entry is None:
-            raise HTTPException(404)
-        return entry
+        return _or_404(await self.profile(page).get(int(request.path_params["entry"])))
 
     async def profile_edit(self, request: Request) -> Response:
         page = await self.portal._page(request)
