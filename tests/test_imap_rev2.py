@@ -120,6 +120,8 @@ def test_rev2_mode_beside_rev1(gateway: Gateway) -> None:
         assert lines[0] == b"* OK [CLOSED] Previous mailbox closed\r\n", lines
         assert b'* LIST () "/" "INBOX"\r\n' in lines
         assert lines[-1] == b"x OK [READ-ONLY] EXAMINE completed\r\n"
+        lines = rev2.command("x2", "EXAMINE Sent")  # its special use as attribute
+        assert b'* LIST (\\Sent) "/" "Sent"\r\n' in lines, lines
         # a modified UTF-7 name is only its characters under rev2: no such mailbox
         # (and the failed SELECT leaves no mailbox selected, RFC 9051 §6.3.2)
         assert rev2.command("n", "SELECT &AMk-crits") == [

@@ -56,9 +56,10 @@ async def select(s: Session, cmd: Select) -> Action:
     s.state = State.SELECTED
     s.watcher.watch(info.id, info.highestmodseq, s.listener)
     await emit_flags(s, sel)
-    if s.rev2:
-        await s.emit(b"* %d EXISTS\r\n* LIST () \"%s\" %s\r\n" % (
-            len(sel.uids), DELIMITER.encode(), s.quote(info.name)))
+    if s.rev2:  # the LIST of the mailbox, its special use as its attribute (RFC 6154 §2)
+        await s.emit(b"* %d EXISTS\r\n* LIST (%s) \"%s\" %s\r\n" % (
+            len(sel.uids), (info.special_use or "").encode(), DELIMITER.encode(),
+            s.quote(info.name)))
     else:
         await s.emit(b"* %d EXISTS\r\n* %d RECENT\r\n" % (len(sel.uids), sel.recent_count()))
         if view.first_unseen:
