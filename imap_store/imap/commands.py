@@ -2,8 +2,8 @@
 
 One frozen dataclass per command of RFC 3501 §6 and of the extensions this server advertises:
 IDLE (RFC 2177), UIDPLUS (RFC 4315, ``UID EXPUNGE``), MOVE (RFC 6851), SPECIAL-USE (RFC 6154,
-``CREATE ... (USE (...))`` and ``LIST ... RETURN (SPECIAL-USE)``), LIST-EXTENDED options
-(RFC 5258, tolerated), NAMESPACE (RFC 2342), UNSELECT (RFC 3691), ENABLE (RFC 5161),
+``CREATE ... (USE (...))`` and ``LIST ... RETURN (SPECIAL-USE)``), LIST-EXTENDED (RFC 5258)
+with LIST-STATUS (RFC 5819), NAMESPACE (RFC 2342), UNSELECT (RFC 3691), ENABLE (RFC 5161),
 ID (RFC 2971) and SASL-IR (RFC 4959). Every command carries the client's ``tag``.
 
 Conventions:
@@ -809,11 +809,15 @@ class Unsubscribe(_Command):
 class List(_Command):
     """``LIST [(select-opts)] reference pattern(s) [RETURN (return-opts)]``.
 
-    RFC 3501 §6.3.8, with the RFC 5258 extended syntax tolerated: ``patterns`` may hold several
-    patterns (``LIST "" ("INBOX" "Sent")``); ``selection_options`` (e.g. ``SUBSCRIBED``,
-    ``SPECIAL-USE``) and ``return_options`` (e.g. ``SPECIAL-USE``, ``CHILDREN``, RFC 6154 §2,
-    RFC 3348) are upper-cased atoms; option arguments are not supported. ``pattern`` is the first
-    pattern. An empty pattern asks for the hierarchy delimiter.
+    RFC 3501 §6.3.8 with the RFC 5258 extended syntax: ``patterns`` may hold several patterns
+    (``LIST "" ("INBOX" "Sent")``); ``selection_options`` are among ``SUBSCRIBED``, ``REMOTE``,
+    ``RECURSIVEMATCH`` (RFC 5258 §3.1) and ``SPECIAL-USE`` (RFC 6154 §3), ``return_options``
+    among ``SUBSCRIBED``, ``CHILDREN`` (RFC 5258 §3.2), ``SPECIAL-USE`` (RFC 6154 §2) and
+    ``STATUS`` (RFC 5819 §2), whose items are ``status_items``; the parser refuses others
+    (BAD). ``extended``: the command used the extended syntax (a selection list, even empty, a
+    parenthesised pattern list or RETURN), so the answer may use RFC 5258's ``\\NonExistent``
+    where a basic LIST says ``\\Noselect``. ``pattern`` is the first pattern. An empty pattern
+    asks for the hierarchy delimiter.
     """
 
     NAME: ClassVar[str] = "LIST"
@@ -822,6 +826,8 @@ class List(_Command):
     patterns: tuple[str, ...]
     selection_options: tuple[str, ...] = ()
     return_options: tuple[str, ...] = ()
+    status_items: tuple[str, ...] = ()
+    extended: bool = False
 
     @property
     def pattern(self) -> str:
@@ -844,7 +850,9 @@ class Status(_Command):
     """``STATUS mailbox (items)`` (RFC 3501 §6.3.10).
 
     ``items`` are upper-cased and de-duplicated in the client's order, among ``MESSAGES``,
-    ``RECENT``, ``UIDNEXT``, ``UIDVALIDITY``, ``UNSEEN`` and ``APPENDLIMIT`` (RFC 7889 §4).
+    ``RECENT``, ``UIDNEXT``, ``UIDVALIDITY``, ``UNSEEN``, ``APPENDLIMIT`` (RFC 7889 §4),
+    ``HIGHESTMODSEQ`` (RFC 7162 §3.1.6), ``SIZE`` (RFC 8438) and ``DELETED`` (RFC 9051
+    §6.3.11).
     """
 
     NAME: ClassVar[str] = "STATUS"

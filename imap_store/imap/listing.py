@@ -1,5 +1,5 @@
-"""LIST and LSUB (RFC 3501 §6.3.8-9, RFC 5258 selection options, RFC 6154 SPECIAL-USE,
-RFC 3348 CHILDREN): wildcard matching and the attributes of each listed name.
+"""LIST and LSUB (RFC 3501 §6.3.8-9, RFC 5258 LIST-EXTENDED, RFC 6154 SPECIAL-USE,
+RFC 3348 CHILDREN): wildcard matching and which names a LIST answers, with what.
 
 ``*`` matches any run of characters, ``%`` any run without the hierarchy delimiter. Matching is
 a linear-time dynamic programme (no regular expression that could backtrack on hostile
@@ -8,7 +8,8 @@ patterns); ``INBOX`` matches case-insensitively (RFC 3501 §5.1).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 
 #: Longest pattern accepted (mailbox names are at most 200 characters).
 MAX_PATTERN = 1000
@@ -82,3 +83,39 @@ def lsub_names(subscribed: Iterable[str], pattern: str,
                 out.setdefault(parent, True)
                 break
     return sorted(out.items(), key=lambda item: (item[0] != "INBOX", item[0]))
+
+
+@dataclass(frozen=True, slots=True)
+class Listed:
+    """One name of a LIST answer: whether a mailbox of that name exists, has children (any
+    name below it, RFC 5258 §4 CHILDREN) and, under RECURSIVEMATCH, a descendant that meets
+    the selection criteria without matching the patterns (CHILDINFO, RFC 5258 §3.5)."""
+
+    name: str
+    exists: bool
+    has_children: bool
+    childinfo: bool
+
+
+def list_names(names: dict[str, bool], patterns: Sequence[str], meets: Callable[[str], bool],
+               recursive: bool = False, delimiter: str = "/") -> list[Listed]:
+    """LIST's answer (RFC 5258 §3), INBOX first then by name: each name of ``names``
+    (``{name: exists}``, see :func:`with_parents`) that a pattern matches and that meets the
+    selection criteria, or, with RECURSIVEMATCH, has a descendant that meets them while no
+    pattern matches that descendant. Linear in names times depth: a meeting name that no
+    pattern matches marks its ancestors."""
+    matched = [n for n in names if any(matches(p, n, delimiter) for p in patterns)]
+    childinfo: set[str] = set()
+    if recursive:
+        chosen = set(matched)
+        for name in names:
+            if name in chosen or delimiter not in name or not meets(name):
+                continue
+            parts = name.split(delimiter)
+            childinfo.update(delimiter.join(parts[:depth]) for depth in range(1, len(parts)))
+    parents = {n.rpartition(delimiter)[0] for n in names if delimiter in n}
+    return [
+        Listed(name, names[name], name in parents, name in childinfo)
+        for name in sorted(matched, key=lambda n: (n != "INBOX", n))
+        if name in childinfo or meets(name)
+    ]

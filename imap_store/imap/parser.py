@@ -253,7 +253,11 @@ _SPECIAL_USE = {
     for attr in ("\\All", "\\Archive", "\\Drafts", "\\Flagged", "\\Junk", "\\Sent", "\\Trash")
 }
 _STATUS_ITEMS = frozenset({"MESSAGES", "RECENT", "UIDNEXT", "UIDVALIDITY", "UNSEEN", "APPENDLIMIT",
-                           "HIGHESTMODSEQ"})
+                           "HIGHESTMODSEQ", "SIZE", "DELETED"})
+#: LIST selection options (RFC 5258 §3.1, RFC 6154 §3) and return options (RFC 5258 §3.2,
+#: RFC 6154 §2, RFC 5819 §2's STATUS, which takes a list of STATUS items): others are BAD.
+_LIST_SELECTION = frozenset({"SUBSCRIBED", "REMOTE", "RECURSIVEMATCH", "SPECIAL-USE"})
+_LIST_RETURN = frozenset({"SUBSCRIBED", "CHILDREN", "SPECIAL-USE", "STATUS"})
 
 #: Literal announcement at the end of a line: "{" digits ["+"] "}" (RFC 3501 §9, RFC 7888 §8).
 _MARKER = re.compile(rb"\{([0-9]+)(\+?)\}")
@@ -719,36 +723,58 @@ def _rename(reader: _Reader, tag: str, uid: bool) -> Command:
     return Rename(tag, old, reader.mailbox(new=True))
 
 
-def _option(reader: _Reader) -> str:
-    return reader.atom("Invalid LIST option").decode("ascii").upper()
+def _option(reader: _Reader, known: frozenset[str]) -> str:
+    option = reader.atom("Invalid LIST option").decode("ascii").upper()
+    if option not in known:
+        raise _SyntaxError("Unknown LIST option")
+    return option
 
 
 def _list(reader: _Reader, tag: str, uid: bool) -> Command:
     # RFC 5258 §3: LIST [SP list-select-opts] SP mailbox SP mbox-or-pat [SP list-return-opts]
     reader.sp()
     selection: list[str] = []
-    if reader.peek() == _LPAREN:
-        selection = reader.paren_list(lambda: _option(reader))
+    extended = reader.peek() == _LPAREN
+    if extended:
+        selection = reader.paren_list(lambda: _option(reader, _LIST_SELECTION))
         reader.sp()
+        # RFC 5258 §3.1: RECURSIVEMATCH needs a selection option it can apply to
+        if "RECURSIVEMATCH" in selection and not set(selection) - {"RECURSIVEMATCH", "REMOTE"}:
+            raise _SyntaxError("RECURSIVEMATCH needs another selection option")
     reference = _decode_pattern(reader.astring())
     reader.sp()
     if reader.peek() == _LPAREN:
+        extended = True
         patterns = reader.paren_list(reader.list_mailbox, allow_empty=False)
     else:
         patterns = [reader.list_mailbox()]
     returns: list[str] = []
+    status_items: list[str] = []
+
+    def return_option() -> str:
+        option = _option(reader, _LIST_RETURN)
+        if option == "STATUS":  # RFC 5819 §4: "STATUS" SP "(" status-att *(SP status-att) ")"
+            if status_items:
+                raise _SyntaxError("STATUS given twice")
+            reader.sp()
+            status_items.extend(reader.paren_list(lambda: _status_item(reader), False))
+        return option
+
     if not reader.at_end():
         reader.sp()
         if not reader.keyword_ahead(b"RETURN"):
             raise _SyntaxError("Unexpected extra arguments")
         reader.sp()
-        returns = reader.paren_list(lambda: _option(reader))
+        extended = True
+        returns = reader.paren_list(return_option)
     return List(
         tag,
         reference,
         tuple(patterns),
         tuple(dict.fromkeys(selection)),
         tuple(dict.fromkeys(returns)),
+        tuple(dict.fromkeys(status_items)),
+        extended,
     )
 
 

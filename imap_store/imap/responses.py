@@ -133,5 +133,6 @@ def capabilities(*, tls: bool, starttls: bool, authenticated: bool) -> bytes:
     elif not authenticated:
         caps += ["AUTH=PLAIN", "SASL-IR"]
     if authenticated:
-        caps += ["UIDPLUS", "MOVE", "SPECIAL-USE", "CHILDREN", f"APPENDLIMIT={APPEND_LIMIT}"]
+        caps += ["UIDPLUS", "MOVE", "SPECIAL-USE", "CHILDREN", "LIST-EXTENDED", "LIST-STATUS",
+                 "STATUS=SIZE", f"APPENDLIMIT={APPEND_LIMIT}"]
     return " ".join(caps).encode("ascii")

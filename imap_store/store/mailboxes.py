@@ -197,7 +197,8 @@ class Changes:
 
 @dataclass(frozen=True, slots=True)
 class StatusCounts:
-    """STATUS items (RFC 3501 §6.3.10)."""
+    """STATUS items (RFC 3501 §6.3.10): with ``deleted`` (messages with ``\\Deleted``, RFC 9051
+    §6.3.11) and ``size`` (the messages' octets, RFC 8438; 0 unless asked for)."""
 
     messages: int
     unseen: int
@@ -205,6 +206,8 @@ class StatusCounts:
     uidnext: int
     uidvalidity: int
     highestmodseq: int = 0
+    deleted: int = 0
+    size: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -426,7 +429,10 @@ class MailStore(Protocol):
 
     async def subscribe(self, name: str, subscribed: bool) -> None: ...
 
-    async def status(self, name: str) -> StatusCounts: ...
+    async def status(self, name: str, size: bool = False) -> StatusCounts: ...
+
+    async def statuses(self, mailbox_ids: Collection[int],
+                       size: bool = False) -> dict[int, StatusCounts]: ...
 
     async def vanished(self, mailbox_id: int, since: int,
                        ranges: Sequence[tuple[int, int]] | None = None) -> list[int]: ...
@@ -708,11 +714,42 @@ _CHANGED_GONE = (
     .order_by(t.expunged.c.uid)
 )
 _STATUS_UNSEEN = t.message.c.flags.op("&")(t.FLAG_SEEN) == 0
+_STATUS_DELETED = t.message.c.flags.op("&")(t.FLAG_DELETED) != 0
 _STATUS_COUNTS = select(
     func.count(t.message.c.id),
     func.count(t.message.c.id).filter(_STATUS_UNSEEN),
     func.count(t.message.c.id).filter(t.message.c.uid > bindparam("recent_uid", type_=Integer)),
+    func.count(t.message.c.id).filter(_STATUS_DELETED),
 ).where(t.message.c.mailbox_id == _OWNED_MAILBOX_ID)
+#: STATUS SIZE (RFC 8438): the one item that reads the message rows, not only the index.
+_STATUS_SIZE = select(func.coalesce(func.sum(t.message.c.size), 0)).where(
+    t.message.c.mailbox_id == _OWNED_MAILBOX_ID)
+
+
+def _statuses_query(size: bool) -> Any:
+    """LIST-STATUS (RFC 5819): the STATUS counts of many mailboxes of one patient in one
+    statement, grouped by mailbox (a mailbox without messages counts zeros)."""
+    message = t.message.c
+    columns = [
+        t.mailbox.c.id, t.mailbox.c.uidnext, t.mailbox.c.uidvalidity, t.mailbox.c.highestmodseq,
+        func.count(message.id),
+        func.count(message.id).filter(_STATUS_UNSEEN),
+        func.count(message.id).filter(message.uid > t.mailbox.c.recent_uid),
+        func.count(message.id).filter(_STATUS_DELETED),
+    ]
+    if size:
+        columns.append(func.coalesce(func.sum(message.size), 0))
+    return (
+        select(*columns)
+        .select_from(t.mailbox.outerjoin(t.message, message.mailbox_id == t.mailbox.c.id))
+        .where(t.mailbox.c.patient_id == _P_PATIENT,
+               t.mailbox.c.id.in_(bindparam("ids", expanding=True)))
+        .group_by(t.mailbox.c.id, t.mailbox.c.uidnext, t.mailbox.c.uidvalidity,
+                  t.mailbox.c.highestmodseq)
+    )
+
+
+_STATUSES = {size: _statuses_query(size) for size in (False, True)}
 
 
 class PatientMailStore:
@@ -910,16 +947,34 @@ class PatientMailStore:
                     if (i := bisect_left(starts, u + 1) - 1) >= 0 and u <= ranges[i][1]]
         return uids
 
-    async def status(self, name: str) -> StatusCounts:
+    async def status(self, name: str, size: bool = False) -> StatusCounts:
+        """STATUS of one mailbox; ``size``: also its octets (RFC 8438), which reads rows."""
         async with self._store.read() as conn:
             info = await self._lookup(conn, name)
             if info is None:
                 raise NoSuchMailbox()
+            scope = {"mailbox_id": info.id, "patient_id": self.patient_id}
             row = (await conn.execute(_STATUS_COUNTS, {
-                "mailbox_id": info.id, "patient_id": self.patient_id,
-                "recent_uid": info.recent_uid})).one()
+                **scope, "recent_uid": info.recent_uid})).one()
+            octets = int((await conn.execute(_STATUS_SIZE, scope)).scalar_one()) if size else 0
         return StatusCounts(int(row[0]), int(row[1]), int(row[2]), info.uidnext,
-                            info.uidvalidity, info.highestmodseq)
+                            info.uidvalidity, info.highestmodseq, int(row[3]), octets)
+
+    async def statuses(self, mailbox_ids: Collection[int],
+                       size: bool = False) -> dict[int, StatusCounts]:
+        """LIST-STATUS (RFC 5819): ``{mailbox id: counts}`` of this patient's mailboxes among
+        ``mailbox_ids``, in one statement (a mailbox deleted meanwhile is absent)."""
+        if not mailbox_ids:
+            return {}
+        async with self._store.read() as conn:
+            rows = await conn.execute(_STATUSES[size], {
+                "patient_id": self.patient_id, "ids": list(mailbox_ids)})
+            return {
+                int(row[0]): StatusCounts(
+                    int(row[4]), int(row[5]), int(row[6]), int(row[1]), int(row[2]),
+                    int(row[3]), int(row[7]), int(row[8]) if size else 0)
+                for row in rows
+            }
 
     async def create(self, name: str) -> None:
         name = validate_name(name)

@@ -1,6 +1,7 @@
 """Mailbox commands of the authenticated state (RFC 3501 §6.3): CREATE, DELETE, RENAME,
-SUBSCRIBE, UNSUBSCRIBE, LIST (RFC 3348 CHILDREN, RFC 5258 selection, RFC 6154 SPECIAL-USE),
-LSUB, STATUS, APPEND (RFC 4315 APPENDUID), NAMESPACE (RFC 2342)."""
+SUBSCRIBE, UNSUBSCRIBE, LIST (RFC 3348 CHILDREN, RFC 5258 LIST-EXTENDED, RFC 5819 LIST-STATUS,
+RFC 6154 SPECIAL-USE), LSUB, STATUS (RFC 8438 SIZE, RFC 9051 DELETED), APPEND (RFC 4315
+APPENDUID), NAMESPACE (RFC 2342)."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from imap_store.imap.commands import (
 )
 from imap_store.imap.session.fetch import split_flags
 from imap_store.imap.session.state import Action
-from imap_store.store.mailboxes import DELIMITER, MailStoreError
+from imap_store.store.mailboxes import DELIMITER, MailStoreError, StatusCounts
 
 if TYPE_CHECKING:
     from imap_store.imap.session.core import Session
@@ -59,7 +60,7 @@ async def unsubscribe(s: Session, cmd: Unsubscribe) -> Action:
 
 
 async def list_(s: Session, cmd: List) -> Action:
-    await _list(s, cmd.reference, cmd.patterns, cmd.selection_options, cmd.return_options)
+    await _list(s, cmd)
     return await s.complete(cmd)
 
 
@@ -80,17 +81,24 @@ async def lsub(s: Session, cmd: Lsub) -> Action:
     return await s.complete(cmd)
 
 
-async def status(s: Session, cmd: Status) -> Action:
-    counts = await s.require_mail().status(cmd.mailbox)
+def _status_line(name: bytes, counts: StatusCounts, items: Sequence[str]) -> bytes:
+    """``* STATUS name (item value ...)`` (RFC 3501 §7.2.4), ``name`` quoted, items in the
+    client's order."""
     values = {
         "MESSAGES": counts.messages, "RECENT": counts.recent, "UIDNEXT": counts.uidnext,
         "UIDVALIDITY": counts.uidvalidity, "UNSEEN": counts.unseen,
         "APPENDLIMIT": r.APPEND_LIMIT, "HIGHESTMODSEQ": r.modseq_value(counts.highestmodseq),
+        "SIZE": counts.size, "DELETED": counts.deleted,
     }
+    text = " ".join(f"{item} {values[item]}" for item in items)
+    return b"* STATUS " + name + f" ({text})\r\n".encode()
+
+
+async def status(s: Session, cmd: Status) -> Action:
+    counts = await s.require_mail().status(cmd.mailbox, "SIZE" in cmd.items)
     if "HIGHESTMODSEQ" in cmd.items:
         s.condstore = True  # a CONDSTORE-enabling command (RFC 7162 §3.1)
-    items = " ".join(f"{item} {values[item]}" for item in cmd.items)
-    await s.emit(b"* STATUS " + r.quote(cmd.mailbox) + f" ({items})\r\n".encode())
+    await s.emit(_status_line(s.quote(cmd.mailbox), counts, cmd.items))
     return await s.complete(cmd)
 
 
@@ -116,40 +124,61 @@ async def namespace(s: Session, cmd: Namespace) -> Action:
     return await s.complete(cmd)
 
 
-async def _list(s: Session, reference: str, patterns: Sequence[str], selection: Sequence[str],
-                returns: Sequence[str]) -> None:
-    """LIST with wildcards, CHILDREN and SPECIAL-USE attributes (RFC 3501 §6.3.8,
-    RFC 3348, RFC 6154 §2)."""
-    verb = b"LIST"
+async def _list(s: Session, cmd: List) -> None:
+    """LIST (RFC 3501 §6.3.8) with RFC 5258's selection and return options: SUBSCRIBED,
+    REMOTE (no remote mailboxes here), RECURSIVEMATCH with CHILDINFO, CHILDREN; RFC 6154
+    SPECIAL-USE; RFC 5819 STATUS, an untagged STATUS after each selectable mailbox's LIST
+    line, all counted in one query.
+
+    A name that is no mailbox (a parent implied by a mailbox below it, or a name listed only
+    for its CHILDINFO) is ``\\Noselect`` to a basic LIST and ``\\NonExistent`` (which implies
+    ``\\Noselect``) to an extended one, as RFC 3501 clients do not know the latter."""
     delimiter = b'"' + DELIMITER.encode() + b'"'
-    if len(patterns) == 1 and patterns[0] == "":
-        await s.emit(b"* " + verb + b" (\\Noselect) " + delimiter + b' ""\r\n')
+    if cmd.patterns == ("",):
+        await s.emit(b"* LIST (\\Noselect) " + delimiter + b' ""\r\n')
         return
-    if any(len(reference) + len(p) > listing.MAX_PATTERN for p in patterns):
+    if any(len(cmd.reference) + len(p) > listing.MAX_PATTERN for p in cmd.patterns):
         raise MailStoreError(r.NO_PATTERN_TOO_LONG.text, r.NO_PATTERN_TOO_LONG.code)
-    boxes = {b.name: b for b in await s.require_mail().mailboxes()}
-    names = listing.with_parents(boxes)
-    # Every implied parent is in ``names``: a name has children iff it is someone's parent.
-    parents = {n.rpartition(DELIMITER)[0] for n in names if DELIMITER in n}
+    mail = s.require_mail()
+    boxes = {b.name: b for b in await mail.mailboxes()}
+    selection = cmd.selection_options
     subscribed_only = "SUBSCRIBED" in selection
     special_only = "SPECIAL-USE" in selection
-    show_subscribed = subscribed_only or "SUBSCRIBED" in returns
-    full = [listing.canonical_pattern(reference, p) for p in patterns]
-    for name in sorted(names, key=lambda n: (n != "INBOX", n)):
-        if not any(listing.matches(p, name, DELIMITER) for p in full):
-            continue
+    show_subscribed = subscribed_only or "SUBSCRIBED" in cmd.return_options
+    # RFC 5258 §3.5: CHILDINFO names the selection criteria a descendant meets
+    childinfo = b" (\"CHILDINFO\" (" + b" ".join(
+        b'"' + option.encode() + b'"' for option in selection
+        if option in ("SUBSCRIBED", "SPECIAL-USE")) + b"))"
+
+    def meets(name: str) -> bool:
         box = boxes.get(name)
         if subscribed_only and (box is None or not box.subscribed):
-            continue
-        if special_only and (box is None or box.special_use is None):
-            continue
+            return False
+        return not special_only or (box is not None and box.special_use is not None)
+
+    listed = listing.list_names(
+        listing.with_parents(boxes), [listing.canonical_pattern(cmd.reference, p)
+                                      for p in cmd.patterns],
+        meets, "RECURSIVEMATCH" in selection, DELIMITER)
+    counts: dict[int, StatusCounts] = {}
+    if cmd.status_items:
+        if "HIGHESTMODSEQ" in cmd.status_items:
+            s.condstore = True  # as STATUS HIGHESTMODSEQ (RFC 7162 §3.1)
+        counts = await mail.statuses([boxes[item.name].id for item in listed if item.exists],
+                                     "SIZE" in cmd.status_items)
+    for item in listed:
+        box = boxes.get(item.name)
         attrs: list[str] = []
         if box is None:
-            attrs.append("\\Noselect")
-        attrs.append("\\HasChildren" if name in parents else "\\HasNoChildren")
+            attrs.append("\\NonExistent" if cmd.extended else "\\Noselect")
+        attrs.append("\\HasChildren" if item.has_children else "\\HasNoChildren")
         if box is not None and box.special_use:
             attrs.append(box.special_use)
         if show_subscribed and box is not None and box.subscribed:
             attrs.append("\\Subscribed")
-        await s.emit(b"* " + verb + b" (" + " ".join(attrs).encode() + b") "
-                     + delimiter + b" " + r.quote(name) + b"\r\n")
+        quoted = s.quote(item.name)
+        await s.emit(b"* LIST (" + " ".join(attrs).encode() + b") " + delimiter + b" "
+                     + quoted + (childinfo if item.childinfo else b"") + b"\r\n")
+        found = None if box is None else counts.get(box.id)
+        if found is not None:  # RFC 5819 §2: not for \Noselect or \NonExistent names
+            await s.emit(_status_line(quoted, found, cmd.status_items))
