@@ -33,7 +33,7 @@ from imap_store.store.directory import Store
 from imap_store.store.fields import utcnow
 from imap_store.store.notices import Notices
 from imap_store.store.submission import check_patient_message, patient_job
-from imap_store.store.writer import GroupWriter
+from imap_store.store.writer import GroupWriter, SyncJob
 from policy.addresses import domain_of
 from policy.authn import Authenticator
 from policy.engine import judge_patient_recipient, judge_professional_recipient
@@ -348,56 +348,56 @@ class GatewaySMTP(AdaptedSMTP):
     async def smtp_RSET(self, arg: str) -> None:
         await self._holding(super().smtp_RSET, arg)
 
-    @syntax("EHLO hostname")
-    async def smtp_EHLO(self, hostname: str) -> None:
+    async def _greeting(self, command: Callable[[str], Awaitable[None]], hostname: str) -> None:
+        """Run aiosmtpd's EHLO or HELO: its replies get no enhanced status code (see
+        ``push``)."""
         self._in_ehlo = True
         try:
-            await super().smtp_EHLO(hostname)
+            await command(hostname)
         finally:
             self._in_ehlo = False
+
+    @syntax("EHLO hostname")
+    async def smtp_EHLO(self, hostname: str) -> None:
+        await self._greeting(super().smtp_EHLO, hostname)
 
     @syntax("HELO hostname")
     async def smtp_HELO(self, hostname: str) -> None:
-        self._in_ehlo = True
-        try:
-            await super().smtp_HELO(hostname)
-        finally:
-            self._in_ehlo = False
+        await self._greeting(super().smtp_HELO, hostname)
 
     # --- who is sending (SPEC §4.2) ----------------------------------------------------------
 
-    async def auth_PLAIN(self, _server: Any, args: list[str]) -> AuthResult:
-        """RFC 4616 SASL PLAIN: ``authzid NUL authcid NUL passwd``."""
+    async def _first_response(self, args: list[str], prompt: str) -> bytes | AuthResult:
+        """The client's first SASL response: the initial response of the AUTH line (RFC 4954
+        §4), else its answer to a ``prompt`` challenge; an AuthResult when there is none."""
         if len(args) == 1:
-            response = await self.challenge_auth("")
+            response = await self.challenge_auth(prompt)
             if response is MISSING:
                 return AuthResult(success=False, handled=True)
-        else:
-            try:
-                response = base64.b64decode(args[1], validate=True)
-            except (binascii.Error, ValueError):
-                return AuthResult(success=False, handled=False,
-                                  message=str(replies.AUTH_BAD_BASE64))
-        parts = bytes(response).split(b"\x00")
+            return bytes(response)
+        try:
+            return base64.b64decode(args[1], validate=True)
+        except (binascii.Error, ValueError):
+            return AuthResult(success=False, handled=False, message=str(replies.AUTH_BAD_BASE64))
+
+    async def auth_PLAIN(self, _server: Any, args: list[str]) -> AuthResult:
+        """RFC 4616 SASL PLAIN: ``authzid NUL authcid NUL passwd``."""
+        response = await self._first_response(args, "")
+        if isinstance(response, AuthResult):
+            return response
+        parts = response.split(b"\x00")
         if len(parts) != 3:
             return AuthResult(success=False, handled=False, message=str(replies.AUTH_BAD_PLAIN))
         return await self._login(parts[1], parts[2])
 
     async def auth_LOGIN(self, _server: Any, args: list[str]) -> AuthResult:
-        if len(args) == 1:
-            user = await self.challenge_auth("Username:")
-            if user is MISSING:
-                return AuthResult(success=False, handled=True)
-        else:
-            try:
-                user = base64.b64decode(args[1], validate=True)
-            except (binascii.Error, ValueError):
-                return AuthResult(success=False, handled=False,
-                                  message=str(replies.AUTH_BAD_BASE64))
+        user = await self._first_response(args, "Username:")
+        if isinstance(user, AuthResult):
+            return user
         password = await self.challenge_auth("Password:")
         if password is MISSING:
             return AuthResult(success=False, handled=True)
-        return await self._login(bytes(user), bytes(password))
+        return await self._login(user, bytes(password))
 
     async def _login(self, user: bytes, password: bytes) -> AuthResult:
         try:
@@ -538,23 +538,28 @@ class GatewaySMTP(AdaptedSMTP):
                                         decision.as_dict())
             return decision.reply
         trusted = await self.ctx.trusted_domains()
-        audit, self.pending_audit = self.pending_audit, []
-        try:
-            await self.ctx.writer.submit_sync(
-                delivery.job(identity, mail_from, list(self.accepted.values()), stored, message,
-                             info,
-                             self.sender_facts.name if self.sender_facts else "", trusted,
-                             audit),
-                size=len(stored))
-        except Exception:
-            self.pending_audit = audit + self.pending_audit  # rolled back: written on their own
-            log.exception("conn=%s delivery failed", self.conn_id)
+        if not await self._commit("delivery", len(stored), lambda audit: delivery.job(
+                identity, mail_from, list(self.accepted.values()), stored, message, info,
+                self.sender_facts.name if self.sender_facts else "", trusted, audit)):
             return str(replies.INTERNAL_ERROR)
         log.info("conn=%s stored a message for %d recipient(s)", self.conn_id,
                  len(self.accepted))
         if self.ctx.settings.notify:  # notifications were queued
             self.ctx.queue_wakeup()
         return str(replies.QUEUED)
+
+    async def _commit(self, what: str, size: int,
+                      job: Callable[[list[ops.AuditEntry]], SyncJob]) -> bool:
+        """Commit the message's ``job`` with the audit rows this connection has waiting; False
+        when it failed (rolled back: those rows are kept, to be written on their own)."""
+        audit, self.pending_audit = self.pending_audit, []
+        try:
+            await self.ctx.writer.submit_sync(job(audit), size=size)
+        except Exception:
+            self.pending_audit = audit + self.pending_audit
+            log.exception("conn=%s %s failed", self.conn_id, what)
+            return False
+        return True
 
     async def _finish_patient(self, identity: Identity, mail_from: str, stored: bytes,
                               message: IncomingMessage, info: MessageInfo) -> str:
@@ -566,14 +571,8 @@ class GatewaySMTP(AdaptedSMTP):
                                         decision.as_dict())
             return decision.reply
         recipients = [address for address, _pid, _ins in self.accepted.values()]
-        audit, self.pending_audit = self.pending_audit, []
-        try:
-            await self.ctx.writer.submit_sync(
-                patient_job(identity, mail_from, recipients, stored, info, audit),
-                size=len(stored))
-        except Exception:
-            self.pending_audit = audit + self.pending_audit  # rolled back: written on their own
-            log.exception("conn=%s submission failed", self.conn_id)
+        if not await self._commit("submission", len(stored), lambda audit: patient_job(
+                identity, mail_from, recipients, stored, info, audit)):
             return str(replies.INTERNAL_ERROR)
         log.info("conn=%s queued a patient message for %d recipient(s)", self.conn_id,
                  len(recipients))

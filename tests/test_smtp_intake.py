@@ -117,6 +117,21 @@ def auth_plain(conn: smtplib.SMTP, user: str, password: str) -> tuple[int, bytes
     return conn.docmd("AUTH", f"PLAIN {token}")
 
 
+def test_auth_first_response_by_challenge_or_malformed(gateway: Gateway) -> None:
+    """RFC 4954 §4: the first SASL response on the AUTH line or after a 334 challenge; one
+    that is not base64 (PLAIN or LOGIN), or a PLAIN one without its two NULs, gets a 501."""
+    conn = smtp(gateway, None, "submission")
+    for line in ("PLAIN not*base64", "LOGIN not*base64"):
+        code, text = conn.docmd("AUTH", line)
+        assert (code, text) == (501, b"5.5.2 cannot decode base64"), line
+    code, text = conn.docmd("AUTH", "PLAIN " + base64.b64encode(b"no nul at all").decode())
+    assert (code, text) == (501, b"5.5.2 malformed PLAIN response")
+    assert conn.docmd("AUTH", "PLAIN")[0] == 334
+    token = base64.b64encode(f"\0{CHRISTELLE}\0{PRO_PASSWORD}".encode()).decode()
+    assert conn.docmd(token)[0] == 235
+    conn.quit()
+
+
 def test_wrong_password_refused_then_throttled(gateway: Gateway) -> None:
     conn = smtp(gateway, None, "submission")
     for _ in range(5):
