@@ -108,6 +108,8 @@ _TOKENS = [
     b"BODY[1.MIME]<0.10>", b"RFC822.SIZE", b"ALL", b"FULL", b"ENVELOPE", b"BODYSTRUCTURE",
     b"CHARSET UTF-8", b"CHARSET X", b"OR", b"NOT", b"SINCE 1-Jan-2024", b'"1-Jan-2024"',
     b"HEADER Subject x", b"TEXT", b"LARGER 10", b'"17-Jul-1996 02:44:25 -0700"', b"RETURN",
+    b"(SUBSCRIBED RECURSIVEMATCH)", b"(REMOTE)", b"RECURSIVEMATCH", b"(CHILDREN SUBSCRIBED)",
+    b"STATUS", b"(STATUS (MESSAGES SIZE DELETED))", b"(HIGHESTMODSEQ UIDNEXT)", b'("a" % *)',
     b"(REVERSE DATE SUBJECT)", b"(ARRIVAL)", b"REFERENCES", b"ORDEREDSUBJECT", b"UTF-8",
     b"US-ASCII", b"(SPECIAL-USE)", b"(USE (\\Sent))", b"(MESSAGES UNSEEN)", b"{0}", b"{0+}",
     b"{3}", b"{3+}", b"~{3}", b"~{3+}", b"~{0+}", b"BINARY[1]", b"BINARY.PEEK[1.2]<0.5>",
