@@ -89,27 +89,22 @@ def _literal_storm(gw: Gateway, login: bool) -> list[bytes]:
         return [*lines, line]
 
 
-def test_pre_login_literal_storm_is_refused_and_holds_no_session(gateway: Gateway) -> None:
+# Before login a command may not exceed PRE_LOGIN_MAX_COMMAND (32 KiB): refused unparsed;
+# after login it is parsed and answered. Either way no other session waits.
+@pytest.mark.parametrize(("login", "answer"), [
+    pytest.param(False, b"a NO [TOOBIG]", id="pre-login-refused"),
+    pytest.param(True, b"a OK", id="authenticated-answered"),
+])
+def test_literal_storm_does_not_hold_other_sessions(gateway: Gateway, login: bool,
+                                                    answer: bytes) -> None:
     answers: list[bytes] = []
 
     def attack() -> None:
         for _ in range(3):
-            answers.append(_literal_storm(gateway, login=False)[-1])
+            answers.append(_literal_storm(gateway, login=login)[-1])
 
-    _during(gateway, "defect 1 (pre-login literals)", attack)
-    # Before login a command may not exceed PRE_LOGIN_MAX_COMMAND (32 KiB): refused unparsed.
-    assert all(a.startswith(b"a NO [TOOBIG]") for a in answers), answers
-
-
-def test_authenticated_literal_storm_does_not_hold_other_sessions(gateway: Gateway) -> None:
-    answers: list[bytes] = []
-
-    def attack() -> None:
-        for _ in range(3):
-            answers.append(_literal_storm(gateway, login=True)[-1])
-
-    _during(gateway, "defect 1 (literals after login)", attack)
-    assert all(a.startswith(b"a OK") for a in answers), answers  # parsed and answered
+    _during(gateway, f"defect 1 (literals {'after' if login else 'before'} login)", attack)
+    assert all(a.startswith(answer) for a in answers), answers
 
 
 def test_backtracking_from_header_over_smtp_does_not_hold_other_sessions(
