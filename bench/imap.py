@@ -912,10 +912,14 @@ def session_users(n: int) -> list[str]:
     return [INS] + [make_ins(i) for i in range(1, n)]
 
 
-def init_gateway(base: Path, db: str) -> tuple[Path, str, str | None]:
+LISTENERS = ("smtp", "submission", "submissions", "imap", "imaps", "web")
+
+
+def init_gateway(base: Path, db: str, listen: dict[str, int]
+                 ) -> tuple[Path, str, str | None]:
     """``mssante-gateway init`` in ``base/gw`` on SQLite in that directory or on a schema of
-    its own in PostgreSQL: the directory, the storage URL (set in gateway.toml) and the
-    schema."""
+    its own in PostgreSQL, listening only as ``listen`` says (listener: port on 127.0.0.1):
+    the directory, the storage URL (set in gateway.toml) and the schema."""
     directory = base / "gw"
     _cli("mssante-gateway", None, "init", "--dir", str(directory), "--domain", SERVICE_DOMAIN)
     schema = None
@@ -923,20 +927,20 @@ def init_gateway(base: Path, db: str) -> tuple[Path, str, str | None]:
     if db == "postgresql":
         schema = "bench_" + secrets.token_hex(4)
         url = f"{PG_URL}?schema={schema}"
-    set_key(directory / "gateway.toml", "storage", "url", url)
+    config = directory / "gateway.toml"
+    set_key(config, "storage", "url", url)
+    for name in LISTENERS:
+        set_key(config, name, "listen", f"127.0.0.1:{listen[name]}" if name in listen else "")
     return directory, url, schema
 
 
 def make_gateway_dir(base: Path, db: str, users: list[str] | None = None) -> GatewayDir:
     """The gateway directory, the trusted domain and the patients (``users``, default the
     one patient INS), each with the benchmark's password (its own salt, same parameters)."""
-    directory, url, schema = init_gateway(base, db)
-    gw = GatewayDir(directory, url, schema, imaps_port=free_port(), imap_port=free_port())
+    ports = {"imap": free_port(), "imaps": free_port()}
+    directory, url, schema = init_gateway(base, db, ports)
+    gw = GatewayDir(directory, url, schema, imaps_port=ports["imaps"], imap_port=ports["imap"])
     cfg = gw.config
-    for name in ("smtp", "submission", "submissions", "web"):
-        set_key(cfg, name, "listen", "")
-    set_key(cfg, "imap", "listen", f"127.0.0.1:{gw.imap_port}")
-    set_key(cfg, "imaps", "listen", f"127.0.0.1:{gw.imaps_port}")
     set_key(cfg, "limits", "connections_per_ip", str(IDLE_CONNECTIONS + 100))
     _cli("mssante-policy", cfg, "domain", "add", TRUSTED_DOMAIN)
     for n, ins in enumerate(users or [INS]):

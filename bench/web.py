@@ -658,13 +658,10 @@ class GatewayDir(ServerDir):
 
 
 def make_gateway_dir(base: Path, db: str, clients: int) -> GatewayDir:
-    directory, url, schema = bi.init_gateway(base, db)
-    gw = GatewayDir(directory, url, schema, web_port=free_port(), imaps_port=free_port())
+    ports = {"web": free_port(), "imaps": free_port()}
+    directory, url, schema = bi.init_gateway(base, db, ports)
+    gw = GatewayDir(directory, url, schema, web_port=ports["web"], imaps_port=ports["imaps"])
     cfg = gw.config
-    for name in ("smtp", "submission", "submissions", "imap"):
-        set_key(cfg, name, "listen", "")
-    set_key(cfg, "imaps", "listen", f"127.0.0.1:{gw.imaps_port}")
-    set_key(cfg, "web", "listen", f"127.0.0.1:{gw.web_port}")
     set_key(cfg, "web", "sms_outbox", "sms-outbox.txt")
     set_key(cfg, "limits", "connections_per_ip", str(4 * clients + 50))
     bi._cli("mssante-policy", cfg, "domain", "add", TRUSTED_DOMAIN)
