@@ -180,13 +180,13 @@ class DocumentPages:
                                    visibilities=VISIBILITIES, max_name=MAX_NAME_CHARS,
                                    **context)
 
-    def _document_form(self, request: Request, page: Page, mode: str, values: dict[str, str],
+    def _document_form(self, request: Request, page: Page, mode: str, fields: DocumentFields,
                        error: str | None, back: str, title: str, **context: Any) -> Response:
-        """The document form (``mode``: upload, edit, attachment, refused): 400 with the
-        ``error`` to correct, else 200."""
+        """The document form (``mode``: upload, edit, attachment, refused) showing ``fields``:
+        400 with the ``error`` to correct, else 200."""
         return self._render(request, "document_form", 400 if error else 200, page=page,
-                            mode=mode, values=values, error=error, back=back, title=title,
-                            **context)
+                            mode=mode, values=fields.values(), error=error, back=back,
+                            title=title, **context)
 
     async def _document(self, page: Page, request: Request) -> Document:
         return _or_404(await self.documents(page).get(int(request.path_params["doc"])))
@@ -238,8 +238,7 @@ class DocumentPages:
 
     async def upload(self, request: Request) -> Response:
         page = await self.portal._page(request)
-        values = {"nom": "", "date": date.today().isoformat(), "categorie": "",
-                  "visibilite": "N"}
+        fields = DocumentFields("", date.today().isoformat(), "", "N")
         error = None
         if request.method == "POST":
             form = await self.portal._form(request, page.session.csrf, files=True)
@@ -250,7 +249,6 @@ class DocumentPages:
                 data = await upload.read(MAX_DOCUMENT_BYTES + 1)
                 if not fields.name.strip():
                     fields.name = default_name(upload.filename)
-            values = fields.values()
             error = fields.problem() if data else "Choisissez un fichier sur votre appareil."
             if error is None:
                 verdict = await _off_loop(len(data), check_document, data)
@@ -264,26 +262,25 @@ class DocumentPages:
                     if added.document_id is not None:
                         return RedirectResponse("/documents?fait=ajoute", 303)
                     error = added.refusal
-        return self._document_form(request, page, "upload", values, error, "/documents",
+        return self._document_form(request, page, "upload", fields, error, "/documents",
                                    "Ajouter un document")
 
     async def edit(self, request: Request) -> Response:
         page = await self.portal._page(request)
         document = await self._document(page, request)
-        values = {"nom": document.name, "date": document.doc_date.isoformat(),
-                  "categorie": document.category, "visibilite": document.visibility}
+        fields = DocumentFields(document.name, document.doc_date.isoformat(), document.category,
+                                document.visibility)
         error = None
         if request.method == "POST":
-            form = await self.portal._form(request, page.session.csrf)
-            fields = DocumentFields.of(form)
-            values, error = fields.values(), fields.problem()
+            fields = DocumentFields.of(await self.portal._form(request, page.session.csrf))
+            error = fields.problem()
             if error is None:
                 if not await self.documents(page).update(
                         document.id, name=fields.name, doc_date=fields.doc_date(),
                         category=fields.category, visibility=fields.visibility):
                     raise HTTPException(404)
                 return RedirectResponse("/documents?fait=modifie", 303)
-        return self._document_form(request, page, "edit", values, error, "/documents",
+        return self._document_form(request, page, "edit", fields, error, "/documents",
                                    "Modifier le document")
 
     async def delete(self, request: Request) -> Response:
@@ -333,18 +330,16 @@ class DocumentPages:
         verdict, size = checked
         download = f"/messagerie/conversations/{key}/messages/{mid}/pieces-jointes/{index}"
         back = f"/messagerie/conversations/{key}"
-        values = {"nom": default_name(views[index].filename),
-                  "date": message.date.astimezone(PARIS).date().isoformat(), "categorie": "",
-                  "visibilite": "N"}
+        fields = DocumentFields(default_name(views[index].filename),
+                                message.date.astimezone(PARIS).date().isoformat(), "", "N")
         if verdict.media is None:
-            return self._document_form(request, page, "refused", values, None, back,
+            return self._document_form(request, page, "refused", fields, None, back,
                                        "Ajouter à mes documents santé", reason=verdict.reason,
                                        download=download, filename=views[index].filename)
         error = None
         if request.method == "POST":
-            form = await self.portal._form(request, page.session.csrf)
-            fields = DocumentFields.of(form)
-            values, error = fields.values(), fields.problem()
+            fields = DocumentFields.of(await self.portal._form(request, page.session.csrf))
+            error = fields.problem()
             if error is None:
                 part = message.meta["attachment_parts"][index]
                 added = await self.documents(page).add_from_attachment(
@@ -355,7 +350,7 @@ class DocumentPages:
                 if added.document_id is not None:
                     return RedirectResponse(f"{back}?document=1", 303)
                 error = added.refusal
-        return self._document_form(request, page, "attachment", values, error, back,
+        return self._document_form(request, page, "attachment", fields, error, back,
                                    "Ajouter à mes documents santé",
                                    filename=views[index].filename, download=download)
 
