@@ -5,6 +5,7 @@ EXPUNGE, IDLE, and the report of other sessions' changes (:func:`sync`)."""
 from __future__ import annotations
 
 from array import array
+from bisect import bisect_left
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
@@ -236,16 +237,18 @@ async def send_expunges(s: Session, sel: Selected, uids: Sequence[int]) -> None:
     """``* n EXPUNGE`` for each UID still in the view, ascending (each one shifts the
     following sequence numbers down, RFC 3501 §7.4.1), or one ``* VANISHED uids`` once QRESYNC
     is enabled (RFC 7162 §3.2.10); then drop them from the view."""
-    gone = set(uids)
+    view = sel.uids  # sorted: each UID found by bisection, the rest copied in slices
+    found = [i for uid in sorted(set(uids))
+             if (i := bisect_left(view, uid)) < len(view) and view[i] == uid]
     kept: array[int] = array("L")
-    removed: list[int] = []
-    for index, uid in enumerate(sel.uids):
-        if uid in gone:
-            if not s.qresync:
-                await s.emit(b"* %d EXPUNGE\r\n" % (index + 1 - len(removed)))
-            removed.append(uid)
-        else:
-            kept.append(uid)
+    start = 0
+    for n, index in enumerate(found):
+        if not s.qresync:
+            await s.emit(b"* %d EXPUNGE\r\n" % (index + 1 - n))
+        kept.extend(view[start:index])
+        start = index + 1
+    kept.extend(view[start:])
+    removed = [view[i] for i in found]
     if s.qresync and removed:
         await s.emit(b"* VANISHED %s\r\n" % str(SequenceSet.from_values(removed)).encode())
     sel.uids = kept
