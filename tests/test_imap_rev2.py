@@ -11,9 +11,6 @@ import base64
 import imaplib
 import re
 
-import pytest
-
-from imap_store.imap import responses
 from imap_store.imap.commands import Append, Fetch, FetchAttr, Search, SearchSequence, Section
 from imap_store.imap.parser import CommandParser
 from tests.conftest import INAYA, PATIENT_PASSWORD
@@ -21,7 +18,6 @@ from tests.gateway_proc import Gateway
 from tests.helpers import Raw, tls_context
 
 _LITERAL = re.compile(rb"~?\{(\d+)\}\r\n$")
-needs_rev2 = pytest.mark.skipif(not responses.IMAP4REV2, reason="IMAP4rev2 not offered yet")
 
 
 class Wire(Raw):
@@ -77,7 +73,6 @@ def message(n: int) -> bytes:
 # --------------------------------------------------------------------------- rev2 mode
 
 
-@needs_rev2
 def test_rev2_mode_beside_rev1(gateway: Gateway) -> None:
     rev1 = Wire(gateway)
     rev2 = Wire(gateway)
@@ -100,6 +95,14 @@ def test_rev2_mode_beside_rev1(gateway: Gateway) -> None:
             data = message(n)
             assert rev2.literal_command(f"p{n}", 'APPEND "Écrits"', data)[-1].startswith(
                 f"p{n} OK [APPENDUID ".encode())
+        assert rev2.command("sb", 'SUBSCRIBE "Écrits"')[-1].startswith(b"sb OK")
+        assert rev2.command("li", 'LIST "" "É%" RETURN (STATUS (MESSAGES))') == [
+            '* LIST (\\HasNoChildren) "/" "Écrits"\r\n'.encode(),
+            '* STATUS "Écrits" (MESSAGES 2)\r\n'.encode(), b"li OK LIST completed\r\n"]
+        assert rev2.command("ls", 'LSUB "" "É*"') == [
+            '* LSUB () "/" "Écrits"\r\n'.encode(), b"ls OK LSUB completed\r\n"]
+        assert rev2.command("st", 'STATUS "Écrits" (MESSAGES)') == [
+            '* STATUS "Écrits" (MESSAGES 2)\r\n'.encode(), b"st OK STATUS completed\r\n"]
         lines = rev2.command("s", 'SELECT "Écrits"')
         assert b"* 2 EXISTS\r\n" in lines
         assert '* LIST () "/" "Écrits"\r\n'.encode() in lines, lines
@@ -137,6 +140,8 @@ def test_rev2_mode_beside_rev1(gateway: Gateway) -> None:
         assert rev1.command("q", "SEARCH ALL") == [
             b"* SEARCH 1 2\r\n", b"q OK SEARCH completed\r\n"]
         assert rev1.command("st", 'STATUS "Écrits" (MESSAGES)')[-1].startswith(b"st BAD")
+        assert rev1.command("li", 'LIST "" "&AMk-%"') == [
+            b'* LIST (\\HasNoChildren) "/" "&AMk-crits"\r\n', b"li OK LIST completed\r\n"]
         # a new message reaches the rev2 session as EXISTS only, the rev1 session with RECENT
         assert b"CLOSED" not in rev2.command("s2", 'SELECT "Écrits"')[0]
         lines = rev1.literal_command("p3", "APPEND &AMk-crits", message(3))
@@ -149,7 +154,6 @@ def test_rev2_mode_beside_rev1(gateway: Gateway) -> None:
         rev2.close()
 
 
-@needs_rev2
 def test_rev2_with_imaplib(gateway: Gateway) -> None:
     conn = imap(gateway)
     assert b"IMAP4rev2" in conn.capability()[1][0].split()

@@ -14,9 +14,8 @@ from policy.rules import MAX_INBOUND_SIZE
 #: RFC 7889 APPENDLIMIT: the largest message APPEND takes, equal to the SMTP SIZE of rule R7.
 APPEND_LIMIT = MAX_INBOUND_SIZE
 
-#: IMAP4rev2 (RFC 9051) advertised beside IMAP4rev1 and enabled by ``ENABLE IMAP4rev2``: off
-#: until LIST-EXTENDED and LIST-STATUS, which rev2 includes, are in.
-IMAP4REV2 = False
+#: IMAP4rev2 (RFC 9051) advertised beside IMAP4rev1 and enabled by ``ENABLE IMAP4rev2``.
+IMAP4REV2 = True
 
 #: Flags every mailbox supports (RFC 3501 §2.3.2); ``\\*`` in PERMANENTFLAGS: keywords too.
 SYSTEM_FLAGS_TEXT = b"\\Answered \\Flagged \\Deleted \\Seen \\Draft"

@@ -77,7 +77,7 @@ async def lsub(s: Session, cmd: Lsub) -> Action:
     subscribed = [b.name for b in await s.require_mail().mailboxes() if b.subscribed]
     for name, noselect in listing.lsub_names(subscribed, pattern, DELIMITER):
         attrs = b"(\\Noselect)" if noselect else b"()"
-        await s.emit(b"* LSUB " + attrs + b" " + delimiter + b" " + r.quote(name) + b"\r\n")
+        await s.emit(b"* LSUB " + attrs + b" " + delimiter + b" " + s.quote(name) + b"\r\n")
     return await s.complete(cmd)
 
 
