@@ -14,63 +14,7 @@ from datetime import UTC, date, datetime, timedelta, timezone
 
 import pytest
 
-from imap_store.imap.commands import (
-    Append,
-    Authenticate,
-    Capability,
-    Check,
-    Close,
-    Copy,
-    Create,
-    DateRelation,
-    Delete,
-    Enable,
-    Expunge,
-    Fetch,
-    FetchAttr,
-    Id,
-    Idle,
-    InvalidCommand,
-    List,
-    Login,
-    Logout,
-    Lsub,
-    Move,
-    Namespace,
-    Noop,
-    QResync,
-    Rename,
-    Search,
-    SearchAll,
-    SearchAnd,
-    SearchBody,
-    SearchFlag,
-    SearchHeader,
-    SearchInternalDate,
-    SearchKey,
-    SearchLarger,
-    SearchModseq,
-    SearchNot,
-    SearchOr,
-    SearchSentDate,
-    SearchSequence,
-    SearchSmaller,
-    SearchText,
-    SearchUid,
-    Section,
-    Select,
-    SeqRange,
-    SequenceSet,
-    StartTls,
-    Status,
-    Store,
-    StoreMode,
-    Subscribe,
-    Unselect,
-    Unsubscribe,
-    decode_mailbox_name,
-    encode_mailbox_name,
-)
+from imap_store.imap import commands as c
 from imap_store.imap.parser import (
     DEFAULT_MAX_LINE,
     MAX_SEARCH_DEPTH,
@@ -83,8 +27,8 @@ from imap_store.imap.parser import (
 from tests.helpers import bad, commands, events, one
 
 
-def seq(text: str) -> SequenceSet:
-    return SequenceSet.parse(text)
+def seq(text: str) -> c.SequenceSet:
+    return c.SequenceSet.parse(text)
 
 
 # --------------------------------------------------------------------------- simple commands
@@ -93,40 +37,40 @@ def seq(text: str) -> SequenceSet:
 @pytest.mark.parametrize(
     ("line", "expected"),
     [
-        (b"a1 CAPABILITY", Capability("a1")),
-        (b"a2 noop", Noop("a2")),
-        (b"A3 LoGoUt", Logout("A3")),
-        (b"t STARTTLS", StartTls("t")),
-        (b"t CHECK", Check("t")),
-        (b"t CLOSE", Close("t")),
-        (b"t UNSELECT", Unselect("t")),
-        (b"t IDLE", Idle("t")),
-        (b"t NAMESPACE", Namespace("t")),
-        (b"t EXPUNGE", Expunge("t")),
-        (b"t UID EXPUNGE 3:5,9", Expunge("t", seq("3:5,9"))),
-        (b"t SELECT inbox", Select("t", "INBOX")),
-        (b'u SELECT "InBoX"', Select("u", "INBOX")),
-        (b"t EXAMINE Archive", Select("t", "Archive", readonly=True)),
-        (b"t SELECT INBOX.Sent", Select("t", "INBOX.Sent")),
-        (b"t SELECT {5+}\r\ninbox", Select("t", "INBOX")),
-        (b"t CREATE Projets", Create("t", "Projets")),
-        (b"t CREATE Brouillons (USE (\\drafts))", Create("t", "Brouillons", ("\\Drafts",))),
+        (b"a1 CAPABILITY", c.Capability("a1")),
+        (b"a2 noop", c.Noop("a2")),
+        (b"A3 LoGoUt", c.Logout("A3")),
+        (b"t STARTTLS", c.StartTls("t")),
+        (b"t CHECK", c.Check("t")),
+        (b"t CLOSE", c.Close("t")),
+        (b"t UNSELECT", c.Unselect("t")),
+        (b"t IDLE", c.Idle("t")),
+        (b"t NAMESPACE", c.Namespace("t")),
+        (b"t EXPUNGE", c.Expunge("t")),
+        (b"t UID EXPUNGE 3:5,9", c.Expunge("t", seq("3:5,9"))),
+        (b"t SELECT inbox", c.Select("t", "INBOX")),
+        (b'u SELECT "InBoX"', c.Select("u", "INBOX")),
+        (b"t EXAMINE Archive", c.Select("t", "Archive", readonly=True)),
+        (b"t SELECT INBOX.Sent", c.Select("t", "INBOX.Sent")),
+        (b"t SELECT {5+}\r\ninbox", c.Select("t", "INBOX")),
+        (b"t CREATE Projets", c.Create("t", "Projets")),
+        (b"t CREATE Brouillons (USE (\\drafts))", c.Create("t", "Brouillons", ("\\Drafts",))),
         (
             b"t CREATE X (USE (\\Sent \\Trash \\XOther))",
-            Create("t", "X", ("\\Sent", "\\Trash", "\\XOther")),
+            c.Create("t", "X", ("\\Sent", "\\Trash", "\\XOther")),
         ),
-        (b"t CREATE X (USE ())", Create("t", "X")),
-        (b"t DELETE &AOk-t&AOk-", Delete("t", "été")),
-        (b'r RENAME "Old box" New', Rename("r", "Old box", "New")),
-        (b"s SUBSCRIBE Sent", Subscribe("s", "Sent")),
-        (b"s UNSUBSCRIBE Sent", Unsubscribe("s", "Sent")),
-        (b's LIST "" *', List("s", "", ("*",))),
-        (b's LIST "" %', List("s", "", ("%",))),
-        (b's LIST "" ""', List("s", "", ("",))),
-        (b"s LIST ~/Mail/ Sent*]x", List("s", "~/Mail/", ("Sent*]x",))),
+        (b"t CREATE X (USE ())", c.Create("t", "X")),
+        (b"t DELETE &AOk-t&AOk-", c.Delete("t", "été")),
+        (b'r RENAME "Old box" New', c.Rename("r", "Old box", "New")),
+        (b"s SUBSCRIBE Sent", c.Subscribe("s", "Sent")),
+        (b"s UNSUBSCRIBE Sent", c.Unsubscribe("s", "Sent")),
+        (b's LIST "" *', c.List("s", "", ("*",))),
+        (b's LIST "" %', c.List("s", "", ("%",))),
+        (b's LIST "" ""', c.List("s", "", ("",))),
+        (b"s LIST ~/Mail/ Sent*]x", c.List("s", "~/Mail/", ("Sent*]x",))),
         (
             b's LIST (SUBSCRIBED recursivematch) "" ("INBOX" Sent*) RETURN (SPECIAL-USE children)',
-            List(
+            c.List(
                 "s",
                 "",
                 ("INBOX", "Sent*"),
@@ -135,49 +79,49 @@ def seq(text: str) -> SequenceSet:
                 extended=True,
             ),
         ),
-        (b's LIST () "" * RETURN ()', List("s", "", ("*",), extended=True)),
-        (b's LIST "" ("*")', List("s", "", ("*",), extended=True)),
+        (b's LIST () "" * RETURN ()', c.List("s", "", ("*",), extended=True)),
+        (b's LIST "" ("*")', c.List("s", "", ("*",), extended=True)),
         (
             b's LIST (remote) "" % RETURN (subscribed STATUS (size messages deleted SIZE))',
-            List("s", "", ("%",), ("REMOTE",), ("SUBSCRIBED", "STATUS"),
+            c.List("s", "", ("%",), ("REMOTE",), ("SUBSCRIBED", "STATUS"),
                  ("SIZE", "MESSAGES", "DELETED"), extended=True),
         ),
-        (b's LIST "" inbox', List("s", "", ("inbox",))),
-        (b's LSUB "" *', Lsub("s", "", "*")),
-        (b"s LSUB INBOX. %", Lsub("s", "INBOX.", "%")),
+        (b's LIST "" inbox', c.List("s", "", ("inbox",))),
+        (b's LSUB "" *', c.Lsub("s", "", "*")),
+        (b"s LSUB INBOX. %", c.Lsub("s", "INBOX.", "%")),
         (
             b"s STATUS inbox (messages UIDNEXT uidvalidity UNSEEN RECENT APPENDLIMIT messages)",
-            Status(
+            c.Status(
                 "s",
                 "INBOX",
                 ("MESSAGES", "UIDNEXT", "UIDVALIDITY", "UNSEEN", "RECENT", "APPENDLIMIT"),
             ),
         ),
-        (b"e ENABLE UTF8=ACCEPT condstore", Enable("e", ("UTF8=ACCEPT", "CONDSTORE"))),
-        (b"i ID NIL", Id("i", None)),
-        (b"i ID ()", Id("i", {})),
+        (b"e ENABLE UTF8=ACCEPT condstore", c.Enable("e", ("UTF8=ACCEPT", "CONDSTORE"))),
+        (b"i ID NIL", c.Id("i", None)),
+        (b"i ID ()", c.Id("i", {})),
         (
             b'i ID ("name" "Thunderbird" "version" "115.0" "os" NIL)',
-            Id("i", {"name": "Thunderbird", "version": "115.0", "os": None}),
+            c.Id("i", {"name": "Thunderbird", "version": "115.0", "os": None}),
         ),
-        (b"c COPY 1:3 Archive", Copy("c", seq("1:3"), "Archive")),
-        (b"c UID COPY 10,12 Archive", Copy("c", seq("10,12"), "Archive", uid=True)),
-        (b"m MOVE 2 Trash", Move("m", seq("2"), "Trash")),
-        (b'm uid move 4:* "Corbeille"', Move("m", seq("4:*"), "Corbeille", uid=True)),
-        (b"l LOGIN patient secret", Login("l", "patient", b"secret")),
+        (b"c COPY 1:3 Archive", c.Copy("c", seq("1:3"), "Archive")),
+        (b"c UID COPY 10,12 Archive", c.Copy("c", seq("10,12"), "Archive", uid=True)),
+        (b"m MOVE 2 Trash", c.Move("m", seq("2"), "Trash")),
+        (b'm uid move 4:* "Corbeille"', c.Move("m", seq("4:*"), "Corbeille", uid=True)),
+        (b"l LOGIN patient secret", c.Login("l", "patient", b"secret")),
         (
             b'l LOGIN "dr.house@example.org" "p\\"w\\\\d"',
-            Login("l", "dr.house@example.org", b'p"w\\d'),
+            c.Login("l", "dr.house@example.org", b'p"w\\d'),
         ),
-        (b"l LOGIN {3+}\r\nbob {4+}\r\np\r\n\x00", Login("l", "bob", b"p\r\n\x00")),
-        (b'l LOGIN "\xc3\xa9lise" x]y', Login("l", "élise", b"x]y")),
-        (b"a AUTHENTICATE plain", Authenticate("a", "PLAIN")),
+        (b"l LOGIN {3+}\r\nbob {4+}\r\np\r\n\x00", c.Login("l", "bob", b"p\r\n\x00")),
+        (b'l LOGIN "\xc3\xa9lise" x]y', c.Login("l", "élise", b"x]y")),
+        (b"a AUTHENTICATE plain", c.Authenticate("a", "PLAIN")),
         (
             b"a AUTHENTICATE PLAIN AGJvYgBzZWNyZXQ=",
-            Authenticate("a", "PLAIN", b"\x00bob\x00secret"),
+            c.Authenticate("a", "PLAIN", b"\x00bob\x00secret"),
         ),
-        (b"a AUTHENTICATE EXTERNAL =", Authenticate("a", "EXTERNAL", b"")),
-        (b"tag]with.odd-chars! NOOP", Noop("tag]with.odd-chars!")),
+        (b"a AUTHENTICATE EXTERNAL =", c.Authenticate("a", "EXTERNAL", b"")),
+        (b"tag]with.odd-chars! NOOP", c.Noop("tag]with.odd-chars!")),
     ],
 )
 def test_simple_commands(line: bytes, expected: Event) -> None:
@@ -260,13 +204,13 @@ def test_names_that_cannot_exist_get_no_not_bad(line: bytes, code: str) -> None:
     """A valid astring that is no modified UTF-7 name (RFC 3501 §5.1.3) is understood:
     NO, not BAD, and no count towards the BAD limit."""
     event = one(line + b"\r\n")
-    assert isinstance(event, InvalidCommand), event
+    assert isinstance(event, c.InvalidCommand), event
     assert (event.tag, event.status, event.code) == ("a", "NO", code)
 
 
 def test_patterns_that_are_no_name_still_parse() -> None:
     event = one(b'a LIST "" !#$&\'+,-.0123456789:;<=>?@^_`|[}%*\r\n')
-    assert isinstance(event, List), event
+    assert isinstance(event, c.List), event
     assert event.patterns == ("!#$&'+,-.0123456789:;<=>?@^_`|[}%*",)
 
 
@@ -274,15 +218,15 @@ def test_id_limits() -> None:
     pairs = b" ".join(b'"k%d" "v"' % i for i in range(31))
     assert bad(b"i ID (" + pairs + b")\r\n").text == "Too many ID parameters"
     assert bad(b'i ID ("' + b"k" * 31 + b'" "v")\r\n').text == "ID parameter too long"
-    assert isinstance(one(b'i ID ("k" "' + b"v" * 1024 + b'")\r\n'), Id)
+    assert isinstance(one(b'i ID ("k" "' + b"v" * 1024 + b'")\r\n'), c.Id)
 
 
 def test_unknown_commands() -> None:
     assert commands(b'a XLIST "" *\r\nb GETQUOTAROOT INBOX\r\nc UID NOOP\r\nd UID\r\n') == [
-        InvalidCommand("a", "Unknown command"),
-        InvalidCommand("b", "Unknown command"),
-        InvalidCommand("c", "Unknown UID command"),
-        InvalidCommand("d", "Unknown command"),
+        c.InvalidCommand("a", "Unknown command"),
+        c.InvalidCommand("b", "Unknown command"),
+        c.InvalidCommand("c", "Unknown UID command"),
+        c.InvalidCommand("d", "Unknown command"),
     ]
 
 
@@ -307,13 +251,13 @@ def test_unknown_commands() -> None:
 def test_bad_tags_and_garbage(line: bytes, tag: str | None) -> None:
     result = commands(line + b"\r\nok NOOP\r\n")
     assert len(result) == 2
-    assert isinstance(result[0], InvalidCommand)
+    assert isinstance(result[0], c.InvalidCommand)
     assert result[0].tag == tag
-    assert result[1] == Noop("ok")  # resynchronised on the next line
+    assert result[1] == c.Noop("ok")  # resynchronised on the next line
 
 
 def test_empty_lines_are_ignored() -> None:
-    assert commands(b"\r\n\r\na NOOP\r\n\r\n") == [Noop("a")]
+    assert commands(b"\r\n\r\na NOOP\r\n\r\n") == [c.Noop("a")]
 
 
 def test_pipelined_commands_and_names() -> None:
@@ -325,9 +269,9 @@ def test_pipelined_commands_and_names() -> None:
         "SELECT",
         "EXAMINE",
     ]
-    assert Expunge("x", seq("1")).name == "UID EXPUNGE" and Expunge("x").name == "EXPUNGE"
-    assert Expunge("x", seq("1")).uid and not Expunge("x").uid
-    assert Store("x", seq("1"), StoreMode.ADD, False, ()).name == "STORE"
+    assert c.Expunge("x", seq("1")).name == "UID EXPUNGE" and c.Expunge("x").name == "EXPUNGE"
+    assert c.Expunge("x", seq("1")).uid and not c.Expunge("x").uid
+    assert c.Store("x", seq("1"), c.StoreMode.ADD, False, ()).name == "STORE"
 
 
 # --------------------------------------------------------------------------- literals
@@ -343,7 +287,7 @@ def test_synchronizing_literal_flow() -> None:
     parser.feed(b"b {6}\r\n")
     assert parser.next_event() == NeedContinuation("a", 6, "LOGIN")
     parser.feed(b"se\r\n\x00t\r\n")
-    assert parser.next_event() == Login("a", "bob", b"se\r\n\x00t")
+    assert parser.next_event() == c.Login("a", "bob", b"se\r\n\x00t")
     assert parser.next_event() is None
     assert parser.buffered_bytes == 0
 
@@ -353,25 +297,25 @@ def test_literal_flow_whole_and_bytewise() -> None:
     assert events(data) == [
         NeedContinuation("a", 3, "LOGIN"),
         NeedContinuation("a", 2, "LOGIN"),
-        Login("a", "bob", b"pw"),
-        Noop("b"),
+        c.Login("a", "bob", b"pw"),
+        c.Noop("b"),
     ]
 
 
 def test_non_synchronizing_literal_needs_no_continuation() -> None:
-    assert events(b"a LOGIN {3+}\r\nbob {2+}\r\npw\r\n") == [Login("a", "bob", b"pw")]
+    assert events(b"a LOGIN {3+}\r\nbob {2+}\r\npw\r\n") == [c.Login("a", "bob", b"pw")]
 
 
 def test_zero_length_literals() -> None:
     assert events(b"a LOGIN {0}\r\n {0+}\r\n\r\n") == [
         NeedContinuation("a", 0, "LOGIN"),
-        Login("a", "", b""),
+        c.Login("a", "", b""),
     ]
 
 
 def test_literal_looking_text_inside_a_literal_is_data() -> None:
     assert commands(b"a LOGIN {9+}\r\nx {999}\r\n {1+}\r\nz\r\n") == [
-        Login("a", "x {999}\r\n", b"z")
+        c.Login("a", "x {999}\r\n", b"z")
     ]
 
 
@@ -386,7 +330,7 @@ def test_quoted_string_cannot_swallow_a_literal() -> None:
 def test_uid_command_name_in_continuation() -> None:
     assert events(b"s UID SEARCH SUBJECT {2}\r\nhi\r\n") == [
         NeedContinuation("s", 2, "UID SEARCH"),
-        Search("s", None, SearchHeader("SUBJECT", "hi"), uid=True),
+        c.Search("s", None, c.SearchHeader("SUBJECT", "hi"), uid=True),
     ]
 
 
@@ -395,7 +339,7 @@ def test_reject_literal() -> None:
     parser.feed(b"a APPEND INBOX {100}\r\nb NOOP\r\n")
     assert parser.next_event() == NeedContinuation("a", 100, "APPEND")
     parser.reject_literal()
-    assert parser.next_event() == Noop("b")
+    assert parser.next_event() == c.Noop("b")
     with pytest.raises(RuntimeError):
         parser.reject_literal()
 
@@ -404,7 +348,7 @@ def test_reject_literal() -> None:
 
 
 def _raw_after_idle_and_auth(parser: CommandParser, event: Event) -> None:
-    if isinstance(event, (Idle, Authenticate)):
+    if isinstance(event, (c.Idle, c.Authenticate)):
         parser.expect_line()
     elif isinstance(event, RawLine) and event.line not in (b"DONE", b"*"):
         parser.expect_line()  # SASL exchange goes on until the client sends "*" or DONE
@@ -412,32 +356,32 @@ def _raw_after_idle_and_auth(parser: CommandParser, event: Event) -> None:
 
 def test_idle_done() -> None:
     data = b"a IDLE\r\nDONE\r\nb NOOP\r\n"
-    assert events(data, _raw_after_idle_and_auth) == [Idle("a"), RawLine(b"DONE"), Noop("b")]
+    assert events(data, _raw_after_idle_and_auth) == [c.Idle("a"), RawLine(b"DONE"), c.Noop("b")]
 
 
 def test_authenticate_continuation_lines() -> None:
     data = b"a AUTHENTICATE PLAIN\r\nAGJvYgBzZWNyZXQ=\r\n*\r\nb NOOP\r\n"
     assert events(data, _raw_after_idle_and_auth) == [
-        Authenticate("a", "PLAIN"),
+        c.Authenticate("a", "PLAIN"),
         RawLine(b"AGJvYgBzZWNyZXQ="),
         RawLine(b"*"),
-        Noop("b"),
+        c.Noop("b"),
     ]
 
 
 def test_raw_line_is_verbatim() -> None:
     data = b"a IDLE\r\n{5}\r\n"
-    assert events(data, _raw_after_idle_and_auth) == [Idle("a"), RawLine(b"{5}")]
+    assert events(data, _raw_after_idle_and_auth) == [c.Idle("a"), RawLine(b"{5}")]
     data = b"a IDLE\r\n\r\n"
-    assert events(data, _raw_after_idle_and_auth) == [Idle("a"), RawLine(b"")]
+    assert events(data, _raw_after_idle_and_auth) == [c.Idle("a"), RawLine(b"")]
 
 
 def test_raw_line_too_long() -> None:
     data = b"a IDLE\r\n" + b"D" * 300 + b"\r\nb NOOP\r\n"
     assert events(data, _raw_after_idle_and_auth, max_line=100) == [
-        Idle("a"),
+        c.Idle("a"),
         LineTooLong(None),
-        Noop("b"),
+        c.Noop("b"),
     ]
 
 
@@ -452,11 +396,11 @@ def test_expect_line_only_between_commands() -> None:
 def test_starttls_pipelining_is_detectable() -> None:
     parser = CommandParser()
     parser.feed(b"a STARTTLS\r\nb LOGIN bob pw\r\n")
-    assert parser.next_event() == StartTls("a")
+    assert parser.next_event() == c.StartTls("a")
     assert parser.buffered_bytes == len(b"b LOGIN bob pw\r\n")
     parser = CommandParser()
     parser.feed(b"a STARTTLS\r\n")
-    assert parser.next_event() == StartTls("a")
+    assert parser.next_event() == c.StartTls("a")
     assert parser.buffered_bytes == 0
 
 
@@ -486,8 +430,8 @@ def test_constructor_validates_limits() -> None:
     ],
 )
 def test_modified_utf7_round_trip(name: str, encoded: bytes) -> None:
-    assert encode_mailbox_name(name) == encoded
-    assert decode_mailbox_name(encoded) == name
+    assert c.encode_mailbox_name(name) == encoded
+    assert c.decode_mailbox_name(encoded) == name
 
 
 @pytest.mark.parametrize(
@@ -507,19 +451,19 @@ def test_modified_utf7_round_trip(name: str, encoded: bytes) -> None:
 )
 def test_modified_utf7_rejects_invalid(raw: bytes) -> None:
     with pytest.raises(ValueError):
-        decode_mailbox_name(raw)
+        c.decode_mailbox_name(raw)
 
 
 def test_mailbox_names_in_commands() -> None:
-    assert one(b"a SELECT &AMk-\r\n") == Select("a", "É")
-    assert one(b'a SELECT "&-"\r\n') == Select("a", "&")
-    assert one(b"a RENAME Inbox &AOk-t&AOk-\r\n") == Rename("a", "INBOX", "été")
-    assert one(b"a COPY 1 inbox\r\n") == Copy("a", seq("1"), "INBOX")
-    assert one(b"a SELECT INBOXES\r\n") == Select("a", "INBOXES")
+    assert one(b"a SELECT &AMk-\r\n") == c.Select("a", "É")
+    assert one(b'a SELECT "&-"\r\n') == c.Select("a", "&")
+    assert one(b"a RENAME Inbox &AOk-t&AOk-\r\n") == c.Rename("a", "INBOX", "été")
+    assert one(b"a COPY 1 inbox\r\n") == c.Copy("a", seq("1"), "INBOX")
+    assert one(b"a SELECT INBOXES\r\n") == c.Select("a", "INBOXES")
     # not canonical, a control character: names that cannot exist (NO, see above)
     for line in (b"a SELECT &AMk-&AMk-\r\n", b"a SELECT &AAA-\r\n"):
         event = one(line)
-        assert isinstance(event, InvalidCommand) and event.status == "NO", event
+        assert isinstance(event, c.InvalidCommand) and event.status == "NO", event
 
 
 # --------------------------------------------------------------------------- sequence sets
@@ -528,17 +472,17 @@ def test_mailbox_names_in_commands() -> None:
 @pytest.mark.parametrize(
     ("text", "ranges", "rendered"),
     [
-        ("1:*", (SeqRange(1, None),), "1:*"),
-        ("*:4", (SeqRange(4, None),), "4:*"),
-        ("*", (SeqRange(None, None),), "*"),
-        ("*:*", (SeqRange(None, None),), "*"),
-        ("5:2", (SeqRange(2, 5),), "2:5"),
-        ("2,4:7,9", (SeqRange(2, 2), SeqRange(4, 7), SeqRange(9, 9)), "2,4:7,9"),
-        ("4294967295", (SeqRange(4294967295, 4294967295),), "4294967295"),
+        ("1:*", (c.SeqRange(1, None),), "1:*"),
+        ("*:4", (c.SeqRange(4, None),), "4:*"),
+        ("*", (c.SeqRange(None, None),), "*"),
+        ("*:*", (c.SeqRange(None, None),), "*"),
+        ("5:2", (c.SeqRange(2, 5),), "2:5"),
+        ("2,4:7,9", (c.SeqRange(2, 2), c.SeqRange(4, 7), c.SeqRange(9, 9)), "2,4:7,9"),
+        ("4294967295", (c.SeqRange(4294967295, 4294967295),), "4294967295"),
     ],
 )
-def test_sequence_set_parse(text: str, ranges: tuple[SeqRange, ...], rendered: str) -> None:
-    parsed = SequenceSet.parse(text)
+def test_sequence_set_parse(text: str, ranges: tuple[c.SeqRange, ...], rendered: str) -> None:
+    parsed = c.SequenceSet.parse(text)
     assert parsed.ranges == ranges
     assert str(parsed) == rendered
 
@@ -548,7 +492,7 @@ def test_sequence_set_parse(text: str, ranges: tuple[SeqRange, ...], rendered: s
 )
 def test_sequence_set_invalid(text: str) -> None:
     with pytest.raises(ValueError):
-        SequenceSet.parse(text)
+        c.SequenceSet.parse(text)
 
 
 def test_sequence_set_resolve() -> None:
@@ -578,20 +522,20 @@ def test_sequence_set_helpers() -> None:
     assert seq("2,4:7,9").highest_number == 9
     assert seq("*").highest_number == 0
     assert seq("1:*").has_star and not seq("1:5").has_star
-    assert str(SequenceSet.from_values([9, 1, 2, 3, 5, 6, 3])) == "1:3,5:6,9"
-    assert str(SequenceSet.from_values([42])) == "42"
+    assert str(c.SequenceSet.from_values([9, 1, 2, 3, 5, 6, 3])) == "1:3,5:6,9"
+    assert str(c.SequenceSet.from_values([42])) == "42"
     with pytest.raises(ValueError):
-        SequenceSet.from_values([])
+        c.SequenceSet.from_values([])
 
 
 # --------------------------------------------------------------------------- FETCH
 
 
 FLAGS, INTERNALDATE, SIZE, ENVELOPE = (
-    FetchAttr("FLAGS"),
-    FetchAttr("INTERNALDATE"),
-    FetchAttr("RFC822.SIZE"),
-    FetchAttr("ENVELOPE"),
+    c.FetchAttr("FLAGS"),
+    c.FetchAttr("INTERNALDATE"),
+    c.FetchAttr("RFC822.SIZE"),
+    c.FetchAttr("ENVELOPE"),
 )
 
 
@@ -600,14 +544,14 @@ FLAGS, INTERNALDATE, SIZE, ENVELOPE = (
     [
         (b"ALL", (FLAGS, INTERNALDATE, SIZE, ENVELOPE)),
         (b"fast", (FLAGS, INTERNALDATE, SIZE)),
-        (b"FULL", (FLAGS, INTERNALDATE, SIZE, ENVELOPE, FetchAttr("BODY"))),
+        (b"FULL", (FLAGS, INTERNALDATE, SIZE, ENVELOPE, c.FetchAttr("BODY"))),
         (b"FLAGS", (FLAGS,)),
-        (b"(UID FLAGS)", (FetchAttr("UID"), FLAGS)),
-        (b"(FLAGS FLAGS uid)", (FLAGS, FetchAttr("UID"))),
+        (b"(UID FLAGS)", (c.FetchAttr("UID"), FLAGS)),
+        (b"(FLAGS FLAGS uid)", (FLAGS, c.FetchAttr("UID"))),
         (
             b"(RFC822 RFC822.HEADER RFC822.TEXT RFC822.SIZE BODYSTRUCTURE BODY)",
             tuple(
-                FetchAttr(n)
+                c.FetchAttr(n)
                 for n in (
                     "RFC822",
                     "RFC822.HEADER",
@@ -618,42 +562,42 @@ FLAGS, INTERNALDATE, SIZE, ENVELOPE = (
                 )
             ),
         ),
-        (b"BODY[]", (FetchAttr("BODY", Section()),)),
-        (b"BODY.PEEK[]<0.1024>", (FetchAttr("BODY", Section(), (0, 1024), peek=True),)),
-        (b"body[1.2.3]", (FetchAttr("BODY", Section((1, 2, 3))),)),
-        (b"BODY[1.2.MIME]", (FetchAttr("BODY", Section((1, 2), "MIME")),)),
-        (b"BODY[2.HEADER]", (FetchAttr("BODY", Section((2,), "HEADER")),)),
-        (b"BODY[2.TEXT]", (FetchAttr("BODY", Section((2,), "TEXT")),)),
-        (b"BODY[HEADER]", (FetchAttr("BODY", Section((), "HEADER")),)),
-        (b"BODY[text]", (FetchAttr("BODY", Section((), "TEXT")),)),
+        (b"BODY[]", (c.FetchAttr("BODY", c.Section()),)),
+        (b"BODY.PEEK[]<0.1024>", (c.FetchAttr("BODY", c.Section(), (0, 1024), peek=True),)),
+        (b"body[1.2.3]", (c.FetchAttr("BODY", c.Section((1, 2, 3))),)),
+        (b"BODY[1.2.MIME]", (c.FetchAttr("BODY", c.Section((1, 2), "MIME")),)),
+        (b"BODY[2.HEADER]", (c.FetchAttr("BODY", c.Section((2,), "HEADER")),)),
+        (b"BODY[2.TEXT]", (c.FetchAttr("BODY", c.Section((2,), "TEXT")),)),
+        (b"BODY[HEADER]", (c.FetchAttr("BODY", c.Section((), "HEADER")),)),
+        (b"BODY[text]", (c.FetchAttr("BODY", c.Section((), "TEXT")),)),
         (
             b"BODY.PEEK[HEADER.FIELDS (FROM SUBJECT)]<0.100>",
             (
-                FetchAttr(
-                    "BODY", Section((), "HEADER.FIELDS", ("FROM", "SUBJECT")), (0, 100), peek=True
+                c.FetchAttr(
+                    "BODY", c.Section((), "HEADER.FIELDS", ("FROM", "SUBJECT")), (0, 100), peek=True
                 ),
             ),
         ),
         (
             b'(BODY[header.fields.not (X-Priority "Received")] FLAGS)',
             (
-                FetchAttr("BODY", Section((), "HEADER.FIELDS.NOT", ("X-Priority", "Received"))),
+                c.FetchAttr("BODY", c.Section((), "HEADER.FIELDS.NOT", ("X-Priority", "Received"))),
                 FLAGS,
             ),
         ),
         (
             b"BODY[1.HEADER.FIELDS ({7+}\r\nSubject)]",
-            (FetchAttr("BODY", Section((1,), "HEADER.FIELDS", ("Subject",))),),
+            (c.FetchAttr("BODY", c.Section((1,), "HEADER.FIELDS", ("Subject",))),),
         ),
     ],
 )
-def test_fetch_items(items: bytes, expected: tuple[FetchAttr, ...]) -> None:
-    assert one(b"f FETCH 1:* " + items + b"\r\n") == Fetch("f", seq("1:*"), expected)
+def test_fetch_items(items: bytes, expected: tuple[c.FetchAttr, ...]) -> None:
+    assert one(b"f FETCH 1:* " + items + b"\r\n") == c.Fetch("f", seq("1:*"), expected)
 
 
 def test_uid_fetch() -> None:
-    assert one(b"f UID FETCH 4:2,7 (UID RFC822.SIZE)\r\n") == Fetch(
-        "f", seq("2:4,7"), (FetchAttr("UID"), SIZE), uid=True
+    assert one(b"f UID FETCH 4:2,7 (UID RFC822.SIZE)\r\n") == c.Fetch(
+        "f", seq("2:4,7"), (c.FetchAttr("UID"), SIZE), uid=True
     )
 
 
@@ -695,20 +639,21 @@ def test_fetch_invalid_sequence() -> None:
 
 
 def test_fetch_attr_names() -> None:
-    attr = FetchAttr("BODY", Section((), "HEADER.FIELDS", ("FROM", "SUBJECT")), (0, 100), peek=True)
+    attr = c.FetchAttr("BODY", c.Section((), "HEADER.FIELDS", ("FROM", "SUBJECT")), (0, 100),
+                       peek=True)
     assert attr.response_name() == "BODY[HEADER.FIELDS (FROM SUBJECT)]<0>"
     assert str(attr) == "BODY.PEEK[HEADER.FIELDS (FROM SUBJECT)]<0.100>"
     assert not attr.sets_seen and attr.is_body_section
-    body = FetchAttr("BODY", Section((1, 2), "MIME"))
+    body = c.FetchAttr("BODY", c.Section((1, 2), "MIME"))
     assert body.response_name() == "BODY[1.2.MIME]" and body.sets_seen
-    assert FetchAttr("BODY", Section()).response_name() == "BODY[]"
-    assert FetchAttr("BODY", Section((3,))).response_name() == "BODY[3]"
-    odd = FetchAttr("BODY", Section((), "HEADER.FIELDS.NOT", ('X"y', "A B")))
+    assert c.FetchAttr("BODY", c.Section()).response_name() == "BODY[]"
+    assert c.FetchAttr("BODY", c.Section((3,))).response_name() == "BODY[3]"
+    odd = c.FetchAttr("BODY", c.Section((), "HEADER.FIELDS.NOT", ('X"y', "A B")))
     assert odd.response_name() == 'BODY[HEADER.FIELDS.NOT ("X\\"y" "A B")]'
-    assert FetchAttr("RFC822").sets_seen and FetchAttr("RFC822.TEXT").sets_seen
-    assert not FetchAttr("RFC822.HEADER").sets_seen and not FetchAttr("BODY").sets_seen
-    assert FetchAttr("RFC822.SIZE").response_name() == "RFC822.SIZE"
-    assert not FetchAttr("FLAGS").is_body_section
+    assert c.FetchAttr("RFC822").sets_seen and c.FetchAttr("RFC822.TEXT").sets_seen
+    assert not c.FetchAttr("RFC822.HEADER").sets_seen and not c.FetchAttr("BODY").sets_seen
+    assert c.FetchAttr("RFC822.SIZE").response_name() == "RFC822.SIZE"
+    assert not c.FetchAttr("FLAGS").is_body_section
 
 
 # --------------------------------------------------------------------------- STORE
@@ -717,23 +662,23 @@ def test_fetch_attr_names() -> None:
 @pytest.mark.parametrize(
     ("args", "mode", "silent", "flags"),
     [
-        (b"FLAGS (\\Seen)", StoreMode.REPLACE, False, ("\\Seen",)),
-        (b"+FLAGS \\deleted", StoreMode.ADD, False, ("\\Deleted",)),
+        (b"FLAGS (\\Seen)", c.StoreMode.REPLACE, False, ("\\Seen",)),
+        (b"+FLAGS \\deleted", c.StoreMode.ADD, False, ("\\Deleted",)),
         (
             b"-flags.silent (\\SEEN $Label1 \\Flagged)",
-            StoreMode.REMOVE,
+            c.StoreMode.REMOVE,
             True,
             ("\\Seen", "$Label1", "\\Flagged"),
         ),
-        (b"+FLAGS.SILENT \\Answered \\Draft", StoreMode.ADD, True, ("\\Answered", "\\Draft")),
-        (b"FLAGS ()", StoreMode.REPLACE, False, ()),
-        (b"FLAGS (\\Seen \\Seen)", StoreMode.REPLACE, False, ("\\Seen",)),
-        (b"+FLAGS (\\XCustom)", StoreMode.ADD, False, ("\\XCustom",)),
+        (b"+FLAGS.SILENT \\Answered \\Draft", c.StoreMode.ADD, True, ("\\Answered", "\\Draft")),
+        (b"FLAGS ()", c.StoreMode.REPLACE, False, ()),
+        (b"FLAGS (\\Seen \\Seen)", c.StoreMode.REPLACE, False, ("\\Seen",)),
+        (b"+FLAGS (\\XCustom)", c.StoreMode.ADD, False, ("\\XCustom",)),
     ],
 )
-def test_store(args: bytes, mode: StoreMode, silent: bool, flags: tuple[str, ...]) -> None:
-    assert one(b"s STORE 1:3 " + args + b"\r\n") == Store("s", seq("1:3"), mode, silent, flags)
-    assert one(b"s UID STORE 1:3 " + args + b"\r\n") == Store(
+def test_store(args: bytes, mode: c.StoreMode, silent: bool, flags: tuple[str, ...]) -> None:
+    assert one(b"s STORE 1:3 " + args + b"\r\n") == c.Store("s", seq("1:3"), mode, silent, flags)
+    assert one(b"s UID STORE 1:3 " + args + b"\r\n") == c.Store(
         "s", seq("1:3"), mode, silent, flags, uid=True
     )
 
@@ -760,9 +705,9 @@ def test_store_invalid(args: bytes) -> None:
 # --------------------------------------------------------------------------- SEARCH
 
 
-def search_key(text: bytes) -> SearchKey:
+def search_key(text: bytes) -> c.SearchKey:
     event = one(b"s SEARCH " + text + b"\r\n")
-    assert isinstance(event, Search), event
+    assert isinstance(event, c.Search), event
     return event.criteria
 
 
@@ -772,80 +717,81 @@ D = date(2024, 2, 1)
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
-        (b"ALL", SearchAll()),
-        (b"ANSWERED", SearchFlag("\\Answered", True)),
-        (b"BCC bob", SearchHeader("BCC", "bob")),
-        (b"BEFORE 1-Feb-2024", SearchInternalDate(DateRelation.BEFORE, D)),
-        (b'BODY "rendez-vous"', SearchBody("rendez-vous")),
-        (b"CC {3+}\r\nann", SearchHeader("CC", "ann")),
-        (b"DELETED", SearchFlag("\\Deleted", True)),
-        (b"DRAFT", SearchFlag("\\Draft", True)),
-        (b"FLAGGED", SearchFlag("\\Flagged", True)),
-        (b"FROM dr.house@example.org", SearchHeader("FROM", "dr.house@example.org")),
-        (b"HEADER Message-ID <a@b>", SearchHeader("MESSAGE-ID", "<a@b>")),
-        (b'HEADER "X-Priority" ""', SearchHeader("X-PRIORITY", "")),
-        (b"KEYWORD $Forwarded", SearchFlag("$Forwarded", True)),
-        (b"LARGER 1024", SearchLarger(1024)),
-        (b"NEW", SearchAnd((SearchFlag("\\Recent", True), SearchFlag("\\Seen", False)))),
-        (b"NOT SEEN", SearchNot(SearchFlag("\\Seen", True))),
-        (b"OLD", SearchFlag("\\Recent", False)),
-        (b"ON 01-Feb-2024", SearchInternalDate(DateRelation.ON, D)),
-        (b"OR SEEN FLAGGED", SearchOr(SearchFlag("\\Seen", True), SearchFlag("\\Flagged", True))),
-        (b"RECENT", SearchFlag("\\Recent", True)),
-        (b"SEEN", SearchFlag("\\Seen", True)),
-        (b'SENTBEFORE "1-feb-2024"', SearchSentDate(DateRelation.BEFORE, D)),
-        (b"SENTON 1-FEB-2024", SearchSentDate(DateRelation.ON, D)),
-        (b"SENTSINCE 1-Feb-2024", SearchSentDate(DateRelation.SINCE, D)),
-        (b"SINCE 1-Feb-2024", SearchInternalDate(DateRelation.SINCE, D)),
-        (b"SMALLER 0", SearchSmaller(0)),
-        (b'SUBJECT "R\xc3\xa9sultats"', SearchHeader("SUBJECT", "Résultats")),
-        (b"TEXT ordonnance", SearchText("ordonnance")),
-        (b"TO patient", SearchHeader("TO", "patient")),
-        (b"UID 1:*", SearchUid(seq("1:*"))),
-        (b"UNANSWERED", SearchFlag("\\Answered", False)),
-        (b"UNDELETED", SearchFlag("\\Deleted", False)),
-        (b"UNDRAFT", SearchFlag("\\Draft", False)),
-        (b"UNFLAGGED", SearchFlag("\\Flagged", False)),
-        (b"UNKEYWORD $Junk", SearchFlag("$Junk", False)),
-        (b"UNSEEN", SearchFlag("\\Seen", False)),
-        (b"2,4:7,9", SearchSequence(seq("2,4:7,9"))),
-        (b"*", SearchSequence(seq("*"))),
-        (b"(SEEN)", SearchFlag("\\Seen", True)),
+        (b"ALL", c.SearchAll()),
+        (b"ANSWERED", c.SearchFlag("\\Answered", True)),
+        (b"BCC bob", c.SearchHeader("BCC", "bob")),
+        (b"BEFORE 1-Feb-2024", c.SearchInternalDate(c.DateRelation.BEFORE, D)),
+        (b'BODY "rendez-vous"', c.SearchBody("rendez-vous")),
+        (b"CC {3+}\r\nann", c.SearchHeader("CC", "ann")),
+        (b"DELETED", c.SearchFlag("\\Deleted", True)),
+        (b"DRAFT", c.SearchFlag("\\Draft", True)),
+        (b"FLAGGED", c.SearchFlag("\\Flagged", True)),
+        (b"FROM dr.house@example.org", c.SearchHeader("FROM", "dr.house@example.org")),
+        (b"HEADER Message-ID <a@b>", c.SearchHeader("MESSAGE-ID", "<a@b>")),
+        (b'HEADER "X-Priority" ""', c.SearchHeader("X-PRIORITY", "")),
+        (b"KEYWORD $Forwarded", c.SearchFlag("$Forwarded", True)),
+        (b"LARGER 1024", c.SearchLarger(1024)),
+        (b"NEW", c.SearchAnd((c.SearchFlag("\\Recent", True), c.SearchFlag("\\Seen", False)))),
+        (b"NOT SEEN", c.SearchNot(c.SearchFlag("\\Seen", True))),
+        (b"OLD", c.SearchFlag("\\Recent", False)),
+        (b"ON 01-Feb-2024", c.SearchInternalDate(c.DateRelation.ON, D)),
+        (b"OR SEEN FLAGGED",
+         c.SearchOr(c.SearchFlag("\\Seen", True), c.SearchFlag("\\Flagged", True))),
+        (b"RECENT", c.SearchFlag("\\Recent", True)),
+        (b"SEEN", c.SearchFlag("\\Seen", True)),
+        (b'SENTBEFORE "1-feb-2024"', c.SearchSentDate(c.DateRelation.BEFORE, D)),
+        (b"SENTON 1-FEB-2024", c.SearchSentDate(c.DateRelation.ON, D)),
+        (b"SENTSINCE 1-Feb-2024", c.SearchSentDate(c.DateRelation.SINCE, D)),
+        (b"SINCE 1-Feb-2024", c.SearchInternalDate(c.DateRelation.SINCE, D)),
+        (b"SMALLER 0", c.SearchSmaller(0)),
+        (b'SUBJECT "R\xc3\xa9sultats"', c.SearchHeader("SUBJECT", "Résultats")),
+        (b"TEXT ordonnance", c.SearchText("ordonnance")),
+        (b"TO patient", c.SearchHeader("TO", "patient")),
+        (b"UID 1:*", c.SearchUid(seq("1:*"))),
+        (b"UNANSWERED", c.SearchFlag("\\Answered", False)),
+        (b"UNDELETED", c.SearchFlag("\\Deleted", False)),
+        (b"UNDRAFT", c.SearchFlag("\\Draft", False)),
+        (b"UNFLAGGED", c.SearchFlag("\\Flagged", False)),
+        (b"UNKEYWORD $Junk", c.SearchFlag("$Junk", False)),
+        (b"UNSEEN", c.SearchFlag("\\Seen", False)),
+        (b"2,4:7,9", c.SearchSequence(seq("2,4:7,9"))),
+        (b"*", c.SearchSequence(seq("*"))),
+        (b"(SEEN)", c.SearchFlag("\\Seen", True)),
         (
             b"unseen deleted",
-            SearchAnd((SearchFlag("\\Seen", False), SearchFlag("\\Deleted", True))),
+            c.SearchAnd((c.SearchFlag("\\Seen", False), c.SearchFlag("\\Deleted", True))),
         ),
     ],
 )
-def test_search_keys(text: bytes, expected: SearchKey) -> None:
+def test_search_keys(text: bytes, expected: c.SearchKey) -> None:
     assert search_key(text) == expected
 
 
 def test_search_or_not_nesting() -> None:
     text = b"OR (FROM alice TO bob) NOT OR SEEN (FLAGGED SINCE 5-Mar-2024) UID 3:*"
-    assert search_key(text) == SearchAnd(
+    assert search_key(text) == c.SearchAnd(
         (
-            SearchOr(
-                SearchAnd((SearchHeader("FROM", "alice"), SearchHeader("TO", "bob"))),
-                SearchNot(
-                    SearchOr(
-                        SearchFlag("\\Seen", True),
-                        SearchAnd(
+            c.SearchOr(
+                c.SearchAnd((c.SearchHeader("FROM", "alice"), c.SearchHeader("TO", "bob"))),
+                c.SearchNot(
+                    c.SearchOr(
+                        c.SearchFlag("\\Seen", True),
+                        c.SearchAnd(
                             (
-                                SearchFlag("\\Flagged", True),
-                                SearchInternalDate(DateRelation.SINCE, date(2024, 3, 5)),
+                                c.SearchFlag("\\Flagged", True),
+                                c.SearchInternalDate(c.DateRelation.SINCE, date(2024, 3, 5)),
                             )
                         ),
                     )
                 ),
             ),
-            SearchUid(seq("3:*")),
+            c.SearchUid(seq("3:*")),
         )
     )
-    assert search_key(b"NOT NOT (((ALL)))") == SearchNot(SearchNot(SearchAll()))
-    assert search_key(b"OR OR SEEN DRAFT OR 1 2") == SearchOr(
-        SearchOr(SearchFlag("\\Seen", True), SearchFlag("\\Draft", True)),
-        SearchOr(SearchSequence(seq("1")), SearchSequence(seq("2"))),
+    assert search_key(b"NOT NOT (((ALL)))") == c.SearchNot(c.SearchNot(c.SearchAll()))
+    assert search_key(b"OR OR SEEN DRAFT OR 1 2") == c.SearchOr(
+        c.SearchOr(c.SearchFlag("\\Seen", True), c.SearchFlag("\\Draft", True)),
+        c.SearchOr(c.SearchSequence(seq("1")), c.SearchSequence(seq("2"))),
     )
 
 
@@ -853,22 +799,22 @@ def test_search_charset_utf8_with_literal() -> None:
     data = b"s UID SEARCH CHARSET UTF-8 SUBJECT {9}\r\nR\xc3\xa9sultat FROM x\r\n"
     assert events(data) == [
         NeedContinuation("s", 9, "UID SEARCH"),
-        Search(
+        c.Search(
             "s",
             "UTF-8",
-            SearchAnd((SearchHeader("SUBJECT", "Résultat"), SearchHeader("FROM", "x"))),
+            c.SearchAnd((c.SearchHeader("SUBJECT", "Résultat"), c.SearchHeader("FROM", "x"))),
             uid=True,
         ),
     ]
-    assert one(b"s SEARCH charset utf-8 TEXT {3+}\r\n\xe6\x97\xa5\r\n") == Search(
-        "s", "UTF-8", SearchText("日")
+    assert one(b"s SEARCH charset utf-8 TEXT {3+}\r\n\xe6\x97\xa5\r\n") == c.Search(
+        "s", "UTF-8", c.SearchText("日")
     )
-    assert one(b's SEARCH CHARSET "US-ASCII" ALL\r\n') == Search("s", "US-ASCII", SearchAll())
+    assert one(b's SEARCH CHARSET "US-ASCII" ALL\r\n') == c.Search("s", "US-ASCII", c.SearchAll())
 
 
 def test_search_charset_errors() -> None:
     event = one(b"s SEARCH CHARSET KOI8-R SUBJECT x\r\n")
-    assert event == InvalidCommand(
+    assert event == c.InvalidCommand(
         "s", "Unsupported charset", status="NO", code="BADCHARSET (UTF-8 US-ASCII)"
     )
     assert bad(b"s SEARCH CHARSET UTF-8 SUBJECT {1+}\r\n\xff\r\n").text == (
@@ -914,7 +860,7 @@ def test_search_invalid(text: bytes) -> None:
 
 def test_search_depth_limit() -> None:
     ok = b"NOT " * MAX_SEARCH_DEPTH + b"ALL"
-    assert isinstance(search_key(ok), SearchNot)
+    assert isinstance(search_key(ok), c.SearchNot)
     too_deep = b"NOT " * (MAX_SEARCH_DEPTH + 1) + b"ALL"
     assert bad(b"s SEARCH " + too_deep + b"\r\n").text == "Search too deeply nested"
     parens = b"(" * 2000 + b"ALL" + b")" * 2000
@@ -933,7 +879,7 @@ def test_append_with_flags_date_and_binary_literal() -> None:
         + message
         + b"\r\n"
     )
-    expected = Append(
+    expected = c.Append(
         "a",
         "Sent",
         ("\\Seen", "\\Draft", "$MDNSent"),
@@ -943,7 +889,7 @@ def test_append_with_flags_date_and_binary_literal() -> None:
     assert events(data) == [NeedContinuation("a", len(message), "APPEND"), expected]
     result = commands(data.replace(b"}\r\n", b"+}\r\n", 1))
     assert result == [expected]
-    assert isinstance(result[0], Append) and result[0].message == message
+    assert isinstance(result[0], c.Append) and result[0].message == message
 
 
 @pytest.mark.parametrize(
@@ -966,7 +912,7 @@ def test_append_with_flags_date_and_binary_literal() -> None:
 )
 def test_append_variants(args: bytes, flags: tuple[str, ...], when: datetime | None) -> None:
     data = b"a APPEND inbox" + args + b" {2+}\r\nhi\r\n"
-    assert one(data) == Append("a", "INBOX", flags, when, b"hi")
+    assert one(data) == c.Append("a", "INBOX", flags, when, b"hi")
 
 
 @pytest.mark.parametrize(
@@ -1044,7 +990,7 @@ def test_random_garbage_never_raises() -> None:
             parser.feed(data[position : position + step])
             position += step
             while (event := parser.next_event()) is not None:
-                if isinstance(event, InvalidCommand):
+                if isinstance(event, c.InvalidCommand):
                     assert event.status in ("BAD", "NO") and event.text
         parser.feed(b"\r\n")
         while parser.next_event() is not None:
@@ -1057,7 +1003,7 @@ def test_many_pipelined_commands_in_one_feed() -> None:
     parser.feed(data)
     count = 0
     while (event := parser.next_event()) is not None:
-        assert isinstance(event, Noop)
+        assert isinstance(event, c.Noop)
         count += 1
     assert count == 20000 and parser.buffered_bytes == 0
 
@@ -1072,7 +1018,7 @@ def test_large_literal_in_chunks() -> None:
         assert parser.next_event() is None
     parser.feed(b"\r\n")
     event = parser.next_event()
-    assert isinstance(event, Append) and event.message == message
+    assert isinstance(event, c.Append) and event.message == message
 
 
 def test_reject_literal_only_before_its_first_byte() -> None:
@@ -1084,7 +1030,7 @@ def test_reject_literal_only_before_its_first_byte() -> None:
     with pytest.raises(RuntimeError):
         parser.reject_literal()
     parser.feed(b"cde pw\r\n")
-    assert parser.next_event() == Login("a", "abcde", b"pw")
+    assert parser.next_event() == c.Login("a", "abcde", b"pw")
 
 
 # --------------------------------------------------------------------------- RFC 7162, 4731
@@ -1092,21 +1038,22 @@ def test_reject_literal_only_before_its_first_byte() -> None:
 
 def test_condstore_qresync_and_esearch_syntax() -> None:
     big = 2**63 - 1
-    assert one(b"a SELECT INBOX (CONDSTORE)\r\n") == Select("a", "INBOX", condstore=True)
-    assert one(b"a EXAMINE INBOX (QRESYNC (7 %d 1:5,9 (1:3 2:4)))\r\n" % big) == Select(
-        "a", "INBOX", True, qresync=QResync(7, big, seq("1:5,9"), (seq("1:3"), seq("2:4"))))
-    assert one(b"a SELECT INBOX (QRESYNC (7 12 (1 2)))\r\n") == Select(
-        "a", "INBOX", qresync=QResync(7, 12, None, (seq("1"), seq("2"))))
+    assert one(b"a SELECT INBOX (CONDSTORE)\r\n") == c.Select("a", "INBOX", condstore=True)
+    assert one(b"a EXAMINE INBOX (QRESYNC (7 %d 1:5,9 (1:3 2:4)))\r\n" % big) == c.Select(
+        "a", "INBOX", True, qresync=c.QResync(7, big, seq("1:5,9"), (seq("1:3"), seq("2:4"))))
+    assert one(b"a SELECT INBOX (QRESYNC (7 12 (1 2)))\r\n") == c.Select(
+        "a", "INBOX", qresync=c.QResync(7, 12, None, (seq("1"), seq("2"))))
     fetch = one(b"a UID FETCH 1:* (FLAGS) (CHANGEDSINCE 0 VANISHED)\r\n")
-    assert isinstance(fetch, Fetch) and (fetch.changedsince, fetch.vanished) == (0, True)
+    assert isinstance(fetch, c.Fetch) and (fetch.changedsince, fetch.vanished) == (0, True)
     store = one(b"a STORE 1 (UNCHANGEDSINCE 5) -FLAGS.SILENT (x)\r\n")
-    assert isinstance(store, Store) and store.unchangedsince == 5 and store.silent
-    assert one(b'a SEARCH MODSEQ "/flags/\\\\seen" all 4\r\n') == Search(
-        "a", None, SearchModseq(4))
-    assert one(b"a STATUS INBOX (HIGHESTMODSEQ)\r\n") == Status("a", "INBOX", ("HIGHESTMODSEQ",))
-    assert one(b"a SEARCH RETURN () ALL\r\n") == Search("a", None, SearchAll(), returns=("ALL",))
-    assert one(b"a UID SEARCH RETURN (COUNT MIN) ALL\r\n") == Search(
-        "a", None, SearchAll(), True, ("COUNT", "MIN"))
+    assert isinstance(store, c.Store) and store.unchangedsince == 5 and store.silent
+    assert one(b'a SEARCH MODSEQ "/flags/\\\\seen" all 4\r\n') == c.Search(
+        "a", None, c.SearchModseq(4))
+    assert one(b"a STATUS INBOX (HIGHESTMODSEQ)\r\n") == c.Status("a", "INBOX", ("HIGHESTMODSEQ",))
+    assert one(b"a SEARCH RETURN () ALL\r\n") == c.Search("a", None, c.SearchAll(),
+                                                          returns=("ALL",))
+    assert one(b"a UID SEARCH RETURN (COUNT MIN) ALL\r\n") == c.Search(
+        "a", None, c.SearchAll(), True, ("COUNT", "MIN"))
     for line in (
         b"a SELECT INBOX (QRESYNC (0 1))",  # UIDVALIDITY is non-zero
         b"a SELECT INBOX (QRESYNC (1 0))",  # so is the mod-sequence

@@ -49,75 +49,7 @@ from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta, timezone
 from typing import TypeVar
 
-from imap_store.imap.commands import (
-    BINARY_NAMES,
-    FETCH_MACROS,
-    FETCH_NAMES,
-    MAX_MODSEQ,
-    MAX_NUMBER,
-    SAVED_RESULT,
-    SEARCH_CHARSETS,
-    SORT_KEYS,
-    SYSTEM_FLAGS,
-    THREAD_ALGORITHMS,
-    Append,
-    Authenticate,
-    Capability,
-    Check,
-    Close,
-    Command,
-    Copy,
-    Create,
-    DateRelation,
-    Delete,
-    Enable,
-    Expunge,
-    Fetch,
-    FetchAttr,
-    Id,
-    Idle,
-    InvalidCommand,
-    List,
-    Login,
-    Logout,
-    Lsub,
-    Move,
-    Namespace,
-    Noop,
-    QResync,
-    Rename,
-    Search,
-    SearchAll,
-    SearchAnd,
-    SearchBody,
-    SearchFlag,
-    SearchHeader,
-    SearchInternalDate,
-    SearchKey,
-    SearchLarger,
-    SearchModseq,
-    SearchNot,
-    SearchOr,
-    SearchSentDate,
-    SearchSequence,
-    SearchSmaller,
-    SearchText,
-    SearchUid,
-    Section,
-    SectionText,
-    Select,
-    SequenceSet,
-    Sort,
-    StartTls,
-    Status,
-    Store,
-    StoreMode,
-    Subscribe,
-    Thread,
-    Unselect,
-    Unsubscribe,
-    decode_mailbox_name,
-)
+from imap_store.imap import commands as c
 from policy.rules import MAX_INBOUND_SIZE
 
 __all__ = [
@@ -209,7 +141,7 @@ class RawLine:
     line: bytes = field(repr=False)
 
 
-Event = Command | InvalidCommand | NeedContinuation | LiteralTooLarge | LineTooLong | RawLine
+Event = c.Command | c.InvalidCommand | NeedContinuation | LiteralTooLarge | LineTooLong | RawLine
 
 
 # --------------------------------------------------------------------------- character classes
@@ -246,7 +178,7 @@ _MONTHS = {
         ("JAN", "FEB", "MAR", "APR", "MAY", "JUN", "JUL", "AUG", "SEP", "OCT", "NOV", "DEC")
     )
 }
-_CANONICAL_FLAGS = {flag.upper(): flag for flag in SYSTEM_FLAGS}
+_CANONICAL_FLAGS = {flag.upper(): flag for flag in c.SYSTEM_FLAGS}
 #: RFC 6154 §2 special-use attributes, canonical case.
 _SPECIAL_USE = {
     attr.upper(): attr
@@ -388,7 +320,7 @@ class _Reader:
         digits = self.run(_DIGITS)
         if not digits:
             raise _SyntaxError("Expected a number")
-        if len(digits) > 10 or int(digits) > MAX_NUMBER:
+        if len(digits) > 10 or int(digits) > c.MAX_NUMBER:
             raise _SyntaxError("Number out of range")
         value = int(digits)
         if nonzero and (value == 0 or digits[0] == 0x30):
@@ -400,7 +332,7 @@ class _Reader:
         digits = self.run(_DIGITS)
         if not digits:
             raise _SyntaxError("Expected a mod-sequence")
-        if len(digits) > 19 or int(digits) > MAX_MODSEQ:
+        if len(digits) > 19 or int(digits) > c.MAX_MODSEQ:
             raise _SyntaxError("Mod-sequence out of range")
         value = int(digits)
         if value == 0 and not allow_zero:
@@ -529,16 +461,16 @@ class _Reader:
             raise _SyntaxError("Missing argument" if self.at_end() else "Invalid mailbox pattern")
         return _decode_pattern(raw, self.utf8)
 
-    def sequence_set(self) -> SequenceSet:
+    def sequence_set(self) -> c.SequenceSet:
         """RFC 3501 §9 ``sequence-set``, or ``$`` (RFC 5182 §3 ``seq-last-command``)."""
         if self.peek() == _DOLLAR:
             self.pos += 1
-            return SAVED_RESULT
+            return c.SAVED_RESULT
         raw = self.run(_SEQ_CHARS)
         if not raw:
             raise _SyntaxError("Missing argument" if self.at_end() else "Invalid sequence set")
         try:
-            return SequenceSet.parse(raw.decode("ascii"))
+            return c.SequenceSet.parse(raw.decode("ascii"))
         except ValueError:
             raise _SyntaxError("Invalid sequence set") from None
 
@@ -566,10 +498,10 @@ def _decode_name(raw: bytes, utf8: bool = False) -> str:
         raise _SyntaxError("Invalid mailbox name")
     else:
         try:
-            name = decode_mailbox_name(raw)
+            name = c.decode_mailbox_name(raw)
         except ValueError:
             raise _NameError("No such mailbox (invalid name)", "NONEXISTENT") from None
-    if any(ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0 for c in name):
+    if any(ord(ch) < 0x20 or 0x7F <= ord(ch) < 0xA0 for ch in name):
         raise _NameError("No such mailbox (invalid name)", "NONEXISTENT")
     return name
 
@@ -588,18 +520,19 @@ def _decode_pattern(raw: bytes, utf8: bool = False) -> str:
 
 
 _NoArgumentCommand = (
-    Capability | Noop | Logout | StartTls | Check | Close | Unselect | Idle | Namespace
+    c.Capability | c.Noop | c.Logout | c.StartTls | c.Check | c.Close | c.Unselect | c.Idle
+    | c.Namespace
 )
 
 
-def _no_arguments(cls: type[_NoArgumentCommand]) -> Callable[[_Reader, str, bool], Command]:
-    def handler(reader: _Reader, tag: str, uid: bool) -> Command:
+def _no_arguments(cls: type[_NoArgumentCommand]) -> Callable[[_Reader, str, bool], c.Command]:
+    def handler(reader: _Reader, tag: str, uid: bool) -> c.Command:
         return cls(tag)
 
     return handler
 
 
-def _authenticate(reader: _Reader, tag: str, uid: bool) -> Command:
+def _authenticate(reader: _Reader, tag: str, uid: bool) -> c.Command:
     reader.sp()
     mechanism = reader.atom("Invalid mechanism").decode("ascii").upper()
     initial: bytes | None = None
@@ -615,10 +548,10 @@ def _authenticate(reader: _Reader, tag: str, uid: bool) -> Command:
                 initial = base64.b64decode(raw, validate=True)
             except binascii.Error:
                 raise _SyntaxError("Invalid BASE64") from None
-    return Authenticate(tag, mechanism, initial)
+    return c.Authenticate(tag, mechanism, initial)
 
 
-def _login(reader: _Reader, tag: str, uid: bool) -> Command:
+def _login(reader: _Reader, tag: str, uid: bool) -> c.Command:
     reader.sp()
     raw_user = reader.astring()
     reader.sp()
@@ -627,15 +560,15 @@ def _login(reader: _Reader, tag: str, uid: bool) -> Command:
         user = raw_user.decode("utf-8")
     except UnicodeDecodeError:
         raise _SyntaxError("Invalid user name") from None
-    return Login(tag, user, password)
+    return c.Login(tag, user, password)
 
 
-def _select(readonly: bool) -> Callable[[_Reader, str, bool], Command]:
-    def handler(reader: _Reader, tag: str, uid: bool) -> Command:
+def _select(readonly: bool) -> Callable[[_Reader, str, bool], c.Command]:
+    def handler(reader: _Reader, tag: str, uid: bool) -> c.Command:
         reader.sp()
         mailbox = reader.mailbox()
         condstore = False
-        qresync: QResync | None = None
+        qresync: c.QResync | None = None
         if not reader.at_end():
             # RFC 4466 §2.1 select-params: CONDSTORE (RFC 7162 §3.1.8), QRESYNC (§3.2.5)
             reader.sp()
@@ -652,19 +585,19 @@ def _select(readonly: bool) -> Callable[[_Reader, str, bool], Command]:
                     raise _SyntaxError("Unknown SELECT parameter")
 
             reader.paren_list(param, allow_empty=False)
-        return Select(tag, mailbox, readonly, condstore, qresync)
+        return c.Select(tag, mailbox, readonly, condstore, qresync)
 
     return handler
 
 
-def _qresync_param(reader: _Reader) -> QResync:
+def _qresync_param(reader: _Reader) -> c.QResync:
     """``(uidvalidity mod-sequence-value [SP known-uids] [SP seq-match-data])``."""
     reader.expect(_LPAREN, "Expected '('")
     uidvalidity = reader.number(nonzero=True)
     reader.sp()
     modseq = reader.modseq()
-    known: SequenceSet | None = None
-    match: tuple[SequenceSet, SequenceSet] | None = None
+    known: c.SequenceSet | None = None
+    match: tuple[c.SequenceSet, c.SequenceSet] | None = None
     if reader.peek() == _SP:
         reader.pos += 1
         if reader.peek() != _LPAREN:
@@ -679,7 +612,7 @@ def _qresync_param(reader: _Reader) -> QResync:
             reader.expect(_RPAREN, "Expected ')'")
             match = (seqs, uids)
     reader.expect(_RPAREN, "Expected ')'")
-    return QResync(uidvalidity, modseq, known, match)
+    return c.QResync(uidvalidity, modseq, known, match)
 
 
 def _special_use_attr(reader: _Reader) -> str:
@@ -688,7 +621,7 @@ def _special_use_attr(reader: _Reader) -> str:
     return _SPECIAL_USE.get(name.upper(), name)
 
 
-def _create(reader: _Reader, tag: str, uid: bool) -> Command:
+def _create(reader: _Reader, tag: str, uid: bool) -> c.Command:
     reader.sp()
     mailbox = reader.mailbox(new=True)
     special_use: list[str] = []
@@ -703,24 +636,24 @@ def _create(reader: _Reader, tag: str, uid: bool) -> Command:
             special_use.extend(reader.paren_list(lambda: _special_use_attr(reader)))
 
         reader.paren_list(create_param, allow_empty=False)
-    return Create(tag, mailbox, tuple(dict.fromkeys(special_use)))
+    return c.Create(tag, mailbox, tuple(dict.fromkeys(special_use)))
 
 
 def _one_mailbox(
-    cls: type[Delete | Subscribe | Unsubscribe],
-) -> Callable[[_Reader, str, bool], Command]:
-    def handler(reader: _Reader, tag: str, uid: bool) -> Command:
+    cls: type[c.Delete | c.Subscribe | c.Unsubscribe],
+) -> Callable[[_Reader, str, bool], c.Command]:
+    def handler(reader: _Reader, tag: str, uid: bool) -> c.Command:
         reader.sp()
         return cls(tag, reader.mailbox())
 
     return handler
 
 
-def _rename(reader: _Reader, tag: str, uid: bool) -> Command:
+def _rename(reader: _Reader, tag: str, uid: bool) -> c.Command:
     reader.sp()
     old = reader.mailbox()
     reader.sp()
-    return Rename(tag, old, reader.mailbox(new=True))
+    return c.Rename(tag, old, reader.mailbox(new=True))
 
 
 def _option(reader: _Reader, known: frozenset[str]) -> str:
@@ -730,7 +663,7 @@ def _option(reader: _Reader, known: frozenset[str]) -> str:
     return option
 
 
-def _list(reader: _Reader, tag: str, uid: bool) -> Command:
+def _list(reader: _Reader, tag: str, uid: bool) -> c.Command:
     # RFC 5258 §3: LIST [SP list-select-opts] SP mailbox SP mbox-or-pat [SP list-return-opts]
     reader.sp()
     selection: list[str] = []
@@ -767,7 +700,7 @@ def _list(reader: _Reader, tag: str, uid: bool) -> Command:
         reader.sp()
         extended = True
         returns = reader.paren_list(return_option)
-    return List(
+    return c.List(
         tag,
         reference,
         tuple(patterns),
@@ -778,11 +711,11 @@ def _list(reader: _Reader, tag: str, uid: bool) -> Command:
     )
 
 
-def _lsub(reader: _Reader, tag: str, uid: bool) -> Command:
+def _lsub(reader: _Reader, tag: str, uid: bool) -> c.Command:
     reader.sp()
     reference = _decode_pattern(reader.astring())
     reader.sp()
-    return Lsub(tag, reference, reader.list_mailbox())
+    return c.Lsub(tag, reference, reader.list_mailbox())
 
 
 def _status_item(reader: _Reader) -> str:
@@ -792,12 +725,12 @@ def _status_item(reader: _Reader) -> str:
     return item
 
 
-def _status(reader: _Reader, tag: str, uid: bool) -> Command:
+def _status(reader: _Reader, tag: str, uid: bool) -> c.Command:
     reader.sp()
     mailbox = reader.mailbox()
     reader.sp()
     items = reader.paren_list(lambda: _status_item(reader), allow_empty=False)
-    return Status(tag, mailbox, tuple(dict.fromkeys(items)))
+    return c.Status(tag, mailbox, tuple(dict.fromkeys(items)))
 
 
 def _date_time(raw: bytes) -> datetime:
@@ -824,7 +757,7 @@ def _date_time(raw: bytes) -> datetime:
         raise _SyntaxError("Invalid date-time") from None
 
 
-def _append(reader: _Reader, tag: str, uid: bool) -> Command:
+def _append(reader: _Reader, tag: str, uid: bool) -> c.Command:
     # RFC 3501 §6.3.11: APPEND SP mailbox [SP flag-list] [SP date-time] SP literal
     reader.sp()
     mailbox = reader.mailbox()
@@ -842,17 +775,17 @@ def _append(reader: _Reader, tag: str, uid: bool) -> Command:
         reader.pos += 1
     if reader.peek() != _LBRACE:
         raise _SyntaxError("Expected a literal message")
-    return Append(tag, mailbox, flags, when, reader.literal(), binary)
+    return c.Append(tag, mailbox, flags, when, reader.literal(), binary)
 
 
-def _expunge(reader: _Reader, tag: str, uid: bool) -> Command:
+def _expunge(reader: _Reader, tag: str, uid: bool) -> c.Command:
     if not uid:
-        return Expunge(tag)
+        return c.Expunge(tag)
     reader.sp()  # RFC 4315 §2.1: UID EXPUNGE sequence-set
-    return Expunge(tag, reader.sequence_set())
+    return c.Expunge(tag, reader.sequence_set())
 
 
-def _section(reader: _Reader) -> Section:
+def _section(reader: _Reader) -> c.Section:
     """RFC 3501 §9 ``section``, the opening bracket already consumed."""
     part: list[int] = []
     need_text = False
@@ -863,7 +796,7 @@ def _section(reader: _Reader) -> Section:
             break
         reader.pos += 1
         need_text = True
-    text: SectionText | None = None
+    text: c.SectionText | None = None
     fields: list[str] = []
     if need_text or (reader.peek() != _RBRACKET and not part):
         text = _SECTION_TEXTS.get(reader.word(_SECTION_TEXT_CHARS, "Invalid section"))
@@ -873,10 +806,10 @@ def _section(reader: _Reader) -> Section:
             reader.sp()
             fields = reader.paren_list(lambda: _field_name(reader), allow_empty=False)
     reader.expect(_RBRACKET, "Invalid section")
-    return Section(tuple(part), text, tuple(fields))
+    return c.Section(tuple(part), text, tuple(fields))
 
 
-_SECTION_TEXTS: dict[str, SectionText] = {
+_SECTION_TEXTS: dict[str, c.SectionText] = {
     "HEADER": "HEADER",
     "HEADER.FIELDS": "HEADER.FIELDS",
     "HEADER.FIELDS.NOT": "HEADER.FIELDS.NOT",
@@ -892,7 +825,7 @@ def _field_name(reader: _Reader) -> str:
     return raw.decode("ascii")
 
 
-def _section_binary(reader: _Reader) -> Section:
+def _section_binary(reader: _Reader) -> c.Section:
     """RFC 3516 §6 ``section-binary = "[" [section-part] "]"``, the bracket consumed."""
     part: list[int] = []
     if reader.peek() != _RBRACKET:
@@ -901,7 +834,7 @@ def _section_binary(reader: _Reader) -> Section:
             reader.pos += 1
             part.append(reader.number(nonzero=True))
     reader.expect(_RBRACKET, "Invalid binary section")
-    return Section(tuple(part))
+    return c.Section(tuple(part))
 
 
 def _partial(reader: _Reader) -> tuple[int, int] | None:
@@ -916,31 +849,31 @@ def _partial(reader: _Reader) -> tuple[int, int] | None:
     return origin, length
 
 
-def _fetch_attr(reader: _Reader, top_level: bool) -> tuple[FetchAttr, ...]:
+def _fetch_attr(reader: _Reader, top_level: bool) -> tuple[c.FetchAttr, ...]:
     name = reader.word(_FETCH_NAME_CHARS, "Invalid FETCH item")
-    if top_level and name in FETCH_MACROS:
-        return FETCH_MACROS[name]
+    if top_level and name in c.FETCH_MACROS:
+        return c.FETCH_MACROS[name]
     base = name.removesuffix(".PEEK")
-    if base in BINARY_NAMES and name != "BINARY.SIZE.PEEK":
+    if base in c.BINARY_NAMES and name != "BINARY.SIZE.PEEK":
         # RFC 3516 §6: BINARY[.PEEK] section-binary [partial], BINARY.SIZE section-binary
         reader.expect(_LBRACKET, "Expected a binary section")
         section = _section_binary(reader)
         partial = _partial(reader) if base == "BINARY" else None
-        return (FetchAttr(base, section, partial, peek=name.endswith(".PEEK")),)
+        return (c.FetchAttr(base, section, partial, peek=name.endswith(".PEEK")),)
     if name in ("BODY", "BODY.PEEK") and reader.peek() == _LBRACKET:
         reader.pos += 1
         section = _section(reader)
-        return (FetchAttr("BODY", section, _partial(reader), peek=name == "BODY.PEEK"),)
-    if name not in FETCH_NAMES:
+        return (c.FetchAttr("BODY", section, _partial(reader), peek=name == "BODY.PEEK"),)
+    if name not in c.FETCH_NAMES:
         raise _SyntaxError("Unknown FETCH item")
-    return (FetchAttr(name),)
+    return (c.FetchAttr(name),)
 
 
-def _fetch(reader: _Reader, tag: str, uid: bool) -> Command:
+def _fetch(reader: _Reader, tag: str, uid: bool) -> c.Command:
     reader.sp()
     seq_set = reader.sequence_set()
     reader.sp()
-    attrs: list[FetchAttr] = []
+    attrs: list[c.FetchAttr] = []
     if reader.peek() == _LPAREN:
         for group in reader.paren_list(lambda: _fetch_attr(reader, False), allow_empty=False):
             attrs.extend(group)
@@ -966,10 +899,10 @@ def _fetch(reader: _Reader, tag: str, uid: bool) -> Command:
         reader.paren_list(modifier, allow_empty=False)
         if vanished and (not uid or changedsince is None):
             raise _SyntaxError("VANISHED needs UID FETCH with CHANGEDSINCE")
-    return Fetch(tag, seq_set, tuple(dict.fromkeys(attrs)), uid, changedsince, vanished)
+    return c.Fetch(tag, seq_set, tuple(dict.fromkeys(attrs)), uid, changedsince, vanished)
 
 
-def _store(reader: _Reader, tag: str, uid: bool) -> Command:
+def _store(reader: _Reader, tag: str, uid: bool) -> c.Command:
     # RFC 3501 §9: store-att-flags = (["+" / "-"] "FLAGS" [".SILENT"]) SP
     #                                (flag-list / (flag *(SP flag)))
     reader.sp()
@@ -992,7 +925,7 @@ def _store(reader: _Reader, tag: str, uid: bool) -> Command:
     silent = item.endswith(".SILENT")
     base = item.removesuffix(".SILENT")
     try:
-        mode = StoreMode(base)
+        mode = c.StoreMode(base)
     except ValueError:
         raise _SyntaxError("Invalid STORE item") from None
     reader.sp()
@@ -1004,11 +937,11 @@ def _store(reader: _Reader, tag: str, uid: bool) -> Command:
             reader.pos += 1
             found.append(reader.flag())
         flags = tuple(dict.fromkeys(found))
-    return Store(tag, seq_set, mode, silent, flags, uid, unchangedsince)
+    return c.Store(tag, seq_set, mode, silent, flags, uid, unchangedsince)
 
 
-def _copy_or_move(cls: type[Copy | Move]) -> Callable[[_Reader, str, bool], Command]:
-    def handler(reader: _Reader, tag: str, uid: bool) -> Command:
+def _copy_or_move(cls: type[c.Copy | c.Move]) -> Callable[[_Reader, str, bool], c.Command]:
+    def handler(reader: _Reader, tag: str, uid: bool) -> c.Command:
         reader.sp()
         seq_set = reader.sequence_set()
         reader.sp()
@@ -1017,24 +950,24 @@ def _copy_or_move(cls: type[Copy | Move]) -> Callable[[_Reader, str, bool], Comm
     return handler
 
 
-def _enable(reader: _Reader, tag: str, uid: bool) -> Command:
+def _enable(reader: _Reader, tag: str, uid: bool) -> c.Command:
     capabilities = []
     reader.sp()
     capabilities.append(reader.atom("Invalid capability").decode("ascii").upper())
     while not reader.at_end():
         reader.sp()
         capabilities.append(reader.atom("Invalid capability").decode("ascii").upper())
-    return Enable(tag, tuple(dict.fromkeys(capabilities)))
+    return c.Enable(tag, tuple(dict.fromkeys(capabilities)))
 
 
 #: RFC 2971 §3.3 limits on ID parameters.
 _ID_MAX_PAIRS, _ID_MAX_FIELD, _ID_MAX_VALUE = 30, 30, 1024
 
 
-def _id(reader: _Reader, tag: str, uid: bool) -> Command:
+def _id(reader: _Reader, tag: str, uid: bool) -> c.Command:
     reader.sp()
     if reader.nil_ahead():
-        return Id(tag, None)
+        return c.Id(tag, None)
     params: dict[str, str | None] = {}
 
     def pair() -> None:
@@ -1050,7 +983,7 @@ def _id(reader: _Reader, tag: str, uid: bool) -> Command:
     pairs = reader.paren_list(pair)
     if len(pairs) > _ID_MAX_PAIRS:
         raise _SyntaxError("Too many ID parameters")
-    return Id(tag, params)
+    return c.Id(tag, params)
 
 
 # -- SEARCH
@@ -1080,54 +1013,54 @@ class _SearchParser:
         except ValueError:
             raise _SyntaxError("Invalid date") from None
 
-    def keys(self) -> SearchKey:
+    def keys(self) -> c.SearchKey:
         """``search-key *(SP search-key)`` up to the end of the command."""
         keys = [self.key(0)]
         while not self.reader.at_end():
             self.reader.sp()
             keys.append(self.key(0))
-        return keys[0] if len(keys) == 1 else SearchAnd(tuple(keys))
+        return keys[0] if len(keys) == 1 else c.SearchAnd(tuple(keys))
 
-    def key(self, depth: int) -> SearchKey:
+    def key(self, depth: int) -> c.SearchKey:
         if depth > MAX_SEARCH_DEPTH:
             raise _SyntaxError("Search too deeply nested")
         reader = self.reader
         first = reader.peek()
         if first == _LPAREN:
             keys = reader.paren_list(lambda: self.key(depth + 1), allow_empty=False)
-            return keys[0] if len(keys) == 1 else SearchAnd(tuple(keys))
+            return keys[0] if len(keys) == 1 else c.SearchAnd(tuple(keys))
         if first in _SEQ_CHARS or first == _DOLLAR:
-            return SearchSequence(reader.sequence_set())
+            return c.SearchSequence(reader.sequence_set())
         name = reader.atom("Invalid search key").decode("ascii").upper()
         simple = _SIMPLE_SEARCH_KEYS.get(name)
         if simple is not None:
             return simple
         if name in _FLAG_SEARCH_KEYS:
-            return SearchFlag(*_FLAG_SEARCH_KEYS[name])
+            return c.SearchFlag(*_FLAG_SEARCH_KEYS[name])
         reader.sp()
         if name in ("BCC", "CC", "FROM", "SUBJECT", "TO"):
-            return SearchHeader(name, self.string())
+            return c.SearchHeader(name, self.string())
         if name == "HEADER":
             field_name = _field_name(reader).upper()
             reader.sp()
-            return SearchHeader(field_name, self.string())
+            return c.SearchHeader(field_name, self.string())
         if name == "BODY":
-            return SearchBody(self.string())
+            return c.SearchBody(self.string())
         if name == "TEXT":
-            return SearchText(self.string())
+            return c.SearchText(self.string())
         if name in ("KEYWORD", "UNKEYWORD"):
             keyword = reader.atom("Invalid keyword").decode("ascii")
-            return SearchFlag(keyword, name == "KEYWORD")
+            return c.SearchFlag(keyword, name == "KEYWORD")
         if name in ("BEFORE", "ON", "SINCE"):
-            return SearchInternalDate(DateRelation(name), self.date())
+            return c.SearchInternalDate(c.DateRelation(name), self.date())
         if name in ("SENTBEFORE", "SENTON", "SENTSINCE"):
-            return SearchSentDate(DateRelation(name.removeprefix("SENT")), self.date())
+            return c.SearchSentDate(c.DateRelation(name.removeprefix("SENT")), self.date())
         if name == "LARGER":
-            return SearchLarger(reader.number())
+            return c.SearchLarger(reader.number())
         if name == "SMALLER":
-            return SearchSmaller(reader.number())
+            return c.SearchSmaller(reader.number())
         if name == "UID":
-            return SearchUid(reader.sequence_set())
+            return c.SearchUid(reader.sequence_set())
         if name == "MODSEQ":
             if reader.peek() == _DQUOTE:  # entry-name entry-type-req: one mod-sequence here
                 reader.quoted()
@@ -1136,24 +1069,24 @@ class _SearchParser:
                 if entry_type not in ("priv", "shared", "all"):
                     raise _SyntaxError("Invalid entry type")
                 reader.sp()
-            return SearchModseq(reader.modseq(allow_zero=True))
+            return c.SearchModseq(reader.modseq(allow_zero=True))
         if name == "NOT":
-            return SearchNot(self.key(depth + 1))
+            return c.SearchNot(self.key(depth + 1))
         if name == "OR":
             left = self.key(depth + 1)
             reader.sp()
-            return SearchOr(left, self.key(depth + 1))
+            return c.SearchOr(left, self.key(depth + 1))
         raise _SyntaxError("Unknown search key")
 
 
-_SIMPLE_SEARCH_KEYS: dict[str, SearchKey] = {
-    "ALL": SearchAll(),
-    "NEW": SearchAnd((SearchFlag("\\Recent", True), SearchFlag("\\Seen", False))),
-    "OLD": SearchFlag("\\Recent", False),
+_SIMPLE_SEARCH_KEYS: dict[str, c.SearchKey] = {
+    "ALL": c.SearchAll(),
+    "NEW": c.SearchAnd((c.SearchFlag("\\Recent", True), c.SearchFlag("\\Seen", False))),
+    "OLD": c.SearchFlag("\\Recent", False),
 }
 _FLAG_SEARCH_KEYS: dict[str, tuple[str, bool]] = {
-    **{flag.upper()[1:]: (flag, True) for flag in SYSTEM_FLAGS},
-    **{"UN" + flag.upper()[1:]: (flag, False) for flag in SYSTEM_FLAGS if flag != "\\Recent"},
+    **{flag.upper()[1:]: (flag, True) for flag in c.SYSTEM_FLAGS},
+    **{"UN" + flag.upper()[1:]: (flag, False) for flag in c.SYSTEM_FLAGS if flag != "\\Recent"},
 }
 
 
@@ -1161,7 +1094,7 @@ _FLAG_SEARCH_KEYS: dict[str, tuple[str, bool]] = {
 _SEARCH_RETURN = frozenset({"MIN", "MAX", "ALL", "COUNT", "SAVE"})
 
 
-def _search(reader: _Reader, tag: str, uid: bool) -> Command | InvalidCommand:
+def _search(reader: _Reader, tag: str, uid: bool) -> c.Command | c.InvalidCommand:
     reader.sp()
     returns: tuple[str, ...] | None = None
     if reader.keyword_ahead(b"RETURN"):  # RFC 4731 §3.1: ESEARCH
@@ -1179,29 +1112,29 @@ def _search(reader: _Reader, tag: str, uid: bool) -> Command | InvalidCommand:
     if reader.keyword_ahead(b"CHARSET"):
         reader.sp()
         charset = reader.astring().decode("ascii", "replace").upper()
-        if charset not in SEARCH_CHARSETS:
+        if charset not in c.SEARCH_CHARSETS:
             return _bad_charset(tag)
         reader.sp()
     criteria = _SearchParser(reader, charset).keys()
-    return Search(tag, charset, criteria, uid, returns)
+    return c.Search(tag, charset, criteria, uid, returns)
 
 
-def _charset_and_keys(reader: _Reader, tag: str) -> tuple[str, SearchKey] | InvalidCommand:
+def _charset_and_keys(reader: _Reader, tag: str) -> tuple[str, c.SearchKey] | c.InvalidCommand:
     """SORT and THREAD: a charset (required, RFC 5256 §3), then search keys."""
     charset = reader.astring().decode("ascii", "replace").upper()
-    if charset not in SEARCH_CHARSETS:
+    if charset not in c.SEARCH_CHARSETS:
         return _bad_charset(tag)
     reader.sp()
     return charset, _SearchParser(reader, charset).keys()
 
 
-def _bad_charset(tag: str) -> InvalidCommand:
+def _bad_charset(tag: str) -> c.InvalidCommand:
     """SEARCH, SORT and THREAD with a charset we do not search in (RFC 3501 §6.4.4)."""
-    return InvalidCommand(tag, "Unsupported charset", status="NO",
-                          code="BADCHARSET (" + " ".join(SEARCH_CHARSETS) + ")")
+    return c.InvalidCommand(tag, "Unsupported charset", status="NO",
+                          code="BADCHARSET (" + " ".join(c.SEARCH_CHARSETS) + ")")
 
 
-def _sort(reader: _Reader, tag: str, uid: bool) -> Command | InvalidCommand:
+def _sort(reader: _Reader, tag: str, uid: bool) -> c.Command | c.InvalidCommand:
     """RFC 5256 §5: ``SORT SP sort-criteria SP search-criteria`` where search-criteria is
     ``charset 1*(SP search-key)`` (the charset is not optional here)."""
     reader.sp()
@@ -1214,66 +1147,66 @@ def _sort(reader: _Reader, tag: str, uid: bool) -> Command | InvalidCommand:
                 raise _SyntaxError("REVERSE needs a sort key")
             reader.sp()
             name = reader.atom("Invalid sort criterion").decode("ascii").upper()
-        if name not in SORT_KEYS:
+        if name not in c.SORT_KEYS:
             raise _SyntaxError("Unknown sort criterion")
         return name, reverse
 
     keys = reader.paren_list(criterion, allow_empty=False)
     reader.sp()
     found = _charset_and_keys(reader, tag)
-    if isinstance(found, InvalidCommand):
+    if isinstance(found, c.InvalidCommand):
         return found
     charset, criteria = found
-    return Sort(tag, tuple(keys), charset, criteria, uid)
+    return c.Sort(tag, tuple(keys), charset, criteria, uid)
 
 
-def _thread(reader: _Reader, tag: str, uid: bool) -> Command | InvalidCommand:
+def _thread(reader: _Reader, tag: str, uid: bool) -> c.Command | c.InvalidCommand:
     """RFC 5256 §5: ``THREAD SP thread-alg SP search-criteria``."""
     reader.sp()
     algorithm = reader.atom("Invalid threading algorithm").decode("ascii").upper()
-    if algorithm not in THREAD_ALGORITHMS:
+    if algorithm not in c.THREAD_ALGORITHMS:
         raise _SyntaxError("Unknown threading algorithm")
     reader.sp()
     found = _charset_and_keys(reader, tag)
-    if isinstance(found, InvalidCommand):
+    if isinstance(found, c.InvalidCommand):
         return found
     charset, criteria = found
-    return Thread(tag, algorithm, charset, criteria, uid)
+    return c.Thread(tag, algorithm, charset, criteria, uid)
 
 
-_Handler = Callable[[_Reader, str, bool], Command | InvalidCommand]
+_Handler = Callable[[_Reader, str, bool], c.Command | c.InvalidCommand]
 
 _HANDLERS: dict[str, _Handler] = {
-    "CAPABILITY": _no_arguments(Capability),
-    "NOOP": _no_arguments(Noop),
-    "LOGOUT": _no_arguments(Logout),
-    "STARTTLS": _no_arguments(StartTls),
+    "CAPABILITY": _no_arguments(c.Capability),
+    "NOOP": _no_arguments(c.Noop),
+    "LOGOUT": _no_arguments(c.Logout),
+    "STARTTLS": _no_arguments(c.StartTls),
     "AUTHENTICATE": _authenticate,
     "LOGIN": _login,
     "SELECT": _select(readonly=False),
     "EXAMINE": _select(readonly=True),
     "CREATE": _create,
-    "DELETE": _one_mailbox(Delete),
+    "DELETE": _one_mailbox(c.Delete),
     "RENAME": _rename,
-    "SUBSCRIBE": _one_mailbox(Subscribe),
-    "UNSUBSCRIBE": _one_mailbox(Unsubscribe),
+    "SUBSCRIBE": _one_mailbox(c.Subscribe),
+    "UNSUBSCRIBE": _one_mailbox(c.Unsubscribe),
     "LIST": _list,
     "LSUB": _lsub,
     "STATUS": _status,
     "APPEND": _append,
-    "CHECK": _no_arguments(Check),
-    "CLOSE": _no_arguments(Close),
-    "UNSELECT": _no_arguments(Unselect),
+    "CHECK": _no_arguments(c.Check),
+    "CLOSE": _no_arguments(c.Close),
+    "UNSELECT": _no_arguments(c.Unselect),
     "EXPUNGE": _expunge,
     "SEARCH": _search,
     "SORT": _sort,
     "THREAD": _thread,
     "FETCH": _fetch,
     "STORE": _store,
-    "COPY": _copy_or_move(Copy),
-    "MOVE": _copy_or_move(Move),
-    "IDLE": _no_arguments(Idle),
-    "NAMESPACE": _no_arguments(Namespace),
+    "COPY": _copy_or_move(c.Copy),
+    "MOVE": _copy_or_move(c.Move),
+    "IDLE": _no_arguments(c.Idle),
+    "NAMESPACE": _no_arguments(c.Namespace),
     "ENABLE": _enable,
     "ID": _id,
 }
@@ -1285,7 +1218,7 @@ _KNOWN_NAMES = frozenset(_HANDLERS) | {"UID " + name for name in _UID_COMMANDS}
 
 
 def parse_command(tag: str, text: bytes, literals: dict[int, bytes],
-                  utf8_names: bool = False) -> Command | InvalidCommand:
+                  utf8_names: bool = False) -> c.Command | c.InvalidCommand:
     """Parse one assembled command (RFC 3501 §9 ``command``); never raises.
 
     ``text`` is the command's lines joined without their CRLF, starting with the tag; ``literals``
@@ -1302,22 +1235,22 @@ def parse_command(tag: str, text: bytes, literals: dict[int, bytes],
             reader.sp()
             name = reader.atom("Invalid command name").decode("ascii").upper()
             if name not in _UID_COMMANDS:
-                return InvalidCommand(tag, "Unknown UID command")
+                return c.InvalidCommand(tag, "Unknown UID command")
         handler = _HANDLERS.get(name)
         if handler is None:
-            return InvalidCommand(tag, "Unknown command")
+            return c.InvalidCommand(tag, "Unknown command")
         command = handler(reader, tag, uid)
-        if isinstance(command, InvalidCommand):
+        if isinstance(command, c.InvalidCommand):
             return command
         if not reader.at_end():
             raise _SyntaxError("Unexpected extra arguments")
         return command
     except _NameError as exc:
-        return InvalidCommand(tag, exc.text, "NO", exc.code)
+        return c.InvalidCommand(tag, exc.text, "NO", exc.code)
     except _SyntaxError as exc:
-        return InvalidCommand(tag, exc.text)
+        return c.InvalidCommand(tag, exc.text)
     except (ValueError, RecursionError):  # defensive: never let a parse error escape
-        return InvalidCommand(tag, "Invalid command syntax")
+        return c.InvalidCommand(tag, "Invalid command syntax")
 
 
 # --------------------------------------------------------------------------- framing
@@ -1488,13 +1421,13 @@ class CommandParser:
             if not line:
                 return _PROGRESS  # tolerate empty lines between commands
             tag, name = _split_first_line(line)
-            rejection: InvalidCommand | None = None
+            rejection: c.InvalidCommand | None = None
             if tag is None:
-                rejection = InvalidCommand(None, "Invalid tag")
+                rejection = c.InvalidCommand(None, "Invalid tag")
             elif name is None:
-                rejection = InvalidCommand(tag, "Missing command")
+                rejection = c.InvalidCommand(tag, "Missing command")
             elif name not in _KNOWN_NAMES:
-                rejection = InvalidCommand(
+                rejection = c.InvalidCommand(
                     tag, "Unknown UID command" if name.startswith("UID ") else "Unknown command"
                 )
             if rejection is not None:

@@ -18,42 +18,8 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar, get_args
 
+from imap_store.imap import commands as c
 from imap_store.imap import responses as r
-from imap_store.imap.commands import (
-    Append,
-    Authenticate,
-    Capability,
-    Check,
-    Close,
-    Command,
-    Copy,
-    Create,
-    Delete,
-    Enable,
-    Expunge,
-    Fetch,
-    Id,
-    Idle,
-    InvalidCommand,
-    List,
-    Login,
-    Logout,
-    Lsub,
-    Move,
-    Namespace,
-    Noop,
-    Rename,
-    Search,
-    Select,
-    Sort,
-    StartTls,
-    Status,
-    Store,
-    Subscribe,
-    Thread,
-    Unselect,
-    Unsubscribe,
-)
 from imap_store.imap.parser import Event, LineTooLong, LiteralTooLarge, NeedContinuation, RawLine
 from imap_store.imap.session import auth, copy, fetch, mailboxes, search, selected, sort
 from imap_store.imap.session.state import (
@@ -197,7 +163,7 @@ class Session:
             if event.tag is None and (self.sasl_tag or self.idle_tag):
                 return await self._continuation_too_long()
             return await self.bad_reply(event.tag, r.BAD_LINE_TOO_LONG)
-        if isinstance(event, InvalidCommand):
+        if isinstance(event, c.InvalidCommand):
             reply = r.Reply(event.status, event.text, event.code)
             if event.status == "NO":
                 await self.emit(reply.tagged(event.tag))
@@ -246,7 +212,7 @@ class Session:
             return await selected.idle_done(self, tag, line)
         return await self.bad_reply(None, r.Reply("BAD", "Unexpected line"))
 
-    async def complete(self, cmd: Command, code: str | None = None, *,
+    async def complete(self, cmd: c.Command, code: str | None = None, *,
                        allow_expunge: bool = True) -> Action:
         """The tagged OK of ``cmd`` (with a response ``code``), after other sessions' changes
         to the selected mailbox; their EXPUNGEs wait unless ``allow_expunge``."""
@@ -297,7 +263,7 @@ class Session:
 
 #: A command handler: answers the command (tagged reply included) and tells the edge what next.
 Handler = Callable[[Session, Any], Awaitable[Action]]
-C = TypeVar("C", bound=Command)
+C = TypeVar("C", bound=c.Command)
 
 
 def _on(kind: type[C], handler: Callable[[Session, C], Awaitable[Action]]
@@ -314,7 +280,7 @@ def _table(*rows: tuple[type, Handler]) -> dict[type, Handler]:
         if kind in table:
             raise TypeError(f"two handlers for {kind.__name__}")
         table[kind] = handler
-    commands = set(get_args(Command))
+    commands = set(get_args(c.Command))
     if table.keys() != commands or ALLOWED.keys() != commands:
         odd = commands.symmetric_difference(table) | commands.symmetric_difference(ALLOWED)
         names = sorted(k.__name__ for k in odd)
@@ -325,21 +291,21 @@ def _table(*rows: tuple[type, Handler]) -> dict[type, Handler]:
 #: RFC 3501 §6: the handler of each command type.
 HANDLERS: dict[type, Handler] = _table(
     # any state (§6.1) and not authenticated (§6.2), ENABLE (RFC 5161)
-    _on(Capability, auth.capability), _on(Noop, auth.noop), _on(Logout, auth.logout),
-    _on(Id, auth.id_), _on(StartTls, auth.starttls), _on(Login, auth.login),
-    _on(Authenticate, auth.authenticate), _on(Enable, auth.enable),
+    _on(c.Capability, auth.capability), _on(c.Noop, auth.noop), _on(c.Logout, auth.logout),
+    _on(c.Id, auth.id_), _on(c.StartTls, auth.starttls), _on(c.Login, auth.login),
+    _on(c.Authenticate, auth.authenticate), _on(c.Enable, auth.enable),
     # authenticated (§6.3): mailboxes
-    _on(Create, mailboxes.create), _on(Delete, mailboxes.delete),
-    _on(Rename, mailboxes.rename), _on(Subscribe, mailboxes.subscribe),
-    _on(Unsubscribe, mailboxes.unsubscribe), _on(List, mailboxes.list_),
-    _on(Lsub, mailboxes.lsub), _on(Status, mailboxes.status), _on(Append, mailboxes.append),
-    _on(Namespace, mailboxes.namespace),
+    _on(c.Create, mailboxes.create), _on(c.Delete, mailboxes.delete),
+    _on(c.Rename, mailboxes.rename), _on(c.Subscribe, mailboxes.subscribe),
+    _on(c.Unsubscribe, mailboxes.unsubscribe), _on(c.List, mailboxes.list_),
+    _on(c.Lsub, mailboxes.lsub), _on(c.Status, mailboxes.status), _on(c.Append, mailboxes.append),
+    _on(c.Namespace, mailboxes.namespace),
     # selecting and the selected mailbox (§6.3.1, §6.4), IDLE (RFC 2177)
-    _on(Select, selected.select), _on(Check, auth.noop), _on(Close, selected.close),
-    _on(Unselect, selected.unselect), _on(Expunge, selected.expunge),
-    _on(Idle, selected.idle),
+    _on(c.Select, selected.select), _on(c.Check, auth.noop), _on(c.Close, selected.close),
+    _on(c.Unselect, selected.unselect), _on(c.Expunge, selected.expunge),
+    _on(c.Idle, selected.idle),
     # messages (§6.4.4-6.4.8, RFC 6851)
-    _on(Fetch, fetch.fetch), _on(Store, fetch.store), _on(Search, search.search),
-    _on(Sort, sort.sort), _on(Thread, sort.thread),
-    _on(Copy, copy.copy), _on(Move, copy.move),
+    _on(c.Fetch, fetch.fetch), _on(c.Store, fetch.store), _on(c.Search, search.search),
+    _on(c.Sort, sort.sort), _on(c.Thread, sort.thread),
+    _on(c.Copy, copy.copy), _on(c.Move, copy.move),
 )

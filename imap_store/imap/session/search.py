@@ -8,26 +8,7 @@ from __future__ import annotations
 from bisect import bisect_left
 from typing import TYPE_CHECKING
 
-from imap_store.imap.commands import (
-    Search,
-    SearchAll,
-    SearchAnd,
-    SearchBody,
-    SearchFlag,
-    SearchHeader,
-    SearchInternalDate,
-    SearchKey,
-    SearchLarger,
-    SearchModseq,
-    SearchNot,
-    SearchOr,
-    SearchSentDate,
-    SearchSequence,
-    SearchSmaller,
-    SearchText,
-    SearchUid,
-    SequenceSet,
-)
+from imap_store.imap import commands as c
 from imap_store.imap.session.state import Action, Selected
 from imap_store.store.mailboxes import (
     Match,
@@ -52,7 +33,7 @@ if TYPE_CHECKING:
     from imap_store.imap.session.core import Session
 
 
-async def search(s: Session, cmd: Search) -> Action:
+async def search(s: Session, cmd: c.Search) -> Action:
     """SEARCH, answered by ``* SEARCH``, or ``* ESEARCH`` with RETURN (RFC 4731) and always
     under IMAP4rev2 (RFC 9051 §6.4.4: no RETURN is RETURN (ALL)); RETURN (SAVE) keeps the
     result for ``$`` (RFC 5182 §2.1) and alone answers nothing but the tagged OK."""
@@ -93,7 +74,7 @@ async def search(s: Session, cmd: Search) -> Action:
     return await s.complete(cmd, allow_expunge=cmd.uid)
 
 
-def _esearch(cmd: Search, returns: tuple[str, ...], found: list[int], highest: int) -> bytes:
+def _esearch(cmd: c.Search, returns: tuple[str, ...], found: list[int], highest: int) -> bytes:
     """``* ESEARCH (TAG "t") [UID] ...`` (RFC 4731 §3.1): only the data asked for, none of
     MIN, MAX, ALL when nothing matched; MODSEQ too when the criteria used it (RFC 7162
     §3.1.5)."""
@@ -108,47 +89,47 @@ def _esearch(cmd: Search, returns: tuple[str, ...], found: list[int], highest: i
     if "COUNT" in returns:
         out += b" COUNT %d" % len(found)
     if found and "ALL" in returns:
-        out += b" ALL " + str(SequenceSet.from_values(found)).encode()
+        out += b" ALL " + str(c.SequenceSet.from_values(found)).encode()
     if highest:
         out += b" MODSEQ %d" % highest
     return out + b"\r\n"
 
 
-def _uses_modseq(key: SearchKey) -> bool:
+def _uses_modseq(key: c.SearchKey) -> bool:
     match key:
-        case SearchModseq():
+        case c.SearchModseq():
             return True
-        case SearchAnd(keys):
+        case c.SearchAnd(keys):
             return any(_uses_modseq(k) for k in keys)
-        case SearchOr(left, right):
+        case c.SearchOr(left, right):
             return _uses_modseq(left) or _uses_modseq(right)
-        case SearchNot(inner):
+        case c.SearchNot(inner):
             return _uses_modseq(inner)
     return False
 
 
-def query(key: SearchKey, sel: Selected) -> Match:
+def query(key: c.SearchKey, sel: Selected) -> Match:
     """``key`` as a store query on the messages of ``sel``'s view."""
     match key:
-        case SearchAnd(keys):
+        case c.SearchAnd(keys):
             return MatchAnd(tuple(query(k, sel) for k in keys))
-        case SearchOr(left, right):
+        case c.SearchOr(left, right):
             return MatchOr(query(left, sel), query(right, sel))
-        case SearchNot(inner):
+        case c.SearchNot(inner):
             return MatchNot(query(inner, sel))
-        case SearchAll():
+        case c.SearchAll():
             return MatchAll()
-        case SearchFlag("\\Recent", present):
+        case c.SearchFlag("\\Recent", present):
             recent = MatchUids(tuple(merge_ranges((low + 1, high) for low, high in sel.recent)))
             return recent if present else MatchNot(recent)
-        case SearchFlag(flag, present):
+        case c.SearchFlag(flag, present):
             return MatchFlag(flag, present)
-        case SearchUid(seq_set) | SearchSequence(seq_set) if seq_set.saved:
+        case c.SearchUid(seq_set) | c.SearchSequence(seq_set) if seq_set.saved:
             return MatchUids(tuple(sel.saved_uid_ranges()))  # ``$`` (RFC 5182 §2.1)
-        case SearchUid(seq_set):
+        case c.SearchUid(seq_set):
             highest = sel.uids[-1] if sel.uids else 0
             return MatchUids(tuple(merge_ranges(part.bounds(highest) for part in seq_set.ranges)))
-        case SearchSequence(seq_set):
+        case c.SearchSequence(seq_set):
             uids, count = sel.uids, len(sel.uids)
             ranges = []
             for low, high in merge_ranges(part.bounds(count) for part in seq_set.ranges):
@@ -156,19 +137,19 @@ def query(key: SearchKey, sel: Selected) -> Match:
                 if low <= high:
                     ranges.append((uids[low - 1], uids[high - 1]))
             return MatchUids(tuple(ranges))
-        case SearchHeader(field, value):
+        case c.SearchHeader(field, value):
             return MatchHeader(field.lower(), value)
-        case SearchBody(value):
+        case c.SearchBody(value):
             return MatchBody(value)
-        case SearchText(value):
+        case c.SearchText(value):
             return MatchText(value)
-        case SearchInternalDate(relation, day):
+        case c.SearchInternalDate(relation, day):
             return MatchInternalDate(relation.value, day)
-        case SearchSentDate(relation, day):
+        case c.SearchSentDate(relation, day):
             return MatchSentDate(relation.value, day)
-        case SearchLarger(size):
+        case c.SearchLarger(size):
             return MatchLarger(size)
-        case SearchSmaller(size):
+        case c.SearchSmaller(size):
             return MatchSmaller(size)
-        case SearchModseq(modseq):
+        case c.SearchModseq(modseq):
             return MatchModseq(modseq)

@@ -12,42 +12,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from imap_store.imap import commands as c
 from imap_store.imap import responses as r
-from imap_store.imap.commands import (
-    Append,
-    Authenticate,
-    Capability,
-    Check,
-    Close,
-    Command,
-    Copy,
-    Create,
-    Delete,
-    Enable,
-    Expunge,
-    Fetch,
-    Id,
-    Idle,
-    List,
-    Login,
-    Logout,
-    Lsub,
-    Move,
-    Namespace,
-    Noop,
-    Rename,
-    Search,
-    Select,
-    SequenceSet,
-    Sort,
-    StartTls,
-    Status,
-    Store,
-    Subscribe,
-    Thread,
-    Unselect,
-    Unsubscribe,
-)
 from policy.authn import LoginResult
 
 
@@ -81,20 +47,21 @@ _AUTH_ONLY = frozenset({State.AUTHENTICATED})
 
 #: RFC 3501 §6.1-6.4: in which states each command is valid.
 ALLOWED: dict[type, frozenset[State]] = {
-    Capability: _ANY, Noop: _ANY, Logout: _ANY, Id: _ANY,
-    StartTls: _NOT_AUTH, Authenticate: _NOT_AUTH, Login: _NOT_AUTH,
-    Select: AUTH_STATES, Create: AUTH_STATES, Delete: AUTH_STATES, Rename: AUTH_STATES,
-    Subscribe: AUTH_STATES, Unsubscribe: AUTH_STATES, List: AUTH_STATES, Lsub: AUTH_STATES,
-    Status: AUTH_STATES, Append: AUTH_STATES, Namespace: AUTH_STATES, Enable: _AUTH_ONLY,
-    Idle: AUTH_STATES,
-    Check: _SELECTED, Close: _SELECTED, Unselect: _SELECTED, Expunge: _SELECTED,
-    Search: _SELECTED, Sort: _SELECTED, Thread: _SELECTED, Fetch: _SELECTED, Store: _SELECTED,
-    Copy: _SELECTED,
-    Move: _SELECTED,
+    c.Capability: _ANY, c.Noop: _ANY, c.Logout: _ANY, c.Id: _ANY,
+    c.StartTls: _NOT_AUTH, c.Authenticate: _NOT_AUTH, c.Login: _NOT_AUTH,
+    c.Select: AUTH_STATES, c.Create: AUTH_STATES, c.Delete: AUTH_STATES, c.Rename: AUTH_STATES,
+    c.Subscribe: AUTH_STATES, c.Unsubscribe: AUTH_STATES, c.List: AUTH_STATES, c.Lsub: AUTH_STATES,
+    c.Status: AUTH_STATES, c.Append: AUTH_STATES, c.Namespace: AUTH_STATES, c.Enable: _AUTH_ONLY,
+    c.Idle: AUTH_STATES,
+    c.Check: _SELECTED, c.Close: _SELECTED, c.Unselect: _SELECTED, c.Expunge: _SELECTED,
+    c.Search: _SELECTED, c.Sort: _SELECTED, c.Thread: _SELECTED, c.Fetch: _SELECTED,
+    c.Store: _SELECTED,
+    c.Copy: _SELECTED,
+    c.Move: _SELECTED,
 }
 
 
-def check_state(state: State, command: Command) -> r.Reply | None:
+def check_state(state: State, command: c.Command) -> r.Reply | None:
     """The one place where the state table is consulted: None if allowed, else the BAD."""
     allowed = ALLOWED.get(type(command), frozenset())
     if state in allowed:
@@ -160,7 +127,7 @@ class Selected:
         index = bisect_left(self.uids, uid)
         return index + 1 if index < len(self.uids) and self.uids[index] == uid else 0
 
-    def slices(self, seq_set: SequenceSet, uid: bool) -> list[tuple[int, int]] | None:
+    def slices(self, seq_set: c.SequenceSet, uid: bool) -> list[tuple[int, int]] | None:
         """Index ranges ``[start, end)`` of the view named by a set, ascending; None when a
         sequence number does not exist (BAD, RFC 3501 §9). Unknown UIDs are ignored
         (§2.3.1.1). ``$`` names the saved result's messages still in the view."""
@@ -198,7 +165,7 @@ class Selected:
         uids = self.uids
         return [(uids[start], uids[end - 1]) for start, end in self._saved_slices()]
 
-    def targets(self, seq_set: SequenceSet, uid: bool,
+    def targets(self, seq_set: c.SequenceSet, uid: bool,
                 build: bool = True) -> list[tuple[int, int]] | None:
         """``(sequence number, UID)`` pairs named by a set, ascending; None when a sequence
         number does not exist (BAD, RFC 3501 §9). Unknown UIDs are ignored (§2.3.1.1).
