@@ -225,3 +225,22 @@ def test_enable_answers_and_syntax(gateway: Gateway) -> None:
         assert re.fullmatch(rb"\* 1 FETCH \(MODSEQ \(\d+\)\)\r\n", lines[0]), lines
     finally:
         raw.close()
+
+
+def test_closed_code_when_a_select_closes_a_mailbox_under_qresync(gateway: Gateway) -> None:
+    """RFC 7162 §3.2.11: with QRESYNC enabled, a SELECT or EXAMINE that closes the mailbox
+    selected before says so first (``OK [CLOSED]``); without QRESYNC nothing changes."""
+    raw = Raw(gateway)
+    try:
+        raw.command("a", f'LOGIN {INAYA} "{PATIENT_PASSWORD}"')
+        raw.command("s1", "SELECT INBOX")
+        assert not any(b"[CLOSED]" in line for line in raw.command("s2", "EXAMINE INBOX"))
+        raw.command("u", "UNSELECT")
+        raw.command("e", "ENABLE QRESYNC")
+        first = raw.command("s3", "SELECT INBOX")
+        assert not any(b"[CLOSED]" in line for line in first), first
+        again = raw.command("s4", "EXAMINE INBOX")
+        assert again[0] == b"* OK [CLOSED] Previous mailbox closed\r\n", again
+        assert again[-1].startswith(b"s4 OK [READ-ONLY]"), again
+    finally:
+        raw.close()

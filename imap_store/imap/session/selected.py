@@ -28,14 +28,15 @@ if TYPE_CHECKING:
 
 async def select(s: Session, cmd: Select) -> Action:
     """SELECT and EXAMINE (``cmd.readonly``), with the CONDSTORE and QRESYNC parameters
-    (RFC 7162 §3.1.8, §3.2.5). Under IMAP4rev2 (RFC 9051 §6.3.2): ``OK [CLOSED]`` when a
-    mailbox was selected, the mailbox's ``LIST``, no ``RECENT``, no ``UNSEEN`` code, and no
+    (RFC 7162 §3.1.8, §3.2.5). With QRESYNC enabled or under IMAP4rev2: ``OK [CLOSED]`` when
+    a mailbox was selected (RFC 7162 §3.2.11, RFC 9051 §6.3.2). Under IMAP4rev2: the mailbox's
+    ``LIST``, no ``RECENT``, no ``UNSEEN`` code, and no
     message claimed as \\Recent (rev2 has no \\Recent: the messages stay new for rev1)."""
     if cmd.qresync is not None and not s.qresync:
         return await s.bad_reply(cmd.tag, r.BAD_QRESYNC_NOT_ENABLED)
     if cmd.condstore:
         s.condstore = True
-    if s.rev2 and s.selected is not None:
+    if (s.rev2 or s.qresync) and s.selected is not None:  # RFC 9051 §6.3.2, RFC 7162 §3.2.11
         await s.emit(b"* OK [CLOSED] Previous mailbox closed\r\n")
     s.unselect()
     mail = s.require_mail()
