@@ -49,6 +49,17 @@ def tls_context(gw: Gateway, client: str | None = None) -> ssl.SSLContext:
     return ctx
 
 
+def imap_login(gw: Gateway, user: str | None = None,
+               password: str | None = None) -> imaplib.IMAP4_SSL:
+    """An imaplib client over IMAPS, logged in (the demo patient unless told)."""
+    from tests.conftest import INAYA, PATIENT_PASSWORD
+
+    conn = imaplib.IMAP4_SSL("127.0.0.1", gw.ports["imaps"], ssl_context=tls_context(gw),
+                             timeout=30)
+    conn.login(user or INAYA, password or PATIENT_PASSWORD)
+    return conn
+
+
 def smtp(gw: Gateway, client: str | None = None, listener: str = "smtp") -> smtplib.SMTP:
     """An smtplib session after STARTTLS (or implicit TLS on ``submissions``)."""
     ctx = tls_context(gw, client)

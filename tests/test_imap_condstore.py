@@ -14,15 +14,13 @@ import pytest
 
 from tests.conftest import INAYA, PATIENT_PASSWORD
 from tests.gateway_proc import Gateway
-from tests.helpers import Raw, tls_context
+from tests.helpers import Raw, imap_login, tls_context
 
 MESSAGES = [f"Subject: message {n}\r\n\r\ncorps {n}\r\n".encode() for n in range(1, 5)]
 
 
 def client(gw: Gateway) -> imaplib.IMAP4_SSL:
-    conn = imaplib.IMAP4_SSL("127.0.0.1", gw.ports["imaps"], ssl_context=tls_context(gw),
-                             timeout=30)
-    conn.login(INAYA, PATIENT_PASSWORD)
+    conn = imap_login(gw)
     return conn
 
 

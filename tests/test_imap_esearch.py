@@ -4,18 +4,15 @@ PostgreSQL; with CONDSTORE's MODSEQ (RFC 7162 §3.1.5)."""
 
 from __future__ import annotations
 
-import imaplib
 import re
 
 from tests.conftest import INAYA, PATIENT_PASSWORD
 from tests.gateway_proc import Gateway
-from tests.helpers import Raw, tls_context
+from tests.helpers import Raw, imap_login
 
 
 def test_esearch_with_imaplib_and_on_the_wire(gateway: Gateway) -> None:
-    conn = imaplib.IMAP4_SSL("127.0.0.1", gateway.ports["imaps"], ssl_context=tls_context(gateway),
-                             timeout=30)
-    conn.login(INAYA, PATIENT_PASSWORD)
+    conn = imap_login(gateway)
     assert b"ESEARCH" in conn.capability()[1][0].split()
     conn.create("Tri")
     for n in range(1, 7):

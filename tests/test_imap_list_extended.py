@@ -6,7 +6,6 @@ PostgreSQL: RFC 5258 §5's examples replayed on a hierarchy of the same shape, l
 from __future__ import annotations
 
 import asyncio
-import imaplib
 import re
 import subprocess
 
@@ -14,7 +13,7 @@ import aioimaplib
 
 from tests.conftest import INAYA, PATIENT_PASSWORD
 from tests.gateway_proc import Gateway
-from tests.helpers import tls_context
+from tests.helpers import imap_login, tls_context
 from tests.test_imap_slips import Wire, append, bytewise, clients, new_client  # noqa: F401
 
 #: RFC 5258 §5's hierarchy, adapted: ``Foo`` exists only as the parent of ``Foo/Bar`` and
@@ -174,9 +173,7 @@ def test_list_status_on_the_wire(gateway: Gateway, bytewise: bool,  # noqa: F811
 
 
 def test_list_extended_with_imaplib_aioimaplib_and_curl(gateway: Gateway) -> None:
-    conn = imaplib.IMAP4_SSL("127.0.0.1", gateway.ports["imaps"],
-                             ssl_context=tls_context(gateway), timeout=30)
-    conn.login(INAYA, PATIENT_PASSWORD)
+    conn = imap_login(gateway)
     for name in ("Projets", "Projets/Alpha", "Projets/Beta"):
         assert conn.create(name)[0] == "OK"
     assert conn.unsubscribe("Projets")[0] == "OK"

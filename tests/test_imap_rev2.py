@@ -15,7 +15,7 @@ from imap_store.imap.commands import Append, Fetch, FetchAttr, Search, SearchSeq
 from imap_store.imap.parser import CommandParser
 from tests.conftest import INAYA, PATIENT_PASSWORD
 from tests.gateway_proc import Gateway
-from tests.helpers import Raw, tls_context
+from tests.helpers import Raw, imap_login
 
 _LITERAL = re.compile(rb"~?\{(\d+)\}\r\n$")
 
@@ -60,9 +60,7 @@ class Wire(Raw):
 
 
 def imap(gw: Gateway) -> imaplib.IMAP4_SSL:
-    conn = imaplib.IMAP4_SSL("127.0.0.1", gw.ports["imaps"], ssl_context=tls_context(gw),
-                             timeout=30)
-    conn.login(INAYA, PATIENT_PASSWORD)
+    conn = imap_login(gw)
     return conn
 
 

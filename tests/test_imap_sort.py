@@ -11,7 +11,7 @@ import pytest
 from imap_store.imap.sorting import base_subject
 from tests.conftest import INAYA, PATIENT_PASSWORD
 from tests.gateway_proc import Gateway
-from tests.helpers import tls_context
+from tests.helpers import imap_login
 from tests.test_imap_slips import Wire
 
 
@@ -33,9 +33,7 @@ _MESSAGES = [
 
 
 def test_sort_with_imaplib(gateway: Gateway) -> None:
-    conn = imaplib.IMAP4_SSL("127.0.0.1", gateway.ports["imaps"], ssl_context=tls_context(gateway),
-                             timeout=30)
-    conn.login(INAYA, PATIENT_PASSWORD)
+    conn = imap_login(gateway)
     assert b"SORT" in conn.capability()[1][0].split()
     conn.create("Sorted")
     for sender, to, date, subject, pad in _MESSAGES:

@@ -4,13 +4,10 @@ dummy), a reference loop, a message without Message-ID, subjects grouped by base
 
 from __future__ import annotations
 
-import imaplib
-
 import pytest
 
-from tests.conftest import INAYA, PATIENT_PASSWORD
 from tests.gateway_proc import Gateway
-from tests.helpers import tls_context
+from tests.helpers import imap_login
 from tests.test_imap_slips import Wire
 
 
@@ -36,9 +33,7 @@ _MESSAGES = [
 
 
 def test_thread_with_imaplib(gateway: Gateway) -> None:
-    conn = imaplib.IMAP4_SSL("127.0.0.1", gateway.ports["imaps"], ssl_context=tls_context(gateway),
-                             timeout=30)
-    conn.login(INAYA, PATIENT_PASSWORD)
+    conn = imap_login(gateway)
     caps = conn.capability()[1][0].split()
     assert b"THREAD=REFERENCES" in caps and b"THREAD=ORDEREDSUBJECT" in caps
     conn.create("Threads")

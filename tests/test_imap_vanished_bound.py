@@ -20,17 +20,14 @@ from imap_store.store import schema as t
 from imap_store.store.directory import Store
 from imap_store.store.housekeeping import prune_expunged
 from imap_store.store.mailboxes import SqlMailStores
-from tests.conftest import INAYA, PATIENT_PASSWORD
 from tests.gateway_proc import Gateway
-from tests.helpers import tls_context
+from tests.helpers import imap_login
 
 BOX = "Bound"
 
 
 def client(gw: Gateway) -> imaplib.IMAP4_SSL:
-    conn = imaplib.IMAP4_SSL("127.0.0.1", gw.ports["imaps"], ssl_context=tls_context(gw),
-                             timeout=30)
-    conn.login(INAYA, PATIENT_PASSWORD)
+    conn = imap_login(gw)
     return conn
 
 

@@ -8,14 +8,13 @@ Real sockets and clients nobody here wrote: smtplib and imaplib."""
 
 from __future__ import annotations
 
-import imaplib
 import smtplib
 
 import pytest
 
 from tests.conftest import CHRISTELLE, DUPOND, INAYA, PATIENT_PASSWORD
 from tests.gateway_proc import Gateway
-from tests.helpers import mailbox, sample, smtp, tls_context
+from tests.helpers import imap_login, mailbox, sample, smtp
 
 PATIENT = f"{INAYA}@patient.mssante.fr"
 
@@ -62,9 +61,7 @@ def test_nul_in_patient_submission_refused(gateway: Gateway) -> None:
 
 
 def test_nul_in_imap_append_refused_with_no(gateway: Gateway) -> None:
-    conn = imaplib.IMAP4_SSL("127.0.0.1", gateway.ports["imaps"],
-                             ssl_context=tls_context(gateway), timeout=30)
-    conn.login(INAYA, PATIENT_PASSWORD)
+    conn = imap_login(gateway)
     typ, data = conn.append("INBOX", None, None, message(CHRISTELLE, b"un \x00 nul\r\n"))
     assert typ == "NO" and data[0] is not None and data[0].startswith(b"[CANNOT]"), data
     assert b"NUL" in data[0]

@@ -4,7 +4,6 @@ with smtplib, imaplib and plain HTTP as an operator would."""
 
 from __future__ import annotations
 
-import imaplib
 import os
 import signal
 import socket
@@ -17,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import CHRISTELLE, INAYA, PATIENT_PASSWORD, prepare_gateway
+from tests.conftest import CHRISTELLE, INAYA, prepare_gateway
 from tests.gateway_proc import Gateway, free_port
-from tests.helpers import smtp, tls_context
+from tests.helpers import imap_login, smtp
 
 ADDRESS = f"{INAYA}@patient.mssante.fr"
 
@@ -93,13 +92,6 @@ def http(gw: Gateway, path: str) -> tuple[int, str]:
             return r.status, r.read().decode()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read().decode()
-
-
-def imap_login(gw: Gateway) -> imaplib.IMAP4_SSL:
-    client = imaplib.IMAP4_SSL("127.0.0.1", gw.ports["imaps"], ssl_context=tls_context(gw),
-                               timeout=30)
-    client.login(INAYA, PATIENT_PASSWORD)
-    return client
 
 
 def test_workers_share_every_listener_and_the_mailboxes(workers: Gateway) -> None:
