@@ -234,3 +234,26 @@ def test_list_extended_with_imaplib_aioimaplib_and_curl(gateway: Gateway) -> Non
         b'* LIST (\\HasNoChildren) "/" "Projets/Beta"\r\n')
     assert curl('STATUS "Projets/Beta" (MESSAGES SIZE DELETED)') == (
         b'* STATUS "Projets/Beta" (MESSAGES 1 SIZE %d DELETED 1)\r\n' % len(message))
+
+
+def test_many_patterns_merged_or_refused(gateway: Gateway) -> None:
+    """A pattern given many times is matched once; more than MAX_PATTERNS distinct patterns
+    get ``NO [LIMIT]`` (each pattern is matched against each name on the event loop: 6,000
+    of them in one command held other sessions over 100 ms, tests/test_security_event_loop)."""
+    from imap_store.imap.listing import MAX_PATTERNS
+
+    conn = imap_login(gateway)
+    try:
+        many = " ".join(['"INBOX"'] * 500)
+        typ, data = conn._simple_command("LIST", '""', f"({many})")  # type: ignore[attr-defined]
+        assert typ == "OK" and conn.untagged_responses.pop("LIST") == [
+            b'(\\HasNoChildren) "/" "INBOX"'], data
+        distinct = " ".join(f'"x{n}"' for n in range(MAX_PATTERNS))
+        typ, data = conn._simple_command("LIST", '""', f"({distinct})")  # type: ignore[attr-defined]
+        assert typ == "OK", data
+        typ, data = conn._simple_command(  # type: ignore[attr-defined]
+            "LIST", '""', f'({distinct} "INBOX")')
+        assert typ == "NO" and b"[LIMIT]" in data[-1], data
+        assert conn.noop()[0] == "OK"
+    finally:
+        conn.logout()

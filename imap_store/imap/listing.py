@@ -13,6 +13,10 @@ from dataclasses import dataclass
 
 #: Longest pattern accepted (mailbox names are at most 200 characters).
 MAX_PATTERN = 1000
+#: Most distinct patterns in one extended LIST (RFC 5258 sets no limit). Matching costs each
+#: pattern against each name on the event loop: 6,000 one-character patterns (a 60 KB
+#: command) held the other sessions over 100 ms before this limit and the merging of repeats.
+MAX_PATTERNS = 100
 
 
 def canonical_pattern(reference: str, pattern: str) -> str:

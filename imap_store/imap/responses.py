@@ -78,6 +78,7 @@ NO_NUL_IN_MESSAGE = Reply("NO", "Message contains a NUL octet (RFC 3501 CHAR8)",
 NO_UNKNOWN_CTE = Reply("NO", "Unknown Content-Transfer-Encoding", "UNKNOWN-CTE")
 NO_NONEXISTENT = Reply("NO", "No such mailbox", "NONEXISTENT")
 NO_PATTERN_TOO_LONG = Reply("NO", "Pattern too long", "LIMIT")
+NO_TOO_MANY_PATTERNS = Reply("NO", "Too many mailbox patterns", "LIMIT")
 BAD_QRESYNC_NOT_ENABLED = Reply("BAD", "ENABLE QRESYNC first (RFC 7162 §3.2.5)")
 
 

@@ -134,10 +134,13 @@ async def _list(s: Session, cmd: List) -> None:
     for its CHILDINFO) is ``\\Noselect`` to a basic LIST and ``\\NonExistent`` (which implies
     ``\\Noselect``) to an extended one, as RFC 3501 clients do not know the latter."""
     delimiter = b'"' + DELIMITER.encode() + b'"'
-    if cmd.patterns == ("",):
+    patterns = tuple(dict.fromkeys(cmd.patterns))  # a pattern given twice lists the same
+    if patterns == ("",):
         await s.emit(b"* LIST (\\Noselect) " + delimiter + b' ""\r\n')
         return
-    if any(len(cmd.reference) + len(p) > listing.MAX_PATTERN for p in cmd.patterns):
+    if len(patterns) > listing.MAX_PATTERNS:
+        raise MailStoreError(r.NO_TOO_MANY_PATTERNS.text, r.NO_TOO_MANY_PATTERNS.code)
+    if any(len(cmd.reference) + len(p) > listing.MAX_PATTERN for p in patterns):
         raise MailStoreError(r.NO_PATTERN_TOO_LONG.text, r.NO_PATTERN_TOO_LONG.code)
     mail = s.require_mail()
     boxes = {b.name: b for b in await mail.mailboxes()}
@@ -158,7 +161,7 @@ async def _list(s: Session, cmd: List) -> None:
 
     listed = listing.list_names(
         listing.with_parents(boxes), [listing.canonical_pattern(cmd.reference, p)
-                                      for p in cmd.patterns],
+                                      for p in patterns],
         meets, "RECURSIVEMATCH" in selection, DELIMITER)
     counts: dict[int, StatusCounts] = {}
     if cmd.status_items:
