@@ -369,14 +369,6 @@ class GroupWriter:
             if not all(p.sync for p in batch):
                 await turn.take()
                 return await self._write_async(batch)
-            if not turn.try_take():  # another process writes
-                jobs = [cast(SyncJob, p.job) for p in batch]
-                conn = await self._connection()
-                try:
-                    return await asyncio.to_thread(self._write_in_thread, conn, jobs, turn)
-                except Exception:
-                    self._drop_connection()  # not on cancellation: the thread may use it
-                    raise
             return await self._write_sqlite(batch, turn)
         finally:
             turn.release()
@@ -385,7 +377,8 @@ class GroupWriter:
         jobs = [cast(SyncJob, p.job) for p in batch]
         conn = await self._connection()
         try:
-            if sum(p.size for p in batch) > INLINE_BYTES:
+            # Another process writes, or the batch is large: all of it in a worker thread.
+            if not turn.try_take() or sum(p.size for p in batch) > INLINE_BYTES:
                 return await asyncio.to_thread(self._write_in_thread, conn, jobs, turn)
             transaction = await asyncio.to_thread(conn.begin)  # BEGIN IMMEDIATE may wait
             try:
