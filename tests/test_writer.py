@@ -374,9 +374,11 @@ async def test_deliver_many_writes_what_deliver_writes(db_url: str) -> None:
 
 
 async def test_open_exchanges_and_notifications_for_a_batch(db_url: str) -> None:
-    """``open_exchanges`` and ``enqueue_notifications`` (one statement each on PostgreSQL)
-    leave the rows the one-by-one operations leave: a new exchange opened, an ended one
-    re-opened, a repeated pair taking its last name; one waiting notification per patient."""
+    """The exchanges of a batch (``deliver_many``'s, inside its one statement on PostgreSQL)
+    and ``enqueue_notifications`` (one statement on PostgreSQL) leave the rows the one-by-one
+    operations leave: a new exchange opened, an ended one re-opened, a repeated pair taking
+    its last name; one waiting notification per patient."""
+    from imap_store.store.deliver import deliver_many
     from imap_store.store.outbound import enqueue_notification, enqueue_notifications
 
     store, writer = await _started(db_url)
@@ -387,7 +389,7 @@ async def test_open_exchanges_and_notifications_for_a_batch(db_url: str) -> None
     try:
         await writer.submit_sync(lambda c: ops.open_exchange(c, a, "x@h.example", "X"))
         await writer.submit_sync(lambda c: ops.end_exchanges(c, a, "x@h.example"))
-        await writer.submit_sync(lambda c: ops.open_exchanges(c, [
+        await writer.submit_sync(lambda c: deliver_many(c, [], [
             (a, "x@h.example", "X"), (a, "y@h.example", "Y"), (b, "y@h.example", "Y1"),
             (b, "y@h.example", "Y2")]))
         async with store.read() as conn:

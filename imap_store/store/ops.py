@@ -607,10 +607,6 @@ def open_exchange(conn: Connection, patient_id: int, professional_address: str,
     return exchange_id
 
 
-# PostgreSQL: ``open_exchange`` for several (patient, professional) pairs in one round trip.
-_PG_OPEN_EXCHANGES = Stmt("WITH " + _PG_EXCHANGES_CTES + "SELECT 1", datetimes=("since",))
-
-
 def _distinct_exchanges(pairs: Sequence[tuple[int, str, str]]) -> dict[tuple[int, str], str]:
     """Repeats merged, the last name winning, as running them one after the other would."""
     return {(patient_id, address): name for patient_id, address, name in pairs}
@@ -618,17 +614,9 @@ def _distinct_exchanges(pairs: Sequence[tuple[int, str, str]]) -> dict[tuple[int
 
 def open_exchanges(conn: Connection, pairs: Sequence[tuple[int, str, str]]) -> None:
     """``open_exchange`` (R2) for each (patient id, professional address, name), in order,
-    with no Reply-To aliases; on PostgreSQL in one statement."""
-    if conn.dialect.name != "postgresql":
-        for patient_id, address, name in pairs:
-            open_exchange(conn, patient_id, address, name)
-        return
-    last = _distinct_exchanges(pairs)
-    if not last:
-        return
-    _PG_OPEN_EXCHANGES.run(conn, {
-        "x_patient": [k[0] for k in last], "x_address": [k[1] for k in last],
-        "x_name": list(last.values()), "since": utcnow()})
+    with no Reply-To aliases (PostgreSQL does these inside ``merged_deliver_many``)."""
+    for patient_id, address, name in pairs:
+        open_exchange(conn, patient_id, address, name)
 
 
 def _add_aliases(conn: Connection, exchange_id: int, professional_address: str,
