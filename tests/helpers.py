@@ -1,6 +1,6 @@
-"""Test helpers: real SMTP and IMAP clients with dev certificates (smtplib sessions, raw
-SMTP and IMAP lines), reading a mailbox back, and feeding the sans-IO readers (the IMAP
-command parser, the SMTP DATA reader)."""
+"""Test helpers: real SMTP and IMAP clients with dev certificates (smtplib, imaplib and
+aioimaplib sessions, raw SMTP and IMAP lines, IMAP transcripts replayed), reading a mailbox
+back, and feeding the sans-IO readers (the IMAP command parser, the SMTP DATA reader)."""
 
 from __future__ import annotations
 
@@ -12,10 +12,11 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 
+import aioimaplib
 from sqlalchemy import select
 
 from gateway.config import load_config
@@ -58,6 +59,27 @@ def imap_login(gw: Gateway, user: str | None = None,
                              timeout=30)
     conn.login(user or INAYA, password or PATIENT_PASSWORD)
     return conn
+
+
+@asynccontextmanager
+async def aioimaplib_login(gw: Gateway, user: str) -> AsyncIterator[aioimaplib.IMAP4_SSL]:
+    """An aioimaplib client over IMAPS, logged in as ``user`` with the patients' password; LOGOUT
+    when the block ends, and its transport closed whatever happens: aioimaplib leaves it to
+    the server's close, and a socket that outlives its test is a ResourceWarning in the next."""
+    from tests.conftest import PATIENT_PASSWORD
+
+    client = aioimaplib.IMAP4_SSL("127.0.0.1", gw.ports["imaps"], ssl_context=tls_context(gw),
+                                  timeout=30)
+    try:
+        await client.wait_hello_from_server()
+        assert (await client.login(user, PATIENT_PASSWORD)).result == "OK"
+        yield client
+        await client.logout()
+    finally:
+        transport = getattr(client.protocol, "transport", None)
+        if transport is not None and not transport.is_closing():
+            transport.close()
+        await asyncio.sleep(0.05)
 
 
 def smtp(gw: Gateway, client: str | None = None, listener: str = "smtp") -> smtplib.SMTP:
@@ -241,6 +263,23 @@ class Raw:
     def command(self, tag: str, text: str) -> list[bytes]:
         self.send(f"{tag} {text}\r\n".encode())
         return self.until(tag.encode() + b" ")
+
+    def play(self, transcript: str) -> None:
+        """Replay a transcript written as in the RFCs, one line each: ``C: <tag> <command>`` is
+        sent, and its answer must be exactly the ``S:`` lines under it, in order (CRLF added)."""
+        steps: list[tuple[str, list[bytes]]] = []
+        for line in transcript.strip().splitlines():
+            who, _, text = line.lstrip().partition(": ")
+            if who == "C":
+                steps.append((text, []))
+            else:
+                assert who == "S" and steps, line
+                steps[-1][1].append(text.encode() + b"\r\n")
+        assert steps, transcript
+        for text, answer in steps:
+            tag, _, command = text.partition(" ")
+            got = self.command(tag, command)
+            assert got == answer, (text, got)
 
     def close(self) -> None:
         self.file.close()

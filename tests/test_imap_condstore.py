@@ -14,7 +14,7 @@ import pytest
 
 from tests.conftest import INAYA, PATIENT_PASSWORD
 from tests.gateway_proc import Gateway
-from tests.helpers import Raw, imap_login, tls_context
+from tests.helpers import Raw, aioimaplib_login, imap_login
 
 MESSAGES = [f"Subject: message {n}\r\n\r\ncorps {n}\r\n".encode() for n in range(1, 5)]
 
@@ -124,11 +124,7 @@ def test_qresync_select_with_aioimaplib(gateway: Gateway) -> None:
     conn.expunge()
 
     async def run() -> None:
-        imap = aioimaplib.IMAP4_SSL("127.0.0.1", gateway.ports["imaps"],
-                                    ssl_context=tls_context(gateway), timeout=30)
-        try:
-            await imap.wait_hello_from_server()
-            assert (await imap.login(INAYA, PATIENT_PASSWORD)).result == "OK"
+        async with aioimaplib_login(gateway, INAYA) as imap:
             assert imap.has_capability("QRESYNC")
             # QRESYNC before ENABLE is refused (RFC 7162 §3.2.5)
             refused = await imap.protocol.execute(aioimaplib.Command(
@@ -162,12 +158,6 @@ def test_qresync_select_with_aioimaplib(gateway: Gateway) -> None:
                 f"(QRESYNC ({uidvalidity + 1} {known}))", loop=imap.protocol.loop))
             lines = [bytes(line) for line in response.lines]
             assert response.result == "OK" and not any(b"VANISHED" in x for x in lines), lines
-            await imap.logout()
-        finally:
-            transport = getattr(imap.protocol, "transport", None)
-            if transport is not None and not transport.is_closing():
-                transport.close()
-            await asyncio.sleep(0.05)
 
     asyncio.run(run())
     conn.logout()

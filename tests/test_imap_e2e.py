@@ -16,7 +16,15 @@ import pytest
 
 from tests.conftest import CHRISTELLE, DUPOND, INAYA, PATIENT_PASSWORD, SAMPLES, prepare_gateway
 from tests.gateway_proc import LISTENERS, Gateway, free_port, set_listen
-from tests.helpers import Raw, body_after_received, mailbox, server_log, smtp, tls_context
+from tests.helpers import (
+    Raw,
+    aioimaplib_login,
+    body_after_received,
+    mailbox,
+    server_log,
+    smtp,
+    tls_context,
+)
 
 PATIENT = f"{INAYA}@patient.mssante.fr"
 
@@ -148,15 +156,8 @@ def test_sessions_see_each_others_flags_and_expunges(gateway: Gateway) -> None:
 def test_aioimaplib_login_select_fetch_idle(gateway: Gateway) -> None:
     import asyncio
 
-    import aioimaplib
-
     async def run() -> None:
-        client = aioimaplib.IMAP4_SSL("127.0.0.1", gateway.ports["imaps"],
-                                      ssl_context=tls_context(gateway), timeout=30)
-        try:
-            await client.wait_hello_from_server()
-            response = await client.login(PATIENT, PATIENT_PASSWORD)
-            assert response.result == "OK"
+        async with aioimaplib_login(gateway, PATIENT) as client:
             response = await client.select("INBOX")
             assert response.result == "OK"
             response = await client.fetch("1", "(UID FLAGS ENVELOPE)")
@@ -168,14 +169,6 @@ def test_aioimaplib_login_select_fetch_idle(gateway: Gateway) -> None:
             client.idle_done()
             await asyncio.wait_for(idle, 10)
             assert any(b"EXISTS" in bytes(line) for line in pushed if isinstance(line, bytes))
-            await client.logout()
-        finally:
-            # aioimaplib leaves its transport to the server's close: close it here so no
-            # socket outlives the test (a ResourceWarning otherwise lands in the next one).
-            transport = getattr(client.protocol, "transport", None)
-            if transport is not None and not transport.is_closing():
-                transport.close()
-            await asyncio.sleep(0.05)
 
     asyncio.run(run())
 

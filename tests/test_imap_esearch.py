@@ -32,15 +32,20 @@ def test_esearch_with_imaplib_and_on_the_wire(gateway: Gateway) -> None:
     try:
         raw.command("a", f'LOGIN {INAYA} "{PATIENT_PASSWORD}"')
         raw.command("s", "SELECT Tri")
-        assert raw.command("e1", "SEARCH RETURN (MIN MAX COUNT ALL) UNSEEN") == [
-            b'* ESEARCH (TAG "e1") MIN 2 MAX 5 COUNT 3 ALL 2,4:5\r\n',
-            b"e1 OK SEARCH completed\r\n"]
-        assert raw.command("e2", "UID SEARCH RETURN () UNSEEN") == [
-            b'* ESEARCH (TAG "e2") UID ALL 2,4,6\r\n', b"e2 OK UID SEARCH completed\r\n"]
-        assert raw.command("e3", "UID SEARCH RETURN (COUNT MIN) SUBJECT absent") == [
-            b'* ESEARCH (TAG "e3") UID COUNT 0\r\n', b"e3 OK UID SEARCH completed\r\n"]
-        assert raw.command("e4", "SEARCH RETURN (MAX) ALL") == [
-            b'* ESEARCH (TAG "e4") MAX 5\r\n', b"e4 OK SEARCH completed\r\n"]
+        raw.play("""
+            C: e1 SEARCH RETURN (MIN MAX COUNT ALL) UNSEEN
+            S: * ESEARCH (TAG "e1") MIN 2 MAX 5 COUNT 3 ALL 2,4:5
+            S: e1 OK SEARCH completed
+            C: e2 UID SEARCH RETURN () UNSEEN
+            S: * ESEARCH (TAG "e2") UID ALL 2,4,6
+            S: e2 OK UID SEARCH completed
+            C: e3 UID SEARCH RETURN (COUNT MIN) SUBJECT absent
+            S: * ESEARCH (TAG "e3") UID COUNT 0
+            S: e3 OK UID SEARCH completed
+            C: e4 SEARCH RETURN (MAX) ALL
+            S: * ESEARCH (TAG "e4") MAX 5
+            S: e4 OK SEARCH completed
+        """)
         lines = raw.command("e5", "UID SEARCH RETURN (ALL) MODSEQ 1")
         assert re.fullmatch(rb'\* ESEARCH \(TAG "e5"\) UID ALL 1:4,6 MODSEQ \d+\r\n',
                             lines[0]), lines

@@ -9,11 +9,9 @@ import asyncio
 import re
 import subprocess
 
-import aioimaplib
-
 from tests.conftest import INAYA, PATIENT_PASSWORD
 from tests.gateway_proc import Gateway
-from tests.helpers import imap_login, tls_context
+from tests.helpers import aioimaplib_login, imap_login
 from tests.test_imap_slips import Wire, append, bytewise, clients, new_client  # noqa: F401
 
 #: RFC 5258 §5's hierarchy, adapted: ``Foo`` exists only as the parent of ``Foo/Bar`` and
@@ -198,20 +196,10 @@ def test_list_extended_with_imaplib_aioimaplib_and_curl(gateway: Gateway) -> Non
     conn.logout()
 
     async def with_aioimaplib() -> tuple[list[bytes], list[bytes]]:
-        client = aioimaplib.IMAP4_SSL("127.0.0.1", gateway.ports["imaps"],
-                                      ssl_context=tls_context(gateway), timeout=30)
-        try:
-            await client.wait_hello_from_server()
-            assert (await client.login(INAYA, PATIENT_PASSWORD)).result == "OK"
+        async with aioimaplib_login(gateway, INAYA) as client:
             listed = await client.list('(SUBSCRIBED) ""',
                                        '"Projets/%" RETURN (STATUS (MESSAGES))')
             status = await client.status('"Projets/Beta"', "(SIZE DELETED)")
-            await client.logout()
-        finally:  # aioimaplib leaves its transport open (as in test_imap_e2e.py)
-            transport = getattr(client.protocol, "transport", None)
-            if transport is not None and not transport.is_closing():
-                transport.close()
-            await asyncio.sleep(0.05)
         assert listed.result == "OK" and status.result == "OK", (listed, status)
         return [bytes(x) for x in listed.lines], [bytes(x) for x in status.lines]
 

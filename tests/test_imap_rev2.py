@@ -94,28 +94,39 @@ def test_rev2_mode_beside_rev1(gateway: Gateway) -> None:
             assert rev2.literal_command(f"p{n}", 'APPEND "Écrits"', data)[-1].startswith(
                 f"p{n} OK [APPENDUID ".encode())
         assert rev2.command("sb", 'SUBSCRIBE "Écrits"')[-1].startswith(b"sb OK")
-        assert rev2.command("li", 'LIST "" "É%" RETURN (STATUS (MESSAGES))') == [
-            '* LIST (\\HasNoChildren) "/" "Écrits"\r\n'.encode(),
-            '* STATUS "Écrits" (MESSAGES 2)\r\n'.encode(), b"li OK LIST completed\r\n"]
-        assert rev2.command("ls", 'LSUB "" "É*"') == [
-            '* LSUB () "/" "Écrits"\r\n'.encode(), b"ls OK LSUB completed\r\n"]
-        assert rev2.command("st", 'STATUS "Écrits" (MESSAGES)') == [
-            '* STATUS "Écrits" (MESSAGES 2)\r\n'.encode(), b"st OK STATUS completed\r\n"]
+        rev2.play(r"""
+            C: li LIST "" "É%" RETURN (STATUS (MESSAGES))
+            S: * LIST (\HasNoChildren) "/" "Écrits"
+            S: * STATUS "Écrits" (MESSAGES 2)
+            S: li OK LIST completed
+            C: ls LSUB "" "É*"
+            S: * LSUB () "/" "Écrits"
+            S: ls OK LSUB completed
+            C: st STATUS "Écrits" (MESSAGES)
+            S: * STATUS "Écrits" (MESSAGES 2)
+            S: st OK STATUS completed
+        """)
         lines = rev2.command("s", 'SELECT "Écrits"')
         assert b"* 2 EXISTS\r\n" in lines
         assert '* LIST () "/" "Écrits"\r\n'.encode() in lines, lines
         assert not any(b"RECENT" in line or b"UNSEEN" in line for line in lines), lines
         assert lines[-1] == b"s OK [READ-WRITE] SELECT completed\r\n"
         # no \Recent in FETCH; SEARCH answered with ESEARCH (RFC 9051 §6.4.4)
-        assert rev2.command("f", "FETCH 1:* FLAGS") == [
-            b"* 1 FETCH (FLAGS ())\r\n", b"* 2 FETCH (FLAGS ())\r\n",
-            b"f OK FETCH completed\r\n"]
-        assert rev2.command("q", "SEARCH ALL") == [
-            b'* ESEARCH (TAG "q") ALL 1:2\r\n', b"q OK SEARCH completed\r\n"]
-        assert rev2.command("q2", "UID SEARCH SUBJECT absent") == [
-            b'* ESEARCH (TAG "q2") UID\r\n', b"q2 OK UID SEARCH completed\r\n"]
-        assert rev2.command("q3", "SEARCH RECENT") == [
-            b'* ESEARCH (TAG "q3")\r\n', b"q3 OK SEARCH completed\r\n"]
+        rev2.play("""
+            C: f FETCH 1:* FLAGS
+            S: * 1 FETCH (FLAGS ())
+            S: * 2 FETCH (FLAGS ())
+            S: f OK FETCH completed
+            C: q SEARCH ALL
+            S: * ESEARCH (TAG "q") ALL 1:2
+            S: q OK SEARCH completed
+            C: q2 UID SEARCH SUBJECT absent
+            S: * ESEARCH (TAG "q2") UID
+            S: q2 OK UID SEARCH completed
+            C: q3 SEARCH RECENT
+            S: * ESEARCH (TAG "q3")
+            S: q3 OK SEARCH completed
+        """)
         # SELECT while selected: OK [CLOSED] first (RFC 9051 §6.3.2)
         lines = rev2.command("x", "EXAMINE INBOX")
         assert lines[0] == b"* OK [CLOSED] Previous mailbox closed\r\n", lines
@@ -255,26 +266,41 @@ def test_searchres(gateway: Gateway) -> None:
                                  message(n))
         wire.command("s", "SELECT Res")
         # $ before any SAVE: the empty set
-        assert wire.command("f0", "FETCH $ FLAGS") == [b"f0 OK FETCH completed\r\n"]
+        wire.play("""
+            C: f0 FETCH $ FLAGS
+            S: f0 OK FETCH completed
+        """)
         # SAVE alone: no ESEARCH (RFC 5182 §2.1); $ in FETCH, UID FETCH, STORE, SEARCH
-        assert wire.command("q1", "SEARCH RETURN (SAVE) UNSEEN") == [
-            b"q1 OK SEARCH completed\r\n"]
-        assert wire.command("f1", "FETCH $ (UID)") == [
-            b"* 2 FETCH (UID 2)\r\n", b"* 4 FETCH (UID 4)\r\n", b"* 6 FETCH (UID 6)\r\n",
-            b"f1 OK FETCH completed\r\n"]
+        wire.play("""
+            C: q1 SEARCH RETURN (SAVE) UNSEEN
+            S: q1 OK SEARCH completed
+            C: f1 FETCH $ (UID)
+            S: * 2 FETCH (UID 2)
+            S: * 4 FETCH (UID 4)
+            S: * 6 FETCH (UID 6)
+            S: f1 OK FETCH completed
+        """)
         assert wire.command("f2", "UID FETCH $ (UID)")[:-1] == [
             b"* 2 FETCH (UID 2)\r\n", b"* 4 FETCH (UID 4)\r\n", b"* 6 FETCH (UID 6)\r\n"]
-        assert wire.command("t", "STORE $ +FLAGS.SILENT (\\Flagged)") == [
-            b"t OK STORE completed\r\n"]
-        assert wire.command("q2", "SEARCH FLAGGED") == [
-            b"* SEARCH 2 4 6\r\n", b"q2 OK SEARCH completed\r\n"]
-        assert wire.command("q3", "SEARCH $ SUBJECT \"essai 4\"") == [
-            b"* SEARCH 4\r\n", b"q3 OK SEARCH completed\r\n"]
-        assert wire.command("q4", "SEARCH OR UID $ 1") == [
-            b"* SEARCH 1 2 4 6\r\n", b"q4 OK SEARCH completed\r\n"]
+        wire.play(r"""
+            C: t STORE $ +FLAGS.SILENT (\Flagged)
+            S: t OK STORE completed
+            C: q2 SEARCH FLAGGED
+            S: * SEARCH 2 4 6
+            S: q2 OK SEARCH completed
+            C: q3 SEARCH $ SUBJECT "essai 4"
+            S: * SEARCH 4
+            S: q3 OK SEARCH completed
+            C: q4 SEARCH OR UID $ 1
+            S: * SEARCH 1 2 4 6
+            S: q4 OK SEARCH completed
+        """)
         # SAVE with other options: ESEARCH as asked; with MIN and MAX only, those are saved
-        assert wire.command("q5", "SEARCH RETURN (SAVE MIN MAX) SEEN") == [
-            b'* ESEARCH (TAG "q5") MIN 1 MAX 5\r\n', b"q5 OK SEARCH completed\r\n"]
+        wire.play("""
+            C: q5 SEARCH RETURN (SAVE MIN MAX) SEEN
+            S: * ESEARCH (TAG "q5") MIN 1 MAX 5
+            S: q5 OK SEARCH completed
+        """)
         assert wire.command("f3", "FETCH $ (UID)")[:-1] == [
             b"* 1 FETCH (UID 1)\r\n", b"* 5 FETCH (UID 5)\r\n"]
         assert wire.command("m", "COPY $ INBOX")[-1].startswith(b"m OK [COPYUID ")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import base64
 import re
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import pytest
 
@@ -50,6 +50,13 @@ class Wire(Raw):
         got = self.until(tag.encode() + b" ")
         assert got == lines, got
 
+    def fill(self, mailbox: str, messages: Iterable[bytes]) -> None:
+        """CREATE ``mailbox``, APPEND ``messages`` to it, SELECT it."""
+        self.expect("c", f"CREATE {mailbox}", [b"c OK CREATE completed\r\n"])
+        for message in messages:
+            append(self, mailbox, message)
+        assert self.command("s", f"SELECT {mailbox}")[-1].startswith(b"s OK [READ-WRITE]")
+
 
 @pytest.fixture(params=["lines", "bytes"])
 def bytewise(request: pytest.FixtureRequest) -> bool:
@@ -79,10 +86,36 @@ def append(client: Wire, mailbox: str, message: bytes, flags: str = "") -> None:
     assert client.until(b"p ")[-1].startswith(b"p OK [APPENDUID"), mailbox
 
 
+def announced(flags: bytes, read_only: bool = False) -> list[bytes]:
+    """The two lines that announce a mailbox's ``flags`` (RFC 3501 §7.2.6, §7.1): FLAGS, then
+    PERMANENTFLAGS with ``\\*`` (new keywords allowed), or empty when the mailbox is read-only."""
+    permanent = (b"* OK [PERMANENTFLAGS ()] Read-only mailbox\r\n" if read_only
+                 else b"* OK [PERMANENTFLAGS (" + flags + b" \\*)] Flags permitted\r\n")
+    return [b"* FLAGS (" + flags + b")\r\n", permanent]
+
+
+def told(client: Wire, tag: str, command: str, flags: bytes, *untagged: bytes,
+         read_only: bool = False) -> None:
+    """``command``'s answer is exactly: ``flags`` announced first, then the ``untagged`` lines,
+    then its tagged OK."""
+    verb = command.split()[0]
+    client.expect(tag, command, [*announced(flags, read_only), *untagged,
+                                 f"{tag} OK {verb} completed\r\n".encode()])
+
+
 def select_lines(client: Wire, tag: str, command: str) -> list[bytes]:
     """A SELECT/EXAMINE answer without its UIDVALIDITY line (a timestamp)."""
     lines = client.command(tag, command)
     return [line for line in lines if b"[UIDVALIDITY " not in line]
+
+
+def exists_and_recent(client: Wire, tag: str, command: str) -> tuple[int, int]:
+    """The EXISTS and RECENT counts of a SELECT/EXAMINE answer, the two lines right after its
+    FLAGS and PERMANENTFLAGS."""
+    lines = select_lines(client, tag, command)[2:4]
+    match = re.fullmatch(rb"\* (\d+) EXISTS\r\n\* (\d+) RECENT\r\n", b"".join(lines))
+    assert match, lines
+    return int(match[1]), int(match[2])
 
 
 # --------------------------------------------------------------------------- keywords
@@ -93,60 +126,30 @@ def test_keywords_announced_to_every_session_before_any_fetch_shows_them(
 ) -> None:
     a, b, c = (new_client(gateway, bytewise, clients) for _ in range(3))
     assert select_lines(a, "s", "SELECT INBOX")[:3] == [
-        b"* FLAGS (" + FLAGS + b")\r\n",
-        b"* OK [PERMANENTFLAGS (" + FLAGS + b" \\*)] Flags permitted\r\n",
+        *announced(FLAGS),
         b"* 1 EXISTS\r\n",
     ]
     b.command("s", "SELECT INBOX")
     c.command("s", "EXAMINE INBOX")
     with_hello = FLAGS + b" $hello"
-    a.expect("t1", "STORE 1 +FLAGS ($hello)", [
-        b"* FLAGS (" + with_hello + b")\r\n",
-        b"* OK [PERMANENTFLAGS (" + with_hello + b" \\*)] Flags permitted\r\n",
-        b"* 1 FETCH (FLAGS (\\Recent $hello))\r\n",
-        b"t1 OK STORE completed\r\n",
-    ])
-    b.expect("n1", "NOOP", [
-        b"* FLAGS (" + with_hello + b")\r\n",
-        b"* OK [PERMANENTFLAGS (" + with_hello + b" \\*)] Flags permitted\r\n",
-        b"* 1 FETCH (UID 1 FLAGS ($hello))\r\n",
-        b"n1 OK NOOP completed\r\n",
-    ])
-    c.expect("n1", "FETCH 1 (FLAGS)", [  # read-only: no permanent flags, still announced
-        b"* FLAGS (" + with_hello + b")\r\n",
-        b"* OK [PERMANENTFLAGS ()] Read-only mailbox\r\n",
-        b"* 1 FETCH (FLAGS ($hello))\r\n",
-        b"* 1 FETCH (UID 1 FLAGS ($hello))\r\n",  # a's change, reported after the command
-        b"n1 OK FETCH completed\r\n",
-    ])
+    told(a, "t1", "STORE 1 +FLAGS ($hello)", with_hello,
+         b"* 1 FETCH (FLAGS (\\Recent $hello))\r\n")
+    told(b, "n1", "NOOP", with_hello, b"* 1 FETCH (UID 1 FLAGS ($hello))\r\n")
+    told(c, "n1", "FETCH 1 (FLAGS)", with_hello,  # read-only: no permanent flags, still announced
+         b"* 1 FETCH (FLAGS ($hello))\r\n",
+         b"* 1 FETCH (UID 1 FLAGS ($hello))\r\n",  # a's change, reported after the command
+         read_only=True)
     # a keyword literally named NIL is a keyword like any other (an atom, RFC 3501 §9)
     with_nil = with_hello + b" NIL"
-    a.expect("t2", "STORE 1 +FLAGS (NIL)", [
-        b"* FLAGS (" + with_nil + b")\r\n",
-        b"* OK [PERMANENTFLAGS (" + with_nil + b" \\*)] Flags permitted\r\n",
-        b"* 1 FETCH (FLAGS (\\Recent $hello NIL))\r\n",
-        b"t2 OK STORE completed\r\n",
-    ])
+    told(a, "t2", "STORE 1 +FLAGS (NIL)", with_nil, b"* 1 FETCH (FLAGS (\\Recent $hello NIL))\r\n")
     # b learns of NIL from its own FETCH, before the FETCH line that shows it
-    b.expect("f2", "FETCH 1 (FLAGS)", [
-        b"* FLAGS (" + with_nil + b")\r\n",
-        b"* OK [PERMANENTFLAGS (" + with_nil + b" \\*)] Flags permitted\r\n",
-        b"* 1 FETCH (FLAGS ($hello NIL))\r\n",
-        b"* 1 FETCH (UID 1 FLAGS ($hello NIL))\r\n",
-        b"f2 OK FETCH completed\r\n",
-    ])
+    told(b, "f2", "FETCH 1 (FLAGS)", with_nil,
+         b"* 1 FETCH (FLAGS ($hello NIL))\r\n", b"* 1 FETCH (UID 1 FLAGS ($hello NIL))\r\n")
     # APPEND of a message with a new keyword, from a session that has INBOX selected
     d = new_client(gateway, bytewise, clients)
     d.command("s", "SELECT Drafts")
     append(d, "INBOX", b"Subject: mot-clef\r\n\r\ncorps\r\n", "$urgent")
-    with_urgent = FLAGS + b" $hello $urgent NIL"
-    a.expect("n3", "NOOP", [
-        b"* FLAGS (" + with_urgent + b")\r\n",
-        b"* OK [PERMANENTFLAGS (" + with_urgent + b" \\*)] Flags permitted\r\n",
-        b"* 2 EXISTS\r\n",
-        b"* 2 RECENT\r\n",
-        b"n3 OK NOOP completed\r\n",
-    ])
+    told(a, "n3", "NOOP", FLAGS + b" $hello $urgent NIL", b"* 2 EXISTS\r\n", b"* 2 RECENT\r\n")
     a.expect("f3", "FETCH 2 (FLAGS)", [b"* 2 FETCH (FLAGS (\\Recent $urgent))\r\n",
                                        b"f3 OK FETCH completed\r\n"])
 
@@ -163,33 +166,33 @@ def test_lsub_percent_gives_the_unsubscribed_parent_as_noselect(
     a.command("s", "SUBSCRIBE dossier/2024/bilan")
     a.command("s", "SUBSCRIBE dossier/suivi")
     a.command("u", "UNSUBSCRIBE dossier/autre")
-    a.expect("l1", 'LSUB "dossier/" "%"', [
-        b'* LSUB (\\Noselect) "/" "dossier/2024"\r\n',
-        b'* LSUB () "/" "dossier/suivi"\r\n',
-        b"l1 OK LSUB completed\r\n",
-    ])
-    a.expect("l2", 'LSUB "" "dossier/%/%"', [
-        b'* LSUB () "/" "dossier/2024/bilan"\r\n',
-        b"l2 OK LSUB completed\r\n",
-    ])
-    a.expect("l3", 'LSUB "" "dossier/*"', [
-        b'* LSUB () "/" "dossier/2024/bilan"\r\n',
-        b'* LSUB () "/" "dossier/suivi"\r\n',
-        b"l3 OK LSUB completed\r\n",
-    ])
-    a.expect("l4", 'LSUB "" "doss%"', [
-        b'* LSUB (\\Noselect) "/" "dossier"\r\n',
-        b"l4 OK LSUB completed\r\n",
-    ])
+    a.play(r"""
+        C: l1 LSUB "dossier/" "%"
+        S: * LSUB (\Noselect) "/" "dossier/2024"
+        S: * LSUB () "/" "dossier/suivi"
+        S: l1 OK LSUB completed
+        C: l2 LSUB "" "dossier/%/%"
+        S: * LSUB () "/" "dossier/2024/bilan"
+        S: l2 OK LSUB completed
+        C: l3 LSUB "" "dossier/*"
+        S: * LSUB () "/" "dossier/2024/bilan"
+        S: * LSUB () "/" "dossier/suivi"
+        S: l3 OK LSUB completed
+        C: l4 LSUB "" "doss%"
+        S: * LSUB (\Noselect) "/" "dossier"
+        S: l4 OK LSUB completed
+    """)
     a.expect("l5", 'LSUB "" "dossier"', [b"l5 OK LSUB completed\r\n"])  # no wildcard
     # no stale match once the subscribed mailboxes moved away or were unsubscribed
     a.command("r", "RENAME dossier/2024/bilan archives/bilan")
     a.command("u", "UNSUBSCRIBE dossier/suivi")
-    a.expect("l6", 'LSUB "dossier/" "%"', [b"l6 OK LSUB completed\r\n"])
-    a.expect("l7", 'LSUB "" "arch%"', [
-        b'* LSUB (\\Noselect) "/" "archives"\r\n',
-        b"l7 OK LSUB completed\r\n",
-    ])
+    a.play(r"""
+        C: l6 LSUB "dossier/" "%"
+        S: l6 OK LSUB completed
+        C: l7 LSUB "" "arch%"
+        S: * LSUB (\Noselect) "/" "archives"
+        S: l7 OK LSUB completed
+    """)
 
 
 # --------------------------------------------------------------------------- SEARCH
@@ -217,10 +220,7 @@ def test_search_address_headers_match_address_and_display_name(
     gateway: Gateway, bytewise: bool, clients: list[Wire],
 ) -> None:
     a = new_client(gateway, bytewise, clients)
-    a.command("c", "CREATE Adresses")
-    for message in ADDRESS_MESSAGES:
-        append(a, "Adresses", message)
-    a.command("s", "SELECT Adresses")
+    a.fill("Adresses", ADDRESS_MESSAGES)
     for tag, criteria, found in (
         ("s1", "FROM dr-from@cabinet.example", b"1 2 3 4 5"),
         ("s2", "TO pat-to@cabinet.example", b"1 2 3 4"),
@@ -250,16 +250,13 @@ def test_examine_reports_recent_and_leaves_it_to_the_next_select(
     gateway: Gateway, bytewise: bool, clients: list[Wire],
 ) -> None:
     reader, first, second, writer = (new_client(gateway, bytewise, clients) for _ in range(4))
-    assert select_lines(reader, "e", "EXAMINE INBOX")[2:4] == [b"* 1 EXISTS\r\n",
-                                                               b"* 1 RECENT\r\n"]
+    assert exists_and_recent(reader, "e", "EXAMINE INBOX") == (1, 1)
     reader.expect("f", "FETCH 1 (FLAGS)", [b"* 1 FETCH (FLAGS (\\Recent))\r\n",
                                            b"f OK FETCH completed\r\n"])
     writer.expect("st", "STATUS INBOX (MESSAGES RECENT)",
                   [b'* STATUS "INBOX" (MESSAGES 1 RECENT 1)\r\n', b"st OK STATUS completed\r\n"])
-    assert select_lines(first, "s", "SELECT INBOX")[2:4] == [b"* 1 EXISTS\r\n",
-                                                             b"* 1 RECENT\r\n"]
-    assert select_lines(second, "s", "SELECT INBOX")[2:4] == [b"* 1 EXISTS\r\n",
-                                                              b"* 0 RECENT\r\n"]
+    assert exists_and_recent(first, "s", "SELECT INBOX") == (1, 1)
+    assert exists_and_recent(second, "s", "SELECT INBOX") == (1, 0)
     second.expect("f", "FETCH 1 (FLAGS)", [b"* 1 FETCH (FLAGS ())\r\n",
                                            b"f OK FETCH completed\r\n"])
     writer.expect("st", "STATUS INBOX (MESSAGES RECENT)",
@@ -270,8 +267,7 @@ def test_examine_reports_recent_and_leaves_it_to_the_next_select(
     # ...from the first read-write session to be told, and only that one
     first.expect("n", "NOOP", [b"* 2 EXISTS\r\n", b"* 2 RECENT\r\n", b"n OK NOOP completed\r\n"])
     second.expect("n", "NOOP", [b"* 2 EXISTS\r\n", b"* 0 RECENT\r\n", b"n OK NOOP completed\r\n"])
-    assert select_lines(reader, "e2", "EXAMINE INBOX")[2:4] == [b"* 2 EXISTS\r\n",
-                                                                b"* 0 RECENT\r\n"]
+    assert exists_and_recent(reader, "e2", "EXAMINE INBOX") == (2, 0)
 
 
 def test_recent_in_exactly_one_session_across_two_serve_processes(

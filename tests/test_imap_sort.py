@@ -77,12 +77,8 @@ def test_sort_on_the_wire(gateway: Gateway, bytewise: bool) -> None:
     client = Wire(gateway, bytewise)
     try:
         client.login()
-        client.expect("c", "CREATE W", [b"c OK CREATE completed\r\n"])
-        for subject in ("b", "Re: a", "[x] c"):
-            message = f"Subject: {subject}\r\n\r\nz\r\n".encode()
-            client.send(f"p APPEND W {{{len(message)}+}}\r\n".encode() + message + b"\r\n")
-            assert client.until(b"p ")[-1].startswith(b"p OK")
-        assert client.command("s", "SELECT W")[-1].startswith(b"s OK [READ-WRITE]")
+        client.fill("W", (f"Subject: {subject}\r\n\r\nz\r\n".encode()
+                          for subject in ("b", "Re: a", "[x] c")))
         client.expect("t1", "SORT (SUBJECT) UTF-8 ALL",
                       [b"* SORT 2 1 3\r\n", b"t1 OK SORT completed\r\n"])
         client.expect("t2", "UID SORT (REVERSE SUBJECT) us-ascii UID 1:2",

@@ -58,11 +58,7 @@ def test_thread_on_the_wire(gateway: Gateway, bytewise: bool) -> None:
     client = Wire(gateway, bytewise)
     try:
         client.login()
-        client.expect("c", "CREATE T", [b"c OK CREATE completed\r\n"])
-        for raw in _MESSAGES[:3]:
-            client.send(f"p APPEND T {{{len(raw)}+}}\r\n".encode() + raw + b"\r\n")
-            assert client.until(b"p ")[-1].startswith(b"p OK")
-        assert client.command("s", "SELECT T")[-1].startswith(b"s OK [READ-WRITE]")
+        client.fill("T", _MESSAGES[:3])
         client.expect("t1", "THREAD REFERENCES UTF-8 ALL",
                       [b"* THREAD (1 2 3)\r\n", b"t1 OK THREAD completed\r\n"])
         client.expect("t2", "UID THREAD ORDEREDSUBJECT UTF-8 UID 2:3",
