@@ -79,6 +79,12 @@ class Idler:
     def close(self) -> None:
         self.sock.close()
 
+    def __enter__(self) -> Idler:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
 
 def deliver(gw: Gateway, subject: str) -> None:
     with smtp(gw, CHRISTELLE) as s:
@@ -87,49 +93,31 @@ def deliver(gw: Gateway, subject: str) -> None:
             f"Message-ID: <{subject.replace(' ', '.')}@test>\r\n\r\nBonjour.\r\n").encode())
 
 
-def test_idle_hears_of_a_delivery_by_another_serve_process(pair: tuple[Gateway, Gateway]) -> None:
-    first, second = pair
-    idler = Idler(first)
-    try:
-        deliver(second, "signal one")
+@pytest.mark.parametrize("by", [1, 0], ids=["another_serve_process", "smtp_in_of_its_own"])
+def test_idle_hears_of_a_delivery(pair: tuple[Gateway, Gateway], by: int) -> None:
+    """The delivery is made by the second ``serve`` process, or by the SMTP listener of the
+    idling session's own process."""
+    with Idler(pair[0]) as idler:
+        deliver(pair[by], "signal one")
         assert idler.line() == f"* {idler.exists + 1} EXISTS\r\n".encode()
-        deliver(second, "signal two")
+        deliver(pair[by], "signal two")
         lines = [idler.line()]
         while not lines[-1].endswith(b"EXISTS\r\n"):
             lines.append(idler.line())
         assert lines[-1] == f"* {idler.exists + 2} EXISTS\r\n".encode()
-    finally:
-        idler.close()
 
 
 def test_idle_hears_of_a_flag_set_in_another_serve_process(
     pair: tuple[Gateway, Gateway],
 ) -> None:
     first, second = pair
-    idler = Idler(first)
-    other = Idler(second)
-    try:
+    with Idler(first) as idler, Idler(second) as other:
         other.sock.sendall(b"DONE\r\n")
         assert other.line().startswith(b"i OK")
         other.command("f", "STORE 1 +FLAGS (\\Flagged)")
         line = idler.line()
         flagged = rb"\* 1 FETCH \((UID 1 )?FLAGS \([^)]*\\Flagged[^)]*\)\)\r\n"
         assert re.fullmatch(flagged, line), line
-    finally:
-        idler.close()
-        other.close()
-
-
-def test_idle_hears_of_a_delivery_by_smtp_in_its_own_process(
-    pair: tuple[Gateway, Gateway],
-) -> None:
-    first, _second = pair
-    idler = Idler(first)
-    try:
-        deliver(first, "same process")
-        assert idler.line() == f"* {idler.exists + 1} EXISTS\r\n".encode()
-    finally:
-        idler.close()
 
 
 def test_a_socket_left_by_a_dead_process_is_removed(tmp_path: Path) -> None:
