@@ -6,6 +6,8 @@ from __future__ import annotations
 import ssl
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,6 +16,7 @@ from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from smtp_in.identity import peer_identity
+from tests.gateway_proc import Gateway, free_port
 
 
 @dataclass
@@ -91,3 +94,24 @@ class Relay:
         if self.controller is not None:
             self.controller.stop()
             self.controller = None
+
+
+def operator_relay(gw: Gateway) -> Relay:
+    """The professionals' operator: STARTTLS with the dev PKI's ``operator`` certificate,
+    client certificates checked against the gateway's CA."""
+    return Relay(free_port(), gw.directory / "clients" / "operator", gw.ca)
+
+
+@contextmanager
+def running_with(gw: Gateway, *relays: Relay) -> Iterator[Gateway]:
+    """Start the relays, then the prepared gateway; at the end kill the gateway and stop the
+    relays, whatever happens."""
+    for relay in relays:
+        relay.start()
+    gw.start()
+    try:
+        yield gw
+    finally:
+        gw.kill()
+        for relay in relays:
+            relay.stop()

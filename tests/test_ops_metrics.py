@@ -16,6 +16,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from dataclasses import dataclass
 from email.message import EmailMessage
 from pathlib import Path
 
@@ -28,7 +29,7 @@ from imap_store.store.directory import Store
 from tests.conftest import CHRISTELLE, DUPOND, INAYA, MARTINE, PATIENT_PASSWORD, prepare_gateway
 from tests.gateway_proc import Gateway, free_port, set_listen, set_routes
 from tests.helpers import sample, smtp, tls_context
-from tests.relay import Relay
+from tests.relay import Relay, operator_relay, running_with
 
 PATIENT = f"{INAYA}@patient.mssante.fr"
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
@@ -69,11 +70,11 @@ def get(port: int, path: str) -> tuple[int, str]:
             return exc.code, exc.read().decode()
 
 
+@dataclass
 class World:
-    def __init__(self, gw: Gateway, operator: Relay, metrics_port: int) -> None:
-        self.gw = gw
-        self.operator = operator
-        self.metrics = metrics_port
+    gw: Gateway
+    operator: Relay
+    metrics: int  # the metrics listener's port
 
 
 @pytest.fixture
@@ -81,18 +82,13 @@ def world(gw_dir: Path) -> Iterator[World]:
     """A gateway with metrics on; medecin.mssante.fr routed to a real relay, ch-exemple to a
     closed port (its messages wait in the queue)."""
     gw: Gateway = prepare_gateway(gw_dir)  # type: ignore[assignment]
-    operator = Relay(free_port(), gw_dir / "clients" / "operator", gw.ca)
+    operator = operator_relay(gw)
     metrics_port = free_port()
     set_listen(gw.config, "metrics", f"127.0.0.1:{metrics_port}")
     set_routes(gw.config, {"medecin.mssante.fr": operator.port,
                            "ch-exemple.mssante.fr": free_port()})
-    operator.start()
-    gw.start()
-    try:
+    with running_with(gw, operator):
         yield World(gw, operator, metrics_port)
-    finally:
-        gw.kill()
-        operator.stop()
 
 
 def patient_mail(to: str, subject: str) -> bytes:

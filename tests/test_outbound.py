@@ -14,6 +14,7 @@ import smtplib
 import subprocess
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from email.message import EmailMessage
 from pathlib import Path
 
@@ -31,22 +32,22 @@ from tests.conftest import (
 )
 from tests.gateway_proc import Gateway, free_port, run_cli, set_routes
 from tests.helpers import mailbox, sample, server_log, smtp
-from tests.relay import Relay
+from tests.relay import Relay, operator_relay, running_with
 
 PATIENT = f"{INAYA}@patient.mssante.fr"
 
 
+@dataclass
 class World:
-    def __init__(self, gw: Gateway, operator: Relay, notifier: Relay) -> None:
-        self.gw = gw
-        self.operator = operator
-        self.notifier = notifier
+    gw: Gateway
+    operator: Relay
+    notifier: Relay
 
 
 @pytest.fixture
 def world(gw_dir: Path) -> Iterator[World]:
     gw: Gateway = prepare_gateway(gw_dir)  # type: ignore[assignment]
-    operator = Relay(free_port(), gw_dir / "clients" / "operator", gw.ca)
+    operator = operator_relay(gw)
     notifier = Relay(free_port(), None, None, require_tls=False)
     set_routes(gw.config, {"medecin.mssante.fr": operator.port,
                            "ch-exemple.mssante.fr": operator.port})
@@ -54,15 +55,8 @@ def world(gw_dir: Path) -> Iterator[World]:
     text = re.sub(r"(?m)^retry_schedule = .*$", "retry_schedule = [1]", text)
     text = re.sub(r'(?m)^relay = ""', f'relay = "127.0.0.1:{notifier.port}"', text)
     gw.config.write_text(text)
-    operator.start()
-    notifier.start()
-    gw.start()
-    try:
+    with running_with(gw, operator, notifier):
         yield World(gw, operator, notifier)
-    finally:
-        gw.kill()
-        operator.stop()
-        notifier.stop()
 
 
 def patient_smtp(gw: Gateway, listener: str = "submission") -> smtplib.SMTP:
