@@ -1298,10 +1298,35 @@ def report_problems(name: str, r: dict[str, Any]) -> None:
         print(f"{name} log (last lines):\n{r['log_tail']}")
 
 
-def report(name: str, r: dict[str, Any] | None) -> None:
-    if r is None:
-        return
-    report_problems(name, r)
+def loaded(r: dict[str, Any]) -> str:
+    return f"store loaded in {r['load_seconds']:.1f}s ({r['load_how']})"
+
+
+def cpu_shares(ld: dict[str, Any], cycles: int | None = None) -> str:
+    """Where the CPU went during a load, in % of one core over its wall time; the server's also
+    per cycle when given the number of ``cycles``."""
+    def share(key: str) -> str:
+        return f"{ld[key] / ld['wall'] * 100:.0f}%"
+
+    server = share("server_cpu_s")
+    if cycles is not None:
+        server += f" = {ld['server_cpu_s'] / cycles * 1000:.0f}ms per cycle"
+    return (f"CPU: server {server}, load client {share('client_cpu_s')}, everything else "
+            f"{share('others_cpu_s')} (100% = one core)")
+
+
+def report_kinds(name: str, ld: dict[str, Any], what: str, cycles: int | None = None) -> None:
+    """The latencies of each kind of command (``what``), also its mean per cycle when given the
+    number of ``cycles``; then the failures."""
+    for kind, k in ld["kinds"].items():
+        per_cycle = "" if cycles is None else f"  mean per cycle {k['sum_ms'] / cycles:7.1f}ms"
+        print(f"{name}:   {kind:17} n={k['n']:6} p50={k['p50_ms']:8.1f}ms "
+              f"p99={k['p99_ms']:8.1f}ms{per_cycle}")
+    if ld["errors"]:
+        print(f"error: {name}: failed {what} {ld['errors']}: " + " | ".join(ld["first_errors"]))
+
+
+def report(name: str, r: dict[str, Any]) -> None:
     w = r.get("warmup")
     if w:
         print(f"{name}: INBOX exists={w['exists']} first SELECT {w['first_select_ms']:.0f} ms, "
@@ -1310,8 +1335,7 @@ def report(name: str, r: dict[str, Any] | None) -> None:
     if "ready_line" in r:
         ready = r["ready_line"].strip()
         note = "" if "imap" in ready else " (does not mention imap; imaps answered anyway)"
-        print(f"{name}: ready line: {ready!r}{note}; store loaded in {r['load_seconds']:.1f}s "
-              f"({r['load_how']})")
+        print(f"{name}: ready line: {ready!r}{note}; {loaded(r)}")
     if r.get("select_ms"):
         print(f"{name}: SELECT INBOX median={statistics.median(r['select_ms']):.1f}ms "
               f"(of {len(r['select_ms'])}, max {max(r['select_ms']):.1f}ms)")
@@ -1338,15 +1362,8 @@ def report(name: str, r: dict[str, Any] | None) -> None:
     if ld:
         print(f"{name}: {ld['ops_per_s']:.0f} ops/s ({ld['ops']} commands in {ld['wall']:.1f}s, "
               f"p50 {ld['p50_ms']:.1f}ms p99 {ld['p99_ms']:.1f}ms, {ld['body_mb']:.0f} MB of "
-              f"bodies); CPU: server {ld['server_cpu_s'] / ld['wall'] * 100:.0f}%, "
-              f"load client {ld['client_cpu_s'] / ld['wall'] * 100:.0f}%, everything else "
-              f"{ld['others_cpu_s'] / ld['wall'] * 100:.0f}% (100% = one core)")
-        for kind, k in ld["kinds"].items():
-            print(f"{name}:   {kind:17} n={k['n']:6} p50={k['p50_ms']:8.1f}ms "
-                  f"p99={k['p99_ms']:8.1f}ms")
-        if ld["errors"]:
-            print(f"error: {name}: failed commands {ld['errors']}: "
-                  + " | ".join(ld["first_errors"]))
+              f"bodies); {cpu_shares(ld)}")
+        report_kinds(name, ld, "commands")
 
 
 def compare(g: dict[str, Any] | None, d: dict[str, Any] | None) -> None:
@@ -1378,16 +1395,13 @@ def tree_state() -> str:
                                                            else "")
 
 
-def report_sessions(name: str, r: dict[str, Any] | None) -> None:
-    if r is None:
-        return
-    report_problems(name, r)
+def report_sessions(name: str, r: dict[str, Any]) -> None:
     w = r.get("warmup")
     if w:
         print(f"{name}: {len(w['exists'])} mailboxes, EXISTS {min(w['exists'])}.."
               f"{max(w['exists'])}, warm-up {w['seconds']:.1f}s")
     if "ready_line" in r:
-        print(f"{name}: store loaded in {r['load_seconds']:.1f}s ({r['load_how']})")
+        print(f"{name}: {loaded(r)}")
     c = r.get("costs")
     if c:
         cpu = c["cpu_ms"]
@@ -1403,15 +1417,8 @@ def report_sessions(name: str, r: dict[str, Any] | None) -> None:
     n = max(ld["cycles"], 1)
     print(f"{name}: {ld['cycles_per_s']:.1f} cycles/s ({ld['cycles']} whole sessions in "
           f"{ld['wall']:.1f}s; a cycle p50 {ld['cycle_p50_ms']:.0f}ms p99 "
-          f"{ld['cycle_p99_ms']:.0f}ms); CPU: server {ld['server_cpu_s'] / ld['wall'] * 100:.0f}% "
-          f"= {ld['server_cpu_s'] / n * 1000:.0f}ms per cycle, load client "
-          f"{ld['client_cpu_s'] / ld['wall'] * 100:.0f}%, everything else "
-          f"{ld['others_cpu_s'] / ld['wall'] * 100:.0f}% (100% = one core)")
-    for kind, k in ld["kinds"].items():
-        print(f"{name}:   {kind:17} n={k['n']:6} p50={k['p50_ms']:8.1f}ms "
-              f"p99={k['p99_ms']:8.1f}ms  mean per cycle {k['sum_ms'] / n:7.1f}ms")
-    if ld["errors"]:
-        print(f"error: {name}: failed steps {ld['errors']}: " + " | ".join(ld["first_errors"]))
+          f"{ld['cycle_p99_ms']:.0f}ms); {cpu_shares(ld, n)}")
+    report_kinds(name, ld, "steps", n)
 
 
 def compare_sessions(g: dict[str, Any] | None, d: dict[str, Any] | None) -> None:
@@ -1510,9 +1517,12 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.seconds:.0f}s per server, load average {os.getloadavg()[0]:.2f} at the end; "
           f"Dovecot {dovecot_version()} ({args.dovecot_format}); "
           f"argon2id m=19456 KiB t=2 p=1 on both (the same hash); db={args.db}")
+    for name in ("dovecot", "gateway"):
+        r = results[name]
+        if r is not None:
+            report_problems(name, r)
+            (report_sessions if args.sessions else report)(name, r)
     if args.sessions:
-        report_sessions("dovecot", results["dovecot"])
-        report_sessions("gateway", results["gateway"])
         compare_sessions(results["gateway"], results["dovecot"])
         g, d = cycles(results["gateway"]), cycles(results["dovecot"])
         p99 = float((results["gateway"] or {})["sessions"]["p99_ms"]) if g else 0.0
@@ -1526,8 +1536,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sessions_ratio={g / d if d else 0.0:.2f} gateway={g:.1f}/s dovecot={d:.1f}/s "
               f"p99={p99:.0f}ms")
         return 0
-    report("dovecot", results["dovecot"])
-    report("gateway", results["gateway"])
     compare(results["gateway"], results["dovecot"])
     g, d = ops(results["gateway"]), ops(results["dovecot"])
     p99 = float((results["gateway"] or {})["load"]["p99_ms"]) if g else 0.0
