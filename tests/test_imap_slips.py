@@ -182,13 +182,20 @@ def test_lsub_percent_gives_the_unsubscribed_parent_as_noselect(
         b"l4 OK LSUB completed\r\n",
     ])
     a.expect("l5", 'LSUB "" "dossier"', [b"l5 OK LSUB completed\r\n"])  # no wildcard
-    # no stale match once the subscribed mailboxes moved away or were unsubscribed
+    # RENAME leaves the subscription on the old name (RFC 9051 §6.3.6); once the client
+    # moves it (and unsubscribes the rest), no stale match
     a.command("r", "RENAME dossier/2024/bilan archives/bilan")
     a.command("u", "UNSUBSCRIBE dossier/suivi")
-    a.expect("l6", 'LSUB "dossier/" "%"', [b"l6 OK LSUB completed\r\n"])
-    a.expect("l7", 'LSUB "" "arch%"', [
+    a.expect("l6", 'LSUB "dossier/" "%"', [
+        b'* LSUB (\\Noselect) "/" "dossier/2024"\r\n',
+        b"l6 OK LSUB completed\r\n",
+    ])
+    a.command("s", "SUBSCRIBE archives/bilan")
+    a.command("u", "UNSUBSCRIBE dossier/2024/bilan")
+    a.expect("l7", 'LSUB "dossier/" "%"', [b"l7 OK LSUB completed\r\n"])
+    a.expect("l8", 'LSUB "" "arch%"', [
         b'* LSUB (\\Noselect) "/" "archives"\r\n',
-        b"l7 OK LSUB completed\r\n",
+        b"l8 OK LSUB completed\r\n",
     ])
 
 
