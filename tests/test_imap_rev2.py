@@ -11,7 +11,15 @@ import base64
 import imaplib
 import re
 
-from imap_store.imap.commands import Append, Fetch, FetchAttr, Search, SearchSequence, Section
+from imap_store.imap.commands import (
+    Append,
+    Fetch,
+    FetchAttr,
+    InvalidCommand,
+    Search,
+    SearchSequence,
+    Section,
+)
 from imap_store.imap.parser import CommandParser
 from tests.conftest import INAYA, PATIENT_PASSWORD
 from tests.gateway_proc import Gateway
@@ -288,6 +296,19 @@ def test_searchres(gateway: Gateway) -> None:
         wire.command("q7", "SEARCH RETURN (SAVE) ALL")
         wire.command("s2", "SELECT Res")
         assert wire.command("f5", "FETCH $ (UID)") == [b"f5 OK FETCH completed\r\n"]
+        # RFC 5182 §2.1: a SEARCH ... SAVE that fails empties $, a syntax error too (the
+        # parser's BAD reaches the session); a failed SEARCH without SAVE leaves $ alone
+        saved = [b"* 1 FETCH (UID 1)\r\n", b"* 2 FETCH (UID 4)\r\n", b"* 3 FETCH (UID 5)\r\n",
+                 b"* 4 FETCH (UID 6)\r\n", b"f6 OK FETCH completed\r\n"]
+        assert wire.command("q8", "SEARCH RETURN (SAVE) ALL") == [b"q8 OK SEARCH completed\r\n"]
+        assert wire.command("b1", "SEARCH RETURN (MIN) BADKEY")[-1].startswith(b"b1 BAD ")
+        assert wire.command("f6", "FETCH $ (UID)") == saved
+        assert wire.command("b2", "SEARCH RETURN (SAVE) BADKEY")[-1].startswith(b"b2 BAD ")
+        assert wire.command("f7", "FETCH $ FLAGS") == [b"f7 OK FETCH completed\r\n"]
+        wire.command("q9", "UID SEARCH RETURN (SAVE) ALL")
+        assert wire.command("b3", "uid search return (min save) CHARSET KOI8-R ALL")[-1] \
+            .startswith(b"b3 NO [BADCHARSET ")
+        assert wire.command("f8", "FETCH $ FLAGS") == [b"f8 OK FETCH completed\r\n"]
     finally:
         wire.close()
 
@@ -323,6 +344,13 @@ def test_parser_rev2_grammar() -> None:
     event = _parse(b"a SEARCH RETURN (SAVE) $\r\n")
     assert isinstance(event, Search) and event.returns == ("SAVE",)
     assert isinstance(event.criteria, SearchSequence) and event.criteria.seq_set.saved
+    # a refused SEARCH says whether its RETURN named SAVE (RFC 5182 §2.1: $ is emptied)
+    event = _parse(b"a uid search return (min save) BADKEY\r\n")
+    assert isinstance(event, InvalidCommand) and event.saves and event.status == "BAD"
+    for other in (b"a SEARCH RETURN (MIN) BADKEY", b"a SEARCH BADKEY SAVE",
+                  b"a FETCH RETURN (SAVE) BADKEY"):
+        event = _parse(other + b"\r\n")
+        assert isinstance(event, InvalidCommand) and not event.saves, other
     # names: modified UTF-7 by default, UTF-8 once IMAP4rev2 is enabled
     event = _parse("a APPEND \"Écrits\" {1+}\r\nx\r\n".encode(), utf8=True)
     assert isinstance(event, Append) and event.mailbox == "Écrits"

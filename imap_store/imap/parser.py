@@ -42,6 +42,7 @@ from __future__ import annotations
 import base64
 import binascii
 import bisect
+import dataclasses
 import enum
 import re
 from collections.abc import Callable
@@ -1217,14 +1218,35 @@ _UID_COMMANDS = frozenset({"FETCH", "STORE", "COPY", "MOVE", "SEARCH", "EXPUNGE"
 _KNOWN_NAMES = frozenset(_HANDLERS) | {"UID " + name for name in _UID_COMMANDS}
 
 
+#: The start of a SEARCH whose RETURN options name SAVE (RFC 5182 §2.1), found in a command
+#: the grammar refused: no nesting, no backtracking (``[^()]*`` stops at the first paren).
+_SEARCH_SAVE = re.compile(rb"[^ ]* (?:UID )?SEARCH RETURN \(([^()]*)\)", re.IGNORECASE)
+
+
+def _saves(text: bytes) -> bool:
+    """Whether ``text``, a command, is a SEARCH with RETURN (... SAVE ...): a cheap scan for a
+    command the grammar refused, whose failure must still empty ``$`` (RFC 5182 §2.1)."""
+    found = _SEARCH_SAVE.match(text)
+    return found is not None and b"SAVE" in found[1].upper().split()
+
+
 def parse_command(tag: str, text: bytes, literals: dict[int, bytes],
                   utf8_names: bool = False) -> c.Command | c.InvalidCommand:
     """Parse one assembled command (RFC 3501 §9 ``command``); never raises.
 
     ``text`` is the command's lines joined without their CRLF, starting with the tag; ``literals``
     maps the offset just after each ``{n}`` announcement in ``text`` to the literal's octets.
-    ``utf8_names``: mailbox names are UTF-8 (RFC 9051 §5.1), not modified UTF-7.
+    ``utf8_names``: mailbox names are UTF-8 (RFC 9051 §5.1), not modified UTF-7. A refused
+    SEARCH ... RETURN (SAVE) says so (``saves``): the session empties ``$``.
     """
+    command = _parse_command(tag, text, literals, utf8_names)
+    if isinstance(command, c.InvalidCommand) and _saves(text):
+        return dataclasses.replace(command, saves=True)
+    return command
+
+
+def _parse_command(tag: str, text: bytes, literals: dict[int, bytes],
+                   utf8_names: bool) -> c.Command | c.InvalidCommand:
     reader = _Reader(text, literals, utf8_names)
     reader.pos = len(tag)
     try:
