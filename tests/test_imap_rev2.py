@@ -221,6 +221,25 @@ def test_binary_fetch_and_literal8_append(gateway: Gateway) -> None:
         assert wire.command("f5", "FETCH 1 BINARY.PEEK[4]") == [
             b"f5 NO [UNKNOWN-CTE] Unknown Content-Transfer-Encoding\r\n"]
         assert wire.command("f6", "FETCH 1 BINARY[1.HEADER]")[-1].startswith(b"f6 BAD")
+        # over several messages, the NO answers the whole command (RFC 3516 §4.2): every
+        # message is checked before any FETCH line is sent or any \Seen set (Dovecot 2.3
+        # sends the earlier messages' lines, then the NO)
+        unknown = b"Subject: inconnu\r\nContent-Transfer-Encoding: x-unknown\r\n\r\nzzz\r\n"
+        assert wire.literal_command("p2", "APPEND Bin", unknown)[-1].startswith(b"p2 OK")
+        wire.command("n", "NOOP")
+        for tag, items in (("m1", "BINARY[1]"), ("m2", "(FLAGS BINARY.SIZE[1])"),
+                           ("m3", "(UID BINARY.PEEK[2] BINARY.PEEK[1])")):
+            assert wire.command(tag, f"FETCH 1:2 {items}") == [
+                tag.encode() + b" NO [UNKNOWN-CTE] Unknown Content-Transfer-Encoding\r\n"]
+        assert wire.command("m4", "FETCH 1:2 FLAGS") == [
+            b"* 1 FETCH (FLAGS (\\Recent))\r\n", b"* 2 FETCH (FLAGS (\\Recent))\r\n",
+            b"m4 OK FETCH completed\r\n"]
+        # the whole message is sent as it is, whatever its encoding
+        assert wire.command("m5", "FETCH 2 BINARY.PEEK[]") == [
+            b"* 2 FETCH (BINARY[] {%d}\r\n%s)\r\n" % (len(unknown), unknown),
+            b"m5 OK FETCH completed\r\n"]
+        assert wire.command("x", "STORE 2 +FLAGS.SILENT (\\Deleted)")[-1].startswith(b"x OK")
+        assert wire.command("x2", "EXPUNGE")[-1].startswith(b"x2 OK")
         # BINARY without .PEEK sets \Seen
         lines = wire.command("f7", "FETCH 1 BINARY[1]")
         assert lines[0] == b"* 1 FETCH (BINARY[1] {5}\r\ntexte FLAGS (\\Seen \\Recent))\r\n"
