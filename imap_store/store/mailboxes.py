@@ -1124,7 +1124,10 @@ class PatientMailStore:
             if quiet:
                 return
             raise TooManySubscriptions()
-        conn.execute(insert(t.subscription).values(patient_id=self.patient_id, name=info.name))
+        # another process may subscribe the same name between the read and this insert
+        dialect = sqlite if conn.dialect.name == "sqlite" else postgresql
+        conn.execute(dialect.insert(t.subscription).on_conflict_do_nothing().values(
+            patient_id=self.patient_id, name=info.name))
 
     # --- messages -----------------------------------------------------------------------
 
