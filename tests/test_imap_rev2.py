@@ -11,7 +11,15 @@ import base64
 import imaplib
 import re
 
-from imap_store.imap.commands import Append, Fetch, FetchAttr, Search, SearchSequence, Section
+from imap_store.imap.commands import (
+    Append,
+    Fetch,
+    FetchAttr,
+    InvalidCommand,
+    Search,
+    SearchSequence,
+    Section,
+)
 from imap_store.imap.parser import CommandParser
 from tests.conftest import INAYA, PATIENT_PASSWORD
 from tests.gateway_proc import Gateway
@@ -224,6 +232,25 @@ def test_binary_fetch_and_literal8_append(gateway: Gateway) -> None:
         assert wire.command("f5", "FETCH 1 BINARY.PEEK[4]") == [
             b"f5 NO [UNKNOWN-CTE] Unknown Content-Transfer-Encoding\r\n"]
         assert wire.command("f6", "FETCH 1 BINARY[1.HEADER]")[-1].startswith(b"f6 BAD")
+        # over several messages, the NO answers the whole command (RFC 3516 §4.2): every
+        # message is checked before any FETCH line is sent or any \Seen set (Dovecot 2.3
+        # sends the earlier messages' lines, then the NO)
+        unknown = b"Subject: inconnu\r\nContent-Transfer-Encoding: x-unknown\r\n\r\nzzz\r\n"
+        assert wire.literal_command("p2", "APPEND Bin", unknown)[-1].startswith(b"p2 OK")
+        wire.command("n", "NOOP")
+        for tag, items in (("m1", "BINARY[1]"), ("m2", "(FLAGS BINARY.SIZE[1])"),
+                           ("m3", "(UID BINARY.PEEK[2] BINARY.PEEK[1])")):
+            assert wire.command(tag, f"FETCH 1:2 {items}") == [
+                tag.encode() + b" NO [UNKNOWN-CTE] Unknown Content-Transfer-Encoding\r\n"]
+        assert wire.command("m4", "FETCH 1:2 FLAGS") == [
+            b"* 1 FETCH (FLAGS (\\Recent))\r\n", b"* 2 FETCH (FLAGS (\\Recent))\r\n",
+            b"m4 OK FETCH completed\r\n"]
+        # the whole message is sent as it is, whatever its encoding
+        assert wire.command("m5", "FETCH 2 BINARY.PEEK[]") == [
+            b"* 2 FETCH (BINARY[] {%d}\r\n%s)\r\n" % (len(unknown), unknown),
+            b"m5 OK FETCH completed\r\n"]
+        assert wire.command("x", "STORE 2 +FLAGS.SILENT (\\Deleted)")[-1].startswith(b"x OK")
+        assert wire.command("x2", "EXPUNGE")[-1].startswith(b"x2 OK")
         # BINARY without .PEEK sets \Seen
         lines = wire.command("f7", "FETCH 1 BINARY[1]")
         assert lines[0] == b"* 1 FETCH (BINARY[1] {5}\r\ntexte FLAGS (\\Seen \\Recent))\r\n"
@@ -314,6 +341,19 @@ def test_searchres(gateway: Gateway) -> None:
         wire.command("q7", "SEARCH RETURN (SAVE) ALL")
         wire.command("s2", "SELECT Res")
         assert wire.command("f5", "FETCH $ (UID)") == [b"f5 OK FETCH completed\r\n"]
+        # RFC 5182 §2.1: a SEARCH ... SAVE that fails empties $, a syntax error too (the
+        # parser's BAD reaches the session); a failed SEARCH without SAVE leaves $ alone
+        saved = [b"* 1 FETCH (UID 1)\r\n", b"* 2 FETCH (UID 4)\r\n", b"* 3 FETCH (UID 5)\r\n",
+                 b"* 4 FETCH (UID 6)\r\n", b"f6 OK FETCH completed\r\n"]
+        assert wire.command("q8", "SEARCH RETURN (SAVE) ALL") == [b"q8 OK SEARCH completed\r\n"]
+        assert wire.command("b1", "SEARCH RETURN (MIN) BADKEY")[-1].startswith(b"b1 BAD ")
+        assert wire.command("f6", "FETCH $ (UID)") == saved
+        assert wire.command("b2", "SEARCH RETURN (SAVE) BADKEY")[-1].startswith(b"b2 BAD ")
+        assert wire.command("f7", "FETCH $ FLAGS") == [b"f7 OK FETCH completed\r\n"]
+        wire.command("q9", "UID SEARCH RETURN (SAVE) ALL")
+        assert wire.command("b3", "uid search return (min save) CHARSET KOI8-R ALL")[-1] \
+            .startswith(b"b3 NO [BADCHARSET ")
+        assert wire.command("f8", "FETCH $ FLAGS") == [b"f8 OK FETCH completed\r\n"]
     finally:
         wire.close()
 
@@ -349,6 +389,13 @@ def test_parser_rev2_grammar() -> None:
     event = _parse(b"a SEARCH RETURN (SAVE) $\r\n")
     assert isinstance(event, Search) and event.returns == ("SAVE",)
     assert isinstance(event.criteria, SearchSequence) and event.criteria.seq_set.saved
+    # a refused SEARCH says whether its RETURN named SAVE (RFC 5182 §2.1: $ is emptied)
+    event = _parse(b"a uid search return (min save) BADKEY\r\n")
+    assert isinstance(event, InvalidCommand) and event.saves and event.status == "BAD"
+    for other in (b"a SEARCH RETURN (MIN) BADKEY", b"a SEARCH BADKEY SAVE",
+                  b"a FETCH RETURN (SAVE) BADKEY"):
+        event = _parse(other + b"\r\n")
+        assert isinstance(event, InvalidCommand) and not event.saves, other
     # names: modified UTF-7 by default, UTF-8 once IMAP4rev2 is enabled
     event = _parse("a APPEND \"Écrits\" {1+}\r\nx\r\n".encode(), utf8=True)
     assert isinstance(event, Append) and event.mailbox == "Écrits"

@@ -183,15 +183,23 @@ def test_lsub_percent_gives_the_unsubscribed_parent_as_noselect(
         S: l4 OK LSUB completed
     """)
     a.expect("l5", 'LSUB "" "dossier"', [b"l5 OK LSUB completed\r\n"])  # no wildcard
-    # no stale match once the subscribed mailboxes moved away or were unsubscribed
+    # RENAME leaves the subscription on the old name (RFC 9051 §6.3.6); once the client
+    # moves it (and unsubscribes the rest), no stale match
     a.command("r", "RENAME dossier/2024/bilan archives/bilan")
     a.command("u", "UNSUBSCRIBE dossier/suivi")
     a.play(r"""
         C: l6 LSUB "dossier/" "%"
+        S: * LSUB (\Noselect) "/" "dossier/2024"
         S: l6 OK LSUB completed
-        C: l7 LSUB "" "arch%"
-        S: * LSUB (\Noselect) "/" "archives"
+    """)
+    a.command("s", "SUBSCRIBE archives/bilan")
+    a.command("u", "UNSUBSCRIBE dossier/2024/bilan")
+    a.play(r"""
+        C: l7 LSUB "dossier/" "%"
         S: l7 OK LSUB completed
+        C: l8 LSUB "" "arch%"
+        S: * LSUB (\Noselect) "/" "archives"
+        S: l8 OK LSUB completed
     """)
 
 

@@ -1325,3 +1325,34 @@ def test_address_headers_are_parsed_once(monkeypatch: pytest.MonkeyPatch) -> Non
         == [["=?utf-8?q?Dr_Andr=C3=A9?=", None, "andre", "ch.example"]]
     )
     assert info.envelope[3] == [["Secretariat", None, "sec", "ch.example"]]
+
+
+def test_binary_refused_reads_the_stored_structure_as_binary_section_reads_bytes() -> None:
+    """FETCH BINARY checks every message of a set from its stored body structure before it
+    sends anything (RFC 3516 §4.2): that check and the section's decoding agree on every part
+    of the samples and of a message with unknown encodings at each depth."""
+    from imap_store.mime import binary_refused, binary_section
+
+    nested = (
+        b"Subject: n\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=o\r\n\r\n"
+        b"--o\r\nContent-Type: text/plain\r\nContent-Transfer-Encoding: x-unknown\r\n\r\na\r\n"
+        b"--o\r\nContent-Type: message/rfc822\r\n\r\n"
+        b"Subject: in\r\nContent-Type: multipart/alternative; boundary=i\r\n\r\n"
+        b"--i\r\nContent-Type: text/plain\r\n\r\nb\r\n"
+        b"--i\r\nContent-Type: text/html\r\nContent-Transfer-Encoding: x-uuencode\r\n\r\nc\r\n"
+        b"--i--\r\n"
+        b"--o\r\nContent-Type: message/rfc822\r\n\r\n"
+        b"Subject: single\r\nContent-Transfer-Encoding: x-gzip\r\n\r\nd\r\n"
+        b"--o--\r\n")
+    single = b"Subject: s\r\nContent-Transfer-Encoding: X-Unknown\r\n\r\ne\r\n"
+    parts = [(), (1,), (2,), (3,), (4,), (1, 1), (2, 1), (2, 2), (2, 1, 1), (2, 2, 1),
+             (3, 1), (3, 2), (2, 3), (0,), (1, 2)]
+    messages = [nested, single] + [p.read_bytes() for p in SAMPLES]
+    refused = 0
+    for raw in messages:
+        structure = parse_message(raw).to_dict()["bodystructure"]
+        for part in parts:
+            expected = binary_section(raw, part) is None
+            assert binary_refused(structure, part) == expected, (raw[:40], part)
+            refused += expected
+    assert refused == 4  # nested: 1, 2.2, 3.1 (3 is the message/rfc822 part: 7bit); single: 1

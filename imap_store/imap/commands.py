@@ -1091,12 +1091,16 @@ class InvalidCommand:
     mailbox name that cannot exist (not modified UTF-7, §5.1.3), ``NONEXISTENT`` or ``CANNOT``
     (RFC 5530). ``text``
     is short, fixed text of our own, safe to echo.
+
+    ``saves`` is True when the refused command was a SEARCH whose RETURN options name SAVE:
+    a SEARCH ... SAVE that fails, by a syntax error too, empties ``$`` (RFC 5182 §2.1).
     """
 
     tag: str | None
     text: str
     status: Literal["BAD", "NO"] = "BAD"
     code: str | None = None
+    saves: bool = False
 
 
 Command = (

@@ -66,6 +66,11 @@ def with_parents(names: Iterable[str], delimiter: str = "/") -> dict[str, bool]:
     return result
 
 
+def parents(names: Iterable[str], delimiter: str = "/") -> set[str]:
+    """The names that have a name of ``names`` right below them."""
+    return {n.rpartition(delimiter)[0] for n in names if delimiter in n}
+
+
 def lsub_names(subscribed: Iterable[str], pattern: str,
                delimiter: str = "/") -> list[tuple[str, bool]]:
     """LSUB's answer (RFC 3501 §6.3.9), INBOX first then by name: ``(name, noselect)`` for
@@ -102,12 +107,14 @@ class Listed:
 
 
 def list_names(names: dict[str, bool], patterns: Sequence[str], meets: Callable[[str], bool],
-               recursive: bool = False, delimiter: str = "/") -> list[Listed]:
+               recursive: bool = False, delimiter: str = "/",
+               children: set[str] | None = None) -> list[Listed]:
     """LIST's answer (RFC 5258 §3), INBOX first then by name: each name of ``names``
     (``{name: exists}``, see :func:`with_parents`) that a pattern matches and that meets the
     selection criteria, or, with RECURSIVEMATCH, has a descendant that meets them while no
     pattern matches that descendant. Linear in names times depth: a meeting name that no
-    pattern matches marks its ancestors."""
+    pattern matches marks its ancestors. ``children``: the names that have children (by
+    default, the parents of ``names``)."""
     matched = [n for n in names if any(matches(p, n, delimiter) for p in patterns)]
     childinfo: set[str] = set()
     if recursive:
@@ -117,9 +124,10 @@ def list_names(names: dict[str, bool], patterns: Sequence[str], meets: Callable[
                 continue
             parts = name.split(delimiter)
             childinfo.update(delimiter.join(parts[:depth]) for depth in range(1, len(parts)))
-    parents = {n.rpartition(delimiter)[0] for n in names if delimiter in n}
+    if children is None:
+        children = parents(names, delimiter)
     return [
-        Listed(name, names[name], name in parents, name in childinfo)
+        Listed(name, names[name], name in children, name in childinfo)
         for name in sorted(matched, key=lambda n: (n != "INBOX", n))
         if name in childinfo or meets(name)
     ]

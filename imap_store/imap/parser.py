@@ -42,9 +42,10 @@ from __future__ import annotations
 import base64
 import binascii
 import bisect
+import dataclasses
 import enum
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta, timezone
 from typing import TypeVar
@@ -307,6 +308,14 @@ class _Reader:
         if not value:
             raise _SyntaxError("Missing argument" if self.at_end() else what)
         return value
+
+    def one_of(self, known: Collection[str], what: str) -> str:
+        """An atom among ``known`` (upper-case names), case-insensitively: ``Invalid <what>``
+        when no atom stands here, ``Unknown <what>`` for another one."""
+        name = self.atom(f"Invalid {what}").decode("ascii").upper()
+        if name not in known:
+            raise _SyntaxError(f"Unknown {what}")
+        return name
 
     def word(self, allowed: frozenset[int], what: str) -> str:
         """A non-empty run of ``allowed`` bytes, upper-cased."""
@@ -656,20 +665,13 @@ def _rename(reader: _Reader, tag: str, uid: bool) -> c.Command:
     return c.Rename(tag, old, reader.mailbox(new=True))
 
 
-def _option(reader: _Reader, known: frozenset[str]) -> str:
-    option = reader.atom("Invalid LIST option").decode("ascii").upper()
-    if option not in known:
-        raise _SyntaxError("Unknown LIST option")
-    return option
-
-
 def _list(reader: _Reader, tag: str, uid: bool) -> c.Command:
     # RFC 5258 §3: LIST [SP list-select-opts] SP mailbox SP mbox-or-pat [SP list-return-opts]
     reader.sp()
     selection: list[str] = []
     extended = reader.peek() == _LPAREN
     if extended:
-        selection = reader.paren_list(lambda: _option(reader, _LIST_SELECTION))
+        selection = reader.paren_list(lambda: reader.one_of(_LIST_SELECTION, "LIST option"))
         reader.sp()
         # RFC 5258 §3.1: RECURSIVEMATCH needs a selection option it can apply to
         if "RECURSIVEMATCH" in selection and not set(selection) - {"RECURSIVEMATCH", "REMOTE"}:
@@ -685,12 +687,13 @@ def _list(reader: _Reader, tag: str, uid: bool) -> c.Command:
     status_items: list[str] = []
 
     def return_option() -> str:
-        option = _option(reader, _LIST_RETURN)
+        option = reader.one_of(_LIST_RETURN, "LIST option")
         if option == "STATUS":  # RFC 5819 §4: "STATUS" SP "(" status-att *(SP status-att) ")"
             if status_items:
                 raise _SyntaxError("STATUS given twice")
             reader.sp()
-            status_items.extend(reader.paren_list(lambda: _status_item(reader), False))
+            status_items.extend(reader.paren_list(
+                lambda: reader.one_of(_STATUS_ITEMS, "STATUS item"), False))
         return option
 
     if not reader.at_end():
@@ -718,18 +721,12 @@ def _lsub(reader: _Reader, tag: str, uid: bool) -> c.Command:
     return c.Lsub(tag, reference, reader.list_mailbox())
 
 
-def _status_item(reader: _Reader) -> str:
-    item = reader.atom("Invalid STATUS item").decode("ascii").upper()
-    if item not in _STATUS_ITEMS:
-        raise _SyntaxError("Unknown STATUS item")
-    return item
-
-
 def _status(reader: _Reader, tag: str, uid: bool) -> c.Command:
     reader.sp()
     mailbox = reader.mailbox()
     reader.sp()
-    items = reader.paren_list(lambda: _status_item(reader), allow_empty=False)
+    items = reader.paren_list(lambda: reader.one_of(_STATUS_ITEMS, "STATUS item"),
+                              allow_empty=False)
     return c.Status(tag, mailbox, tuple(dict.fromkeys(items)))
 
 
@@ -1099,14 +1096,8 @@ def _search(reader: _Reader, tag: str, uid: bool) -> c.Command | c.InvalidComman
     returns: tuple[str, ...] | None = None
     if reader.keyword_ahead(b"RETURN"):  # RFC 4731 §3.1: ESEARCH
         reader.sp()
-
-        def option() -> str:
-            name = reader.atom("Invalid RETURN option").decode("ascii").upper()
-            if name not in _SEARCH_RETURN:
-                raise _SyntaxError("Unknown RETURN option")
-            return name
-
-        returns = tuple(dict.fromkeys(reader.paren_list(option))) or ("ALL",)
+        returns = tuple(dict.fromkeys(reader.paren_list(
+            lambda: reader.one_of(_SEARCH_RETURN, "RETURN option")))) or ("ALL",)
         reader.sp()
     charset: str | None = None
     if reader.keyword_ahead(b"CHARSET"):
@@ -1140,16 +1131,12 @@ def _sort(reader: _Reader, tag: str, uid: bool) -> c.Command | c.InvalidCommand:
     reader.sp()
 
     def criterion() -> tuple[str, bool]:  # sort-criterion = ["REVERSE" SP] sort-key
-        name = reader.atom("Invalid sort criterion").decode("ascii").upper()
-        reverse = name == "REVERSE"
+        reverse = reader.keyword_ahead(b"REVERSE")
         if reverse:
             if reader.peek() != _SP:
                 raise _SyntaxError("REVERSE needs a sort key")
             reader.sp()
-            name = reader.atom("Invalid sort criterion").decode("ascii").upper()
-        if name not in c.SORT_KEYS:
-            raise _SyntaxError("Unknown sort criterion")
-        return name, reverse
+        return reader.one_of(c.SORT_KEYS, "sort criterion"), reverse
 
     keys = reader.paren_list(criterion, allow_empty=False)
     reader.sp()
@@ -1163,9 +1150,7 @@ def _sort(reader: _Reader, tag: str, uid: bool) -> c.Command | c.InvalidCommand:
 def _thread(reader: _Reader, tag: str, uid: bool) -> c.Command | c.InvalidCommand:
     """RFC 5256 §5: ``THREAD SP thread-alg SP search-criteria``."""
     reader.sp()
-    algorithm = reader.atom("Invalid threading algorithm").decode("ascii").upper()
-    if algorithm not in c.THREAD_ALGORITHMS:
-        raise _SyntaxError("Unknown threading algorithm")
+    algorithm = reader.one_of(c.THREAD_ALGORITHMS, "threading algorithm")
     reader.sp()
     found = _charset_and_keys(reader, tag)
     if isinstance(found, c.InvalidCommand):
@@ -1217,14 +1202,35 @@ _UID_COMMANDS = frozenset({"FETCH", "STORE", "COPY", "MOVE", "SEARCH", "EXPUNGE"
 _KNOWN_NAMES = frozenset(_HANDLERS) | {"UID " + name for name in _UID_COMMANDS}
 
 
+#: The start of a SEARCH whose RETURN options name SAVE (RFC 5182 §2.1), found in a command
+#: the grammar refused: no nesting, no backtracking (``[^()]*`` stops at the first paren).
+_SEARCH_SAVE = re.compile(rb"[^ ]* (?:UID )?SEARCH RETURN \(([^()]*)\)", re.IGNORECASE)
+
+
+def _saves(text: bytes) -> bool:
+    """Whether ``text``, a command, is a SEARCH with RETURN (... SAVE ...): a cheap scan for a
+    command the grammar refused, whose failure must still empty ``$`` (RFC 5182 §2.1)."""
+    found = _SEARCH_SAVE.match(text)
+    return found is not None and b"SAVE" in found[1].upper().split()
+
+
 def parse_command(tag: str, text: bytes, literals: dict[int, bytes],
                   utf8_names: bool = False) -> c.Command | c.InvalidCommand:
     """Parse one assembled command (RFC 3501 §9 ``command``); never raises.
 
     ``text`` is the command's lines joined without their CRLF, starting with the tag; ``literals``
     maps the offset just after each ``{n}`` announcement in ``text`` to the literal's octets.
-    ``utf8_names``: mailbox names are UTF-8 (RFC 9051 §5.1), not modified UTF-7.
+    ``utf8_names``: mailbox names are UTF-8 (RFC 9051 §5.1), not modified UTF-7. A refused
+    SEARCH ... RETURN (SAVE) says so (``saves``): the session empties ``$``.
     """
+    command = _parse_command(tag, text, literals, utf8_names)
+    if isinstance(command, c.InvalidCommand) and _saves(text):
+        return dataclasses.replace(command, saves=True)
+    return command
+
+
+def _parse_command(tag: str, text: bytes, literals: dict[int, bytes],
+                   utf8_names: bool) -> c.Command | c.InvalidCommand:
     reader = _Reader(text, literals, utf8_names)
     reader.pos = len(tag)
     try:

@@ -95,16 +95,20 @@ def _imap_language(value: object) -> bytes:
     return b"(" + b" ".join(_imap_string(x) for x in value) + b")"
 
 
+def _dsp_lang_loc(node: dict[str, Any]) -> list[bytes]:
+    """The end both extension data share (RFC 3501 §9 ``body-ext-mpart`` after its
+    parameters, ``body-ext-1part`` after its MD5): disposition, language, location."""
+    return [_imap_disposition(node.get("dsp")), _imap_language(node.get("lang")),
+            _imap_string(node.get("loc"))]
+
+
 def _render_body(node: dict[str, Any], extended: bool) -> bytes:
     if str(node.get("type", "")).upper() == "MULTIPART" or "parts" in node:
         parts = [p for p in node.get("parts") or () if isinstance(p, dict)] or [_EMPTY_BODY]
         out = [b"".join(_render_body(p, extended) for p in parts)]
         out.append(_imap_string(str(node.get("subtype") or "MIXED").upper()))
         if extended:
-            out.append(_imap_params(node.get("params")))
-            out.append(_imap_disposition(node.get("dsp")))
-            out.append(_imap_language(node.get("lang")))
-            out.append(_imap_string(node.get("loc")))
+            out += [_imap_params(node.get("params")), *_dsp_lang_loc(node)]
         return b"(" + b" ".join(out) + b")"
     mtype = str(node.get("type") or "TEXT").upper()
     items = [
@@ -124,10 +128,7 @@ def _render_body(node: dict[str, Any], extended: bool) -> bytes:
     elif mtype == "TEXT":
         items.append(_imap_number(node.get("lines", 0)))
     if extended:
-        items.append(_imap_string(node.get("md5")))
-        items.append(_imap_disposition(node.get("dsp")))
-        items.append(_imap_language(node.get("lang")))
-        items.append(_imap_string(node.get("loc")))
+        items += [_imap_string(node.get("md5")), *_dsp_lang_loc(node)]
     return b"(" + b" ".join(items) + b")"
 
 

@@ -54,7 +54,7 @@ from imap_store.mime.message import (
     parse_message_async,
     text_for_search,
 )
-from imap_store.mime.sections import binary_section, decode_section, get_section
+from imap_store.mime.sections import binary_refused, binary_section, decode_section, get_section
 from imap_store.mime.structure import MAX_DEPTH, MAX_PARTS
 
 __all__ = [
@@ -63,6 +63,7 @@ __all__ = [
     "MAX_PARTS",
     "Attachment",
     "MessageInfo",
+    "binary_refused",
     "binary_section",
     "decode_rfc2047",
     "decode_section",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from typing import Any
 
 from imap_store.mime.headers import (
     _decode_body,
@@ -126,6 +127,32 @@ def binary_section(raw: bytes, part: tuple[int, ...]) -> bytes | None:
     except Exception:
         log.exception("binary section decoding failed")
         return b""
+
+
+def binary_refused(structure: dict[str, Any], part: tuple[int, ...]) -> bool:
+    """Whether ``BINARY[<part>]`` of a message would be refused for an unknown
+    Content-Transfer-Encoding (see :func:`binary_section`), read from its stored body
+    structure (:mod:`imap_store.mime.bodystructure`) instead of its bytes. Parts are numbered
+    as :func:`binary_section` numbers them (RFC 3501 §6.4.5); a part that does not exist is not
+    refused (its section is empty)."""
+    node = structure
+    as_message = True  # node is numbered as a message, not a body part
+    for k in part:
+        if k < 1:
+            return False
+        if "parts" not in node and not as_message:
+            if "body" not in node:
+                return False
+            node = node["body"]  # number into the encapsulated message
+        if "parts" in node:
+            if k > len(node["parts"]):
+                return False
+            node = node["parts"][k - 1]
+        elif k != 1:
+            return False
+        as_message = False
+    return bool(part) and "parts" not in node and str(node.get("enc", "7BIT")).lower() \
+        not in KNOWN_CTES
 
 
 def _search_text(raw: bytes, root: _Entity) -> str:

@@ -494,10 +494,13 @@ class Store:
             result = await conn.execute(
                 insert(t.mailbox).values(
                     patient_id=patient_id, name=name, special_use=use,
-                    uidvalidity=new_uidvalidity(), uidnext=1, highestmodseq=1, subscribed=1,
+                    uidvalidity=new_uidvalidity(), uidnext=1, highestmodseq=1,
                 ).returning(t.mailbox.c.id)
             )
             ids[name] = int(result.scalar_one())
+        # subscribed from the start, as CREATE subscribes (RFC 3501 §6.3.6)
+        await conn.execute(insert(t.subscription), [
+            {"patient_id": patient_id, "name": name} for name, _use in DEFAULT_MAILBOXES])
         return ids
 
     async def _get_patient(self, conn: AsyncConnection, ins: str) -> Patient:

@@ -67,6 +67,9 @@ DELIMITER = "/"
 MAX_MAILBOXES = 1000
 #: Longest mailbox name, in characters (the ``mailbox.name`` column holds 255).
 MAX_NAME_LENGTH = 200
+#: Most subscribed names per patient. Subscriptions outlive their mailbox (RFC 3501 §6.3.6),
+#: so without a bound CREATE, SUBSCRIBE, DELETE in a loop would grow the table for ever.
+MAX_SUBSCRIPTIONS = 2 * MAX_MAILBOXES
 #: Most keywords kept on one message and longest keyword (RFC 3501 §2.3.2 sets no limit).
 MAX_KEYWORDS = 50
 MAX_KEYWORD_LENGTH = 100
@@ -146,6 +149,11 @@ class TooMany(MailStoreError):
     text = "Too many mailboxes"
 
 
+class TooManySubscriptions(MailStoreError):
+    code = "LIMIT"
+    text = "Too many subscriptions"
+
+
 # --------------------------------------------------------------------------- records
 
 
@@ -156,7 +164,6 @@ class MailboxInfo:
     id: int
     name: str
     special_use: str | None
-    subscribed: bool
     uidvalidity: int
     uidnext: int
     highestmodseq: int
@@ -427,6 +434,8 @@ class MailStore(Protocol):
 
     async def rename(self, old: str, new: str) -> None: ...
 
+    async def subscriptions(self) -> list[str]: ...
+
     async def subscribe(self, name: str, subscribed: bool) -> None: ...
 
     async def status(self, name: str, size: bool = False) -> StatusCounts: ...
@@ -643,14 +652,14 @@ class SqlMailStores:
 def _info(row: Any) -> MailboxInfo:
     return MailboxInfo(
         id=int(row.id), name=row.name, special_use=row.special_use,
-        subscribed=bool(row.subscribed), uidvalidity=int(row.uidvalidity),
+        uidvalidity=int(row.uidvalidity),
         uidnext=int(row.uidnext), highestmodseq=int(row.highestmodseq),
         recent_uid=int(row.recent_uid),
     )
 
 
 _MAILBOX_COLUMNS = (
-    t.mailbox.c.id, t.mailbox.c.name, t.mailbox.c.special_use, t.mailbox.c.subscribed,
+    t.mailbox.c.id, t.mailbox.c.name, t.mailbox.c.special_use,
     t.mailbox.c.uidvalidity, t.mailbox.c.uidnext, t.mailbox.c.highestmodseq,
     t.mailbox.c.recent_uid,
 )
@@ -989,16 +998,18 @@ class PatientMailStore:
                 raise MailboxExists()
             conn.execute(insert(t.mailbox).values(
                 patient_id=self.patient_id, name=name, special_use=None,
-                uidvalidity=new_uidvalidity(), uidnext=1, highestmodseq=1, subscribed=1,
-                recent_uid=0,
+                uidvalidity=new_uidvalidity(), uidnext=1, highestmodseq=1, recent_uid=0,
             ))
+            # CREATE subscribes the new name (RFC 3501 leaves it to the server), below the
+            # limit only: beyond it the mailbox is made all the same
+            self._subscribe_sync(conn, name, quiet=True)
 
         await self._stores.write_sync(job)
 
     async def delete(self, name: str) -> None:
         """RFC 3501 §6.3.4. INBOX and the special-use mailboxes the gateway files mail into
         cannot be deleted; neither can a mailbox with inferiors (we keep no \\Noselect
-        mailboxes)."""
+        mailboxes). Its subscription stays (RFC 3501 §6.3.6: only UNSUBSCRIBE removes it)."""
 
         def job(conn: Connection) -> None:
             info = self._lookup_sync(conn, name)
@@ -1020,7 +1031,10 @@ class PatientMailStore:
 
     async def rename(self, old: str, new: str) -> None:
         """RFC 3501 §6.3.5: inferiors follow; renaming INBOX moves its messages to a new
-        mailbox and leaves INBOX empty."""
+        mailbox and leaves INBOX empty. Subscriptions stay on their names, as RFC 9051
+        §6.3.6 says (renaming does not update the subscription of the old name; the client
+        subscribes the new one) and as Dovecot 2.3 does; here the old name then shows in LSUB as
+        ``\\Noselect`` and in LIST (SUBSCRIBED) as ``\\NonExistent`` until unsubscribed."""
         new = validate_name(new)
 
         def job(conn: Connection) -> None:
@@ -1055,7 +1069,7 @@ class PatientMailStore:
         target = int((conn.execute(insert(t.mailbox).values(
             patient_id=self.patient_id, name=new, special_use=None,
             uidvalidity=new_uidvalidity(), uidnext=int(bumped[1]), highestmodseq=modseq,
-            subscribed=1, recent_uid=inbox.recent_uid,
+            recent_uid=inbox.recent_uid,
         ).returning(t.mailbox.c.id))).scalar_one())
         uids = conn.execute(
             select(t.message.c.uid).where(self._in_mailbox(inbox.id))
@@ -1068,16 +1082,52 @@ class PatientMailStore:
                 {"mailbox_id": inbox.id, "uid": uid, "modseq": modseq} for uid in uids
             ])
 
+    async def subscriptions(self) -> list[str]:
+        """The names this patient subscribed to, mailbox or not (RFC 3501 §6.3.9)."""
+        async with self._store.read() as conn:
+            rows = await conn.execute(
+                select(t.subscription.c.name)
+                .where(t.subscription.c.patient_id == self.patient_id)
+                .order_by(t.subscription.c.name))
+            return list(rows.scalars())
+
     async def subscribe(self, name: str, subscribed: bool) -> None:
+        """SUBSCRIBE / UNSUBSCRIBE (RFC 3501 §6.3.6-7) a name. SUBSCRIBE wants an existing
+        mailbox (NO [NONEXISTENT] otherwise: RFC 3501 allows refusing names that are no
+        mailbox); UNSUBSCRIBE takes any subscribed name, that of a deleted mailbox too, and
+        is OK for an existing mailbox not subscribed; other names are NO [NONEXISTENT]."""
+
         def job(conn: Connection) -> None:
-            result = conn.execute(
-                update(t.mailbox).where(self._owned(), t.mailbox.c.name == name)
-                .values(subscribed=1 if subscribed else 0)
-            )
-            if not result.rowcount:
+            if subscribed:
+                self._subscribe_sync(conn, name)
+                return
+            gone = conn.execute(delete(t.subscription).where(
+                t.subscription.c.patient_id == self.patient_id,
+                t.subscription.c.name == name))
+            if not gone.rowcount and self._lookup_sync(conn, name) is None:
                 raise NoSuchMailbox()
 
         await self._stores.write_sync(job)
+
+    def _subscribe_sync(self, conn: Connection, name: str, *, quiet: bool = False) -> None:
+        """Subscribe the existing mailbox ``name`` (its stored spelling); ``quiet``: at the
+        limit, do nothing rather than raise."""
+        info = self._lookup_sync(conn, name)
+        if info is None:
+            raise NoSuchMailbox()
+        mine = t.subscription.c.patient_id == self.patient_id
+        if conn.execute(select(t.subscription.c.id).where(
+                mine, t.subscription.c.name == info.name)).first() is not None:
+            return
+        count = conn.execute(select(func.count(t.subscription.c.id)).where(mine)).scalar_one()
+        if count >= MAX_SUBSCRIPTIONS:
+            if quiet:
+                return
+            raise TooManySubscriptions()
+        # another process may subscribe the same name between the read and this insert
+        dialect = sqlite if conn.dialect.name == "sqlite" else postgresql
+        conn.execute(dialect.insert(t.subscription).on_conflict_do_nothing().values(
+            patient_id=self.patient_id, name=info.name))
 
     # --- messages -----------------------------------------------------------------------
 

@@ -112,13 +112,23 @@ mailbox = Table(
     Column("uidvalidity", BigInteger, nullable=False),
     Column("uidnext", BigInteger, nullable=False, default=1),
     Column("highestmodseq", BigInteger, nullable=False, default=1),
-    Column("subscribed", Integer, nullable=False, default=1),
     # Highest UID already announced as \Recent to one session (RFC 3501 §2.3.2; migration 0002).
     Column("recent_uid", BigInteger, nullable=False, default=0, server_default="0"),
     # Highest MODSEQ of the ``expunged`` rows the housekeeping deleted (migration 0009): below
     # it, VANISHED (EARLIER) is a superset (RFC 7162 §3.2.5.2).
     Column("vanished_modseq", BigInteger, nullable=False, default=0, server_default="0"),
     UniqueConstraint("patient_id", "name", name="uq_mailbox_patient_name"),
+)
+
+# The names a patient subscribed to (RFC 3501 §6.3.6-7, RFC 9051 §6.3.7-8; migration 0010):
+# names, not mailboxes, so a subscription outlives DELETE and stays on its name across RENAME.
+subscription = Table(
+    "subscription",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("patient_id", Integer, ForeignKey("patient.id", ondelete="CASCADE"), nullable=False),
+    Column("name", String(255), nullable=False),
+    UniqueConstraint("patient_id", "name", name="uq_subscription_patient_name"),
 )
 
 blob = Table(

@@ -164,6 +164,8 @@ class Session:
                 return await self._continuation_too_long()
             return await self.bad_reply(event.tag, r.BAD_LINE_TOO_LONG)
         if isinstance(event, c.InvalidCommand):
+            if event.saves and self.selected is not None:
+                self.selected.saved = []  # RFC 5182 §2.1: a failed SEARCH ... SAVE empties $
             reply = r.Reply(event.status, event.text, event.code)
             if event.status == "NO":
                 await self.emit(reply.tagged(event.tag))

@@ -13,7 +13,7 @@ from imap_store.imap.commands import MAX_NUMBER, Fetch, FetchAttr, SequenceSet, 
 from imap_store.imap.session.selected import announce_keywords, own_change
 from imap_store.imap.session.state import Action, Selected
 from imap_store.imap.wire import render_bodystructure, render_envelope
-from imap_store.mime import binary_section, get_section, parse_message_async
+from imap_store.mime import binary_refused, binary_section, get_section, parse_message_async
 from imap_store.store.mailboxes import (
     SYSTEM_FLAG_BITS,
     FlagState,
@@ -130,6 +130,7 @@ async def _fetch_rows(s: Session, sel: Selected, cmd: Fetch, attrs: list[FetchAt
     if not targets:
         return
     mail = s.require_mail()
+    await _check_binary(mail, sel, [uid for _seq, uid in targets], attrs)
     columns: set[str] = set()
     needs_body = False
     header_only = True
@@ -201,6 +202,25 @@ async def _fetch_rows(s: Session, sel: Selected, cmd: Fetch, attrs: list[FetchAt
         await s.emit(_render_fetch(sel, seq, uid, row, attrs, raw, meta, seen_now.get(uid)))
     if reads:
         s.audit_patient("imap.read", {"mailbox": sel.mailbox_id, "messages": len(by_uid)})
+
+
+async def _check_binary(mail: MailStore, sel: Selected, uids: list[int],
+                        attrs: list[FetchAttr]) -> None:
+    """RFC 3516 §4.2: a BINARY section whose Content-Transfer-Encoding the server does not
+    know answers the command with NO [UNKNOWN-CTE]. Checked for every message of the set
+    before anything is sent or any \\Seen set, from the stored body structures (no body is
+    read), so that the NO answers the whole command rather than following the FETCH lines of
+    the messages before the refused one. Every message of the set is checked, also one that
+    CHANGEDSINCE would leave out. (The render keeps its own check: a multipart part with
+    an encoding header, which the body structure does not record, is refused there.)"""
+    parts = {a.section.part for a in attrs
+             if a.name in ("BINARY", "BINARY.SIZE") and a.section is not None and a.section.part}
+    if not parts:
+        return
+    for row in await mail.fetch_rows(sel.mailbox_id, uids, ("meta",)):
+        structure = (await _meta(mail, sel, row.uid, row.meta)).get("bodystructure") or {}
+        if any(binary_refused(structure, part) for part in parts):
+            raise MailStoreError(r.NO_UNKNOWN_CTE.text, r.NO_UNKNOWN_CTE.code)
 
 
 async def _fetch_flags(s: Session, sel: Selected, slices: list[tuple[int, int]],

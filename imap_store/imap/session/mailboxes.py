@@ -66,7 +66,9 @@ async def list_(s: Session, cmd: List) -> Action:
 
 async def lsub(s: Session, cmd: Lsub) -> Action:
     """LSUB (RFC 3501 §6.3.9): the subscribed names the pattern matches; where ``%`` stops
-    above a subscribed name, its unsubscribed ancestor at that level, as ``\\Noselect``."""
+    above a subscribed name, its unsubscribed ancestor at that level, as ``\\Noselect``. A
+    subscribed name whose mailbox is gone is listed too (the server keeps it, §6.3.6), as
+    ``\\Noselect``: it cannot be selected (§7.2.2; Dovecot 2.3 answers ``()`` there)."""
     delimiter = b'"' + DELIMITER.encode() + b'"'
     if cmd.pattern == "":
         await s.emit(b"* LSUB (\\Noselect) " + delimiter + b' ""\r\n')
@@ -74,9 +76,10 @@ async def lsub(s: Session, cmd: Lsub) -> Action:
     pattern = listing.canonical_pattern(cmd.reference, cmd.pattern)
     if len(pattern) > listing.MAX_PATTERN:
         raise MailStoreError(r.NO_PATTERN_TOO_LONG.text, r.NO_PATTERN_TOO_LONG.code)
-    subscribed = [b.name for b in await s.require_mail().mailboxes() if b.subscribed]
-    for name, noselect in listing.lsub_names(subscribed, pattern, DELIMITER):
-        attrs = b"(\\Noselect)" if noselect else b"()"
+    mail = s.require_mail()
+    existing = {b.name for b in await mail.mailboxes()}
+    for name, noselect in listing.lsub_names(await mail.subscriptions(), pattern, DELIMITER):
+        attrs = b"(\\Noselect)" if noselect or name not in existing else b"()"
         await s.emit(b"* LSUB " + attrs + b" " + delimiter + b" " + s.quote(name) + b"\r\n")
     return await s.complete(cmd)
 
@@ -132,7 +135,9 @@ async def _list(s: Session, cmd: List) -> None:
 
     A name that is no mailbox (a parent implied by a mailbox below it, or a name listed only
     for its CHILDINFO) is ``\\Noselect`` to a basic LIST and ``\\NonExistent`` (which implies
-    ``\\Noselect``) to an extended one, as RFC 3501 clients do not know the latter."""
+    ``\\Noselect``) to an extended one, as RFC 3501 clients do not know the latter. Under
+    the SUBSCRIBED selection, a subscribed name whose mailbox is gone is listed as
+    ``\\NonExistent \\Subscribed`` (RFC 5258 §3.1 and §5 example 2)."""
     delimiter = b'"' + DELIMITER.encode() + b'"'
     patterns = tuple(dict.fromkeys(cmd.patterns))  # a pattern given twice lists the same
     if patterns == ("",):
@@ -148,6 +153,13 @@ async def _list(s: Session, cmd: List) -> None:
     subscribed_only = "SUBSCRIBED" in selection
     special_only = "SPECIAL-USE" in selection
     show_subscribed = subscribed_only or "SUBSCRIBED" in cmd.return_options
+    subscribed = set(await mail.subscriptions()) if show_subscribed else set()
+    names = listing.with_parents(boxes)
+    # \HasChildren counts mailboxes only, not the subscribed names of deleted ones
+    children = listing.parents(names)
+    if subscribed_only:
+        for name in listing.with_parents(subscribed - boxes.keys()):
+            names.setdefault(name, False)  # a gone mailbox, or a parent implied by one
     # RFC 5258 §3.5: CHILDINFO names the selection criteria a descendant meets
     childinfo = b" (\"CHILDINFO\" (" + b" ".join(
         b'"' + option.encode() + b'"' for option in selection
@@ -155,14 +167,13 @@ async def _list(s: Session, cmd: List) -> None:
 
     def meets(name: str) -> bool:
         box = boxes.get(name)
-        if subscribed_only and (box is None or not box.subscribed):
+        if subscribed_only and name not in subscribed:
             return False
         return not special_only or (box is not None and box.special_use is not None)
 
     listed = listing.list_names(
-        listing.with_parents(boxes), [listing.canonical_pattern(cmd.reference, p)
-                                      for p in patterns],
-        meets, "RECURSIVEMATCH" in selection, DELIMITER)
+        names, [listing.canonical_pattern(cmd.reference, p) for p in patterns],
+        meets, "RECURSIVEMATCH" in selection, DELIMITER, children)
     counts: dict[int, StatusCounts] = {}
     if cmd.status_items:
         if "HIGHESTMODSEQ" in cmd.status_items:
@@ -177,7 +188,7 @@ async def _list(s: Session, cmd: List) -> None:
         attrs.append("\\HasChildren" if item.has_children else "\\HasNoChildren")
         if box is not None and box.special_use:
             attrs.append(box.special_use)
-        if show_subscribed and box is not None and box.subscribed:
+        if item.name in subscribed:
             attrs.append("\\Subscribed")
         quoted = s.quote(item.name)
         await s.emit(b"* LIST (" + " ".join(attrs).encode() + b") " + delimiter + b" "
