@@ -587,3 +587,59 @@ async def test_audit_rows_chain_after_rows_other_writers_appended(db_url: str) -
     finally:
         await writer.close()
         await store.close()
+
+
+@pytest.mark.parametrize("limit", [5.0, 0.1], ids=["on-loop", "then-in-thread"])
+async def test_sqlite_writer_waits_for_the_lock_file_and_its_batch_grows(
+        tmp_path: object, monkeypatch: pytest.MonkeyPatch, limit: float) -> None:
+    """Another process holding the writer lock file: the writer tries again on its loop, and
+    the jobs that arrive meanwhile join its batch (one transaction for all). Once the lock
+    is free it runs the batch on the loop; past LOCK_POLL_LIMIT it waits for it in a worker
+    thread with the grown batch. Every caller gets its own result either way."""
+    import fcntl
+    import os
+    import threading
+    from pathlib import Path
+
+    from imap_store.store import writer as writer_module
+
+    monkeypatch.setattr(writer_module, "LOCK_POLL_LIMIT", limit)
+    path = Path(str(tmp_path)) / "turns.db"
+    url = f"sqlite:///{path}"
+    await migrate(url)
+    store = Store.from_url(url)
+    writer = GroupWriter(store)
+    writer.start()
+    seen: dict[str, threading.Thread] = {}
+
+    def add(name: str):  # type: ignore[no-untyped-def]
+        def job(conn: Connection) -> str:
+            seen[name] = threading.current_thread()
+            conn.execute(text("INSERT INTO trusted_domain (name, source, added_at) "
+                              "VALUES (:n, 'test', CURRENT_TIMESTAMP)"), {"n": name})
+            return name
+        return job
+
+    other = os.open(f"{path}-writer.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        await writer.submit_sync(add("before.example"))
+        batches, jobs = writer.batches, writer.jobs
+        fcntl.flock(other, fcntl.LOCK_EX)  # another process's turn
+        first = asyncio.ensure_future(writer.submit_sync(add("a.example")))
+        await asyncio.sleep(0.01)  # the writer took a.example and waits for the lock
+        later = [asyncio.ensure_future(writer.submit_sync(add(name)))
+                 for name in ("b.example", "c.example")]
+        await asyncio.sleep(0.02 if limit > 1 else 3 * limit)
+        assert not first.done()
+        fcntl.flock(other, fcntl.LOCK_UN)
+        results = await asyncio.wait_for(asyncio.gather(first, *later), 30)
+        assert results == ["a.example", "b.example", "c.example"]
+        assert (writer.batches, writer.jobs) == (batches + 1, jobs + 3)  # one transaction
+        on_loop = {seen[name] is threading.current_thread() for name in results}
+        assert on_loop == {limit > 1}
+        assert await store.trusted_domains() == ["a.example", "b.example", "before.example",
+                                                 "c.example"]
+    finally:
+        os.close(other)
+        await writer.close()
+        await store.close()

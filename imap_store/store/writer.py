@@ -7,8 +7,8 @@ Jobs are either synchronous (``submit_sync``: ``fn(Connection)``, the hot paths,
 ``imap_store.store.ops``) or asynchronous (``submit``: ``fn(AsyncConnection)``).
 
 On SQLite a batch of synchronous jobs goes to the writer's own pysqlite connection: ``BEGIN
-IMMEDIATE`` (which may wait for another writer) and ``COMMIT`` (the fsync) run in a worker
-thread, the jobs' statements on the event loop between the two. Statements of a few
+IMMEDIATE`` and the jobs' statements run on the event loop, ``COMMIT`` (the fsync) in a worker
+thread. Statements of a few
 microseconds each are cheaper there than in a thread, where every one of them would give up
 the GIL and wait to take it back from the busy event loop (measured: 0.88 -> 0.66 ms of CPU per
 message on bench/smtp_intake.py). A batch carrying more than ``INLINE_BYTES`` of data runs
@@ -49,9 +49,10 @@ from typing import Any, TypeVar, cast
 
 from sqlalchemy import text
 from sqlalchemy.engine import Connection
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from imap_store.store import metrics, ops
+from imap_store.store import db, metrics, ops
 from imap_store.store.db import write_transaction
 from imap_store.store.directory import Store
 
@@ -64,6 +65,11 @@ SyncJob = Callable[[Connection], Any]
 MAX_BATCH = 256
 #: Data a batch may carry (the ``size`` hints of its jobs) and still run on the event loop.
 INLINE_BYTES = 1 << 20
+#: SQLite: while another process holds the writer lock file, this writer tries again on its
+#: loop every ``LOCK_POLL`` seconds, for ``LOCK_POLL_LIMIT`` seconds, then waits for it in a
+#: worker thread.
+LOCK_POLL = 0.001
+LOCK_POLL_LIMIT = 0.05
 
 
 #: PostgreSQL: the group writers of several processes (``[server] workers``, or several
@@ -166,11 +172,38 @@ class _Turn:
         if not self.try_take():  # another process writes: wait for it off the loop
             await asyncio.shield(asyncio.to_thread(self.take_blocking))
 
+    async def poll(self, limit: float, meanwhile: Callable[[], None]) -> bool:
+        """Take the lock on the loop, trying again every ``LOCK_POLL`` seconds while another
+        process holds it, calling ``meanwhile`` after each wait; False after ``limit``
+        seconds without it."""
+        deadline = time.monotonic() + limit
+        while not self.try_take():
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(LOCK_POLL)
+            meanwhile()
+        return True
+
     def release(self) -> None:
         if self.held:
             self.held = False
             assert self.fd is not None
             fcntl.flock(self.fd, fcntl.LOCK_UN)
+
+
+def _begin_now(conn: Connection) -> Any:
+    """``BEGIN IMMEDIATE`` without waiting (the writer holds the lock file, so only a program
+    that does not take it, such as a second tool on the file, can hold SQLite's write lock):
+    the transaction, or None when SQLite's lock is taken."""
+    raw = conn.connection.driver_connection
+    assert raw is not None
+    raw.execute("PRAGMA busy_timeout = 0")
+    try:
+        return conn.begin()
+    except OperationalError:
+        return None
+    finally:
+        raw.execute(f"PRAGMA busy_timeout = {db.SQLITE_BUSY_TIMEOUT_MS}")
 
 
 def _commit_then_release(transaction: Any, turn: _Turn) -> None:
@@ -187,6 +220,8 @@ class GroupWriter:
         self._queue: asyncio.Queue[_Pending | None] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
         self._closing = False
+        self._stopping = False  # the queue's end (None) was taken
+        self._carried: _Pending | None = None  # taken from the queue for the next batch
         self.batches = 0
         self.jobs = 0
         self._conn: Connection | None = None  # SQLite: the writer's own connection
@@ -195,6 +230,7 @@ class GroupWriter:
 
     def start(self) -> None:
         if self._task is None:
+            self._stopping = False
             self._task = asyncio.create_task(self._run(), name="group-writer")
 
     def _put(self, job: Job | SyncJob, sync: bool, wait: bool,
@@ -290,20 +326,35 @@ class GroupWriter:
             log.debug("closing the writer connection failed", exc_info=True)
 
     async def _run(self) -> None:
-        stop = False
-        while not stop:
-            first = await self._queue.get()
+        while True:
+            first, self._carried = self._carried, None
             if first is None:
-                break
-            batch = [first]
-            while len(batch) < self.max_batch and not self._queue.empty():
-                item = self._queue.get_nowait()
-                if item is None:
-                    stop = True
+                if self._stopping:
                     break
-                batch.append(item)
+                first = await self._queue.get()
+                if first is None:
+                    break
+            batch = [first]
+            self._take_queued(batch)
             await self._write(batch)
             del batch, first  # do not keep the last batch's messages alive while idle
+
+    def _take_queued(self, batch: list[_Pending], inline: bool = False) -> None:
+        """Adds the jobs queued meanwhile to ``batch`` (``max_batch`` at the most). With
+        ``inline``, only while they are synchronous and the batch's data stays within
+        ``INLINE_BYTES``: the first that is not is kept for the next batch."""
+        size = sum(p.size for p in batch) if inline else 0
+        while len(batch) < self.max_batch and not self._stopping and not self._queue.empty():
+            item = self._queue.get_nowait()
+            if item is None:
+                self._stopping = True
+                break
+            if inline:
+                size += item.size
+                if not item.sync or size > INLINE_BYTES:
+                    self._carried = item
+                    break
+            batch.append(item)
 
     async def _write(self, batch: list[_Pending]) -> None:
         started = time.perf_counter()
@@ -360,10 +411,15 @@ class GroupWriter:
 
         The lock is never held while this writer waits for a turn of its event loop (2 to
         5 ms each under SMTP load, measured: with 2 workers each held it ~10 ms per batch of
-        3 to 7 messages, and 75 % of batches waited for the other): taken on the loop when
-        free, it is released in the worker thread that commits, as soon as COMMIT returns;
-        when another process holds it, the whole batch runs in a worker thread (take the
-        lock, BEGIN IMMEDIATE, the jobs, COMMIT, release)."""
+        3 to 7 messages, and 75 % of batches waited for the other): taken on the loop, with
+        BEGIN IMMEDIATE and the statements right after it, it is released in the worker
+        thread that commits, as soon as COMMIT returns. While another process holds it the
+        writer tries again on its loop every millisecond, and the jobs that arrive meanwhile
+        join the batch (under contention batches grow and commits get fewer, as within one
+        process); waiting in a worker thread instead, then running the batch there, held
+        the lock for the GIL's switch interval at every statement (measured: 5 of 6 batches
+        of each worker went that way under bench/smtp_intake.py --workers 2). Past
+        ``LOCK_POLL_LIMIT`` the whole batch still runs in a worker thread."""
         turn = _Turn(self._lock_fd())
         try:
             if not all(p.sync for p in batch):
@@ -374,13 +430,18 @@ class GroupWriter:
             turn.release()
 
     async def _write_sqlite(self, batch: list[_Pending], turn: _Turn) -> list[tuple[bool, Any]]:
-        jobs = [cast(SyncJob, p.job) for p in batch]
         conn = await self._connection()
         try:
-            # Another process writes, or the batch is large: all of it in a worker thread.
-            if not turn.try_take() or sum(p.size for p in batch) > INLINE_BYTES:
+            transaction = None
+            if (sum(p.size for p in batch) <= INLINE_BYTES
+                    and await turn.poll(LOCK_POLL_LIMIT,
+                                        lambda: self._take_queued(batch, inline=True))):
+                transaction = _begin_now(conn)
+            jobs = [cast(SyncJob, p.job) for p in batch]  # it may have grown meanwhile
+            if transaction is None:
+                # The batch is large, another process held the lock for long, or a program
+                # that takes no lock file writes: all of it in a worker thread.
                 return await asyncio.to_thread(self._write_in_thread, conn, jobs, turn)
-            transaction = await asyncio.to_thread(conn.begin)  # BEGIN IMMEDIATE may wait
             try:
                 results = self._run_all(conn, jobs)  # on the loop: see the top
             except Exception as exc:  # a job failed (not BEGIN or COMMIT)
