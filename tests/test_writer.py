@@ -643,3 +643,50 @@ async def test_sqlite_writer_waits_for_the_lock_file_and_its_batch_grows(
         os.close(other)
         await writer.close()
         await store.close()
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["fast-disk", "slow-disk"])
+async def test_sqlite_commit_on_the_loop_while_the_disk_is_fast(
+        tmp_path: object, monkeypatch: pytest.MonkeyPatch, fast: bool) -> None:
+    """SQLite: COMMIT runs on the loop while commits take less than INLINE_COMMIT_MAX on
+    average; with a slow disk in a worker thread, but for one batch in 64 that measures the
+    disk again on the loop."""
+    import threading
+    from pathlib import Path
+
+    from sqlalchemy import event
+
+    from imap_store.store import writer as writer_module
+
+    monkeypatch.setattr(writer_module, "INLINE_COMMIT_MAX", 10.0 if fast else 0.0)
+    url = f"sqlite:///{Path(str(tmp_path)) / 'commits.db'}"
+    await migrate(url)
+    store = Store.from_url(url)
+    assert store.sync_engine is not None
+    committed_in: list[bool] = []
+    loop_thread = threading.current_thread()
+    event.listen(store.sync_engine, "commit",
+                 lambda conn: committed_in.append(threading.current_thread() is loop_thread))
+    writer = GroupWriter(store)
+    writer.start()
+
+    def add(name: str):  # type: ignore[no-untyped-def]
+        def job(conn: Connection) -> None:
+            conn.execute(text("INSERT INTO trusted_domain (name, source, added_at) "
+                              "VALUES (:n, 'test', CURRENT_TIMESTAMP)"), {"n": name})
+        return job
+
+    try:
+        committed_in.clear()
+        for i in range(66):
+            await writer.submit_sync(add(f"d{i}.example"))
+        batches = list(committed_in)  # where each of the 66 batches committed
+        assert len(batches) == 66
+        assert len(await store.trusted_domains()) == 66
+        if fast:
+            assert all(batches)
+        else:
+            assert [i for i, on_loop in enumerate(batches) if on_loop] == [0, 64]
+    finally:
+        await writer.close()
+        await store.close()

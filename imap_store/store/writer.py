@@ -7,8 +7,8 @@ Jobs are either synchronous (``submit_sync``: ``fn(Connection)``, the hot paths,
 ``imap_store.store.ops``) or asynchronous (``submit``: ``fn(AsyncConnection)``).
 
 On SQLite a batch of synchronous jobs goes to the writer's own pysqlite connection: ``BEGIN
-IMMEDIATE`` and the jobs' statements run on the event loop, ``COMMIT`` (the fsync) in a worker
-thread. Statements of a few
+IMMEDIATE`` and the jobs' statements run on the event loop, and ``COMMIT`` (the fsync) too
+while the disk is fast (``INLINE_COMMIT_MAX``), else in a worker thread. Statements of a few
 microseconds each are cheaper there than in a thread, where every one of them would give up
 the GIL and wait to take it back from the busy event loop (measured: 0.88 -> 0.66 ms of CPU per
 message on bench/smtp_intake.py). A batch carrying more than ``INLINE_BYTES`` of data runs
@@ -70,6 +70,10 @@ INLINE_BYTES = 1 << 20
 #: worker thread.
 LOCK_POLL = 0.001
 LOCK_POLL_LIMIT = 0.05
+#: SQLite: COMMIT (the fsync) runs on the loop while the writer's commits take less than this
+#: on average (a fast disk: then the hop to a worker thread and back, with the GIL handed over
+#: twice, costs more than the fsync and holds the lock longer); otherwise in a worker thread.
+INLINE_COMMIT_MAX = 0.002
 
 
 #: PostgreSQL: the group writers of several processes (``[server] workers``, or several
@@ -206,11 +210,14 @@ def _begin_now(conn: Connection) -> Any:
         raw.execute(f"PRAGMA busy_timeout = {db.SQLITE_BUSY_TIMEOUT_MS}")
 
 
-def _commit_then_release(transaction: Any, turn: _Turn) -> None:
+def _commit_then_release(transaction: Any, turn: _Turn) -> float:
+    """COMMIT, then the lock released; the seconds that took."""
+    started = time.perf_counter()
     try:
         transaction.commit()
     finally:
         turn.release()
+    return time.perf_counter() - started
 
 
 class GroupWriter:
@@ -227,6 +234,8 @@ class GroupWriter:
         self._conn: Connection | None = None  # SQLite: the writer's own connection
         self._aconn: AsyncConnection | None = None  # PostgreSQL: the writer's own connection
         self._lock: int | None = None  # SQLite: the writer lock file's descriptor (-1: none)
+        #: SQLite: how long COMMIT takes on the loop (a moving average).
+        self._commit_seconds = 0.0
 
     def start(self) -> None:
         if self._task is None:
@@ -451,8 +460,14 @@ class GroupWriter:
                 log.info("a job of a batch of %d failed: running them again one by one",
                          len(jobs))
                 return await asyncio.to_thread(self._write_each_in_turn, conn, jobs, turn)
-            # The fsync off the loop; the lock released there as soon as it is done.
-            await asyncio.to_thread(_commit_then_release, transaction, turn)
+            # The lock is released as soon as COMMIT returns. A slow fsync goes to a worker
+            # thread; every 64th batch then commits on the loop again to measure the disk
+            # (in a thread the time would count the waits for the GIL too).
+            if self._commit_seconds < INLINE_COMMIT_MAX or self.batches % 64 == 0:
+                took = _commit_then_release(transaction, turn)
+                self._commit_seconds += (took - self._commit_seconds) / 4
+            else:
+                await asyncio.to_thread(_commit_then_release, transaction, turn)
             return results
         except Exception:
             # Not on cancellation: a worker thread may still be using the connection.
