@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 from policy.addresses import InvalidIdentity, domain_of, validate_ins
 
@@ -44,7 +44,10 @@ class Decision:
         return f"{self.smtp_code} {self.enhanced_code} {self.text}"
 
     def as_dict(self) -> dict[str, object]:
-        return asdict(self)
+        # What dataclasses.asdict gives, written out: it is on every RCPT's audit row, and
+        # asdict's generic deep copy cost more than the RCPT's lookup (profiled).
+        return {"allowed": self.allowed, "rule": self.rule, "smtp_code": self.smtp_code,
+                "enhanced_code": self.enhanced_code, "text": self.text}
 
 
 def allow(rule: str, text: str = "accepted") -> Decision:

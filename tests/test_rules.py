@@ -191,3 +191,14 @@ def test_relay_denied() -> None:
 )
 def test_classify_recipient(address: str, expected: str | None) -> None:
     assert classify_recipient(address, "patient.mssante.fr") == expected
+
+
+def test_decision_as_dict_is_every_field() -> None:
+    """``Decision.as_dict`` is written out for speed: it must stay what ``asdict`` gives
+    (a field added to Decision and not to as_dict would vanish from the audit rows)."""
+    from dataclasses import asdict
+
+    from policy.rules import allow, refuse
+
+    for decision in (allow("R1"), refuse("R5", 550, "5.7.1", "exchange ended")):
+        assert decision.as_dict() == asdict(decision)
