@@ -11,8 +11,10 @@ import re
 import unicodedata
 from collections.abc import Sequence
 from datetime import date, datetime
+from typing import TYPE_CHECKING
 
-from fpdf import FPDF
+if TYPE_CHECKING:
+    from fpdf import FPDF
 
 from imap_store.store.documents import PROFILE_SECTIONS, ProfileEntry
 
@@ -82,6 +84,8 @@ def _write(pdf: FPDF, text: str, height: float) -> None:
 
 def profile_pdf(patient_name: str, entries: Sequence[ProfileEntry], generated: datetime) -> bytes:
     """The summary: title, the patient's name, every section with its entries, the date."""
+    from fpdf import FPDF  # here: fpdf2 takes a tenth of a second to import, at each start
+
     pdf = FPDF(format="A4")
     pdf.set_title("Synthèse de mon profil médical")
     pdf.set_author(_latin1(patient_name))

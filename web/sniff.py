@@ -9,9 +9,6 @@ import io
 import logging
 from dataclasses import dataclass
 
-from pypdf import PdfReader
-from pypdf.generic import DictionaryObject
-
 from imap_store.store.documents import MAX_DOCUMENT_BYTES
 
 #: Images recognised by their first bytes.
@@ -44,6 +41,9 @@ def _refuse(reason: str) -> Verdict:
 
 
 def _pdf(data: bytes) -> Verdict:
+    from pypdf import PdfReader  # here: only a PDF needs it, not each start of serve
+    from pypdf.generic import DictionaryObject
+
     logging.getLogger("pypdf").setLevel(logging.ERROR)  # a damaged file is not our warning
     try:
         # strict: a damaged file is refused, not repaired. pypdf's repair scans the file for
