@@ -4,6 +4,7 @@ thread path and PostgreSQL's run_sync path)."""
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
 from sqlalchemy import text
@@ -688,5 +689,60 @@ async def test_sqlite_commit_on_the_loop_while_the_disk_is_fast(
         else:
             assert [i for i, on_loop in enumerate(batches) if on_loop] == [0, 64]
     finally:
+        await writer.close()
+        await store.close()
+
+
+async def test_jobs_arriving_while_another_process_writes_join_the_batch(db_url: str) -> None:
+    """Another process's turn to write (SQLite: its hold of the lock file; PostgreSQL: the
+    writers' advisory lock): the jobs that arrive while this writer waits for its turn join
+    its batch, one transaction for all, each caller getting its own result."""
+    import fcntl
+    import os
+
+    from imap_store.store.writer import WRITER_LOCK_KEY
+    from tests.conftest import _pg_connect
+
+    store, writer = await _started(db_url)
+
+    def add(name: str):  # type: ignore[no-untyped-def]
+        def job(conn: Connection) -> str:
+            conn.execute(text("INSERT INTO trusted_domain (name, source, added_at) "
+                              "VALUES (:n, 'test', CURRENT_TIMESTAMP)"), {"n": name})
+            ops.audit(conn, "test", "add", name)
+            return name
+        return job
+
+    other: Any = None
+    try:
+        await writer.submit_sync(add("before.example"))
+        batches, jobs = writer.batches, writer.jobs
+        if store.sync_engine is not None:
+            other = os.open(f"{store.sync_engine.url.database}-writer.lock", os.O_RDWR)
+            fcntl.flock(other, fcntl.LOCK_EX)
+        else:
+            other = await _pg_connect()
+            await other.execute("SELECT pg_advisory_lock($1)", WRITER_LOCK_KEY)
+        first = asyncio.ensure_future(writer.submit_sync(add("a.example")))
+        await asyncio.sleep(0.02)  # the writer took a.example and waits for its turn
+        later = [asyncio.ensure_future(writer.submit_sync(add(name)))
+                 for name in ("b.example", "c.example")]
+        await asyncio.sleep(0.02)
+        assert not first.done()
+        if store.sync_engine is not None:
+            fcntl.flock(other, fcntl.LOCK_UN)
+        else:
+            await other.execute("SELECT pg_advisory_unlock($1)", WRITER_LOCK_KEY)
+        results = await asyncio.wait_for(asyncio.gather(first, *later), 30)
+        assert results == ["a.example", "b.example", "c.example"]
+        assert (writer.batches, writer.jobs) == (batches + 1, jobs + 3)
+        assert [r.subject for r in await store.audit_records()] == [
+            "before.example", "a.example", "b.example", "c.example"]
+        assert (await store.audit_verify())[1] is None
+    finally:
+        if isinstance(other, int):
+            os.close(other)
+        elif other is not None:
+            await other.close()
         await writer.close()
         await store.close()

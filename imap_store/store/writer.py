@@ -501,9 +501,11 @@ class GroupWriter:
             turn.release()
 
     @staticmethod
-    def _run_all(conn: Connection, jobs: list[SyncJob]) -> list[tuple[bool, Any]]:
+    def _run_all(conn: Connection, jobs: list[SyncJob],
+                 take_turn: bool = True) -> list[tuple[bool, Any]]:
         """Every job, then all their audit rows at once (raises if a job fails)."""
-        _take_turn(conn)
+        if take_turn:
+            _take_turn(conn)
         with ops.audit_batch(conn) as audit:
             results = [(True, value) for value in _run_jobs(conn, jobs)]
         ops.append_audit(conn, audit, locked=True)
@@ -538,12 +540,17 @@ class GroupWriter:
     async def _write_pg(self, batch: list[_Pending]) -> list[tuple[bool, Any]]:
         """PostgreSQL, synchronous jobs: the whole batch in one ``run_sync`` on the writer's
         connection (one greenlet switch per batch, no pool checkout)."""
-        jobs = [cast(SyncJob, p.job) for p in batch]
         try:
             conn = await self._pg_connection()
             async with conn.begin() as transaction:  # COMMIT at the end: never retried
+                # The turn first (it waits while another process writes), then the jobs
+                # that arrived meanwhile join the batch: under contention batches grow and
+                # round trips per message fall, as with SQLite's lock file.
+                await conn.run_sync(_take_turn)
+                self._take_queued(batch, inline=True)
+                jobs = [cast(SyncJob, p.job) for p in batch]
                 try:
-                    return await conn.run_sync(self._run_all, jobs)
+                    return await conn.run_sync(self._run_all, jobs, False)
                 except Exception as exc:  # a job failed
                     await transaction.rollback()
                     if len(jobs) == 1:
