@@ -4,6 +4,9 @@ thread path and PostgreSQL's run_sync path)."""
 from __future__ import annotations
 
 import asyncio
+import threading
+from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import pytest
@@ -15,6 +18,24 @@ from imap_store.store import ops
 from imap_store.store.db import migrate
 from imap_store.store.directory import Store
 from imap_store.store.writer import GroupWriter
+
+
+def add_domain(name: str, *, audit: bool = False, fail: bool = False,
+               seen: dict[str, threading.Thread] | None = None) -> Callable[[Connection], str]:
+    """A writer job: insert trusted domain ``name`` (and its audit row with ``audit``), note
+    the thread it ran in into ``seen``, then raise ValueError with ``fail``; returns
+    ``name``."""
+    def job(conn: Connection) -> str:
+        if seen is not None:
+            seen[name] = threading.current_thread()
+        conn.execute(text("INSERT INTO trusted_domain (name, source, added_at) "
+                          "VALUES (:n, 'test', CURRENT_TIMESTAMP)"), {"n": name})
+        if audit:
+            ops.audit(conn, "test", "add", name)
+        if fail:
+            raise ValueError("refused")
+        return name
+    return job
 
 
 async def _started(db_url: str) -> tuple[Store, GroupWriter]:
@@ -29,15 +50,7 @@ async def _started(db_url: str) -> tuple[Store, GroupWriter]:
 async def test_failing_job_rolls_back_alone(db_url: str) -> None:
     store, writer = await _started(db_url)
 
-    def add(name: str, fail: bool = False):  # type: ignore[no-untyped-def]
-        def job(conn: Connection) -> str:
-            conn.execute(text("INSERT INTO trusted_domain (name, source, added_at) "
-                              "VALUES (:n, 'test', CURRENT_TIMESTAMP)"), {"n": name})
-            ops.audit(conn, "test", "add", name)
-            if fail:
-                raise ValueError("refused")
-            return name
-        return job
+    add = partial(add_domain, audit=True)
 
     try:
         results = await asyncio.gather(
@@ -71,19 +84,13 @@ async def test_small_batches_on_the_loop_large_ones_in_a_thread(db_url: str) -> 
     """SQLite: statements of small batches run on the event loop's thread (no GIL ping-pong),
     a batch carrying more than INLINE_BYTES runs in a worker thread (the loop never stalls on
     a large message). PostgreSQL: always on the loop, through run_sync."""
-    import threading
 
     from imap_store.store.writer import INLINE_BYTES
 
     store, writer = await _started(db_url)
     seen: dict[str, threading.Thread] = {}
 
-    def add(name: str):  # type: ignore[no-untyped-def]
-        def job(conn: Connection) -> None:
-            seen[name] = threading.current_thread()
-            conn.execute(text("INSERT INTO trusted_domain (name, source, added_at) "
-                              "VALUES (:n, 'test', CURRENT_TIMESTAMP)"), {"n": name})
-        return job
+    add = partial(add_domain, seen=seen)
 
     try:
         await asyncio.gather(writer.submit_sync(add("small.example"), size=4096),
@@ -116,16 +123,9 @@ async def test_sqlite_lock_timeout_fails_the_batch_then_writer_recovers(
     monkeypatch.setattr(db, "SQLITE_BUSY_TIMEOUT_MS", 200)
     path = Path(str(tmp_path)) / "locked.db"
     url = f"sqlite:///{path}"
-    await migrate(url)
-    store = Store.from_url(url)
-    writer = GroupWriter(store)
-    writer.start()
+    store, writer = await _started(url)
 
-    def add(name: str):  # type: ignore[no-untyped-def]
-        def job(conn: Connection) -> None:
-            conn.execute(text("INSERT INTO trusted_domain (name, source, added_at) "
-                              "VALUES (:n, 'test', CURRENT_TIMESTAMP)"), {"n": name})
-        return job
+    add = add_domain
 
     other = sqlite3.connect(path, isolation_level=None)
     try:
@@ -599,7 +599,6 @@ async def test_sqlite_writer_waits_for_the_lock_file_and_its_batch_grows(
     thread with the grown batch. Every caller gets its own result either way."""
     import fcntl
     import os
-    import threading
     from pathlib import Path
 
     from imap_store.store import writer as writer_module
@@ -607,19 +606,10 @@ async def test_sqlite_writer_waits_for_the_lock_file_and_its_batch_grows(
     monkeypatch.setattr(writer_module, "LOCK_POLL_LIMIT", limit)
     path = Path(str(tmp_path)) / "turns.db"
     url = f"sqlite:///{path}"
-    await migrate(url)
-    store = Store.from_url(url)
-    writer = GroupWriter(store)
-    writer.start()
+    store, writer = await _started(url)
     seen: dict[str, threading.Thread] = {}
 
-    def add(name: str):  # type: ignore[no-untyped-def]
-        def job(conn: Connection) -> str:
-            seen[name] = threading.current_thread()
-            conn.execute(text("INSERT INTO trusted_domain (name, source, added_at) "
-                              "VALUES (:n, 'test', CURRENT_TIMESTAMP)"), {"n": name})
-            return name
-        return job
+    add = partial(add_domain, seen=seen)
 
     other = os.open(f"{path}-writer.lock", os.O_RDWR | os.O_CREAT, 0o600)
     try:
@@ -652,7 +642,6 @@ async def test_sqlite_commit_on_the_loop_while_the_disk_is_fast(
     """SQLite: COMMIT runs on the loop while commits take less than INLINE_COMMIT_MAX on
     average; with a slow disk in a worker thread, but for one batch in 64 that measures the
     disk again on the loop."""
-    import threading
     from pathlib import Path
 
     from sqlalchemy import event
@@ -671,11 +660,7 @@ async def test_sqlite_commit_on_the_loop_while_the_disk_is_fast(
     writer = GroupWriter(store)
     writer.start()
 
-    def add(name: str):  # type: ignore[no-untyped-def]
-        def job(conn: Connection) -> None:
-            conn.execute(text("INSERT INTO trusted_domain (name, source, added_at) "
-                              "VALUES (:n, 'test', CURRENT_TIMESTAMP)"), {"n": name})
-        return job
+    add = add_domain
 
     try:
         committed_in.clear()
@@ -705,13 +690,7 @@ async def test_jobs_arriving_while_another_process_writes_join_the_batch(db_url:
 
     store, writer = await _started(db_url)
 
-    def add(name: str):  # type: ignore[no-untyped-def]
-        def job(conn: Connection) -> str:
-            conn.execute(text("INSERT INTO trusted_domain (name, source, added_at) "
-                              "VALUES (:n, 'test', CURRENT_TIMESTAMP)"), {"n": name})
-            ops.audit(conn, "test", "add", name)
-            return name
-        return job
+    add = partial(add_domain, audit=True)
 
     other: Any = None
     try:
