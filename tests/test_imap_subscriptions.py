@@ -160,3 +160,40 @@ def test_migration_0010_moves_the_flags_both_ways(gw_dir: Path, db_url: str) -> 
     assert rows == [("Drafts", 0), ("INBOX", 1), ("Sent", 1), ("Trash", 0)]
     assert _query(db_url, select(func.count()).select_from(t.message)) == messages
     _run_alembic(db_url, "upgrade", "head")
+
+
+def test_subscribe_refusals_and_the_limit(gateway: Gateway, db_url: str) -> None:
+    """SUBSCRIBE of a name that is no mailbox, UNSUBSCRIBE of a name never subscribed: NO
+    [NONEXISTENT]. At MAX_SUBSCRIPTIONS names SUBSCRIBE answers NO [LIMIT] (subscriptions
+    outlive their mailboxes, so the table is bounded), CREATE still makes the mailbox without
+    subscribing it, subscribing a name already subscribed stays OK, and one UNSUBSCRIBE makes
+    room again."""
+    from imap_store.store.mailboxes import MAX_SUBSCRIPTIONS
+
+    conn = imap_login(gateway)
+    assert conn.subscribe("Absent") == ("NO", [b"[NONEXISTENT] No such mailbox"])
+    assert conn.unsubscribe("Absent") == ("NO", [b"[NONEXISTENT] No such mailbox"])
+
+    async def fill() -> None:  # the names of mailboxes deleted long ago, up to the limit
+        engine = create_engine(db_url, pool_size=1)
+        try:
+            async with write_transaction(engine) as db:
+                patient = (await db.execute(
+                    select(t.patient.c.id).where(t.patient.c.ins == INAYA))).scalar_one()
+                held = (await db.execute(select(func.count()).select_from(t.subscription).where(
+                    t.subscription.c.patient_id == patient))).scalar_one()
+                await db.execute(t.subscription.insert(), [
+                    {"patient_id": patient, "name": f"Ancien/{i}"}
+                    for i in range(MAX_SUBSCRIPTIONS - held)])
+        finally:
+            await engine.dispose()
+
+    asyncio.run(fill())
+    assert conn.create("Nouveau")[0] == "OK"  # made, not subscribed
+    assert _lsub(conn, "Nouveau") == []
+    assert conn.subscribe("Nouveau") == ("NO", [b"[LIMIT] Too many subscriptions"])
+    assert conn.subscribe("INBOX")[0] == "OK"  # already subscribed: nothing to add
+    assert conn.unsubscribe("Ancien/0")[0] == "OK"
+    assert conn.subscribe("Nouveau")[0] == "OK"
+    assert _lsub(conn, "Nouveau") == [b'() "/" "Nouveau"']
+    conn.logout()
