@@ -348,17 +348,18 @@ class GroupWriter:
             await self._write(batch)
             del batch, first  # do not keep the last batch's messages alive while idle
 
-    def _take_queued(self, batch: list[_Pending], inline: bool = False) -> None:
+    def _take_queued(self, batch: list[_Pending], sync_only: bool = False) -> None:
         """Adds the jobs queued meanwhile to ``batch`` (``max_batch`` at the most). With
-        ``inline``, only while they are synchronous and the batch's data stays within
-        ``INLINE_BYTES``: the first that is not is kept for the next batch."""
-        size = sum(p.size for p in batch) if inline else 0
+        ``sync_only`` (a batch of synchronous jobs waiting for its turn), only while they are
+        synchronous and the batch's data stays within ``INLINE_BYTES``: the first that is
+        not is kept for the next batch."""
+        size = sum(p.size for p in batch) if sync_only else 0
         while len(batch) < self.max_batch and not self._stopping and not self._queue.empty():
             item = self._queue.get_nowait()
             if item is None:
                 self._stopping = True
                 break
-            if inline:
+            if sync_only:
                 size += item.size
                 if not item.sync or size > INLINE_BYTES:
                     self._carried = item
@@ -444,7 +445,7 @@ class GroupWriter:
             transaction = None
             if (sum(p.size for p in batch) <= INLINE_BYTES
                     and await turn.poll(LOCK_POLL_LIMIT,
-                                        lambda: self._take_queued(batch, inline=True))):
+                                        lambda: self._take_queued(batch, sync_only=True))):
                 transaction = _begin_now(conn)
             jobs = [cast(SyncJob, p.job) for p in batch]  # it may have grown meanwhile
             if transaction is None:
@@ -501,11 +502,9 @@ class GroupWriter:
             turn.release()
 
     @staticmethod
-    def _run_all(conn: Connection, jobs: list[SyncJob],
-                 take_turn: bool = True) -> list[tuple[bool, Any]]:
-        """Every job, then all their audit rows at once (raises if a job fails)."""
-        if take_turn:
-            _take_turn(conn)
+    def _run_all(conn: Connection, jobs: list[SyncJob]) -> list[tuple[bool, Any]]:
+        """Every job, then all their audit rows at once (raises if a job fails). The caller
+        has its turn: SQLite's lock file, PostgreSQL's ``_take_turn``."""
         with ops.audit_batch(conn) as audit:
             results = [(True, value) for value in _run_jobs(conn, jobs)]
         ops.append_audit(conn, audit, locked=True)
@@ -538,8 +537,8 @@ class GroupWriter:
         return results
 
     async def _write_pg(self, batch: list[_Pending]) -> list[tuple[bool, Any]]:
-        """PostgreSQL, synchronous jobs: the whole batch in one ``run_sync`` on the writer's
-        connection (one greenlet switch per batch, no pool checkout)."""
+        """PostgreSQL, synchronous jobs: the turn, then the whole batch in one ``run_sync``
+        on the writer's connection (no pool checkout)."""
         try:
             conn = await self._pg_connection()
             async with conn.begin() as transaction:  # COMMIT at the end: never retried
@@ -547,10 +546,10 @@ class GroupWriter:
                 # that arrived meanwhile join the batch: under contention batches grow and
                 # round trips per message fall, as with SQLite's lock file.
                 await conn.run_sync(_take_turn)
-                self._take_queued(batch, inline=True)
+                self._take_queued(batch, sync_only=True)
                 jobs = [cast(SyncJob, p.job) for p in batch]
                 try:
-                    return await conn.run_sync(self._run_all, jobs, False)
+                    return await conn.run_sync(self._run_all, jobs)
                 except Exception as exc:  # a job failed
                     await transaction.rollback()
                     if len(jobs) == 1:
