@@ -24,19 +24,34 @@ class AuditRecord:
     hash: str
 
 
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=True,
+                              default=str)
+_PAYLOAD = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True)
+
+
 def canonical_detail(detail: dict[str, Any] | None) -> str:
-    return json.dumps(detail or {}, sort_keys=True, separators=(",", ":"), ensure_ascii=True,
-                      default=str)
+    return _CANONICAL.encode(detail or {})
+
+
+def chain_stamp(at: datetime) -> str:
+    """How a row's time stands in its hashed payload (UTC, microseconds kept)."""
+    return at.strftime("%Y-%m-%dT%H:%M:%S.%f")
+
+
+def chain_tail(stamp: str, actor: str, action: str, subject: str, detail: str) -> str:
+    """What follows the previous row's hash in a row's hashed payload (``stamp``:
+    :func:`chain_stamp`): the payload is ``'["' + prev_hash + '",' + tail`` (a hash is hex:
+    nothing to escape), so a database can chain rows from tails alone."""
+    return _PAYLOAD.encode([stamp, actor, action, subject, detail])[1:]
 
 
 def chain_hash(
     prev_hash: str, at: datetime, actor: str, action: str, subject: str, detail: str
 ) -> str:
-    """Hash of one row given the previous row's hash (``at`` in UTC, microseconds kept)."""
-    payload = json.dumps(
-        [prev_hash, at.strftime("%Y-%m-%dT%H:%M:%S.%f"), actor, action, subject, detail],
-        separators=(",", ":"), ensure_ascii=True,
-    )
+    """Hash of one row given the previous row's hash (``at`` in UTC, microseconds kept): the
+    SHA-256 of the JSON list [prev_hash, at, actor, action, subject, detail]."""
+    payload = "[" + _PAYLOAD.encode(prev_hash) + "," + chain_tail(
+        chain_stamp(at), actor, action, subject, detail)
     return hashlib.sha256(payload.encode("ascii")).hexdigest()
 
 

@@ -13,9 +13,9 @@ from sqlalchemy.engine import Connection
 
 from imap_store.mime import MessageInfo
 from imap_store.store import ops
-from imap_store.store.deliver import MailboxName, deliver, deliver_many
+from imap_store.store.deliver import MailboxName, deliver, deliver_many, fields_from_info
 from imap_store.store.directory import Store
-from imap_store.store.fields import StoredMessage
+from imap_store.store.fields import MessageFields
 from imap_store.store.notices import Notices
 from imap_store.store.outbound import enqueue_notification, enqueue_notifications
 from imap_store.store.writer import MergeableJob
@@ -106,7 +106,8 @@ class Delivery:
             name=directory_name or message.from_name or sender,
             reply_to=tuple((a, n) for a, n in message.reply_to
                            if domain_of(a) in trusted and a != sender),
-            recipients=tuple(recipients), raw=raw, message=message, info=info,
+            recipients=tuple(recipients), raw=raw, message=message,
+            fields=fields_from_info(info),
             ends=is_end_of_exchange(message.x_mss_mes, message.subject), audit=tuple(audit))
 
     def _end_notice(self, conn: Connection, patient_id: int, inbox: int, address: str,
@@ -136,7 +137,7 @@ class DeliveryJob(MergeableJob):
     recipients: tuple[tuple[str, int, str], ...]  # (address, patient id, INS)
     raw: bytes
     message: IncomingMessage
-    info: MessageInfo
+    fields: MessageFields  # derived here, before the writer's turn
     ends: bool
     audit: tuple[ops.AuditEntry, ...]
 
@@ -144,7 +145,7 @@ class DeliveryJob(MergeableJob):
         return not self.ends and not self.reply_to
 
     def __call__(self, conn: Connection) -> None:
-        delivered = deliver(conn, self._targets(), self.raw, self.info)
+        delivered = deliver(conn, self._targets(), self.raw, self.fields)
         for (address, patient_id, _ins), stored in zip(self.recipients, delivered, strict=True):
             ops.open_exchange(conn, patient_id, self.sender, self.name, self.reply_to)  # R2, R4
             if self.ends:  # R5: delivered, then the exchange ends and the patient is told
@@ -153,29 +154,34 @@ class DeliveryJob(MergeableJob):
                                           self.name, self.message)
             if self.delivery.settings.notify:
                 enqueue_notification(conn, patient_id, self.delivery.settings.system_sender)
-        ops.audit_many(conn, self._entries(delivered))
+        ops.audit_many(conn, self._entries([stored.uid for stored in delivered]))
 
     @classmethod
     def run_together(cls, conn: Connection, jobs: Sequence[Any]) -> list[Any]:
         batch: Sequence[DeliveryJob] = jobs
-        delivered = deliver_many(  # and R2: the exchanges opened
-            conn, [(job._targets(), job.raw, job.info) for job in batch],
+        entries: list[ops.AuditEntry] = []
+        targets = 0  # each recipient's UID stands as its place among the batch's targets
+        for job in batch:
+            entries.extend(job._entries([ops.DeliveredUid(targets + k)
+                                         for k in range(len(job.recipients))]))
+            targets += len(job.recipients)
+        deliver_many(  # and R2: the exchanges opened, and the audit rows
+            conn, [(job._targets(), job.raw, job.fields) for job in batch],
             [(patient_id, job.sender, job.name) for job in batch
-             for _address, patient_id, _ins in job.recipients])
+             for _address, patient_id, _ins in job.recipients], entries)
         notify = [job for job in batch if job.delivery.settings.notify]
         if notify:
             enqueue_notifications(conn, [pid for job in notify for _a, pid, _i in job.recipients],
                                   notify[0].delivery.settings.system_sender)
-        ops.audit_many(conn, [entry for job, stored in zip(batch, delivered, strict=True)
-                              for entry in job._entries(stored)])
         return [None] * len(batch)
 
     def _targets(self) -> list[MailboxName]:
         return [MailboxName(patient_id, "INBOX") for _a, patient_id, _i in self.recipients]
 
-    def _entries(self, delivered: Sequence[StoredMessage]) -> list[ops.AuditEntry]:
+    def _entries(self, uids: Sequence[int | ops.DeliveredUid]) -> list[ops.AuditEntry]:
+        """Its audit rows, ``uids`` the UIDs its recipients' copies got."""
         return [*self.audit, *((self.actor, "deliver", ins,
-                                {"from": self.sender, "uid": stored.uid, "size": len(self.raw),
+                                {"from": self.sender, "uid": uid, "size": len(self.raw),
                                  "end_of_exchange": self.ends})
-                               for (_a, _p, ins), stored in zip(self.recipients, delivered,
-                                                                strict=True))]
+                               for (_a, _p, ins), uid in zip(self.recipients, uids,
+                                                             strict=True))]

@@ -374,6 +374,69 @@ async def test_deliver_many_writes_what_deliver_writes(db_url: str) -> None:
         await store.close()
 
 
+async def test_deliver_many_chains_its_audit_rows(db_url: str) -> None:
+    """``deliver_many``'s audit rows name the UIDs the deliveries gave (``DeliveredUid``):
+    chained inside the delivering statement on PostgreSQL when nothing of the batch waits to
+    be chained before them, after the rows waiting otherwise, and past ``SQL_CHAIN_MAX`` rows
+    by the read-then-insert path. Texts that JSON escapes (quotes, backslashes, non-ASCII, a
+    look-alike of the UID's key) hash as ``policy.audit`` hashes them: the chain verifies,
+    and each detail is the canonical JSON of the entry with its UID."""
+    import json
+
+    from imap_store.store.deliver import MailboxName, deliver_many
+    from policy.audit import canonical_detail
+
+    store, writer = await _started(db_url)
+    a = (await store.add_patient("test", "5" * 13, "A", "a@example.org", None, _message(0))).id
+    b = (await store.add_patient("test", "6" * 13, "B", "b@example.org", None, _message(0))).id
+    odd = 'x"uid":-7000000001\\ \u00e9\U0001f600\u2028'
+
+    def delivering(n: int, extra: int = 0) -> Callable[[Connection], Any]:
+        def job(conn: Connection) -> tuple[bool, list[int]]:
+            inline = ops.chains_in_statement(conn)
+            entries: list[ops.AuditEntry] = [(odd, "before", str(n), {"why": odd})]
+            entries += [(f"actor {odd}", "deliver", f"{n}.{k}",
+                         {"from": odd, "uid": ops.DeliveredUid(k), "z": odd})
+                        for k in range(3)]
+            entries += [("test", "filler", str(i), None) for i in range(extra)]
+            stored = deliver_many(conn, [
+                ([MailboxName(a, "INBOX")], _message(n), _parsed(n)),
+                ([MailboxName(a, "INBOX"), MailboxName(b, "INBOX")], _message(n + 1),
+                 _parsed(n + 1))], audit=entries)
+            return inline, [s.uid for one in stored for s in one]
+        return job
+
+    def audited(conn: Connection) -> None:
+        ops.audit(conn, "test", "first", "")
+
+    try:
+        postgres = db_url.startswith("postgresql")
+        alone = await writer.submit_sync(delivering(1))
+        after_other = await asyncio.gather(writer.submit_sync(audited),
+                                           writer.submit_sync(delivering(3)))
+        many = await writer.submit_sync(delivering(5, extra=ops.SQL_CHAIN_MAX))
+        await writer.submit_sync(lambda c: ops.audit_many(
+            c, [("test", "bulk", odd, {"n": i}) for i in range(ops.SQL_CHAIN_MAX + 1)]))
+        assert alone[0] is postgres, "alone in its batch: chained in the statement"
+        assert writer.batches == 4, "the two jobs together: the first one's row goes first"
+        assert after_other[1][0] is False
+        records = await store.audit_records()
+        assert (await store.audit_verify())[1] is None
+        for uids, first in ((alone[1], "1"), (after_other[1][1], "3"), (many[1], "5")):
+            rows = {r.subject: r for r in records if r.action == "deliver"
+                    and r.subject.startswith(first + ".")}
+            assert [json.loads(rows[f"{first}.{k}"].detail)["uid"] for k in range(3)] == uids
+            for k in range(3):
+                row = rows[f"{first}.{k}"]
+                assert row.actor == f"actor {odd}"
+                assert row.detail == canonical_detail({"from": odd, "uid": uids[k], "z": odd})
+        assert [r.action for r in records].count("filler") == ops.SQL_CHAIN_MAX
+        assert [r.action for r in records].count("bulk") == ops.SQL_CHAIN_MAX + 1
+    finally:
+        await writer.close()
+        await store.close()
+
+
 async def test_open_exchanges_and_notifications_for_a_batch(db_url: str) -> None:
     """The exchanges of a batch (``deliver_many``'s, inside its one statement on PostgreSQL)
     and ``enqueue_notifications`` (one statement on PostgreSQL) leave the rows the one-by-one
@@ -569,10 +632,10 @@ async def writer_job(store: Store, job):  # type: ignore[no-untyped-def]
 
 
 async def test_audit_rows_chain_after_rows_other_writers_appended(db_url: str) -> None:
-    """The writer appends its batch's audit rows after the hash it expects (where it left the
-    chain, one statement on PostgreSQL); when another connection appended meanwhile (another
-    process's writer, the admin command line), its rows chain after those instead: the chain
-    stays one chain, in id order."""
+    """The writer appends its batch's audit rows after the chain's end as it finds it (one
+    statement on PostgreSQL, which chains them itself): when another connection appended
+    meanwhile (another process's writer, the admin command line), its rows chain after those:
+    the chain stays one chain, in id order."""
     store, writer = await _started(db_url)
     try:
         for n in range(3):

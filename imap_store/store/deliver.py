@@ -76,6 +76,9 @@ def from_name(envelope: Sequence[Any]) -> str | None:
     return None
 
 
+_META_JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, default=str)
+
+
 def fields_from_info(info: MessageInfo) -> MessageFields:
     """The stored fields of a parsed message (one ``to_dict``, no JSON read back)."""
     meta = info.to_dict()
@@ -89,7 +92,7 @@ def fields_from_info(info: MessageInfo) -> MessageFields:
         thread_id=thread_id(info.message_id, info.in_reply_to, info.references),
         has_attachments=info.has_attachments,
         from_name=from_name(info.envelope),
-        meta=json.dumps(meta, separators=(",", ":"), ensure_ascii=False, default=str),
+        meta=_META_JSON.encode(meta),
         search=search_values(meta),
     )
 
@@ -133,18 +136,26 @@ def deliver(conn: Connection, targets: Sequence[Target], raw: bytes,
 def deliver_many(conn: Connection,
                  messages: Sequence[tuple[Sequence[MailboxName], bytes,
                                           MessageInfo | MessageFields]],
-                 exchanges: Sequence[tuple[int, str, str]] = ()) -> list[list[StoredMessage]]:
+                 exchanges: Sequence[tuple[int, str, str]] = (),
+                 audit: Sequence[ops.AuditEntry] = ()) -> list[list[StoredMessage]]:
     """:func:`deliver` of several messages, each to its patients' mailboxes, then
-    ``ops.open_exchanges(exchanges)`` (R2), in the caller's transaction; the result in the
-    order of ``messages`` and of each one's targets. On PostgreSQL in one statement whatever
-    their number (the group writer's batch of SMTP intake: issue 14); elsewhere one
-    :func:`deliver` after the other."""
+    ``ops.open_exchanges(exchanges)`` (R2) and ``ops.audit_many(audit)``, where a
+    ``ops.DeliveredUid`` in an entry's detail stands for a UID these deliveries give, in the
+    caller's transaction; the result in the order of ``messages`` and of each one's targets.
+    On PostgreSQL in one statement whatever their number (the group writer's batch of SMTP
+    intake: issue 14), the audit rows in it too when no other rows wait to be chained first;
+    elsewhere one :func:`deliver` after the other."""
     fields = [(targets, raw, fields_from_info(m) if isinstance(m, MessageInfo) else m)
               for targets, raw, m in messages]
     if conn.dialect.name != "postgresql":
         stored = [deliver(conn, targets, raw, f) for targets, raw, f in fields]
         ops.open_exchanges(conn, exchanges)
-        return stored
-    return ops.merged_deliver_many(
-        conn, [([(t.patient_id, t.name) for t in targets], raw, f) for targets, raw, f in fields],
-        exchanges)
+    else:
+        inline = (0 < len(audit) <= ops.SQL_CHAIN_MAX) and ops.chains_in_statement(conn)
+        stored = ops.merged_deliver_many(
+            conn, [([(t.patient_id, t.name) for t in targets], raw, f)
+                   for targets, raw, f in fields], exchanges, audit=audit if inline else ())
+        if inline:
+            return stored
+    ops.audit_many(conn, ops.with_uids(audit, [s.uid for each in stored for s in each]))
+    return stored
