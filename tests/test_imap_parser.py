@@ -1070,3 +1070,26 @@ def test_condstore_qresync_and_esearch_syntax() -> None:
         b"a SEARCH RETURN ALL",
     ):
         assert bad(line + b"\r\n").tag == "a", line
+
+
+def test_large_commands_come_back_to_be_parsed_elsewhere() -> None:
+    """``defer_large``: a command of more than DEFER_LITERALS literals or DEFER_TEXT bytes
+    comes back as ParseLater (the server parses it in a worker thread, so that a 60 KB LIST of
+    6,000 empty literals does not hold the event loop), and its ``parse`` gives what parsing
+    at once gives; smaller commands, and every command without ``defer_large``, are parsed at
+    once."""
+    from imap_store.imap.parser import DEFER_LITERALS, DEFER_TEXT, ParseLater
+
+    storm = b'a LIST "" ("" {0+}\r\n' + b' "" {0+}\r\n' * (DEFER_LITERALS + 1) + b')\r\n'
+    long_text = b"b UID SEARCH UID " + b",".join(b"%d" % n for n in range(1, DEFER_TEXT // 4))
+    small = b'c LIST "" ("" {0+}\r\n' + b' "" {0+}\r\n' * (DEFER_LITERALS - 1) + b')\r\n'
+    for data, deferred in ((storm, True), (long_text + b"\r\n", True), (small, False)):
+        later = CommandParser(max_line=4 * DEFER_TEXT, defer_large=True)
+        now = CommandParser(max_line=4 * DEFER_TEXT)
+        later.feed(data)
+        now.feed(data)
+        event, expected = later.next_event(), now.next_event()
+        assert isinstance(event, ParseLater) is deferred, data[:20]
+        assert not isinstance(expected, ParseLater)
+        assert (event.parse() if isinstance(event, ParseLater) else event) == expected
+        assert isinstance(expected, (c.List, c.Search)), expected

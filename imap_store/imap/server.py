@@ -22,7 +22,12 @@ from typing import Any
 
 from imap_store.imap import responses as r
 from imap_store.imap.commands import StartTls
-from imap_store.imap.parser import DEFAULT_MAX_COMMAND, PRE_LOGIN_MAX_COMMAND, CommandParser
+from imap_store.imap.parser import (
+    DEFAULT_MAX_COMMAND,
+    PRE_LOGIN_MAX_COMMAND,
+    CommandParser,
+    ParseLater,
+)
 from imap_store.imap.session import Action, Session
 from imap_store.imap.settings import ImapListener, ImapSettings
 from imap_store.store.directory import Store
@@ -301,7 +306,8 @@ class _Connection:
         self.writer = writer
         self.busy = False
         self.idle_timeout = float(service.settings.idle_timeout)
-        self.parser = CommandParser(max_literal=0, max_command=PRE_LOGIN_MAX_COMMAND)
+        self.parser = CommandParser(max_literal=0, max_command=PRE_LOGIN_MAX_COMMAND,
+                                    defer_large=True)
         self.session = Session(
             _Output(writer, self.idle_timeout), tls=implicit, starttls_available=not implicit,
             login=self._login, mail_factory=service.stores.for_patient,
@@ -328,6 +334,8 @@ class _Connection:
                     return
                 parser.feed(data)
                 continue
+            if isinstance(event, ParseLater):  # in a thread: the loop serves the others
+                event = await asyncio.to_thread(event.parse)
             if isinstance(event, StartTls) and (parser.buffered_bytes or self._unread()):
                 # RFC 3501 §6.2.1, §11.1: nothing pipelined after STARTTLS may run inside TLS.
                 await session.out.write(r.BAD_STARTTLS_PIPELINED.tagged(event.tag))

@@ -20,7 +20,14 @@ from typing import Any, TypeVar, get_args
 
 from imap_store.imap import commands as c
 from imap_store.imap import responses as r
-from imap_store.imap.parser import Event, LineTooLong, LiteralTooLarge, NeedContinuation, RawLine
+from imap_store.imap.parser import (
+    Event,
+    LineTooLong,
+    LiteralTooLarge,
+    NeedContinuation,
+    ParseLater,
+    RawLine,
+)
 from imap_store.imap.session import auth, copy, fetch, mailboxes, search, selected, sort
 from imap_store.imap.session.state import (
     ALLOWED,
@@ -148,6 +155,8 @@ class Session:
         return Action.NONE
 
     async def _handle(self, event: Event) -> Action:
+        if isinstance(event, ParseLater):  # the edge did not parse it elsewhere: here, then
+            event = event.parse()
         if isinstance(event, RawLine):
             return await self._raw_line(event.line)
         self.stray_done = False
