@@ -141,8 +141,6 @@ class DeliveryJob(MergeableJob):
     ends: bool
     audit: tuple[ops.AuditEntry, ...]
 
-    takes_turn = True  # run_together's deliver_many
-
     def mergeable(self) -> bool:
         return not self.ends and not self.reply_to
 

@@ -8,7 +8,6 @@ import threading
 from collections.abc import Callable
 from functools import partial
 from typing import Any
-from urllib.parse import parse_qs, urlparse
 
 import pytest
 from sqlalchemy import text
@@ -480,10 +479,12 @@ def _parsed(n: int):  # type: ignore[no-untyped-def]
     return parse_message(_message(n))
 
 
-def _delivery_jobs(store: Store) -> Callable[..., Any]:
-    """A factory of SMTP intake's store jobs (``smtp_in.delivery.DeliveryJob``) from
-    dr.x@h.example: ``job(n, *patient_ids, end=False)`` delivers ``_message(n)`` (an end of
-    exchange with ``end``), with one audit row of its own ("rcpt", n) before its deliveries."""
+async def test_delivery_jobs_of_a_batch_run_together(db_url: str) -> None:
+    """SMTP intake's store jobs (``smtp_in.delivery.DeliveryJob``) of one batch run together
+    (three statements for the batch on PostgreSQL), an end of exchange (R5) by itself between
+    them; a job whose patient is gone fails alone (the batch runs again job by job) and the
+    others keep their UIDs in order, their exchanges (R2), one notification per patient and
+    their audit rows in order."""
     from imap_store.mime import parse_message
     from imap_store.store.notices import Notices, NoticeSettings
     from policy.rules import Identity, Role
@@ -491,6 +492,10 @@ def _delivery_jobs(store: Store) -> Callable[..., Any]:
     from smtp_in.settings import SmtpSettings
     from templates import Templates
 
+    store, writer = await _started(db_url)
+    ids = [(await store.add_patient("test", str(n) * 13, f"P{n}", f"p{n}@example.org", None,
+                                    _message(0))).id for n in (7, 8, 9)]
+    a, b, gone = ids
     delivery = Delivery(store, SmtpSettings("mx.example", "patient.example", notify=True,
                                             system_sender="n@gw.example"),
                         Notices(Templates(), NoticeSettings("n@gw.example", "S", "gw.example")))
@@ -503,20 +508,7 @@ def _delivery_jobs(store: Store) -> Callable[..., Any]:
                                                     for p in patients],
                             raw, incoming_from_info(info), info, "Dr X", frozenset(),
                             [("test", "rcpt", str(n), {})])
-    return job
 
-
-async def test_delivery_jobs_of_a_batch_run_together(db_url: str) -> None:
-    """SMTP intake's store jobs (``smtp_in.delivery.DeliveryJob``) of one batch run together
-    (three statements for the batch on PostgreSQL), an end of exchange (R5) by itself between
-    them; a job whose patient is gone fails alone (the batch runs again job by job) and the
-    others keep their UIDs in order, their exchanges (R2), one notification per patient and
-    their audit rows in order."""
-    store, writer = await _started(db_url)
-    ids = [(await store.add_patient("test", str(n) * 13, f"P{n}", f"p{n}@example.org", None,
-                                    _message(0))).id for n in (7, 8, 9)]
-    a, b, gone = ids
-    job = _delivery_jobs(store)
     jobs = [job(1, a), job(2, a, b), job(3, b, end=True), job(5, a)]
     assert [j.mergeable() for j in jobs] == [True, True, False, True]
     await writer.submit_sync(lambda c: c.execute(text("DELETE FROM mailbox WHERE patient_id = :p"),
@@ -560,8 +552,7 @@ async def test_delivery_jobs_of_a_batch_run_together(db_url: str) -> None:
 
 def test_runs_of_mergeable_jobs_run_together() -> None:
     """The writer hands each run of consecutive mergeable jobs of one class to that class's
-    ``run_together`` (a run of one too: its first statement may take the writers' turn), in
-    order, the others one by one."""
+    ``run_together`` (a run of one is called alone), in order, the others one by one."""
     from imap_store.store.writer import MergeableJob, _run_jobs
 
     calls: list[tuple[str, ...]] = []
@@ -591,7 +582,7 @@ def test_runs_of_mergeable_jobs_run_together() -> None:
 
     jobs = [Put("a"), Put("b"), Put("c", alone=True), Put("d"), Other("e"), Other("f"), plain,
             Put("g"), Put("h")]
-    assert _run_jobs(None, jobs) == ["A", "B", "c", "D", "E", "F", "plain", "G", "H"]  # type: ignore[arg-type]
+    assert _run_jobs(None, jobs) == ["A", "B", "c", "d", "E", "F", "plain", "G", "H"]  # type: ignore[arg-type]
     assert calls == [("a", "b"), ("c",), ("d",), ("e", "f"), ("plain",), ("g", "h")]
 
 
@@ -746,54 +737,6 @@ async def test_sqlite_commit_on_the_loop_while_the_disk_is_fast(
         else:
             assert [i for i, on_loop in enumerate(batches) if on_loop] == [0, 64]
     finally:
-        await writer.close()
-        await store.close()
-
-
-async def test_delivering_statement_takes_the_turn_and_chains_after_its_holder(
-        db_url: str) -> None:
-    """PostgreSQL: a batch of SMTP intake jobs sends no turn statement of its own; its
-    delivering statement takes the writers' turn and the audit chain's lock itself. While
-    another process holds the turn and appends to the chain, the batch waits in that
-    statement; once the other commits, the batch's rows chain after the other's row (the
-    chain's end read after the locks, not with the statement's older snapshot)."""
-    if not db_url.startswith("postgresql"):
-        pytest.skip("PostgreSQL's turn: SQLite writers take turns on a lock file")
-    from policy.audit import GENESIS_HASH, canonical_detail, chain_hash
-    from tests.conftest import _pg_connect
-
-    store, writer = await _started(db_url)
-    a = (await store.add_patient("test", "7" * 13, "P7", "p7@example.org", None,
-                                 _message(0))).id
-    job = _delivery_jobs(store)
-    other = await _pg_connect()
-    schema = parse_qs(urlparse(db_url).query)["schema"][0]
-    await other.execute(f'SET search_path TO "{schema}"')
-    try:
-        await writer.submit_sync(job(1, a))  # the writer's connection and function exist
-        transaction = other.transaction()
-        await transaction.start()
-        await other.execute("SELECT pg_advisory_xact_lock($1), pg_advisory_xact_lock($2)",
-                            ops.WRITER_LOCK_KEY, ops.AUDIT_LOCK_KEY)
-        prev = await other.fetchval("SELECT hash FROM audit ORDER BY id DESC LIMIT 1")
-        at = ops.utcnow()
-        detail = canonical_detail(None)
-        await other.execute(
-            "INSERT INTO audit (at, actor, action, subject, detail, prev_hash, hash) "
-            "VALUES ($1, 'other', 'append', '', $2, $3, $4)", at, detail, prev or GENESIS_HASH,
-            chain_hash(prev or GENESIS_HASH, at, "other", "append", "", detail))
-        pending = asyncio.ensure_future(asyncio.gather(*(writer.submit_sync(job(n, a))
-                                                         for n in (2, 3))))
-        await asyncio.sleep(0.2)
-        assert not pending.done(), "the delivering statement waits for the turn"
-        await transaction.commit()
-        assert await asyncio.wait_for(pending, 30) == [None, None]
-        records = [(r.action, r.subject) for r in await store.audit_records()][-5:]
-        assert records == [("append", ""), ("rcpt", "2"), ("deliver", "ins" + str(a)),
-                           ("rcpt", "3"), ("deliver", "ins" + str(a))]
-        assert (await store.audit_verify())[1] is None
-    finally:
-        await other.close()
         await writer.close()
         await store.close()
 

@@ -143,8 +143,7 @@ def deliver_many(conn: Connection,
     ``ops.DeliveredUid`` in an entry's detail stands for a UID these deliveries give, in the
     caller's transaction; the result in the order of ``messages`` and of each one's targets.
     On PostgreSQL in one statement whatever their number (the group writer's batch of SMTP
-    intake: issue 14), the audit rows in it too when no other rows wait to be chained first,
-    and the writers' turn too when the writer left it to this call (``ops.defer_turn``);
+    intake: issue 14), the audit rows in it too when no other rows wait to be chained first;
     elsewhere one :func:`deliver` after the other."""
     fields = [(targets, raw, fields_from_info(m) if isinstance(m, MessageInfo) else m)
               for targets, raw, m in messages]
@@ -155,8 +154,7 @@ def deliver_many(conn: Connection,
         inline = (0 < len(audit) <= ops.SQL_CHAIN_MAX) and ops.chains_in_statement(conn)
         stored = ops.merged_deliver_many(
             conn, [([(t.patient_id, t.name) for t in targets], raw, f)
-                   for targets, raw, f in fields], exchanges, audit=audit if inline else (),
-            take_turn=ops.take_pending_turn(conn))
+                   for targets, raw, f in fields], exchanges, audit=audit if inline else ())
         if inline:
             return stored
     ops.audit_many(conn, ops.with_uids(audit, [s.uid for each in stored for s in each]))

@@ -26,9 +26,6 @@ from policy.rules import ContactFacts, MailboxState, PatientFacts, ProfessionalF
 
 T = TypeVar("T")
 AUDIT_LOCK_KEY = 0x617564  # "aud": serialises appends to the audit chain on PostgreSQL
-#: PostgreSQL: the group writers' turn (``imap_store.store.writer``), taken before the audit
-#: chain's lock by every taker of both.
-WRITER_LOCK_KEY = 0x777274  # "wrt"
 
 
 class MissingMailbox(LookupError):
@@ -164,24 +161,6 @@ def audit_many(conn: Connection, entries: Sequence[AuditEntry]) -> None:
     append_audit(conn, entries)
 
 
-_TURN_PENDING = "mssante_turn_pending"
-
-
-def defer_turn(conn: Connection, pending: bool) -> None:
-    """Mark (or unmark) the caller's transaction as not having taken the PostgreSQL writers'
-    turn yet: the first statement that can take it (``merged_deliver_many``) will."""
-    if pending:
-        conn.info[_TURN_PENDING] = True
-    else:
-        conn.info.pop(_TURN_PENDING, None)
-
-
-def take_pending_turn(conn: Connection) -> bool:
-    """Whether the caller's next statement must take the turn (see :func:`defer_turn`);
-    from then on it is no longer pending."""
-    return bool(conn.info.pop(_TURN_PENDING, False))
-
-
 def chains_in_statement(conn: Connection) -> bool:
     """Whether audit rows may be chained inside the caller's next statement (PostgreSQL,
     inside a group writer's batch, which holds the chain's lock, with no rows collected yet
@@ -282,12 +261,11 @@ def pg_audit_params(entries: Sequence[AuditEntry]) -> dict[str, Any]:
     return {"a_at": at, "a_genesis": GENESIS_HASH, **columns}
 
 
-def _audit_ctes(uids: str | None, turn: bool = False) -> str:
+def _audit_ctes(uids: str | None) -> str:
     """PostgreSQL: CTEs that append ``pg_audit_params``'s rows to the chain (the caller holds
-    the chain's lock, taken in an earlier statement so that this one sees the chain's end,
-    or ``turn``: the statement's ``turn`` CTE took it and read the end): ``ai`` inserts them,
-    each hashed after the one before. ``uids``: the CTE giving each target's UID (columns
-    tord, uid) when rows carry DeliveredUids."""
+    the chain's lock, taken in an earlier statement so that this one sees the chain's end):
+    ``ai`` inserts them, each hashed after the one before. ``uids``: the CTE giving each
+    target's UID (columns tord, uid) when rows carry DeliveredUids."""
     value = "COALESCE(CAST(r_uid.uid AS TEXT), '')" if uids else "''"
     join = f" LEFT JOIN {uids} AS r_uid ON r_uid.tord = ae.slot" if uids else ""
     step = "encode(sha256(convert_to('[\"' || {prev} || '\",' || ({tails})[{n}], 'UTF8')), 'hex')"
@@ -303,9 +281,8 @@ def _audit_ctes(uids: str | None, turn: bool = False) -> str:
         # The tails as one array: the recursive step indexes it (joining the CTE instead
         # would rescan it at every step).
         "tails AS (SELECT array_agg(tail ORDER BY ord) AS a FROM av), "
-        + ("chain_end AS (SELECT h FROM turn), " if turn else
-           "chain_end AS (SELECT COALESCE((SELECT hash FROM audit ORDER BY id DESC LIMIT 1), "
-           "CAST(:a_genesis AS VARCHAR)) AS h), ") +
+        "chain_end AS (SELECT COALESCE((SELECT hash FROM audit ORDER BY id DESC LIMIT 1), "
+        "CAST(:a_genesis AS VARCHAR)) AS h), "
         "chain(ord, prev, hash) AS (SELECT CAST(1 AS BIGINT), CAST(h AS TEXT), "
         + step.format(prev="h", tails=tails, n="1") + " FROM chain_end "
         "UNION ALL SELECT ord + 1, hash, " + step.format(prev="hash", tails=tails, n="ord + 1")
@@ -551,7 +528,7 @@ _PG_EXCHANGES_CTES = (
     "CAST(:x_name AS VARCHAR[])) AS x(patient_id, address, name)), "
     "xu AS (UPDATE exchange SET professional_name = xs.name, state = 'open', "
     "since = CASE WHEN exchange.state <> 'open' THEN CAST(:since AS TIMESTAMP WITH TIME ZONE) "
-    "ELSE exchange.since END FROM xs{turn} WHERE exchange.patient_id = xs.patient_id "
+    "ELSE exchange.since END FROM xs WHERE exchange.patient_id = xs.patient_id "
     "AND exchange.professional_address = xs.address "
     "AND (exchange.state <> 'open' OR exchange.professional_name <> xs.name)), "
     "xi AS (INSERT INTO exchange (patient_id, professional_address, professional_name, state, "
@@ -592,7 +569,7 @@ _PG_DELIVER_MANY_CTES = (
     "CAST(:t_name AS VARCHAR[])) WITH ORDINALITY AS y(msg_ord, patient_id, name, tord)), "
     "per_box AS (SELECT patient_id, name, count(*) AS n FROM tg GROUP BY patient_id, name), "
     "m AS (UPDATE mailbox SET uidnext = mailbox.uidnext + per_box.n, "
-    "highestmodseq = mailbox.highestmodseq + per_box.n FROM per_box{turn} "
+    "highestmodseq = mailbox.highestmodseq + per_box.n FROM per_box "
     "WHERE mailbox.patient_id = per_box.patient_id AND mailbox.name = per_box.name "
     "RETURNING mailbox.id, mailbox.patient_id, mailbox.name, "
     "mailbox.uidnext - per_box.n AS first_uid, mailbox.highestmodseq - per_box.n AS base), "
@@ -611,41 +588,12 @@ _PG_DELIVER_MANY_CTES = (
     + _PG_EXCHANGES_CTES)
 _PG_DELIVERED = ("SELECT r.tord, r.mailbox_id, r.uid, r.modseq, ids.blob_id FROM r "
                  "JOIN ids ON ids.ord = r.msg_ord ORDER BY r.tord")
-# The writer's turn and the audit chain's lock taken by the statement itself, before any row
-# lock (the UPDATEs join ``turn``, so no row comes out of them before it is evaluated): a
-# VOLATILE function reads the chain's end with a snapshot of its own, taken after the locks,
-# where the statement's snapshot predates them. The rest needs no fresher snapshot: an UPDATE
-# of a row another transaction changed meanwhile works on its newest version. Created for the
-# session by ``create_turn_function`` (nothing in the schema).
-_TURN_CTE = ("turn AS MATERIALIZED (SELECT pg_temp.mssante_turn(CAST(:turn_key AS BIGINT), "
-             "CAST(:audit_key AS BIGINT), CAST(:a_genesis AS VARCHAR)) AS h), ")
-_TURN_FUNCTION = (
-    "CREATE OR REPLACE FUNCTION pg_temp.mssante_turn(turn_key BIGINT, audit_key BIGINT, "
-    "genesis VARCHAR) RETURNS VARCHAR LANGUAGE plpgsql VOLATILE AS $$ BEGIN "
-    "PERFORM pg_advisory_xact_lock(turn_key); PERFORM pg_advisory_xact_lock(audit_key); "
-    "RETURN COALESCE((SELECT hash FROM audit ORDER BY id DESC LIMIT 1), genesis); END $$")
-
-
-def create_turn_function(conn: Connection) -> None:
-    """PostgreSQL: the session's ``pg_temp.mssante_turn`` for :func:`merged_deliver_many`'s
-    ``take_turn`` (a temporary function: it lives as long as the connection)."""
-    conn.execute(text(_TURN_FUNCTION))
-
-
-def _deliver_many_stmt(audited: bool, turn: bool) -> Stmt:
-    """The statement of ``merged_deliver_many``: with the batch's audit rows chained in it
-    (their DeliveredUids read from ``r``), with the turn taken in it."""
-    ctes = _PG_DELIVER_MANY_CTES.format(turn=", turn" if turn else "")
-    if turn:
-        ctes = _TURN_CTE + ctes
-    if audited:
-        ctes += ", " + _audit_ctes("r", turn=turn)
-    return Stmt(("WITH RECURSIVE " if audited else "WITH ") + ctes + _PG_DELIVERED,
-                datetimes=("since", "a_at") if audited else ("since",))
-
-
-_PG_DELIVER_MANY = {(audited, turn): _deliver_many_stmt(audited, turn)
-                    for audited in (False, True) for turn in (False, True)}
+_PG_DELIVER_MANY = Stmt("WITH " + _PG_DELIVER_MANY_CTES + _PG_DELIVERED, datetimes=("since",))
+# The same with the batch's audit rows chained in it too (their DeliveredUids read from ``r``):
+# one round trip less while the writer holds its turn.
+_PG_DELIVER_MANY_AUDITED = Stmt(
+    "WITH RECURSIVE " + _PG_DELIVER_MANY_CTES + ", " + _audit_ctes("r") + _PG_DELIVERED,
+    datetimes=("since", "a_at"))
 
 
 def merged_deliver_many(conn: Connection,
@@ -653,15 +601,13 @@ def merged_deliver_many(conn: Connection,
                                                  MessageFields]],
                         exchanges: Sequence[tuple[int, str, str]] = (),
                         internal_date: datetime | None = None,
-                        audit: Sequence[AuditEntry] = (),
-                        take_turn: bool = False) -> list[list[StoredMessage]]:
+                        audit: Sequence[AuditEntry] = ()) -> list[list[StoredMessage]]:
     """PostgreSQL: ``merged_deliver`` of several messages, each to its patients' mailboxes
     named (patient id, name), ``open_exchanges(exchanges)`` and ``append_audit(audit)`` (the
     caller holds the chain's lock; a DeliveredUid in a detail is filled in), in one
     statement; the result in the order of ``messages`` and of each one's targets.
-    ``take_turn``: the statement takes the group writers' turn and the chain's lock itself
-    (``create_turn_function`` ran on this connection). MissingMailbox when a target mailbox
-    does not exist (nothing is then written that the caller's rollback would not undo)."""
+    MissingMailbox when a target mailbox does not exist (nothing is then written that the
+    caller's rollback would not undo)."""
     now = internal_date or utcnow()
     columns: dict[str, list[Any]] = {name: [] for name in (
         "sha256", "size", "data", "with_search", *_NO_SEARCH, "internal_date", "message_id",
@@ -688,13 +634,12 @@ def merged_deliver_many(conn: Connection,
     last = _distinct_exchanges(exchanges)
     params = {**columns, "x_patient": [k[0] for k in last], "x_address": [k[1] for k in last],
               "x_name": list(last.values()), "since": now}
-    if len(audit) > SQL_CHAIN_MAX:
-        raise ValueError("too many audit rows for one statement")
     if audit:
-        params.update(pg_audit_params(audit))
-    if take_turn:
-        params.update(turn_key=WRITER_LOCK_KEY, audit_key=AUDIT_LOCK_KEY, a_genesis=GENESIS_HASH)
-    rows = _PG_DELIVER_MANY[bool(audit), take_turn].run(conn, params).all()
+        if len(audit) > SQL_CHAIN_MAX:
+            raise ValueError("too many audit rows for one statement")
+        rows = _PG_DELIVER_MANY_AUDITED.run(conn, {**params, **pg_audit_params(audit)}).all()
+    else:
+        rows = _PG_DELIVER_MANY.run(conn, params).all()
     if len(rows) != len(columns["t_msg"]):
         found = {int(row[0]) for row in rows}
         missing = next(i for i in range(1, len(columns["t_msg"]) + 1) if i not in found)

@@ -45,7 +45,7 @@ import os
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, TypeVar, cast
+from typing import Any, TypeVar, cast
 
 from sqlalchemy import text
 from sqlalchemy.engine import Connection
@@ -85,7 +85,7 @@ INLINE_COMMIT_MAX = 0.002
 #: order every taker of both follows): the batch's ``append_audit`` then needs no lock of its
 #: own. Each round trip of the writer waits its turn on the busy event loop (measured: ~1 to
 #: 3 ms each under SMTP load), so the writer saves them where it can.
-WRITER_LOCK_KEY = ops.WRITER_LOCK_KEY
+WRITER_LOCK_KEY = 0x777274  # "wrt"
 _TAKE_TURN = text("SELECT pg_advisory_xact_lock(:k), pg_advisory_xact_lock(:audit)")
 
 
@@ -113,21 +113,9 @@ class MergeableJob:
         """Whether this one may be run together with others."""
         return True
 
-    #: PostgreSQL: ``run_together``'s first statement takes the writers' turn itself (it
-    #: calls ``ops.take_pending_turn``): a batch that starts with such jobs sends no turn
-    #: statement of its own, one round trip (and one wait for the event loop) less while
-    #: the turn is held.
-    takes_turn: ClassVar[bool] = False
-
-
-def _turn_in_first_job(jobs: Sequence[SyncJob]) -> bool:
-    first = jobs[0] if jobs else None
-    return isinstance(first, MergeableJob) and first.takes_turn and first.mergeable()
-
 
 def _run_jobs(conn: Connection, jobs: Sequence[SyncJob]) -> list[Any]:
-    """Every job in order, runs of mergeable jobs of one class together (a run of one
-    too)."""
+    """Every job in order, runs of mergeable jobs of one class together."""
     results: list[Any] = []
     i = 0
     while i < len(jobs):
@@ -137,6 +125,7 @@ def _run_jobs(conn: Connection, jobs: Sequence[SyncJob]) -> list[Any]:
         if isinstance(job, MergeableJob) and job.mergeable():
             while j < len(jobs) and type(jobs[j]) is kind and jobs[j].mergeable():  # type: ignore[attr-defined]
                 j += 1
+        if j - i > 1:
             results.extend(kind.run_together(conn, jobs[i:j]))  # type: ignore[attr-defined]
         else:
             results.append(job(conn))
@@ -331,10 +320,7 @@ class GroupWriter:
         if self._aconn is not None and self._aconn.invalidated:
             await self._drop_pg_connection()
         if self._aconn is None:
-            conn = await self.store.engine.connect()
-            await conn.run_sync(ops.create_turn_function)
-            await conn.commit()
-            self._aconn = conn
+            self._aconn = await self.store.engine.connect()
         return self._aconn
 
     async def _drop_pg_connection(self, failed: bool = True) -> None:
@@ -516,19 +502,11 @@ class GroupWriter:
             turn.release()
 
     @staticmethod
-    def _run_all(conn: Connection, jobs: list[SyncJob],
-                 turn_deferred: bool = False) -> list[tuple[bool, Any]]:
+    def _run_all(conn: Connection, jobs: list[SyncJob]) -> list[tuple[bool, Any]]:
         """Every job, then all their audit rows at once (raises if a job fails). The caller
-        has its turn: SQLite's lock file, PostgreSQL's ``_take_turn``, or ``turn_deferred``:
-        the first job's first statement takes it (``MergeableJob.takes_turn``)."""
-        ops.defer_turn(conn, turn_deferred)
-        try:
-            with ops.audit_batch(conn) as audit:
-                results = [(True, value) for value in _run_jobs(conn, jobs)]
-            if ops.take_pending_turn(conn):  # nothing took it: a job broke its promise
-                raise RuntimeError("the batch's first job did not take the writers' turn")
-        finally:
-            ops.defer_turn(conn, False)
+        has its turn: SQLite's lock file, PostgreSQL's ``_take_turn``."""
+        with ops.audit_batch(conn) as audit:
+            results = [(True, value) for value in _run_jobs(conn, jobs)]
         ops.append_audit(conn, audit, locked=True)
         return results
 
@@ -567,13 +545,11 @@ class GroupWriter:
                 # The turn first (it waits while another process writes), then the jobs
                 # that arrived meanwhile join the batch: under contention batches grow and
                 # round trips per message fall, as with SQLite's lock file.
-                deferred = _turn_in_first_job([cast(SyncJob, p.job) for p in batch[:1]])
-                if not deferred:
-                    await conn.run_sync(_take_turn)
+                await conn.run_sync(_take_turn)
                 self._take_queued(batch, sync_only=True)
                 jobs = [cast(SyncJob, p.job) for p in batch]
                 try:
-                    return await conn.run_sync(self._run_all, jobs, deferred)
+                    return await conn.run_sync(self._run_all, jobs)
                 except Exception as exc:  # a job failed
                     await transaction.rollback()
                     if len(jobs) == 1:
