@@ -1038,9 +1038,9 @@ class _SearchParser:
             return c.SearchFlag(*_FLAG_SEARCH_KEYS[name])
         reader.sp()
         if name in ("BCC", "CC", "FROM", "SUBJECT", "TO"):
-            return c.SearchHeader(name, self.string())
+            return c.SearchHeader(name.lower(), self.string())
         if name == "HEADER":
-            field_name = _field_name(reader).upper()
+            field_name = _field_name(reader).lower()
             reader.sp()
             return c.SearchHeader(field_name, self.string())
         if name == "BODY":
