@@ -324,13 +324,19 @@ class _Reader:
             raise _SyntaxError("Missing argument" if self.at_end() else what)
         return value.decode("ascii").upper()
 
-    def number(self, nonzero: bool = False) -> int:
-        """RFC 3501 §9 ``number`` / ``nz-number``: unsigned 32-bit."""
+    def _digits(self, what: str, maximum: int) -> bytes:
+        """The digits of an unsigned ``what`` of at most ``maximum``; more digits than
+        ``maximum`` has are refused before ``int`` reads them."""
         digits = self.run(_DIGITS)
         if not digits:
-            raise _SyntaxError("Expected a number")
-        if len(digits) > 10 or int(digits) > c.MAX_NUMBER:
-            raise _SyntaxError("Number out of range")
+            raise _SyntaxError(f"Expected a {what}")
+        if len(digits) > len(str(maximum)) or int(digits) > maximum:
+            raise _SyntaxError(f"{what.capitalize()} out of range")
+        return digits
+
+    def number(self, nonzero: bool = False) -> int:
+        """RFC 3501 §9 ``number`` / ``nz-number``: unsigned 32-bit."""
+        digits = self._digits("number", c.MAX_NUMBER)
         value = int(digits)
         if nonzero and (value == 0 or digits[0] == 0x30):
             raise _SyntaxError("Expected a non-zero number")
@@ -338,12 +344,7 @@ class _Reader:
 
     def modseq(self, *, allow_zero: bool = False) -> int:
         """RFC 7162 §7 ``mod-sequence-value`` (``mod-sequence-valzer`` if ``allow_zero``)."""
-        digits = self.run(_DIGITS)
-        if not digits:
-            raise _SyntaxError("Expected a mod-sequence")
-        if len(digits) > 19 or int(digits) > c.MAX_MODSEQ:
-            raise _SyntaxError("Mod-sequence out of range")
-        value = int(digits)
+        value = int(self._digits("mod-sequence", c.MAX_MODSEQ))
         if value == 0 and not allow_zero:
             raise _SyntaxError("Expected a non-zero mod-sequence")
         return value
