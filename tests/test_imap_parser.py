@@ -330,7 +330,7 @@ def test_quoted_string_cannot_swallow_a_literal() -> None:
 def test_uid_command_name_in_continuation() -> None:
     assert events(b"s UID SEARCH SUBJECT {2}\r\nhi\r\n") == [
         NeedContinuation("s", 2, "UID SEARCH"),
-        c.Search("s", None, c.SearchHeader("SUBJECT", "hi"), uid=True),
+        c.Search("s", None, c.SearchHeader("subject", "hi"), uid=True),
     ]
 
 
@@ -719,16 +719,16 @@ D = date(2024, 2, 1)
     [
         (b"ALL", c.SearchAll()),
         (b"ANSWERED", c.SearchFlag("\\Answered", True)),
-        (b"BCC bob", c.SearchHeader("BCC", "bob")),
+        (b"BCC bob", c.SearchHeader("bcc", "bob")),
         (b"BEFORE 1-Feb-2024", c.SearchInternalDate(c.DateRelation.BEFORE, D)),
         (b'BODY "rendez-vous"', c.SearchBody("rendez-vous")),
-        (b"CC {3+}\r\nann", c.SearchHeader("CC", "ann")),
+        (b"CC {3+}\r\nann", c.SearchHeader("cc", "ann")),
         (b"DELETED", c.SearchFlag("\\Deleted", True)),
         (b"DRAFT", c.SearchFlag("\\Draft", True)),
         (b"FLAGGED", c.SearchFlag("\\Flagged", True)),
-        (b"FROM dr.house@example.org", c.SearchHeader("FROM", "dr.house@example.org")),
-        (b"HEADER Message-ID <a@b>", c.SearchHeader("MESSAGE-ID", "<a@b>")),
-        (b'HEADER "X-Priority" ""', c.SearchHeader("X-PRIORITY", "")),
+        (b"FROM dr.house@example.org", c.SearchHeader("from", "dr.house@example.org")),
+        (b"HEADER Message-ID <a@b>", c.SearchHeader("message-id", "<a@b>")),
+        (b'HEADER "X-Priority" ""', c.SearchHeader("x-priority", "")),
         (b"KEYWORD $Forwarded", c.SearchFlag("$Forwarded", True)),
         (b"LARGER 1024", c.SearchLarger(1024)),
         (b"NEW", c.SearchAnd((c.SearchFlag("\\Recent", True), c.SearchFlag("\\Seen", False)))),
@@ -744,9 +744,9 @@ D = date(2024, 2, 1)
         (b"SENTSINCE 1-Feb-2024", c.SearchSentDate(c.DateRelation.SINCE, D)),
         (b"SINCE 1-Feb-2024", c.SearchInternalDate(c.DateRelation.SINCE, D)),
         (b"SMALLER 0", c.SearchSmaller(0)),
-        (b'SUBJECT "R\xc3\xa9sultats"', c.SearchHeader("SUBJECT", "Résultats")),
+        (b'SUBJECT "R\xc3\xa9sultats"', c.SearchHeader("subject", "Résultats")),
         (b"TEXT ordonnance", c.SearchText("ordonnance")),
-        (b"TO patient", c.SearchHeader("TO", "patient")),
+        (b"TO patient", c.SearchHeader("to", "patient")),
         (b"UID 1:*", c.SearchUid(seq("1:*"))),
         (b"UNANSWERED", c.SearchFlag("\\Answered", False)),
         (b"UNDELETED", c.SearchFlag("\\Deleted", False)),
@@ -772,7 +772,7 @@ def test_search_or_not_nesting() -> None:
     assert search_key(text) == c.SearchAnd(
         (
             c.SearchOr(
-                c.SearchAnd((c.SearchHeader("FROM", "alice"), c.SearchHeader("TO", "bob"))),
+                c.SearchAnd((c.SearchHeader("from", "alice"), c.SearchHeader("to", "bob"))),
                 c.SearchNot(
                     c.SearchOr(
                         c.SearchFlag("\\Seen", True),
@@ -802,7 +802,7 @@ def test_search_charset_utf8_with_literal() -> None:
         c.Search(
             "s",
             "UTF-8",
-            c.SearchAnd((c.SearchHeader("SUBJECT", "Résultat"), c.SearchHeader("FROM", "x"))),
+            c.SearchAnd((c.SearchHeader("subject", "Résultat"), c.SearchHeader("from", "x"))),
             uid=True,
         ),
     ]

@@ -30,8 +30,26 @@ import bisect
 import enum
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from datetime import date, datetime
+from datetime import datetime
 from typing import ClassVar, Literal
+
+from imap_store.store.search_keys import (
+    DateRelation,
+    MessageKey,
+    SearchAll,
+    SearchAnd,
+    SearchBody,
+    SearchFlag,
+    SearchHeader,
+    SearchInternalDate,
+    SearchLarger,
+    SearchModseq,
+    SearchNot,
+    SearchOr,
+    SearchSentDate,
+    SearchSmaller,
+    SearchText,
+)
 
 __all__ = [
     "BINARY_NAMES",
@@ -498,93 +516,8 @@ FETCH_MACROS: dict[str, tuple[FetchAttr, ...]] = {
 
 
 # --------------------------------------------------------------------------- SEARCH keys
-
-
-class DateRelation(enum.StrEnum):
-    """``BEFORE`` / ``ON`` / ``SINCE`` of the date search keys (RFC 3501 §6.4.4).
-
-    Comparisons ignore the time and timezone (internal date: in the server's notion of the day;
-    sent date: the Date: header's own day).
-    """
-
-    BEFORE = "BEFORE"
-    ON = "ON"
-    SINCE = "SINCE"
-
-
-@dataclass(frozen=True, slots=True)
-class SearchAll:
-    """``ALL``: every message."""
-
-
-@dataclass(frozen=True, slots=True)
-class SearchFlag:
-    """A flag test: ``flag`` is set (``present``) or not.
-
-    Covers ANSWERED/DELETED/DRAFT/FLAGGED/RECENT/SEEN, their UN- forms, KEYWORD and UNKEYWORD.
-    ``NEW`` is parsed as ``SearchAnd((SearchFlag("\\Recent", True), SearchFlag("\\Seen", False)))``
-    and ``OLD`` as ``SearchFlag("\\Recent", False)``.
-    """
-
-    flag: str
-    present: bool
-
-
-@dataclass(frozen=True, slots=True)
-class SearchHeader:
-    """Substring ``value`` in header ``field`` (upper-cased), case-insensitively.
-
-    ``BCC``/``CC``/``FROM``/``SUBJECT``/``TO`` produce ``field`` ``"BCC"`` ... ``"TO"``; ``HEADER
-    name value`` produces the upper-cased ``name``. An empty ``value`` matches every message
-    that has the field (RFC 3501 §6.4.4).
-    """
-
-    field: str
-    value: str
-
-
-@dataclass(frozen=True, slots=True)
-class SearchBody:
-    """``BODY string``: substring in the body (RFC 3501 §6.4.4)."""
-
-    value: str
-
-
-@dataclass(frozen=True, slots=True)
-class SearchText:
-    """``TEXT string``: substring in the header or the body."""
-
-    value: str
-
-
-@dataclass(frozen=True, slots=True)
-class SearchInternalDate:
-    """``BEFORE`` / ``ON`` / ``SINCE date``: the internal date (RFC 3501 §2.3.3)."""
-
-    relation: DateRelation
-    date: date
-
-
-@dataclass(frozen=True, slots=True)
-class SearchSentDate:
-    """``SENTBEFORE`` / ``SENTON`` / ``SENTSINCE date``: the Date: header."""
-
-    relation: DateRelation
-    date: date
-
-
-@dataclass(frozen=True, slots=True)
-class SearchLarger:
-    """``LARGER n``: RFC 822 size greater than ``size``."""
-
-    size: int
-
-
-@dataclass(frozen=True, slots=True)
-class SearchSmaller:
-    """``SMALLER n``: RFC 822 size less than ``size``."""
-
-    size: int
+# The keys about one message alone and NOT, OR and AND are the ones the store takes too
+# (imap_store/store/search_keys.py); these two are relative to a session's view.
 
 
 @dataclass(frozen=True, slots=True)
@@ -601,53 +534,9 @@ class SearchUid:
     seq_set: SequenceSet
 
 
-@dataclass(frozen=True, slots=True)
-class SearchNot:
-    """``NOT key``."""
-
-    key: SearchKey
-
-
-@dataclass(frozen=True, slots=True)
-class SearchOr:
-    """``OR key1 key2``."""
-
-    left: SearchKey
-    right: SearchKey
-
-
-@dataclass(frozen=True, slots=True)
-class SearchModseq:
-    """``MODSEQ [entry type] n`` (RFC 7162 §3.1.5): messages whose mod-sequence is at least
-    ``modseq`` (the entry name and type are accepted and ignored: one mod-sequence per
-    message here)."""
-
-    modseq: int
-
-
-@dataclass(frozen=True, slots=True)
-class SearchAnd:
-    """All of ``keys`` (a parenthesised list, or several top-level keys)."""
-
-    keys: tuple[SearchKey, ...]
-
-
 SearchKey = (
-    SearchAll
-    | SearchFlag
-    | SearchHeader
-    | SearchBody
-    | SearchText
-    | SearchInternalDate
-    | SearchSentDate
-    | SearchLarger
-    | SearchSmaller
-    | SearchSequence
-    | SearchUid
-    | SearchModseq
-    | SearchNot
-    | SearchOr
-    | SearchAnd
+    MessageKey | SearchSequence | SearchUid
+    | SearchNot["SearchKey"] | SearchOr["SearchKey"] | SearchAnd["SearchKey"]
 )
 
 

@@ -345,13 +345,19 @@ class _Reader:
             raise _SyntaxError("Missing argument" if self.at_end() else what)
         return value.decode("ascii").upper()
 
-    def number(self, nonzero: bool = False) -> int:
-        """RFC 3501 §9 ``number`` / ``nz-number``: unsigned 32-bit."""
+    def _digits(self, what: str, maximum: int) -> bytes:
+        """The digits of an unsigned ``what`` of at most ``maximum``; more digits than
+        ``maximum`` has are refused before ``int`` reads them."""
         digits = self.run(_DIGITS)
         if not digits:
-            raise _SyntaxError("Expected a number")
-        if len(digits) > 10 or int(digits) > c.MAX_NUMBER:
-            raise _SyntaxError("Number out of range")
+            raise _SyntaxError(f"Expected a {what}")
+        if len(digits) > len(str(maximum)) or int(digits) > maximum:
+            raise _SyntaxError(f"{what.capitalize()} out of range")
+        return digits
+
+    def number(self, nonzero: bool = False) -> int:
+        """RFC 3501 §9 ``number`` / ``nz-number``: unsigned 32-bit."""
+        digits = self._digits("number", c.MAX_NUMBER)
         value = int(digits)
         if nonzero and (value == 0 or digits[0] == 0x30):
             raise _SyntaxError("Expected a non-zero number")
@@ -359,12 +365,7 @@ class _Reader:
 
     def modseq(self, *, allow_zero: bool = False) -> int:
         """RFC 7162 §7 ``mod-sequence-value`` (``mod-sequence-valzer`` if ``allow_zero``)."""
-        digits = self.run(_DIGITS)
-        if not digits:
-            raise _SyntaxError("Expected a mod-sequence")
-        if len(digits) > 19 or int(digits) > c.MAX_MODSEQ:
-            raise _SyntaxError("Mod-sequence out of range")
-        value = int(digits)
+        value = int(self._digits("mod-sequence", c.MAX_MODSEQ))
         if value == 0 and not allow_zero:
             raise _SyntaxError("Expected a non-zero mod-sequence")
         return value
@@ -602,22 +603,40 @@ def _select(readonly: bool) -> Callable[[_Reader, str, bool], c.Command]:
         if not reader.at_end():
             # RFC 4466 §2.1 select-params: CONDSTORE (RFC 7162 §3.1.8), QRESYNC (§3.2.5)
             reader.sp()
-
-            def param() -> None:
-                nonlocal condstore, qresync
-                name = reader.atom("Invalid SELECT parameter").decode("ascii").upper()
-                if name == "CONDSTORE":
-                    condstore = True
-                elif name == "QRESYNC":
-                    reader.sp()
-                    qresync = _qresync_param(reader)
-                else:
-                    raise _SyntaxError("Unknown SELECT parameter")
-
-            reader.paren_list(param, allow_empty=False)
+            params = _modifiers(reader, "SELECT parameter",
+                                {"CONDSTORE": None, "QRESYNC": _qresync_param})
+            condstore = "CONDSTORE" in params
+            qresync = params.get("QRESYNC")
         return c.Select(tag, mailbox, readonly, condstore, qresync)
 
     return handler
+
+
+def _modifiers(reader: _Reader, what: str,
+               values: dict[str, Callable[[_Reader], _T] | None]) -> dict[str, _T | None]:
+    """RFC 4466 ``"(" name [SP value] *(SP name [SP value]) ")"`` (select-params, fetch- and
+    store-modifiers): the names found, each known by ``values``, which reads its value (None:
+    the name takes none, and maps to None). A name given again keeps its last value."""
+    found: dict[str, _T | None] = {}
+
+    def modifier() -> None:
+        name = reader.atom(f"Invalid {what}").decode("ascii").upper()
+        if name not in values:
+            raise _SyntaxError(f"Unknown {what}")
+        read = values[name]
+        if read is None:
+            found[name] = None
+        else:
+            reader.sp()
+            found[name] = read(reader)
+
+    reader.paren_list(modifier, allow_empty=False)
+    return found
+
+
+def _changedsince(reader: _Reader) -> int:
+    """The value of CHANGEDSINCE and UNCHANGEDSINCE (RFC 7162 §3.1.3-3.1.4): 0 allowed."""
+    return reader.modseq(allow_zero=True)
 
 
 def _qresync_param(reader: _Reader) -> c.QResync:
@@ -902,19 +921,10 @@ def _fetch(reader: _Reader, tag: str, uid: bool) -> c.Command:
     if not reader.at_end():
         # RFC 4466 §2.4 fetch-modifiers: CHANGEDSINCE (RFC 7162 §3.1.4.1), VANISHED (§3.2.6)
         reader.sp()
-
-        def modifier() -> None:
-            nonlocal changedsince, vanished
-            name = reader.atom("Invalid FETCH modifier").decode("ascii").upper()
-            if name == "CHANGEDSINCE":
-                reader.sp()
-                changedsince = reader.modseq(allow_zero=True)
-            elif name == "VANISHED":
-                vanished = True
-            else:
-                raise _SyntaxError("Unknown FETCH modifier")
-
-        reader.paren_list(modifier, allow_empty=False)
+        modifiers = _modifiers(reader, "FETCH modifier",
+                               {"CHANGEDSINCE": _changedsince, "VANISHED": None})
+        changedsince = modifiers.get("CHANGEDSINCE")
+        vanished = "VANISHED" in modifiers
         if vanished and (not uid or changedsince is None):
             raise _SyntaxError("VANISHED needs UID FETCH with CHANGEDSINCE")
     return c.Fetch(tag, seq_set, tuple(dict.fromkeys(attrs)), uid, changedsince, vanished)
@@ -929,15 +939,8 @@ def _store(reader: _Reader, tag: str, uid: bool) -> c.Command:
     unchangedsince: int | None = None
     if reader.peek() == _LPAREN:
         # RFC 4466 §2.5 store-modifiers: UNCHANGEDSINCE (RFC 7162 §3.1.3)
-        def modifier() -> None:
-            nonlocal unchangedsince
-            name = reader.atom("Invalid STORE modifier").decode("ascii").upper()
-            if name != "UNCHANGEDSINCE":
-                raise _SyntaxError("Unknown STORE modifier")
-            reader.sp()
-            unchangedsince = reader.modseq(allow_zero=True)
-
-        reader.paren_list(modifier, allow_empty=False)
+        unchangedsince = _modifiers(reader, "STORE modifier",
+                                    {"UNCHANGEDSINCE": _changedsince}).get("UNCHANGEDSINCE")
         reader.sp()
     item = reader.word(_STORE_ITEM_CHARS, "Invalid STORE item")
     silent = item.endswith(".SILENT")
@@ -1057,9 +1060,9 @@ class _SearchParser:
             return c.SearchFlag(*_FLAG_SEARCH_KEYS[name])
         reader.sp()
         if name in ("BCC", "CC", "FROM", "SUBJECT", "TO"):
-            return c.SearchHeader(name, self.string())
+            return c.SearchHeader(name.lower(), self.string())
         if name == "HEADER":
-            field_name = _field_name(reader).upper()
+            field_name = _field_name(reader).lower()
             reader.sp()
             return c.SearchHeader(field_name, self.string())
         if name == "BODY":

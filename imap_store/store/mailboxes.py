@@ -52,6 +52,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from imap_store.mime import MessageInfo, parse_message_async, text_for_search
 from imap_store.store import schema as t
+from imap_store.store import search_keys as sk
 from imap_store.store.deliver import SEARCH_FIELDS, deliver, search_values
 from imap_store.store.directory import DatabaseBlobStore, Store, new_uidvalidity
 from imap_store.store.sent_copies import server_filed_copy
@@ -246,13 +247,9 @@ ROW_COLUMNS = frozenset(MessageRow._fields[1:])
 
 
 # --------------------------------------------------------------------------- SEARCH queries
-# What a SEARCH asks of the store (RFC 3501 §6.4.4 keys, resolved by the session against its
-# view: sequence numbers, UID sets and \\Recent become UID ranges).
-
-
-@dataclass(frozen=True, slots=True)
-class MatchAll:
-    """Every message."""
+# What a SEARCH asks of the store: the keys of search_keys.py (sk) as the IMAP grammar parsed
+# them, and MatchUids for those the session resolves against its view (sequence numbers, UID
+# sets and \\Recent become UID ranges).
 
 
 @dataclass(frozen=True, slots=True)
@@ -262,95 +259,9 @@ class MatchUids:
     ranges: tuple[tuple[int, int], ...]
 
 
-@dataclass(frozen=True, slots=True)
-class MatchFlag:
-    """``flag`` (a key of :data:`SYSTEM_FLAG_BITS`, else a keyword) is set (``present``) or
-    not."""
-
-    flag: str
-    present: bool
-
-
-@dataclass(frozen=True, slots=True)
-class MatchHeader:
-    """Header ``field`` (lower case) holds ``value``, case-insensitively (an empty ``value``:
-    the field is there)."""
-
-    field: str
-    value: str
-
-
-@dataclass(frozen=True, slots=True)
-class MatchBody:
-    """The body holds ``value``, case-insensitively."""
-
-    value: str
-
-
-@dataclass(frozen=True, slots=True)
-class MatchText:
-    """The header or the body holds ``value``, case-insensitively."""
-
-    value: str
-
-
-@dataclass(frozen=True, slots=True)
-class MatchInternalDate:
-    """The internal date's day is ``"BEFORE"``, ``"ON"`` or ``"SINCE"`` (on or after)
-    ``day``."""
-
-    relation: str
-    day: date
-
-
-@dataclass(frozen=True, slots=True)
-class MatchSentDate:
-    """The Date header's own day is ``"BEFORE"``, ``"ON"`` or ``"SINCE"`` ``day``."""
-
-    relation: str
-    day: date
-
-
-@dataclass(frozen=True, slots=True)
-class MatchLarger:
-    """Larger than ``size`` octets."""
-
-    size: int
-
-
-@dataclass(frozen=True, slots=True)
-class MatchSmaller:
-    """Smaller than ``size`` octets."""
-
-    size: int
-
-
-@dataclass(frozen=True, slots=True)
-class MatchModseq:
-    """A MODSEQ of at least ``modseq`` (RFC 7162 §3.1.5)."""
-
-    modseq: int
-
-
-@dataclass(frozen=True, slots=True)
-class MatchNot:
-    key: Match
-
-
-@dataclass(frozen=True, slots=True)
-class MatchOr:
-    left: Match
-    right: Match
-
-
-@dataclass(frozen=True, slots=True)
-class MatchAnd:
-    keys: tuple[Match, ...]
-
-
 Match = (
-    MatchAll | MatchUids | MatchFlag | MatchHeader | MatchBody | MatchText | MatchInternalDate
-    | MatchSentDate | MatchLarger | MatchSmaller | MatchModseq | MatchNot | MatchOr | MatchAnd
+    sk.MessageKey | MatchUids
+    | sk.SearchNot["Match"] | sk.SearchOr["Match"] | sk.SearchAnd["Match"]
 )
 
 
@@ -485,11 +396,11 @@ def _leaves(key: Match) -> Iterator[Match]:
     stack: list[Match] = [key]
     while stack:
         node = stack.pop()
-        if isinstance(node, MatchNot):
+        if isinstance(node, sk.SearchNot):
             stack.append(node.key)
-        elif isinstance(node, MatchOr):
+        elif isinstance(node, sk.SearchOr):
             stack.extend((node.left, node.right))
-        elif isinstance(node, MatchAnd):
+        elif isinstance(node, sk.SearchAnd):
             stack.extend(node.keys)
         else:
             yield node
@@ -497,7 +408,7 @@ def _leaves(key: Match) -> Iterator[Match]:
 
 def _query_fields(key: Match) -> set[str]:
     """Header fields (lower case) a query looks into."""
-    return {n.field for n in _leaves(key) if isinstance(n, MatchHeader)}
+    return {n.field for n in _leaves(key) if isinstance(n, sk.SearchHeader)}
 
 
 def _query_columns(key: Match) -> set[str]:
@@ -505,19 +416,19 @@ def _query_columns(key: Match) -> set[str]:
     are extracted from ``meta``: see ``_query_fields``)."""
     out: set[str] = set()
     for node in _leaves(key):
-        if isinstance(node, MatchFlag):
+        if isinstance(node, sk.SearchFlag):
             out.update(("flags", "keywords"))
-        elif isinstance(node, MatchInternalDate):
+        elif isinstance(node, sk.SearchInternalDate):
             out.add("internal_date")
-        elif isinstance(node, MatchSentDate):
+        elif isinstance(node, sk.SearchSentDate):
             out.add("sent")
-        elif isinstance(node, MatchLarger | MatchSmaller):
+        elif isinstance(node, sk.SearchLarger | sk.SearchSmaller):
             out.add("size")
-        elif isinstance(node, MatchModseq):
+        elif isinstance(node, sk.SearchModseq):
             out.add("modseq")
-        elif isinstance(node, MatchBody):
+        elif isinstance(node, sk.SearchBody):
             out.add("body")
-        elif isinstance(node, MatchText):
+        elif isinstance(node, sk.SearchText):
             out.update(("body", "meta"))
     return out
 
@@ -527,9 +438,9 @@ def _sql_condition(key: Match, indexed: bool) -> Any:
     dates, bodies, other header fields, many UID ranges). ``indexed``: the search joins
     ``blob_search`` (FROM/TO/CC/BCC/SUBJECT, case-folded like the needle)."""
     m = t.message.c
-    if isinstance(key, MatchAll):
+    if isinstance(key, sk.SearchAll):
         return true()
-    if isinstance(key, MatchHeader):
+    if isinstance(key, sk.SearchHeader):
         column = SEARCH_COLUMNS.get(key.field)
         if not indexed or column is None:
             return None
@@ -537,7 +448,7 @@ def _sql_condition(key: Match, indexed: bool) -> Any:
         # ASCII, which case-folded text no longer has in upper case)
         return and_(column.is_not(None),
                     column.contains(key.value.casefold(), autoescape=True))
-    if isinstance(key, MatchFlag):
+    if isinstance(key, sk.SearchFlag):
         if key.flag not in SYSTEM_FLAG_BITS:
             return None
         condition = m.flags.op("&")(SYSTEM_FLAG_BITS[key.flag]) != 0
@@ -546,21 +457,21 @@ def _sql_condition(key: Match, indexed: bool) -> Any:
         if len(key.ranges) > _MAX_SEARCH_RANGES:
             return None
         return or_(false(), *(m.uid.between(low, high) for low, high in key.ranges))
-    if isinstance(key, MatchLarger):
+    if isinstance(key, sk.SearchLarger):
         return m.size > key.size
-    if isinstance(key, MatchSmaller):
+    if isinstance(key, sk.SearchSmaller):
         return m.size < key.size
-    if isinstance(key, MatchModseq):
+    if isinstance(key, sk.SearchModseq):
         return m.modseq >= key.modseq
-    if isinstance(key, MatchNot):
+    if isinstance(key, sk.SearchNot):
         inner = _sql_condition(key.key, indexed)
         return None if inner is None else not_(inner)
-    if isinstance(key, MatchOr | MatchAnd):
-        keys = (key.left, key.right) if isinstance(key, MatchOr) else key.keys
+    if isinstance(key, sk.SearchOr | sk.SearchAnd):
+        keys = (key.left, key.right) if isinstance(key, sk.SearchOr) else key.keys
         parts = [_sql_condition(k, indexed) for k in keys]
         if any(p is None for p in parts):
             return None
-        return or_(*parts) if isinstance(key, MatchOr) else and_(true(), *parts)
+        return or_(*parts) if isinstance(key, sk.SearchOr) else and_(true(), *parts)
     return None
 
 
@@ -1182,7 +1093,7 @@ class PatientMailStore:
 
         Messages without a ``blob_search`` row get one first (once: Dovecot fills its cache
         file the same way); if some still have none, header keys are checked in Python."""
-        conjuncts = query.keys if isinstance(query, MatchAnd) else (query,)
+        conjuncts = query.keys if isinstance(query, sk.SearchAnd) else (query,)
         indexed = bool(_query_fields(query) & SEARCH_COLUMNS.keys()) and isinstance(
             self._store.blobs, DatabaseBlobStore)
         while True:
@@ -1194,7 +1105,7 @@ class PatientMailStore:
                     residual.append(key)
                 else:
                     conditions.append(condition)
-            rest = MatchAnd(tuple(residual)) if residual else None
+            rest = sk.SearchAnd(tuple(residual)) if residual else None
             where = and_(*conditions) if conditions else None
             if not indexed:
                 found, _missing = await self._search_rows(mailbox_id, where, rest, False)
@@ -1645,21 +1556,21 @@ class _Matcher:
     def compile(self, key: Match) -> Callable[[], bool]:
         """``key`` as a function of the current row: the tree is walked once per SEARCH, not
         once per message, for the frequent keys."""
-        if isinstance(key, MatchAnd):
+        if isinstance(key, sk.SearchAnd):
             parts = [self.compile(k) for k in key.keys]
             if len(parts) == 1:
                 return parts[0]
             return lambda: all(part() for part in parts)
-        if isinstance(key, MatchOr):
+        if isinstance(key, sk.SearchOr):
             left, right = self.compile(key.left), self.compile(key.right)
             return lambda: left() or right()
-        if isinstance(key, MatchNot):
+        if isinstance(key, sk.SearchNot):
             inner = self.compile(key.key)
             return lambda: not inner()
-        if isinstance(key, MatchFlag) and key.flag in SYSTEM_FLAG_BITS:
+        if isinstance(key, sk.SearchFlag) and key.flag in SYSTEM_FLAG_BITS:
             bit, present = SYSTEM_FLAG_BITS[key.flag], key.present
             return lambda: bool(self.row.flags & bit) is present
-        if isinstance(key, MatchHeader) and key.field in self.fields:
+        if isinstance(key, sk.SearchHeader) and key.field in self.fields:
             position, needle = self.fields[key.field], key.value.casefold()
 
             def header() -> bool:
@@ -1700,15 +1611,15 @@ class _Matcher:
 
     def match(self, key: Match) -> bool:
         row = self.row
-        if isinstance(key, MatchAll):
+        if isinstance(key, sk.SearchAll):
             return True
-        if isinstance(key, MatchAnd):
+        if isinstance(key, sk.SearchAnd):
             return all(self.match(k) for k in key.keys)
-        if isinstance(key, MatchOr):
+        if isinstance(key, sk.SearchOr):
             return self.match(key.left) or self.match(key.right)
-        if isinstance(key, MatchNot):
+        if isinstance(key, sk.SearchNot):
             return not self.match(key.key)
-        if isinstance(key, MatchFlag):
+        if isinstance(key, sk.SearchFlag):
             if key.flag in SYSTEM_FLAG_BITS:
                 present = bool(row.flags & SYSTEM_FLAG_BITS[key.flag])
             else:
@@ -1717,17 +1628,17 @@ class _Matcher:
         if isinstance(key, MatchUids):
             index = bisect_left(key.ranges, (row.uid + 1,)) - 1
             return index >= 0 and key.ranges[index][0] <= row.uid <= key.ranges[index][1]
-        if isinstance(key, MatchLarger):
+        if isinstance(key, sk.SearchLarger):
             return row.size > key.size
-        if isinstance(key, MatchSmaller):
+        if isinstance(key, sk.SearchSmaller):
             return row.size < key.size
-        if isinstance(key, MatchModseq):
+        if isinstance(key, sk.SearchModseq):
             return row.modseq >= key.modseq
-        if isinstance(key, MatchInternalDate):
+        if isinstance(key, sk.SearchInternalDate):
             if row.internal_date is None:
                 return False
             return _compare(key.relation, row.internal_date.date(), key.day)
-        if isinstance(key, MatchSentDate):
+        if isinstance(key, sk.SearchSentDate):
             sent = self._sent()
             if not sent:
                 return False
@@ -1736,14 +1647,14 @@ class _Matcher:
             except ValueError:
                 return False
             return _compare(key.relation, day, key.day)
-        if isinstance(key, MatchHeader):
+        if isinstance(key, sk.SearchHeader):
             text = self._header(key.field)
             if text is None:
                 return False
             return key.value.casefold() in text.casefold()
-        if isinstance(key, MatchBody):
+        if isinstance(key, sk.SearchBody):
             return key.value.casefold() in self._body_text()
-        if isinstance(key, MatchText):
+        if isinstance(key, sk.SearchText):
             wanted = key.value.casefold()
             if any(wanted in f"{k}: {v}".casefold() for k, v in self._headers().items()):
                 return True

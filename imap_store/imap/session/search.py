@@ -10,24 +10,7 @@ from typing import TYPE_CHECKING
 
 from imap_store.imap import commands as c
 from imap_store.imap.session.state import Action, Selected
-from imap_store.store.mailboxes import (
-    Match,
-    MatchAll,
-    MatchAnd,
-    MatchBody,
-    MatchFlag,
-    MatchHeader,
-    MatchInternalDate,
-    MatchLarger,
-    MatchModseq,
-    MatchNot,
-    MatchOr,
-    MatchSentDate,
-    MatchSmaller,
-    MatchText,
-    MatchUids,
-    merge_ranges,
-)
+from imap_store.store.mailboxes import Match, MatchUids, merge_ranges
 
 if TYPE_CHECKING:
     from imap_store.imap.session.core import Session
@@ -112,18 +95,14 @@ def query(key: c.SearchKey, sel: Selected) -> Match:
     """``key`` as a store query on the messages of ``sel``'s view."""
     match key:
         case c.SearchAnd(keys):
-            return MatchAnd(tuple(query(k, sel) for k in keys))
+            return c.SearchAnd(tuple(query(k, sel) for k in keys))
         case c.SearchOr(left, right):
-            return MatchOr(query(left, sel), query(right, sel))
+            return c.SearchOr(query(left, sel), query(right, sel))
         case c.SearchNot(inner):
-            return MatchNot(query(inner, sel))
-        case c.SearchAll():
-            return MatchAll()
+            return c.SearchNot(query(inner, sel))
         case c.SearchFlag("\\Recent", present):
             recent = MatchUids(tuple(merge_ranges((low + 1, high) for low, high in sel.recent)))
-            return recent if present else MatchNot(recent)
-        case c.SearchFlag(flag, present):
-            return MatchFlag(flag, present)
+            return recent if present else c.SearchNot(recent)
         case c.SearchUid(seq_set) | c.SearchSequence(seq_set) if seq_set.saved:
             return MatchUids(tuple(sel.saved_uid_ranges()))  # ``$`` (RFC 5182 §2.1)
         case c.SearchUid(seq_set):
@@ -137,19 +116,5 @@ def query(key: c.SearchKey, sel: Selected) -> Match:
                 if low <= high:
                     ranges.append((uids[low - 1], uids[high - 1]))
             return MatchUids(tuple(ranges))
-        case c.SearchHeader(field, value):
-            return MatchHeader(field.lower(), value)
-        case c.SearchBody(value):
-            return MatchBody(value)
-        case c.SearchText(value):
-            return MatchText(value)
-        case c.SearchInternalDate(relation, day):
-            return MatchInternalDate(relation.value, day)
-        case c.SearchSentDate(relation, day):
-            return MatchSentDate(relation.value, day)
-        case c.SearchLarger(size):
-            return MatchLarger(size)
-        case c.SearchSmaller(size):
-            return MatchSmaller(size)
-        case c.SearchModseq(modseq):
-            return MatchModseq(modseq)
+        case _:
+            return key  # about the message alone: the store decides it as parsed
