@@ -50,6 +50,9 @@ PREAUTH_TIMEOUT = 60.0
 HANDSHAKE_TIMEOUT = 30.0
 #: Bytes read from the socket at once.
 READ_CHUNK = 64 * 1024
+#: Most bytes handed to the parser per turn of the event loop: 16 KiB of one-byte lines is
+#: ~30 ms of parsing on a slow machine, a whole chunk of them could hold the others 100 ms+.
+FEED_SLICE = 16 * 1024
 #: Pending output above which the writer waits for the client to read.
 WRITE_HIGH_WATER = 256 * 1024
 #: Grace period for commands in flight when the service stops (SIGTERM).
@@ -308,6 +311,7 @@ class _Connection:
         self.idle_timeout = float(service.settings.idle_timeout)
         self.parser = CommandParser(max_literal=0, max_command=PRE_LOGIN_MAX_COMMAND,
                                     defer_large=True)
+        self._pending = b""  # read from the socket, not yet fed to the parser
         self.session = Session(
             _Output(writer, self.idle_timeout), tls=implicit, starttls_available=not implicit,
             login=self._login, mail_factory=service.stores.for_patient,
@@ -329,14 +333,19 @@ class _Connection:
             parser.utf8_names = session.rev2  # RFC 9051 §5.1
             event = parser.next_event()
             if event is None:
-                data = await self._read()
-                if not data:
-                    return
-                parser.feed(data)
+                if self._pending:  # the rest of the last read, after a turn of the loop
+                    await asyncio.sleep(0)
+                else:
+                    self._pending = await self._read()
+                    if not self._pending:
+                        return
+                parser.feed(self._pending[:FEED_SLICE])
+                self._pending = self._pending[FEED_SLICE:]
                 continue
             if isinstance(event, ParseLater):  # in a thread: the loop serves the others
                 event = await asyncio.to_thread(event.parse)
-            if isinstance(event, StartTls) and (parser.buffered_bytes or self._unread()):
+            if isinstance(event, StartTls) and (parser.buffered_bytes or self._pending
+                                                or self._unread()):
                 # RFC 3501 §6.2.1, §11.1: nothing pipelined after STARTTLS may run inside TLS.
                 await session.out.write(r.BAD_STARTTLS_PIPELINED.tagged(event.tag))
                 return
