@@ -1093,3 +1093,19 @@ def test_large_commands_come_back_to_be_parsed_elsewhere() -> None:
         assert not isinstance(expected, ParseLater)
         assert (event.parse() if isinstance(event, ParseLater) else event) == expected
         assert isinstance(expected, (c.List, c.Search)), expected
+
+
+def test_literal_remaining_counts_what_a_literal_still_needs() -> None:
+    """``literal_remaining``: 0 while lines are read; after a literal's announcement, the
+    bytes of it not fed yet (the server feeds those whole and lines in small slices)."""
+    parser = CommandParser()
+    assert parser.literal_remaining == 0
+    parser.feed(b"a APPEND Drafts {10}\r\n")
+    assert isinstance(parser.next_event(), NeedContinuation)
+    assert parser.literal_remaining == 10
+    parser.feed(b"0123")
+    assert parser.next_event() is None
+    assert parser.literal_remaining == 6
+    parser.feed(b"456789\r\n")
+    assert isinstance(parser.next_event(), c.Append)
+    assert parser.literal_remaining == 0

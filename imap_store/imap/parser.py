@@ -1382,6 +1382,14 @@ class CommandParser:
         self._state = _State.LINE
 
     @property
+    def literal_remaining(self) -> int:
+        """How many of the bytes fed next belong to a literal (read or drained in bulk,
+        cheaply) before lines (scanned one by one) come again; 0 while reading lines."""
+        if self._state in (_State.LITERAL, _State.DRAIN_LITERAL):
+            return max(0, self._remaining - self.buffered_bytes)
+        return 0
+
+    @property
     def buffered_bytes(self) -> int:
         """Bytes received but not yet consumed. Must be 0 when STARTTLS is accepted: data
         pipelined after STARTTLS in clear text must be discarded (RFC 3501 §6.2.1, §11.1)."""

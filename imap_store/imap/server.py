@@ -50,9 +50,10 @@ PREAUTH_TIMEOUT = 60.0
 HANDSHAKE_TIMEOUT = 30.0
 #: Bytes read from the socket at once.
 READ_CHUNK = 64 * 1024
-#: Most bytes handed to the parser per turn of the event loop: 16 KiB of one-byte lines is
-#: ~30 ms of parsing on a slow machine, a whole chunk of them could hold the others 100 ms+.
-FEED_SLICE = 16 * 1024
+#: Most bytes of lines handed to the parser per turn of the event loop: a 64 KiB read of
+#: lines with empty literals held the loop 45-50 ms on the CI machine (a watchdog thread's
+#: stack samples), 16 KiB slices still over 25 ms; a literal's bytes go in whole reads.
+FEED_SLICE = 4 * 1024
 #: Pending output above which the writer waits for the client to read.
 WRITE_HIGH_WATER = 256 * 1024
 #: Grace period for commands in flight when the service stops (SIGTERM).
@@ -339,8 +340,9 @@ class _Connection:
                     self._pending = await self._read()
                     if not self._pending:
                         return
-                parser.feed(self._pending[:FEED_SLICE])
-                self._pending = self._pending[FEED_SLICE:]
+                size = parser.literal_remaining + FEED_SLICE
+                parser.feed(self._pending[:size])
+                self._pending = self._pending[size:]
                 continue
             if isinstance(event, ParseLater):  # in a thread: the loop serves the others
                 event = await asyncio.to_thread(event.parse)
