@@ -162,8 +162,9 @@ class ParseLater:
 DEFER_LITERALS = 64
 DEFER_TEXT = 16 * 1024
 
-Event = (c.Command | c.InvalidCommand | NeedContinuation | LiteralTooLarge | LineTooLong
-         | RawLine | ParseLater)
+#: What a session handles; ``next_event`` may also return a ``ParseLater`` (``defer_large``),
+#: which the edge turns into one of these.
+Event = c.Command | c.InvalidCommand | NeedContinuation | LiteralTooLarge | LineTooLong | RawLine
 
 
 # --------------------------------------------------------------------------- character classes
@@ -1345,7 +1346,7 @@ class CommandParser:
 
     # -- public API
 
-    def feed(self, data: bytes) -> None:
+    def feed(self, data: bytes | memoryview) -> None:
         """Append bytes received from the client (any split, even one byte at a time)."""
         self._buf += data
 
@@ -1395,7 +1396,7 @@ class CommandParser:
         pipelined after STARTTLS in clear text must be discarded (RFC 3501 §6.2.1, §11.1)."""
         return len(self._buf) - self._pos
 
-    def next_event(self) -> Event | None:
+    def next_event(self) -> Event | ParseLater | None:
         """The next event, or ``None`` when more bytes must be fed. Never raises on bad input."""
         while True:
             state = self._state
@@ -1440,7 +1441,7 @@ class CommandParser:
 
     # -- states
 
-    def _step_line(self) -> Event | _Progress | None:
+    def _step_line(self) -> Event | ParseLater | _Progress | None:
         buf = self._buf
         end = buf.find(b"\r\n", self._pos + self._scan)
         if end < 0:
@@ -1500,7 +1501,7 @@ class CommandParser:
             return NeedContinuation(self._tag, size, self._name)
         return _PROGRESS
 
-    def _finish_command(self) -> Event:
+    def _finish_command(self) -> Event | ParseLater:
         tag = self._tag
         assert tag is not None
         text = b"".join(self._lines)
@@ -1536,7 +1537,7 @@ class CommandParser:
         self._state = _State.DRAIN_LINE
         return LineTooLong(tag)
 
-    def _step_literal(self) -> Event | _Progress | None:
+    def _step_literal(self) -> Event | ParseLater | _Progress | None:
         available = len(self._buf) - self._pos
         if self._remaining and not available:
             return None

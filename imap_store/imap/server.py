@@ -312,7 +312,8 @@ class _Connection:
         self.idle_timeout = float(service.settings.idle_timeout)
         self.parser = CommandParser(max_literal=0, max_command=PRE_LOGIN_MAX_COMMAND,
                                     defer_large=True)
-        self._pending = b""  # read from the socket, not yet fed to the parser
+        # Read from the socket, not yet fed to the parser (a view: slicing it copies nothing).
+        self._pending = memoryview(b"")
         self.session = Session(
             _Output(writer, self.idle_timeout), tls=implicit, starttls_available=not implicit,
             login=self._login, mail_factory=service.stores.for_patient,
@@ -337,7 +338,7 @@ class _Connection:
                 if self._pending:  # the rest of the last read, after a turn of the loop
                     await asyncio.sleep(0)
                 else:
-                    self._pending = await self._read()
+                    self._pending = memoryview(await self._read())
                     if not self._pending:
                         return
                 size = parser.literal_remaining + FEED_SLICE

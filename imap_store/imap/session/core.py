@@ -25,7 +25,6 @@ from imap_store.imap.parser import (
     LineTooLong,
     LiteralTooLarge,
     NeedContinuation,
-    ParseLater,
     RawLine,
 )
 from imap_store.imap.session import auth, copy, fetch, mailboxes, search, selected, sort
@@ -155,8 +154,6 @@ class Session:
         return Action.NONE
 
     async def _handle(self, event: Event) -> Action:
-        if isinstance(event, ParseLater):  # the edge did not parse it elsewhere: here, then
-            event = event.parse()
         if isinstance(event, RawLine):
             return await self._raw_line(event.line)
         self.stray_done = False
