@@ -39,6 +39,7 @@ at the end of the batch (one read of the chain's end, one insert).
 from __future__ import annotations
 
 import asyncio
+import collections
 import fcntl
 import logging
 import os
@@ -74,6 +75,14 @@ LOCK_POLL_LIMIT = 0.05
 #: on average (a fast disk: then the hop to a worker thread and back, with the GIL handed over
 #: twice, costs more than the fsync and holds the lock longer); otherwise in a worker thread.
 INLINE_COMMIT_MAX = 0.002
+#: SQLite: the commits on the loop that judge the disk (the median of the last ones, so one
+#: commit that also checkpointed the WAL does not send the next batches to a worker thread:
+#: on this machine commits take ~1 ms with a spike of 6-7 ms every few hundred, and a moving
+#: average sent half the batches to a thread, bench/smtp_intake.py 1,727 -> 1,793 msg/s when
+#: they all stayed on the loop); while they go to a thread, one batch in
+#: ``COMMIT_REMEASURE`` commits on the loop again to measure the disk.
+COMMIT_SAMPLES = 5
+COMMIT_REMEASURE = 16
 
 
 #: PostgreSQL: the group writers of several processes (``[server] workers``, or several
@@ -234,8 +243,8 @@ class GroupWriter:
         self._conn: Connection | None = None  # SQLite: the writer's own connection
         self._aconn: AsyncConnection | None = None  # PostgreSQL: the writer's own connection
         self._lock: int | None = None  # SQLite: the writer lock file's descriptor (-1: none)
-        #: SQLite: how long COMMIT takes on the loop (a moving average).
-        self._commit_seconds = 0.0
+        #: SQLite: how long the last COMMITs on the loop took.
+        self._commit_times: collections.deque[float] = collections.deque(maxlen=COMMIT_SAMPLES)
 
     def start(self) -> None:
         if self._task is None:
@@ -462,11 +471,10 @@ class GroupWriter:
                          len(jobs))
                 return await asyncio.to_thread(self._write_each_in_turn, conn, jobs, turn)
             # The lock is released as soon as COMMIT returns. A slow fsync goes to a worker
-            # thread; every 64th batch then commits on the loop again to measure the disk
-            # (in a thread the time would count the waits for the GIL too).
-            if self._commit_seconds < INLINE_COMMIT_MAX or self.batches % 64 == 0:
-                took = _commit_then_release(transaction, turn)
-                self._commit_seconds += (took - self._commit_seconds) / 4
+            # thread; one batch in COMMIT_REMEASURE then commits on the loop again to measure
+            # the disk (in a thread the time would count the waits for the GIL too).
+            if self._disk_is_fast() or self.batches % COMMIT_REMEASURE == 0:
+                self._commit_times.append(_commit_then_release(transaction, turn))
             else:
                 await asyncio.to_thread(_commit_then_release, transaction, turn)
             return results
@@ -474,6 +482,11 @@ class GroupWriter:
             # Not on cancellation: a worker thread may still be using the connection.
             self._drop_connection()
             raise
+
+    def _disk_is_fast(self) -> bool:
+        """SQLite: the median of the last COMMITs on the loop is below INLINE_COMMIT_MAX."""
+        times = sorted(self._commit_times)
+        return not times or times[len(times) // 2] < INLINE_COMMIT_MAX
 
     def _write_each_in_turn(self, conn: Connection, jobs: list[SyncJob],
                             turn: _Turn) -> list[tuple[bool, Any]]:
