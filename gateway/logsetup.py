@@ -83,7 +83,7 @@ def setup_logging(kind: str = "text", level: str = "info",
     # Neither format shows where a record was made, nor its thread, process or task: skip
     # collecting them (the "Optimization" table of Python's logging HOWTO). Collecting them
     # walked the stack at every record: ~2 % of the CPU of SMTP intake (a line per message).
-    logging._srcfile = None  # type: ignore[attr-defined]
+    logging._srcfile = None
     logging.logThreads = False
     logging.logProcesses = False
     logging.logMultiprocessing = False
