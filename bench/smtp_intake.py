@@ -23,7 +23,8 @@ connections after the first offer the TLS session (ticket) of the one before, as
 a TLS session cache does (Postfix's ``smtp_tls_session_cache_database``).
 
 Last line: ``ratio=<gateway/sink> gateway=<n>/s sink=<n>/s p50=<ms>ms p99=<ms>ms``
-(latencies of the gateway). Targets (issue): ratio >= 0.5 at 20 sessions, p99 < 250 ms.
+(latencies of the gateway). Targets (issue 14): ratio >= 0.75 at 20 sessions (>= 0.6 with
+``--connection-per-message``), p99 < 250 ms.
 """
 
 from __future__ import annotations
@@ -61,7 +62,8 @@ from benchlib import (
     tree_state,
 )
 
-TARGET_RATIO = 0.5
+#: Kept-open sessions (issue 14; 0.5 before it).
+TARGET_RATIO = 0.75
 #: ``--connection-per-message`` (issue 14): the gateway against the sink in the same mode.
 TARGET_RATIO_PER_MESSAGE = 0.6
 TARGET_P99_MS = 250.0
