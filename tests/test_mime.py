@@ -1207,18 +1207,9 @@ def _original_parse(raw: bytes) -> MessageInfo:
     if not references:
         references = refs_value.split()
 
-    attachments: list[Attachment] = []
-    parts: list[tuple[int, ...]] = []
-    for path, ent in structure._iter_message_parts(
-        root, (), lambda e: structure._is_attached_message(raw, e)
-    ):
-        dsp = structure._disposition(raw, ent)
-        fname = structure._filename(ent, dsp)
-        if message._is_attachment(ent, dsp, fname):
-            size = headers._decoded_size(raw, ent.body_start, ent.end, structure._cte(raw, ent))
-            attachments.append(Attachment(fname, f"{ent.mtype}/{ent.subtype}", size))
-            parts.append(path)
-
+    # the walk of the parts has no fast path: the reference runs the real one (with the
+    # original helpers, e.g. _hval, that it reaches)
+    attachments, parts = message._attachments(raw, root)
     return MessageInfo(
         size=len(raw),
         header_size=root.body_start,
