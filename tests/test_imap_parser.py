@@ -734,15 +734,15 @@ D = date(2024, 2, 1)
         (b'SUBJECT "R\xc3\xa9sultats"', c.SearchHeader("subject", "Résultats")),
         (b"TEXT ordonnance", c.SearchText("ordonnance")),
         (b"TO patient", c.SearchHeader("to", "patient")),
-        (b"UID 1:*", c.SearchUid(seq("1:*"))),
+        (b"UID 1:*", c.SearchSet(seq("1:*"), uid=True)),
         (b"UNANSWERED", c.SearchFlag("\\Answered", False)),
         (b"UNDELETED", c.SearchFlag("\\Deleted", False)),
         (b"UNDRAFT", c.SearchFlag("\\Draft", False)),
         (b"UNFLAGGED", c.SearchFlag("\\Flagged", False)),
         (b"UNKEYWORD $Junk", c.SearchFlag("$Junk", False)),
         (b"UNSEEN", c.SearchFlag("\\Seen", False)),
-        (b"2,4:7,9", c.SearchSequence(seq("2,4:7,9"))),
-        (b"*", c.SearchSequence(seq("*"))),
+        (b"2,4:7,9", c.SearchSet(seq("2,4:7,9"))),
+        (b"*", c.SearchSet(seq("*"))),
         (b"(SEEN)", c.SearchFlag("\\Seen", True)),
         (
             b"unseen deleted",
@@ -772,13 +772,13 @@ def test_search_or_not_nesting() -> None:
                     )
                 ),
             ),
-            c.SearchUid(seq("3:*")),
+            c.SearchSet(seq("3:*"), uid=True),
         )
     )
     assert search_key(b"NOT NOT (((ALL)))") == c.SearchNot(c.SearchNot(c.SearchAll()))
     assert search_key(b"OR OR SEEN DRAFT OR 1 2") == c.SearchOr(
         c.SearchOr(c.SearchFlag("\\Seen", True), c.SearchFlag("\\Draft", True)),
-        c.SearchOr(c.SearchSequence(seq("1")), c.SearchSequence(seq("2"))),
+        c.SearchOr(c.SearchSet(seq("1")), c.SearchSet(seq("2"))),
     )
 
 

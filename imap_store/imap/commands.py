@@ -100,10 +100,9 @@ __all__ = [
     "SearchNot",
     "SearchOr",
     "SearchSentDate",
-    "SearchSequence",
+    "SearchSet",
     "SearchSmaller",
     "SearchText",
-    "SearchUid",
     "Section",
     "SectionText",
     "Select",
@@ -517,25 +516,20 @@ FETCH_MACROS: dict[str, tuple[FetchAttr, ...]] = {
 
 # --------------------------------------------------------------------------- SEARCH keys
 # The keys about one message alone and NOT, OR and AND are the ones the store takes too
-# (imap_store/store/search_keys.py); these two are relative to a session's view.
+# (imap_store/store/search_keys.py); this one is relative to a session's view.
 
 
 @dataclass(frozen=True, slots=True)
-class SearchSequence:
-    """A bare sequence set: messages whose sequence number is in ``seq_set``."""
+class SearchSet:
+    """A bare sequence set: messages whose sequence number is in ``seq_set``; with ``uid``,
+    ``UID set``: messages whose UID is in ``seq_set`` (as the ``uid`` of FETCH, STORE ...)."""
 
     seq_set: SequenceSet
-
-
-@dataclass(frozen=True, slots=True)
-class SearchUid:
-    """``UID set``: messages whose UID is in ``seq_set``."""
-
-    seq_set: SequenceSet
+    uid: bool = False
 
 
 SearchKey = (
-    MessageKey | SearchSequence | SearchUid
+    MessageKey | SearchSet
     | SearchNot["SearchKey"] | SearchOr["SearchKey"] | SearchAnd["SearchKey"]
 )
 
