@@ -478,20 +478,22 @@ class FetchAttr:
         ``BODY.PEEK[...]`` answers as ``BODY[...]`` and a partial ``<origin.length>`` as
         ``<origin>``, e.g. ``BODY[HEADER.FIELDS (SUBJECT)]<0>``.
         """
-        if self.section is None:
-            return self.name
-        name = f"{self.name}[{self.section.render()}]"
-        if self.partial is not None:
-            name += f"<{self.partial[0]}>"
-        return name
+        return self._spelled(as_written=False)
 
     def __str__(self) -> str:
         """The item as the client wrote it (canonical case)."""
+        return self._spelled(as_written=True)
+
+    def _spelled(self, as_written: bool) -> str:
+        """The name, then the section and the partial if any: ``.PEEK`` and
+        ``<origin.length>`` as written, only ``<origin>`` as answered."""
         if self.section is None:
             return self.name
-        name = f"{self.name}{'.PEEK' if self.peek else ''}[{self.section.render()}]"
+        peek = ".PEEK" if as_written and self.peek else ""
+        name = f"{self.name}{peek}[{self.section.render()}]"
         if self.partial is not None:
-            name += f"<{self.partial[0]}.{self.partial[1]}>"
+            origin, length = self.partial
+            name += f"<{origin}.{length}>" if as_written else f"<{origin}>"
         return name
 
 
