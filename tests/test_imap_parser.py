@@ -128,62 +128,57 @@ def test_simple_commands(line: bytes, expected: Event) -> None:
     assert commands(line + b"\r\n") == [expected]
 
 
-@pytest.mark.parametrize(
-    "line",
-    [
-        b"a NOOP extra",
-        b"a CAPABILITY ",
-        b"a SELECT",
-        b"a SELECT ",
-        b"a SELECT a b",
-        b"a SELECT (x)",
-        b'a SELECT "unterminated',
-        b'a SELECT "nul\x00inside"',
-        b'a SELECT "bad \\escape"',
-        b"a SELECT caf\xc3\xa9",
-        b'a SELECT "caf\xc3\xa9"',
-        b"a CREATE X (FOO (\\Drafts))",
-        b"a CREATE X (USE (Drafts))",
-        b"a CREATE X ()",
-        b"a RENAME onlyone",
-        b'a LIST ""',
-        b'a LIST "" * EXTRA (X)',
-        b'a LIST (RECURSIVEMATCH) "" *',
-        b'a LIST (REMOTE RECURSIVEMATCH) "" *',
-        b'a LIST (BOGUS) "" *',
-        b'a LIST "" * RETURN (BOGUS)',
-        b'a LIST "" * RETURN (STATUS)',
-        b'a LIST "" * RETURN (STATUS ())',
-        b'a LIST "" * RETURN (STATUS (MESSAGES BOGUS))',
-        b'a LIST "" * RETURN (STATUS (MESSAGES) STATUS (UNSEEN))',
-        b'a LIST "" * RETURN STATUS (MESSAGES)',
-        b'a LIST "" ()',
-        b'a LSUB "" * x',
-        b"a STATUS INBOX ()",
-        b"a STATUS INBOX (MESSAGES BOGUS)",
-        b"a STATUS INBOX MESSAGES",
-        b"a ENABLE",
-        b"a ID",
-        b'a ID ("name")',
-        b'a ID (name "x")',
-        b"a LOGIN onlyuser",
-        b'a LOGIN "\xff" x',
-        b"a AUTHENTICATE",
-        b"a AUTHENTICATE PLAIN abc",
-        b"a AUTHENTICATE PLAIN ab!=",
-        b"a AUTHENTICATE PLAIN AGJv YgBz",
-        b"a COPY 1:3",
-        b"a COPY x INBOX",
-        b"a MOVE 0 INBOX",
-        b"a UID EXPUNGE",
-        b"a EXPUNGE 1:3",
-        b"a  NOOP",
-    ],
-)
-def test_invalid_arguments(line: bytes) -> None:
-    event = bad(line + b"\r\n")
-    assert event.tag == "a"
-    assert event.text and "\n" not in event.text
+#: Lines refused with BAD; :func:`test_invalid_arguments` takes them with the FETCH, STORE and
+#: SEARCH arguments of their own sections.
+INVALID_LINES = [
+    b"a NOOP extra",
+    b"a CAPABILITY ",
+    b"a SELECT",
+    b"a SELECT ",
+    b"a SELECT a b",
+    b"a SELECT (x)",
+    b'a SELECT "unterminated',
+    b'a SELECT "nul\x00inside"',
+    b'a SELECT "bad \\escape"',
+    b"a SELECT caf\xc3\xa9",
+    b'a SELECT "caf\xc3\xa9"',
+    b"a CREATE X (FOO (\\Drafts))",
+    b"a CREATE X (USE (Drafts))",
+    b"a CREATE X ()",
+    b"a RENAME onlyone",
+    b'a LIST ""',
+    b'a LIST "" * EXTRA (X)',
+    b'a LIST (RECURSIVEMATCH) "" *',
+    b'a LIST (REMOTE RECURSIVEMATCH) "" *',
+    b'a LIST (BOGUS) "" *',
+    b'a LIST "" * RETURN (BOGUS)',
+    b'a LIST "" * RETURN (STATUS)',
+    b'a LIST "" * RETURN (STATUS ())',
+    b'a LIST "" * RETURN (STATUS (MESSAGES BOGUS))',
+    b'a LIST "" * RETURN (STATUS (MESSAGES) STATUS (UNSEEN))',
+    b'a LIST "" * RETURN STATUS (MESSAGES)',
+    b'a LIST "" ()',
+    b'a LSUB "" * x',
+    b"a STATUS INBOX ()",
+    b"a STATUS INBOX (MESSAGES BOGUS)",
+    b"a STATUS INBOX MESSAGES",
+    b"a ENABLE",
+    b"a ID",
+    b'a ID ("name")',
+    b'a ID (name "x")',
+    b"a LOGIN onlyuser",
+    b'a LOGIN "\xff" x',
+    b"a AUTHENTICATE",
+    b"a AUTHENTICATE PLAIN abc",
+    b"a AUTHENTICATE PLAIN ab!=",
+    b"a AUTHENTICATE PLAIN AGJv YgBz",
+    b"a COPY 1:3",
+    b"a COPY x INBOX",
+    b"a MOVE 0 INBOX",
+    b"a UID EXPUNGE",
+    b"a EXPUNGE 1:3",
+    b"a  NOOP",
+]
 
 
 @pytest.mark.parametrize(
@@ -601,35 +596,31 @@ def test_uid_fetch() -> None:
     )
 
 
-@pytest.mark.parametrize(
-    "items",
-    [
-        b"(ALL)",
-        b"(FLAGS ALL)",
-        b"BINARY[1.TEXT]",  # section-binary: part numbers only (RFC 3516 §6)
-        b"BODY.PEEK",
-        b"BODY[MIME]",
-        b"BODY[0]",
-        b"BODY[1.]",
-        b"BODY[1.2.BOGUS]",
-        b"BODY[HEADER.FIELDS ()]",
-        b"BODY[HEADER.FIELDS]",
-        b"BODY[HEADER.FIELDS (FROM:)]",
-        b"BODY[]<0.0>",
-        b"BODY[]<5>",
-        b"BODY[]<1.2.3>",
-        b"BODY[",
-        b"FLAGS<0.5>",
-        b"()",
-        b"(FLAGS",
-        b"(FLAGS))",
-        b"((FLAGS)",
-        b"FLAGS UID",
-        b"RFC822.PEEK",
-    ],
-)
-def test_fetch_invalid(items: bytes) -> None:
-    bad(b"f FETCH 1 " + items + b"\r\n")
+#: FETCH item lists refused with BAD (see :func:`test_invalid_arguments`).
+INVALID_FETCH_ITEMS = [
+    b"(ALL)",
+    b"(FLAGS ALL)",
+    b"BINARY[1.TEXT]",  # section-binary: part numbers only (RFC 3516 §6)
+    b"BODY.PEEK",
+    b"BODY[MIME]",
+    b"BODY[0]",
+    b"BODY[1.]",
+    b"BODY[1.2.BOGUS]",
+    b"BODY[HEADER.FIELDS ()]",
+    b"BODY[HEADER.FIELDS]",
+    b"BODY[HEADER.FIELDS (FROM:)]",
+    b"BODY[]<0.0>",
+    b"BODY[]<5>",
+    b"BODY[]<1.2.3>",
+    b"BODY[",
+    b"FLAGS<0.5>",
+    b"()",
+    b"(FLAGS",
+    b"(FLAGS))",
+    b"((FLAGS)",
+    b"FLAGS UID",
+    b"RFC822.PEEK",
+]
 
 
 def test_fetch_invalid_sequence() -> None:
@@ -683,23 +674,19 @@ def test_store(args: bytes, mode: c.StoreMode, silent: bool, flags: tuple[str, .
     )
 
 
-@pytest.mark.parametrize(
-    "args",
-    [
-        b"FLAGZ (\\Seen)",
-        b"*FLAGS (\\Seen)",
-        b"FLAGS.LOUD (\\Seen)",
-        b"FLAGS",
-        b"FLAGS (\\*)",
-        b"FLAGS (\\Seen",
-        b"FLAGS \\Seen)",
-        b"FLAGS (\\)",
-        b"+FLAGS",
-        b"FLAGS (\\Seen) (\\Draft)",
-    ],
-)
-def test_store_invalid(args: bytes) -> None:
-    bad(b"s STORE 1 " + args + b"\r\n")
+#: STORE arguments refused with BAD (see :func:`test_invalid_arguments`).
+INVALID_STORE_ARGS = [
+    b"FLAGZ (\\Seen)",
+    b"*FLAGS (\\Seen)",
+    b"FLAGS.LOUD (\\Seen)",
+    b"FLAGS",
+    b"FLAGS (\\*)",
+    b"FLAGS (\\Seen",
+    b"FLAGS \\Seen)",
+    b"FLAGS (\\)",
+    b"+FLAGS",
+    b"FLAGS (\\Seen) (\\Draft)",
+]
 
 
 # --------------------------------------------------------------------------- SEARCH
@@ -747,15 +734,15 @@ D = date(2024, 2, 1)
         (b'SUBJECT "R\xc3\xa9sultats"', c.SearchHeader("subject", "Résultats")),
         (b"TEXT ordonnance", c.SearchText("ordonnance")),
         (b"TO patient", c.SearchHeader("to", "patient")),
-        (b"UID 1:*", c.SearchUid(seq("1:*"))),
+        (b"UID 1:*", c.SearchSet(seq("1:*"), uid=True)),
         (b"UNANSWERED", c.SearchFlag("\\Answered", False)),
         (b"UNDELETED", c.SearchFlag("\\Deleted", False)),
         (b"UNDRAFT", c.SearchFlag("\\Draft", False)),
         (b"UNFLAGGED", c.SearchFlag("\\Flagged", False)),
         (b"UNKEYWORD $Junk", c.SearchFlag("$Junk", False)),
         (b"UNSEEN", c.SearchFlag("\\Seen", False)),
-        (b"2,4:7,9", c.SearchSequence(seq("2,4:7,9"))),
-        (b"*", c.SearchSequence(seq("*"))),
+        (b"2,4:7,9", c.SearchSet(seq("2,4:7,9"))),
+        (b"*", c.SearchSet(seq("*"))),
         (b"(SEEN)", c.SearchFlag("\\Seen", True)),
         (
             b"unseen deleted",
@@ -785,13 +772,13 @@ def test_search_or_not_nesting() -> None:
                     )
                 ),
             ),
-            c.SearchUid(seq("3:*")),
+            c.SearchSet(seq("3:*"), uid=True),
         )
     )
     assert search_key(b"NOT NOT (((ALL)))") == c.SearchNot(c.SearchNot(c.SearchAll()))
     assert search_key(b"OR OR SEEN DRAFT OR 1 2") == c.SearchOr(
         c.SearchOr(c.SearchFlag("\\Seen", True), c.SearchFlag("\\Draft", True)),
-        c.SearchOr(c.SearchSequence(seq("1")), c.SearchSequence(seq("2"))),
+        c.SearchOr(c.SearchSet(seq("1")), c.SearchSet(seq("2"))),
     )
 
 
@@ -825,37 +812,46 @@ def test_search_charset_errors() -> None:
     bad(b"s SEARCH CHARSET\r\n")
 
 
+#: SEARCH keys refused with BAD (see :func:`test_invalid_arguments`).
+INVALID_SEARCH_KEYS = [
+    b"",
+    b"FROM",
+    b"BOGUS",
+    b"(SEEN",
+    b"SEEN)",
+    b"((SEEN)",
+    b"()",
+    b"OR SEEN",
+    b"NOT",
+    b"SINCE 32-Jan-2024",
+    b"SINCE 1-Foo-2024",
+    b"SINCE 2024-01-01",
+    b"SINCE 29-Feb-2023",
+    b"LARGER x",
+    b"LARGER 4294967296",
+    b"UID",
+    b"UID x",
+    b"KEYWORD \\Seen",
+    b"HEADER From: x",
+    b"HEADER",
+    b"SEEN  DRAFT",
+    b"0",
+    b"1:x",
+    b"UNRECENT",
+]
+
+
 @pytest.mark.parametrize(
-    "text",
-    [
-        b"",
-        b"FROM",
-        b"BOGUS",
-        b"(SEEN",
-        b"SEEN)",
-        b"((SEEN)",
-        b"()",
-        b"OR SEEN",
-        b"NOT",
-        b"SINCE 32-Jan-2024",
-        b"SINCE 1-Foo-2024",
-        b"SINCE 2024-01-01",
-        b"SINCE 29-Feb-2023",
-        b"LARGER x",
-        b"LARGER 4294967296",
-        b"UID",
-        b"UID x",
-        b"KEYWORD \\Seen",
-        b"HEADER From: x",
-        b"HEADER",
-        b"SEEN  DRAFT",
-        b"0",
-        b"1:x",
-        b"UNRECENT",
-    ],
+    "line",
+    INVALID_LINES
+    + [b"a FETCH 1 " + items for items in INVALID_FETCH_ITEMS]
+    + [b"a STORE 1 " + args for args in INVALID_STORE_ARGS]
+    + [b"a SEARCH " + text for text in INVALID_SEARCH_KEYS],
 )
-def test_search_invalid(text: bytes) -> None:
-    bad(b"s SEARCH " + text + b"\r\n")
+def test_invalid_arguments(line: bytes) -> None:
+    event = bad(line + b"\r\n")
+    assert event.tag == "a"
+    assert event.text and "\n" not in event.text
 
 
 def test_search_depth_limit() -> None:

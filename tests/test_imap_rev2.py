@@ -17,7 +17,7 @@ from imap_store.imap.commands import (
     FetchAttr,
     InvalidCommand,
     Search,
-    SearchSequence,
+    SearchSet,
     Section,
 )
 from imap_store.imap.parser import CommandParser
@@ -388,7 +388,7 @@ def test_parser_rev2_grammar() -> None:
         assert _parse(b"a FETCH 1 " + bad + b"\r\n").__class__.__name__ == "InvalidCommand"
     event = _parse(b"a SEARCH RETURN (SAVE) $\r\n")
     assert isinstance(event, Search) and event.returns == ("SAVE",)
-    assert isinstance(event.criteria, SearchSequence) and event.criteria.seq_set.saved
+    assert isinstance(event.criteria, SearchSet) and event.criteria.seq_set.saved
     # a refused SEARCH says whether its RETURN named SAVE (RFC 5182 §2.1: $ is emptied)
     event = _parse(b"a uid search return (min save) BADKEY\r\n")
     assert isinstance(event, InvalidCommand) and event.saves and event.status == "BAD"

@@ -100,10 +100,9 @@ __all__ = [
     "SearchNot",
     "SearchOr",
     "SearchSentDate",
-    "SearchSequence",
+    "SearchSet",
     "SearchSmaller",
     "SearchText",
-    "SearchUid",
     "Section",
     "SectionText",
     "Select",
@@ -479,20 +478,22 @@ class FetchAttr:
         ``BODY.PEEK[...]`` answers as ``BODY[...]`` and a partial ``<origin.length>`` as
         ``<origin>``, e.g. ``BODY[HEADER.FIELDS (SUBJECT)]<0>``.
         """
-        if self.section is None:
-            return self.name
-        name = f"{self.name}[{self.section.render()}]"
-        if self.partial is not None:
-            name += f"<{self.partial[0]}>"
-        return name
+        return self._spelled(as_written=False)
 
     def __str__(self) -> str:
         """The item as the client wrote it (canonical case)."""
+        return self._spelled(as_written=True)
+
+    def _spelled(self, as_written: bool) -> str:
+        """The name, then the section and the partial if any: ``.PEEK`` and
+        ``<origin.length>`` as written, only ``<origin>`` as answered."""
         if self.section is None:
             return self.name
-        name = f"{self.name}{'.PEEK' if self.peek else ''}[{self.section.render()}]"
+        peek = ".PEEK" if as_written and self.peek else ""
+        name = f"{self.name}{peek}[{self.section.render()}]"
         if self.partial is not None:
-            name += f"<{self.partial[0]}.{self.partial[1]}>"
+            origin, length = self.partial
+            name += f"<{origin}.{length}>" if as_written else f"<{origin}>"
         return name
 
 
@@ -517,25 +518,20 @@ FETCH_MACROS: dict[str, tuple[FetchAttr, ...]] = {
 
 # --------------------------------------------------------------------------- SEARCH keys
 # The keys about one message alone and NOT, OR and AND are the ones the store takes too
-# (imap_store/store/search_keys.py); these two are relative to a session's view.
+# (imap_store/store/search_keys.py); this one is relative to a session's view.
 
 
 @dataclass(frozen=True, slots=True)
-class SearchSequence:
-    """A bare sequence set: messages whose sequence number is in ``seq_set``."""
+class SearchSet:
+    """A bare sequence set: messages whose sequence number is in ``seq_set``; with ``uid``,
+    ``UID set``: messages whose UID is in ``seq_set`` (as the ``uid`` of FETCH, STORE ...)."""
 
     seq_set: SequenceSet
-
-
-@dataclass(frozen=True, slots=True)
-class SearchUid:
-    """``UID set``: messages whose UID is in ``seq_set``."""
-
-    seq_set: SequenceSet
+    uid: bool = False
 
 
 SearchKey = (
-    MessageKey | SearchSequence | SearchUid
+    MessageKey | SearchSet
     | SearchNot["SearchKey"] | SearchOr["SearchKey"] | SearchAnd["SearchKey"]
 )
 

@@ -1052,7 +1052,7 @@ class _SearchParser:
             keys = reader.paren_list(lambda: self.key(depth + 1), allow_empty=False)
             return keys[0] if len(keys) == 1 else c.SearchAnd(tuple(keys))
         if first in _SEQ_CHARS or first == _DOLLAR:
-            return c.SearchSequence(reader.sequence_set())
+            return c.SearchSet(reader.sequence_set())
         name = reader.atom("Invalid search key").decode("ascii").upper()
         simple = _SIMPLE_SEARCH_KEYS.get(name)
         if simple is not None:
@@ -1082,7 +1082,7 @@ class _SearchParser:
         if name == "SMALLER":
             return c.SearchSmaller(reader.number())
         if name == "UID":
-            return c.SearchUid(reader.sequence_set())
+            return c.SearchSet(reader.sequence_set(), uid=True)
         if name == "MODSEQ":
             if reader.peek() == _DQUOTE:  # entry-name entry-type-req: one mod-sequence here
                 reader.quoted()

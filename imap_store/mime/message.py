@@ -145,6 +145,25 @@ def _is_attachment(ent: _Entity, dsp: tuple[str, list[tuple[str, str]]] | None,
     return ent.message is None and ent.mtype != "text" and fname is not None
 
 
+def _attachments(raw: bytes, root: _Entity) -> tuple[list[Attachment], list[tuple[int, ...]]]:
+    """The attachments of a message and the part path of each, in message order; the parts
+    inside an attached message are not walked."""
+    attachments: list[Attachment] = []
+    parts: list[tuple[int, ...]] = []
+
+    def stop(e: _Entity) -> bool:
+        return _is_attached_message(raw, e)
+
+    for path, ent in _iter_message_parts(root, (), stop):
+        dsp = _disposition(raw, ent)
+        fname = _filename(ent, dsp)
+        if _is_attachment(ent, dsp, fname):
+            size = _decoded_size(raw, ent.body_start, ent.end, _cte(raw, ent))
+            attachments.append(Attachment(fname, f"{ent.mtype}/{ent.subtype}", size))
+            parts.append(path)
+    return attachments, parts
+
+
 def _parse(raw: bytes) -> MessageInfo:
     root = _build_tree(raw)
 
@@ -170,20 +189,7 @@ def _parse(raw: bytes) -> MessageInfo:
     if not references:
         references = refs_value.split()
 
-    attachments: list[Attachment] = []
-    parts: list[tuple[int, ...]] = []
-
-    def stop(e: _Entity) -> bool:
-        return _is_attached_message(raw, e)
-
-    for path, ent in _iter_message_parts(root, (), stop):
-        dsp = _disposition(raw, ent)
-        fname = _filename(ent, dsp)
-        if _is_attachment(ent, dsp, fname):
-            size = _decoded_size(raw, ent.body_start, ent.end, _cte(raw, ent))
-            attachments.append(Attachment(fname, f"{ent.mtype}/{ent.subtype}", size))
-            parts.append(path)
-
+    attachments, parts = _attachments(raw, root)
     return MessageInfo(
         size=len(raw),
         header_size=root.body_start,

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol, TypeVar
 
-from sqlalchemy import Integer, and_, delete, func, insert, select, text, update
+from sqlalchemy import Column, Integer, and_, delete, func, insert, select, text, update
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -168,6 +168,25 @@ INLINE_READERS_KEPT = 16
 def new_uidvalidity() -> int:
     """RFC 3501 §2.3.1.1: a non-zero 32-bit value, different for a re-created mailbox."""
     return (int(utcnow().timestamp()) & 0x7FFFFFFF) ^ secrets.randbits(16) or 1
+
+
+async def _row(conn: AsyncConnection, key: Column[Any], value: str, what: str) -> Any:
+    """The row of ``key``'s table whose ``key`` is ``value``: a professional by address, a
+    patient by INS. NotFound (``<what> <value> not found``) when there is none."""
+    row = (await conn.execute(select(key.table).where(key == value))).first()
+    if row is None:
+        raise NotFound(f"{what} {value} not found")
+    return row
+
+
+async def _update_row(
+    conn: AsyncConnection, key: Column[Any], value: str, what: str, **values: Any
+) -> None:
+    """Sets ``values`` on the row of ``key``'s table whose ``key`` is ``value``; NotFound as
+    :func:`_row` when there is none."""
+    result = await conn.execute(update(key.table).where(key == value).values(**values))
+    if result.rowcount == 0:
+        raise NotFound(f"{what} {value} not found")
 
 
 def _contacts(conn: Connection, patient_id: int) -> list[Contact]:
@@ -434,31 +453,26 @@ class Store:
             await self.audit(conn, actor, "professional.add", address, {"rpps": rpps})
             return await self._get_professional(conn, address)
 
+    async def _rows(self, key: Column[Any]) -> list[Any]:
+        """Every row of ``key``'s table, in ``key`` order."""
+        async with self.read() as conn:
+            return list(await conn.execute(select(key.table).order_by(key)))
+
     async def _get_professional(self, conn: AsyncConnection, address: str) -> Professional:
-        row = (
-            await conn.execute(select(t.professional).where(t.professional.c.address == address))
-        ).first()
-        if row is None:
-            raise NotFound(f"professional {address} not found")
-        return self._professional(row)
+        return self._professional(
+            await _row(conn, t.professional.c.address, address, "professional"))
 
     async def get_professional(self, address: str) -> Professional:
         async with self.read() as conn:
             return await self._get_professional(conn, address)
 
     async def list_professionals(self) -> list[Professional]:
-        async with self.read() as conn:
-            rows = await conn.execute(select(t.professional).order_by(t.professional.c.address))
-            return [self._professional(r) for r in rows]
+        return [self._professional(r) for r in await self._rows(t.professional.c.address)]
 
     async def set_professional_state(self, actor: str, address: str, state: str) -> Professional:
         async with self.write() as conn:
-            result = await conn.execute(
-                update(t.professional).where(t.professional.c.address == address)
-                .values(state=state)
-            )
-            if result.rowcount == 0:
-                raise NotFound(f"professional {address} not found")
+            await _update_row(conn, t.professional.c.address, address, "professional",
+                              state=state)
             await self.audit(conn, actor, f"professional.{state}", address)
             return await self._get_professional(conn, address)
 
@@ -523,39 +537,25 @@ class Store:
         return ids
 
     async def _get_patient(self, conn: AsyncConnection, ins: str) -> Patient:
-        row = (await conn.execute(select(t.patient).where(t.patient.c.ins == ins))).first()
-        if row is None:
-            raise NotFound(f"patient {ins} not found")
-        return self._patient(row)
+        return self._patient(await _row(conn, t.patient.c.ins, ins, "patient"))
 
     async def get_patient(self, ins: str) -> Patient:
         async with self.read() as conn:
             return await self._get_patient(conn, ins)
 
     async def list_patients(self) -> list[Patient]:
-        async with self.read() as conn:
-            rows = await conn.execute(select(t.patient).order_by(t.patient.c.ins))
-            return [self._patient(r) for r in rows]
+        return [self._patient(r) for r in await self._rows(t.patient.c.ins)]
 
     async def set_patient_state(self, actor: str, ins: str, state: str) -> Patient:
         async with self.write() as conn:
-            result = await conn.execute(
-                update(t.patient).where(t.patient.c.ins == ins).values(state=state)
-            )
-            if result.rowcount == 0:
-                raise NotFound(f"patient {ins} not found")
+            await _update_row(conn, t.patient.c.ins, ins, "patient", state=state)
             await self.audit(conn, actor, f"patient.{'close' if state == 'closed' else 'reopen'}",
                              ins)
             return await self._get_patient(conn, ins)
 
     async def set_patient_password(self, actor: str, ins: str, password_hash: str) -> None:
         async with self.write() as conn:
-            result = await conn.execute(
-                update(t.patient).where(t.patient.c.ins == ins)
-                .values(password_hash=password_hash)
-            )
-            if result.rowcount == 0:
-                raise NotFound(f"patient {ins} not found")
+            await _update_row(conn, t.patient.c.ins, ins, "patient", password_hash=password_hash)
             await self.audit(conn, actor, "patient.set-password", ins)
 
     async def patient_password_hash(self, ins: str) -> tuple[int, str, str | None] | None:

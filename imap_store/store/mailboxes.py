@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import operator
 import re
 from array import array
 from bisect import bisect_left
@@ -411,6 +412,19 @@ def _query_fields(key: Match) -> set[str]:
     return {n.field for n in _leaves(key) if isinstance(n, sk.SearchHeader)}
 
 
+def _number_test(key: Match) -> tuple[str, Callable[[Any, int], Any], int] | None:
+    """For the keys that compare one number of the message with the key's (LARGER, SMALLER,
+    MODSEQ): the column, the comparison and the key's number; the SQL condition and the
+    Python match both apply it. None for the other keys."""
+    if isinstance(key, sk.SearchLarger):
+        return "size", operator.gt, key.size
+    if isinstance(key, sk.SearchSmaller):
+        return "size", operator.lt, key.size
+    if isinstance(key, sk.SearchModseq):
+        return "modseq", operator.ge, key.modseq
+    return None
+
+
 def _query_columns(key: Match) -> set[str]:
     """Columns (``sent``: the Date header; ``body``) a query needs in Python (header fields
     are extracted from ``meta``: see ``_query_fields``)."""
@@ -422,10 +436,8 @@ def _query_columns(key: Match) -> set[str]:
             out.add("internal_date")
         elif isinstance(node, sk.SearchSentDate):
             out.add("sent")
-        elif isinstance(node, sk.SearchLarger | sk.SearchSmaller):
-            out.add("size")
-        elif isinstance(node, sk.SearchModseq):
-            out.add("modseq")
+        elif (test := _number_test(node)) is not None:
+            out.add(test[0])
         elif isinstance(node, sk.SearchBody):
             out.add("body")
         elif isinstance(node, sk.SearchText):
@@ -457,12 +469,9 @@ def _sql_condition(key: Match, indexed: bool) -> Any:
         if len(key.ranges) > _MAX_SEARCH_RANGES:
             return None
         return or_(false(), *(m.uid.between(low, high) for low, high in key.ranges))
-    if isinstance(key, sk.SearchLarger):
-        return m.size > key.size
-    if isinstance(key, sk.SearchSmaller):
-        return m.size < key.size
-    if isinstance(key, sk.SearchModseq):
-        return m.modseq >= key.modseq
+    if (test := _number_test(key)) is not None:
+        name, compare, number = test
+        return compare(m[name], number)
     if isinstance(key, sk.SearchNot):
         inner = _sql_condition(key.key, indexed)
         return None if inner is None else not_(inner)
@@ -1628,12 +1637,9 @@ class _Matcher:
         if isinstance(key, MatchUids):
             index = bisect_left(key.ranges, (row.uid + 1,)) - 1
             return index >= 0 and key.ranges[index][0] <= row.uid <= key.ranges[index][1]
-        if isinstance(key, sk.SearchLarger):
-            return row.size > key.size
-        if isinstance(key, sk.SearchSmaller):
-            return row.size < key.size
-        if isinstance(key, sk.SearchModseq):
-            return row.modseq >= key.modseq
+        if (test := _number_test(key)) is not None:
+            name, compare, number = test
+            return bool(compare(getattr(row, name), number))
         if isinstance(key, sk.SearchInternalDate):
             if row.internal_date is None:
                 return False

@@ -103,12 +103,12 @@ def query(key: c.SearchKey, sel: Selected) -> Match:
         case c.SearchFlag("\\Recent", present):
             recent = MatchUids(tuple(merge_ranges((low + 1, high) for low, high in sel.recent)))
             return recent if present else c.SearchNot(recent)
-        case c.SearchUid(seq_set) | c.SearchSequence(seq_set) if seq_set.saved:
+        case c.SearchSet(seq_set) if seq_set.saved:
             return MatchUids(tuple(sel.saved_uid_ranges()))  # ``$`` (RFC 5182 §2.1)
-        case c.SearchUid(seq_set):
+        case c.SearchSet(seq_set, uid=True):
             highest = sel.uids[-1] if sel.uids else 0
             return MatchUids(tuple(merge_ranges(part.bounds(highest) for part in seq_set.ranges)))
-        case c.SearchSequence(seq_set):
+        case c.SearchSet(seq_set):
             uids, count = sel.uids, len(sel.uids)
             ranges = []
             for low, high in merge_ranges(part.bounds(count) for part in seq_set.ranges):
