@@ -279,9 +279,50 @@ async def test_inline_reads_keep_connections_and_survive_a_lost_one(db_url: str)
             await other.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": first})
             await other.commit()
         await asyncio.sleep(0.2)
+        # A direct statement (not SQLAlchemy's execution layer) on the lost connection: it
+        # is found lost all the same, and the lookup answers on a fresh one.
+        assert await store.read_inline(
+            lambda conn: ops._PATIENT.first(conn, {"ins": "0" * 13})) is None
         assert await store.read_inline(backend) != first
         assert await store.read_inline(ops.trusted_domains) == []
     finally:
+        await store.close()
+
+
+async def test_direct_statements_take_part_in_the_callers_transaction(db_url: str) -> None:
+    """A ``direct`` statement (on asyncpg it runs on the DBAPI cursor, past SQLAlchemy's
+    execution layer) is part of the caller's transaction, whether it comes first in it or
+    after others: rolled back with it, committed with it. Its errors come as SQLAlchemy's on
+    PostgreSQL (as through ``Connection.execute``), without SQLAlchemy's echo of the
+    parameters; on SQLite as pysqlite's, as every fast-path statement's."""
+    import sqlite3
+
+    from sqlalchemy.exc import IntegrityError
+
+    insert = ops.Stmt("INSERT INTO trusted_domain (name, source, added_at) "
+                      "VALUES (:name, 'test', CURRENT_TIMESTAMP)", direct=True)
+    store, writer = await _started(db_url)
+
+    def insert_then_fail(conn: Connection) -> None:
+        insert.run(conn, {"name": "rolled-back.example"})
+        raise RuntimeError("after the insert")
+
+    try:
+        with pytest.raises(RuntimeError):
+            async with store.engine.begin() as conn:  # the direct statement comes first
+                await conn.run_sync(insert_then_fail)
+        with pytest.raises(RuntimeError):  # in the writer's batch, after its turn
+            await writer.submit_sync(insert_then_fail)
+        await writer.submit_sync(lambda conn: insert.run(conn, {"name": "kept.example"}))
+        assert await store.trusted_domains() == ["kept.example"]
+        with pytest.raises((IntegrityError, sqlite3.IntegrityError)) as refused:
+            await writer.submit_sync(lambda conn: insert.run(conn, {"name": "kept.example"}))
+        if store.sync_engine is None:  # PostgreSQL
+            assert isinstance(refused.value, IntegrityError)
+            assert "parameters hidden" in str(refused.value)
+        assert await store.trusted_domains() == ["kept.example"]
+    finally:
+        await writer.close()
         await store.close()
 
 

@@ -48,7 +48,6 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, cast
 
-from sqlalchemy import text
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -95,12 +94,13 @@ COMMIT_REMEASURE = 16
 #: own. Each round trip of the writer waits its turn on the busy event loop (measured: ~1 to
 #: 3 ms each under SMTP load), so the writer saves them where it can.
 WRITER_LOCK_KEY = 0x777274  # "wrt"
-_TAKE_TURN = text("SELECT pg_advisory_xact_lock(:k), pg_advisory_xact_lock(:audit)")
+_TAKE_TURN = ops.Stmt("SELECT pg_advisory_xact_lock(:k), pg_advisory_xact_lock(:audit)",
+                      direct=True)
 
 
 def _take_turn(conn: Connection) -> None:
     if conn.dialect.name == "postgresql":
-        conn.execute(_TAKE_TURN, {"k": WRITER_LOCK_KEY, "audit": ops.AUDIT_LOCK_KEY})
+        _TAKE_TURN.run(conn, {"k": WRITER_LOCK_KEY, "audit": ops.AUDIT_LOCK_KEY})
 
 
 class MergeableJob:
