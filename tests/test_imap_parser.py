@@ -854,6 +854,29 @@ def test_invalid_arguments(line: bytes) -> None:
     assert event.text and "\n" not in event.text
 
 
+@pytest.mark.parametrize(
+    ("line", "text"),
+    [
+        (b"a SEARCH LARGER 4294967295", None),  # the largest number (RFC 3501 section 9)
+        (b"a SEARCH LARGER 4294967296", "Number out of range"),
+        (b"a SEARCH LARGER 99999999999", "Number out of range"),  # refused by its length
+        (b"a SEARCH LARGER x", "Expected a number"),
+        (b"a FETCH 1 BODY[]<0.0>", "Expected a non-zero number"),
+        (b"a SEARCH MODSEQ 9223372036854775807", None),  # the largest (RFC 7162 section 7)
+        (b"a SEARCH MODSEQ 9223372036854775808", "Mod-sequence out of range"),
+        (b"a SEARCH MODSEQ 99999999999999999999", "Mod-sequence out of range"),
+        (b"a SEARCH MODSEQ x", "Expected a mod-sequence"),
+    ],
+)
+def test_number_bounds_and_their_refusals(line: bytes, text: str | None) -> None:
+    """``number`` and ``mod-sequence-value`` up to their maximum; past it, or not digits,
+    BAD with the text that says which."""
+    if text is None:
+        assert not isinstance(one(line + b"\r\n"), c.InvalidCommand)
+    else:
+        assert bad(line + b"\r\n").text == text
+
+
 def test_search_depth_limit() -> None:
     ok = b"NOT " * MAX_SEARCH_DEPTH + b"ALL"
     assert isinstance(search_key(ok), c.SearchNot)

@@ -415,6 +415,18 @@ async def test_deliver_many_writes_what_deliver_writes(db_url: str) -> None:
         await store.close()
 
 
+def test_audit_detail_naming_its_uid_twice_is_refused() -> None:
+    """``pg_audit_params`` cuts a row's texts around the one place its DeliveredUid's digits
+    go: a detail whose nested value spells the same key and stand-in is refused, not
+    hashed with the UID in the wrong place."""
+    nested = {"uid": ops.DeliveredUid(0), "inner": {"uid": int(ops._UID_MARK)}}
+    with pytest.raises(ValueError, match="names its uid more than once"):
+        ops.pg_audit_params([("test", "deliver", "x", nested)])
+    params = ops.pg_audit_params([("test", "deliver", "x", {"uid": ops.DeliveredUid(0)})])
+    assert params["a_d_pre"] == ['{"uid":'] and params["a_d_post"] == ["}"]
+    assert params["a_slot"] == [1]
+
+
 async def test_deliver_many_chains_its_audit_rows(db_url: str) -> None:
     """``deliver_many``'s audit rows name the UIDs the deliveries gave (``DeliveredUid``):
     chained inside the delivering statement on PostgreSQL when nothing of the batch waits to
