@@ -66,8 +66,8 @@ class Stmt:
             *(bindparam(n, type_=_TS) for n in datetimes),
             *(bindparam(n, type_=LargeBinary()) for n in binary))
         self.direct = direct
-        #: ``sql`` with ``$1``, ``$2``... and the parameter each number stands for.
-        self.numbered, self.names = _numbered(sql)
+        #: ``direct``: ``sql`` with ``$1``, ``$2``... and the parameter each number stands for.
+        self.numbered, self.names = _numbered(sql) if direct else (sql, ())
 
     def run(self, conn: Connection, params: dict[str, Any] | None = None) -> Any:
         if conn.dialect.driver == "pysqlite":
@@ -152,12 +152,6 @@ class _Rows:
 
     def first(self) -> Any:
         return self.rows[0] if self.rows else None
-
-    def scalar(self) -> Any:
-        return self.rows[0][0] if self.rows else None
-
-    def __iter__(self) -> Iterator[Any]:
-        return iter(self.rows)
 
 
 _LAST_AUDIT_HASH = Stmt("SELECT hash FROM audit ORDER BY id DESC LIMIT 1")
