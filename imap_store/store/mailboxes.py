@@ -1587,6 +1587,9 @@ class _Matcher:
                 return text is not None and needle in text.casefold()
 
             return header
+        if (test := _number_test(key)) is not None:
+            name, compare, number = test
+            return lambda: bool(compare(getattr(self.row, name), number))
         return lambda: self.match(key)
 
     def _header(self, name: str) -> Any:
@@ -1619,15 +1622,11 @@ class _Matcher:
         return headers if isinstance(headers, dict) else {}
 
     def match(self, key: Match) -> bool:
+        """A key that ``compile`` leaves to be decided at each row (never AND, OR or NOT,
+        nor a number test: it compiles those)."""
         row = self.row
         if isinstance(key, sk.SearchAll):
             return True
-        if isinstance(key, sk.SearchAnd):
-            return all(self.match(k) for k in key.keys)
-        if isinstance(key, sk.SearchOr):
-            return self.match(key.left) or self.match(key.right)
-        if isinstance(key, sk.SearchNot):
-            return not self.match(key.key)
         if isinstance(key, sk.SearchFlag):
             if key.flag in SYSTEM_FLAG_BITS:
                 present = bool(row.flags & SYSTEM_FLAG_BITS[key.flag])
@@ -1637,9 +1636,6 @@ class _Matcher:
         if isinstance(key, MatchUids):
             index = bisect_left(key.ranges, (row.uid + 1,)) - 1
             return index >= 0 and key.ranges[index][0] <= row.uid <= key.ranges[index][1]
-        if (test := _number_test(key)) is not None:
-            name, compare, number = test
-            return bool(compare(getattr(row, name), number))
         if isinstance(key, sk.SearchInternalDate):
             if row.internal_date is None:
                 return False
