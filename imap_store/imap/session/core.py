@@ -20,13 +20,7 @@ from typing import Any, TypeVar, get_args
 
 from imap_store.imap import commands as c
 from imap_store.imap import responses as r
-from imap_store.imap.parser import (
-    Event,
-    LineTooLong,
-    LiteralTooLarge,
-    NeedContinuation,
-    RawLine,
-)
+from imap_store.imap.parser import Event, LineTooLong, LiteralTooLarge, NeedContinuation, RawLine
 from imap_store.imap.session import auth, copy, fetch, mailboxes, search, selected, sort
 from imap_store.imap.session.state import (
     ALLOWED,
